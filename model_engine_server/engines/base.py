@@ -1,0 +1,139 @@
+"""The seam between the adapter and a model implementation, and the backend registry.
+
+An engine runs forward only over a packed row and exposes its LM head, so log-probs are
+computed by one shared chunked routine (`logprobs.py`) whatever the backend. Backends whose
+outputs live elsewhere (the last pipeline stage) override `score_packed`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Callable, Iterable, Iterator, Protocol, runtime_checkable
+
+import torch
+from pydantic import BaseModel, ConfigDict, Field
+
+from model_engine_server.logprobs import LMHead, chunked_log_probs
+from model_engine_server.packing import PackedBatch
+
+DTYPES: dict[str, torch.dtype] = {
+    "float32": torch.float32,
+    "bfloat16": torch.bfloat16,
+    "float16": torch.float16,
+}
+
+
+class EngineSpec(BaseModel):
+    """How to build an engine: which checkpoint, which precision, where."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    model_path: str | None = Field(default=None, description="local HF checkpoint folder")
+    dtype: str = Field(default="float32", pattern="^(float32|bfloat16|float16)$")
+    device: str = Field(default="auto", description="auto (CUDA when available), cpu or cuda")
+    attn_implementation: str | None = Field(default=None, description="None picks flash-attn/sdpa")
+    logprob_chunk_mb: int = Field(default=128, gt=0, description="memory for one chunk of fp32 logits")
+    allow_dtype_cast: bool = Field(default=False, description="cast weight updates of another float dtype")
+
+    def torch_dtype(self) -> torch.dtype:
+        return DTYPES[self.dtype]
+
+
+@dataclass(frozen=True)
+class ModelInfo:
+    """Facts about the loaded model the scheduler and clients need."""
+
+    architecture: str
+    vocab_size: int
+    max_position_embeddings: int
+    hidden_size: int
+    num_parameters: int
+    dtype: str
+    device: str
+    tied_embeddings: bool
+
+
+@dataclass(frozen=True)
+class WeightSpec:
+    shape: tuple[int, ...]
+    dtype: torch.dtype
+
+
+@runtime_checkable
+class Engine(Protocol):
+    """A forward-only model over packed rows; loads new weights by HuggingFace name."""
+
+    info: ModelInfo
+
+    def score_packed(
+        self, batch: PackedBatch, temperatures: torch.Tensor, want_entropy: bool, chunk_tokens: int | None
+    ) -> tuple[torch.Tensor, torch.Tensor | None]: ...
+
+    def weight_specs(self) -> dict[str, WeightSpec]: ...
+
+    def load_weights(self, named_tensors: Iterable[tuple[str, torch.Tensor]]) -> list[str]: ...
+
+    def export_weights(self) -> Iterator[tuple[str, torch.Tensor]]: ...
+
+
+class HiddenStateEngine:
+    """Shared scoring for engines that produce final hidden states on this rank."""
+
+    def hidden_states(self, batch: PackedBatch) -> torch.Tensor:  # [T, H]
+        raise NotImplementedError
+
+    def lm_head(self) -> LMHead:
+        raise NotImplementedError
+
+    @torch.inference_mode()
+    def score_packed(
+        self, batch: PackedBatch, temperatures: torch.Tensor, want_entropy: bool, chunk_tokens: int | None
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        hidden = self.hidden_states(batch)
+        response_hidden = hidden.index_select(0, batch.score_positions.to(hidden.device))
+        del hidden
+        return chunked_log_probs(
+            response_hidden, self.lm_head(), batch.targets, temperatures, want_entropy, chunk_tokens
+        )
+
+
+EngineFactory = Callable[..., Engine]
+_REGISTRY: dict[str, EngineFactory] = {}
+
+
+def register_engine(name: str) -> Callable[[EngineFactory], EngineFactory]:
+    def decorator(factory: EngineFactory) -> EngineFactory:
+        _REGISTRY[name] = factory
+        return factory
+
+    return decorator
+
+
+def engine_backends() -> list[str]:
+    _load_builtin_backends()
+    return sorted(_REGISTRY)
+
+
+def build_engine(backend: str, spec: EngineSpec, **kwargs: Any) -> Engine:
+    """Build an engine by backend name; an unknown name lists the valid ones."""
+    _load_builtin_backends()
+    if backend not in _REGISTRY:
+        raise ValueError(f"unknown engine backend {backend!r}; valid backends: {', '.join(sorted(_REGISTRY))}")
+    return _REGISTRY[backend](spec, **kwargs)
+
+
+def _load_builtin_backends() -> None:
+    import model_engine_server.engines.hf  # noqa: F401  (registers "hf")
+
+    try:
+        import model_engine_server.engines.megatron  # noqa: F401  (registers "megatron" when present)
+    except ImportError:
+        pass
+
+
+def resolve_device(device: str) -> torch.device:
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise ValueError(f"device {device!r} asked for, but CUDA is not available on this machine")
+    return torch.device(device)

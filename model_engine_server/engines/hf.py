@@ -1,0 +1,138 @@
+"""HuggingFace transformers engine: a causal LM from a local checkpoint, forward-only, packed.
+
+Packed rows rely on transformers' own packed-sequence detection: `position_ids` reset per
+sequence with `attention_mask=None` gives a block-diagonal causal mask. `use_cache=False` is
+required: with the cache on, transformers skips that detection and sequences silently attend
+to each other (measured in ../shared/notes/cpu-megatron.md).
+"""
+
+from __future__ import annotations
+
+import importlib.util
+from pathlib import Path
+from typing import Iterable, Iterator
+
+import torch
+
+from model_engine_server.engines.base import (
+    EngineSpec,
+    HiddenStateEngine,
+    ModelInfo,
+    WeightSpec,
+    register_engine,
+    resolve_device,
+)
+from model_engine_server.errors import WeightSyncError
+from model_engine_server.logprobs import LMHead
+from model_engine_server.packing import PackedBatch
+
+UNSUPPORTED_CONFIG_KEYS = ("final_logit_softcapping", "logit_scale", "output_multiplier_scale")
+
+
+def check_checkpoint_folder(model_path: str | None) -> Path:
+    """A clear error for a missing or non-HF folder, before transformers' less direct ones."""
+    if not model_path:
+        raise ValueError("no model path given: set model_engine_server.model_path (or actor_rollout_ref.model.path)")
+    path = Path(model_path)
+    if not path.is_dir():
+        raise FileNotFoundError(f"model path {model_path!r} is not a folder")
+    if not (path / "config.json").is_file():
+        raise FileNotFoundError(f"model path {model_path!r} has no config.json: not a HuggingFace checkpoint")
+    return path
+
+
+def pick_attention(device: torch.device, requested: str | None) -> str:
+    if requested:
+        return requested
+    if device.type == "cuda" and importlib.util.find_spec("flash_attn") is not None:
+        return "flash_attention_2"
+    return "sdpa"
+
+
+class HFEngine(HiddenStateEngine):
+    """A `transformers` causal LM held in eval mode on one device."""
+
+    def __init__(self, spec: EngineSpec) -> None:
+        from transformers import AutoModelForCausalLM
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.disable_progress_bar()
+
+        path = check_checkpoint_folder(spec.model_path)
+        self.spec = spec
+        self.device = resolve_device(spec.device)
+        self.model = AutoModelForCausalLM.from_pretrained(
+            path,
+            dtype=spec.torch_dtype(),
+            attn_implementation=pick_attention(self.device, spec.attn_implementation),
+            local_files_only=True,
+        )
+        self.model.to(self.device).eval().requires_grad_(False)
+        config = self.model.config
+        for key in UNSUPPORTED_CONFIG_KEYS:
+            if getattr(config, key, None) not in (None, 1.0):
+                raise ValueError(f"{type(self.model).__name__} uses {key}, which this engine does not apply yet")
+        self._state = self.model.state_dict()  # shares storage with the parameters
+        self._params = {name: param for name, param in self.model.named_parameters()}
+        self.info = ModelInfo(
+            architecture=type(self.model).__name__,
+            vocab_size=int(self.model.get_output_embeddings().weight.shape[0]),
+            max_position_embeddings=int(getattr(config, "max_position_embeddings", 1 << 20)),
+            hidden_size=int(config.hidden_size),
+            num_parameters=sum(p.numel() for p in self._params.values()),
+            dtype=spec.dtype,
+            device=str(self.device),
+            tied_embeddings=bool(getattr(config, "tie_word_embeddings", False)),
+        )
+
+    def hidden_states(self, batch: PackedBatch) -> torch.Tensor:
+        outputs = self.model.base_model(
+            input_ids=batch.input_ids.to(self.device),
+            position_ids=batch.position_ids.to(self.device),
+            use_cache=False,
+        )
+        return outputs.last_hidden_state[0]
+
+    def lm_head(self) -> LMHead:
+        head = self.model.get_output_embeddings()
+        return LMHead(weight=head.weight, bias=getattr(head, "bias", None))
+
+    def weight_specs(self) -> dict[str, WeightSpec]:
+        """Every tensor a complete sync must deliver (tied aliases are accepted, not required)."""
+        return {name: WeightSpec(tuple(p.shape), p.dtype) for name, p in self._params.items()}
+
+    @torch.inference_mode()
+    def load_weights(self, named_tensors: Iterable[tuple[str, torch.Tensor]]) -> list[str]:
+        """Copy tensors in place by HF name; any unknown name, shape or dtype is rejected.
+
+        Each tensor is checked before it is copied, so a rejected tensor changes nothing; the
+        caller (the sync protocol) decides whether earlier ones left the weights incomplete.
+        """
+        loaded = []
+        for name, tensor in named_tensors:
+            target = self._state.get(name)
+            if target is None:
+                raise WeightSyncError(f"unknown weight name {name!r} for {self.info.architecture}")
+            if tuple(tensor.shape) != tuple(target.shape):
+                raise WeightSyncError(
+                    f"weight {name!r} has shape {tuple(tensor.shape)}, expected {tuple(target.shape)}"
+                )
+            if tensor.dtype != target.dtype and not (
+                self.spec.allow_dtype_cast and tensor.dtype.is_floating_point
+            ):
+                raise WeightSyncError(
+                    f"weight {name!r} has dtype {tensor.dtype}, expected {target.dtype} "
+                    "(set allow_dtype_cast to convert)"
+                )
+            target.copy_(tensor)
+            loaded.append(name)
+        return loaded
+
+    def export_weights(self) -> Iterator[tuple[str, torch.Tensor]]:
+        for name, param in self._params.items():
+            yield name, param.detach()
+
+
+@register_engine("hf")
+def build_hf_engine(spec: EngineSpec, **_: object) -> HFEngine:
+    return HFEngine(spec)

@@ -1,0 +1,121 @@
+"""Error types of the server, each with a readable message and a stable code.
+
+Every failure a caller can see is one of these, so the HTTP layer maps them to status codes in
+one place and the Ray-handle client re-raises the same types. A request is always either
+answered or failed with one of these; nothing is dropped silently.
+"""
+
+from __future__ import annotations
+
+
+class ModelEngineError(Exception):
+    """Base of every error the server reports to a caller."""
+
+    code: str = "internal_error"
+    http_status: int = 500
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message)
+        self.message = message
+
+    def to_wire(self) -> dict[str, object]:
+        return {"code": self.code, "message": self.message}
+
+
+class InvalidRequest(ModelEngineError):
+    """The request itself is wrong (field named in the message); retrying it cannot help."""
+
+    code = "invalid_request"
+    http_status = 400
+
+    def __init__(self, message: str, field: str | None = None) -> None:
+        super().__init__(f"{field}: {message}" if field else message)
+        self.field = field
+
+    def to_wire(self) -> dict[str, object]:
+        return {"code": self.code, "message": self.message, "field": self.field}
+
+
+class Overloaded(ModelEngineError):
+    """The bounded queue is full; the caller should retry after `retry_after_s`."""
+
+    code = "overloaded"
+    http_status = 429
+
+    def __init__(self, message: str, retry_after_s: float = 1.0) -> None:
+        super().__init__(message)
+        self.retry_after_s = retry_after_s
+
+    def to_wire(self) -> dict[str, object]:
+        return {"code": self.code, "message": self.message, "retry_after_s": self.retry_after_s}
+
+
+class WeightsIncomplete(ModelEngineError):
+    """A weight sync failed part-way; nothing is scored until a complete sync lands."""
+
+    code = "weights_incomplete"
+    http_status = 503
+
+
+class ServerShuttingDown(ModelEngineError):
+    """The server stopped accepting requests (drain on shutdown)."""
+
+    code = "shutting_down"
+    http_status = 503
+
+
+class DeadlineExceeded(ModelEngineError):
+    """The request waited longer than its deadline (queue, pause, or weight version wait)."""
+
+    code = "deadline_exceeded"
+    http_status = 504
+
+
+class WorkerFailed(ModelEngineError):
+    """The engine or a worker process failed while computing the request's batch."""
+
+    code = "worker_failed"
+    http_status = 503
+
+
+class WeightSyncError(ModelEngineError):
+    """A weight update was rejected (missing/unknown tensor, shape, dtype, checksum, timeout)."""
+
+    code = "weight_sync_failed"
+    http_status = 409
+
+
+class NotFound(ModelEngineError):
+    code = "not_found"
+    http_status = 404
+
+
+ERROR_TYPES: dict[str, type[ModelEngineError]] = {
+    cls.code: cls
+    for cls in (
+        ModelEngineError,
+        InvalidRequest,
+        Overloaded,
+        WeightsIncomplete,
+        ServerShuttingDown,
+        DeadlineExceeded,
+        WorkerFailed,
+        WeightSyncError,
+        NotFound,
+    )
+}
+
+
+def error_from_wire(payload: dict[str, object]) -> ModelEngineError:
+    """Rebuild the typed error a server sent, so clients raise the same types everywhere."""
+    code = str(payload.get("code", "internal_error"))
+    message = str(payload.get("message", "unknown error"))
+    cls = ERROR_TYPES.get(code, ModelEngineError)
+    if cls is InvalidRequest:
+        error: ModelEngineError = InvalidRequest.__new__(InvalidRequest)
+        ModelEngineError.__init__(error, message)
+        error.field = payload.get("field")  # type: ignore[attr-defined]
+        return error
+    if cls is Overloaded:
+        return Overloaded(message, float(payload.get("retry_after_s", 1.0)))  # type: ignore[arg-type]
+    return cls(message)

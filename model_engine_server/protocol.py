@@ -1,0 +1,214 @@
+"""Wire types: what a caller sends (`LogProbRequest`) and gets back (`LogProbResult`).
+
+Semantics of one result, for a request with ids `x[0..L-1]` and `response_start = s`:
+`log_probs[j] = log softmax(logits[s + j - 1] / temperature)[x[s + j]]` for `j = 0 .. L-s-1`,
+where `logits[i]` is the model's output after reading `x[0..i]`. `entropy[j]` is the entropy of
+that same tempered distribution. This is exactly what a PPO/GRPO trainer needs as old log-probs.
+
+Checks that need only the request live here (pydantic). Checks that need the server's limits
+(vocab size, maximum length, token budget) live in `check_against_limits`.
+"""
+
+from __future__ import annotations
+
+import math
+import uuid
+from dataclasses import dataclass, field
+from typing import Annotated, Any
+
+import numpy as np
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, model_validator
+
+from model_engine_server.errors import InvalidRequest
+
+
+def _array_to_list(value: Any) -> Any:
+    """Accept numpy arrays and torch tensors where the schema says list (msgpack sends arrays)."""
+    if isinstance(value, np.ndarray):
+        return value.tolist()
+    if hasattr(value, "tolist") and hasattr(value, "dtype"):
+        return value.tolist()
+    return value
+
+
+TokenIds = Annotated[list[int], BeforeValidator(_array_to_list)]
+FloatList = Annotated[list[float], BeforeValidator(_array_to_list)]
+
+
+class LogProbRequest(BaseModel):
+    """One finished trajectory to score: prompt + response ids and where the response starts."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    request_id: str = Field(default_factory=lambda: uuid.uuid4().hex)
+    input_ids: TokenIds = Field(description="prompt + response token ids")
+    response_start: int = Field(description="index of the first response token (>= 1)")
+    temperature: float = Field(default=1.0, description="the rollout's sampling temperature")
+    return_entropy: bool = False
+    return_ref_log_probs: bool = Field(
+        default=False, description="also score with the frozen reference policy (ref mode)"
+    )
+    rollout_log_probs: FloatList | None = Field(
+        default=None, description="the rollout engine's own log-probs of the response, for mismatch metrics"
+    )
+    min_weight_version: int | None = Field(
+        default=None, description="wait until the server has at least this weight version"
+    )
+
+    @model_validator(mode="after")
+    def _check_shape(self) -> "LogProbRequest":
+        length = len(self.input_ids)
+        if length == 0:
+            raise ValueError("input_ids must not be empty")
+        if length < 2:
+            raise ValueError("input_ids needs at least 2 tokens (one prompt token and one response token)")
+        if not 1 <= self.response_start < length:
+            raise ValueError(
+                f"response_start must satisfy 1 <= response_start < len(input_ids)={length}, "
+                f"got {self.response_start}"
+            )
+        if not math.isfinite(self.temperature) or self.temperature <= 0:
+            raise ValueError(f"temperature must be a finite number > 0, got {self.temperature}")
+        if self.rollout_log_probs is not None and len(self.rollout_log_probs) != length - self.response_start:
+            raise ValueError(
+                f"rollout_log_probs must have one value per response token "
+                f"({length - self.response_start}), got {len(self.rollout_log_probs)}"
+            )
+        if self.min_weight_version is not None and self.min_weight_version < 0:
+            raise ValueError(f"min_weight_version must be >= 0, got {self.min_weight_version}")
+        return self
+
+    @property
+    def num_tokens(self) -> int:
+        """Tokens this request costs in the token budget."""
+        return len(self.input_ids)
+
+    @property
+    def num_response_tokens(self) -> int:
+        return len(self.input_ids) - self.response_start
+
+    @classmethod
+    def parse(cls, payload: Any) -> "LogProbRequest":
+        """Build from a decoded wire dict, turning pydantic errors into `InvalidRequest`."""
+        if isinstance(payload, cls):
+            return payload
+        if not isinstance(payload, dict):
+            raise InvalidRequest(f"a request must be an object, got {type(payload).__name__}", "request")
+        try:
+            return cls.model_validate(payload)
+        except ValidationError as error:
+            raise invalid_request_from(error) from None
+
+
+def invalid_request_from(error: ValidationError) -> InvalidRequest:
+    """Name the first offending field and say what is wrong with it, in one line."""
+    first = error.errors()[0]
+    message = first.get("msg", "invalid value").removeprefix("Value error, ")
+    location = ".".join(str(part) for part in first.get("loc", ()))
+    if not location:  # a whole-model check: its message starts with the field it is about
+        leading_word = message.split(" ", 1)[0]
+        if leading_word in LogProbRequest.model_fields:
+            return InvalidRequest(message.split(" ", 1)[1], leading_word)
+        return InvalidRequest(message)
+    return InvalidRequest(message, location)
+
+
+@dataclass(frozen=True)
+class RequestLimits:
+    """The server-side bounds every request is checked against before it is queued."""
+
+    vocab_size: int
+    max_seq_len: int
+    max_tokens_per_batch: int
+
+
+def check_against_limits(request: LogProbRequest, limits: RequestLimits) -> None:
+    """Reject what the engine cannot score, with a message naming the field and the bound."""
+    ids = np.asarray(request.input_ids, dtype=np.int64)
+    bad = np.flatnonzero((ids < 0) | (ids >= limits.vocab_size))
+    if bad.size:
+        position = int(bad[0])
+        raise InvalidRequest(
+            f"token id {int(ids[position])} at position {position} is outside the vocabulary "
+            f"[0, {limits.vocab_size})",
+            "input_ids",
+        )
+    if len(ids) > limits.max_seq_len:
+        raise InvalidRequest(
+            f"sequence has {len(ids)} tokens, more than the maximum length {limits.max_seq_len}", "input_ids"
+        )
+    if len(ids) > limits.max_tokens_per_batch:
+        raise InvalidRequest(
+            f"sequence has {len(ids)} tokens, more than the token budget of one batch "
+            f"(max_tokens_per_batch={limits.max_tokens_per_batch}); raise the budget or split the request",
+            "input_ids",
+        )
+
+
+@dataclass
+class MismatchStats:
+    """Rollout-vs-server log-prob mismatch of one request (when rollout_log_probs were sent)."""
+
+    mean_abs_diff: float
+    max_abs_diff: float
+    kl_estimate: float  # k3 estimator of KL(rollout || server), mean over response tokens
+
+    def to_wire(self) -> dict[str, float]:
+        return {"mean_abs_diff": self.mean_abs_diff, "max_abs_diff": self.max_abs_diff, "kl_estimate": self.kl_estimate}
+
+
+@dataclass
+class ScoreOutput:
+    """What an engine produced for one request, before the scheduler tags it."""
+
+    log_probs: np.ndarray
+    entropy: np.ndarray | None = None
+    mismatch: MismatchStats | None = None
+    ref_log_probs: np.ndarray | None = None
+
+
+@dataclass
+class LogProbResult:
+    """The answer to one `LogProbRequest`, tagged with the weight version that computed it."""
+
+    request_id: str
+    log_probs: np.ndarray
+    weight_version: int
+    entropy: np.ndarray | None = None
+    ref_log_probs: np.ndarray | None = None
+    mismatch: MismatchStats | None = None
+    timings: dict[str, float] = field(default_factory=dict)
+
+    def to_wire(self, arrays_as_lists: bool = False) -> dict[str, Any]:
+        """A plain dict; arrays stay numpy (raw bytes in msgpack) unless JSON needs lists."""
+
+        def arr(value: np.ndarray | None) -> Any:
+            if value is None:
+                return None
+            return value.tolist() if arrays_as_lists else value
+
+        return {
+            "request_id": self.request_id,
+            "log_probs": arr(self.log_probs),
+            "entropy": arr(self.entropy),
+            "ref_log_probs": arr(self.ref_log_probs),
+            "weight_version": self.weight_version,
+            "mismatch": self.mismatch.to_wire() if self.mismatch else None,
+            "timings": dict(self.timings),
+        }
+
+    @classmethod
+    def from_wire(cls, payload: dict[str, Any]) -> "LogProbResult":
+        def arr(value: Any) -> np.ndarray | None:
+            return None if value is None else np.asarray(value, dtype=np.float32)
+
+        mismatch = payload.get("mismatch")
+        return cls(
+            request_id=payload["request_id"],
+            log_probs=arr(payload["log_probs"]),  # type: ignore[arg-type]
+            weight_version=int(payload["weight_version"]),
+            entropy=arr(payload.get("entropy")),
+            ref_log_probs=arr(payload.get("ref_log_probs")),
+            mismatch=MismatchStats(**mismatch) if mismatch else None,
+            timings=dict(payload.get("timings") or {}),
+        )
