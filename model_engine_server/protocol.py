@@ -62,11 +62,10 @@ class LogProbRequest(BaseModel):
             raise ValueError("input_ids must not be empty")
         if length < 2:
             raise ValueError("input_ids needs at least 2 tokens (one prompt token and one response token)")
-        if not 1 <= self.response_start < length:
-            raise ValueError(
-                f"response_start must satisfy 1 <= response_start < len(input_ids)={length}, "
-                f"got {self.response_start}"
-            )
+        if self.response_start < 1:
+            raise ValueError(f"response_start must be >= 1 (a response token needs a token before it), got {self.response_start}")
+        if self.response_start >= length:
+            raise ValueError(f"response_start must be < len(input_ids)={length}, got {self.response_start}")
         if not math.isfinite(self.temperature) or self.temperature <= 0:
             raise ValueError(f"temperature must be a finite number > 0, got {self.temperature}")
         if self.rollout_log_probs is not None and len(self.rollout_log_probs) != length - self.response_start:

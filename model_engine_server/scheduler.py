@@ -1,0 +1,382 @@
+"""`ModelEngineServer`: the asyncio batch scheduler in front of an executor.
+
+Contract:
+- A batch is dispatched when its requests fill the token budget (`max_tokens_per_batch`, or
+  `max_batch_size` requests), or when its oldest request has waited `max_wait_ms`.
+- Up to `max_inflight_batches` batches run at once, so the next batch is formed and handed
+  over while the current one computes.
+- Every result carries the weight version in force when its batch was dispatched. Versions
+  change only inside a weight update, which first drains every in-flight batch, so no batch
+  spans two versions.
+- `pause_serving()` returns once in-flight batches have finished; requests keep queueing
+  (bounded) and are served after `resume_serving()`.
+- Every request is answered or failed with a typed error: invalid input at once, overload at
+  once, a deadline while waiting, or the executor's failure for its batch. None is dropped.
+
+Imports neither Ray nor HTTP: the replica and HTTP layers wrap it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections import deque
+from dataclasses import dataclass, field
+from typing import Any, Iterable, Sequence
+
+import torch
+from pydantic import BaseModel, ConfigDict, Field
+
+from model_engine_server.errors import (
+    DeadlineExceeded,
+    InvalidRequest,
+    ModelEngineError,
+    Overloaded,
+    ServerShuttingDown,
+    WeightSyncError,
+    WorkerFailed,
+)
+from model_engine_server.executor import Executor
+from model_engine_server.protocol import LogProbRequest, LogProbResult, RequestLimits, ScoreOutput, check_against_limits
+from model_engine_server.scheduler_state import SchedulerObserver, WeightState
+
+logger = logging.getLogger(__name__)
+
+
+class SchedulerConfig(BaseModel):
+    """Batching and queueing knobs; the defaults suit one CPU machine and a small model."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    max_tokens_per_batch: int = Field(default=8192, gt=0, description="token budget of one batch")
+    max_batch_size: int | None = Field(default=None, gt=0, description="most requests per batch (None: no limit)")
+    max_wait_ms: float = Field(default=5.0, ge=0, description="longest a batch waits to fill")
+    max_queued_tokens: int = Field(default=1 << 20, gt=0, description="queue bound, in tokens")
+    max_inflight_batches: int = Field(default=2, gt=0)
+    request_timeout_s: float = Field(default=600.0, gt=0, description="longest a request may wait in queue")
+    max_seq_len: int | None = Field(default=None, gt=1, description="None: the model's maximum positions")
+
+
+@dataclass(eq=False)
+class _Pending:
+    request: LogProbRequest
+    future: asyncio.Future[LogProbResult]
+    enqueued_at: float
+    expiry: asyncio.TimerHandle | None = None
+    tokens: int = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.tokens = self.request.num_tokens
+
+
+class ModelEngineServer:
+    """Token-budget batching with pause/resume and weight versions over any `Executor`."""
+
+    def __init__(
+        self,
+        executor: Executor,
+        config: SchedulerConfig | None = None,
+        observer: SchedulerObserver | None = None,
+        initial_weight_version: int = 0,
+    ) -> None:
+        self.executor = executor
+        self.config = config or SchedulerConfig()
+        self.observer = observer or SchedulerObserver()
+        self.weights = WeightState(version=initial_weight_version)
+        info = executor.model_info()
+        max_seq_len = min(self.config.max_seq_len or info.max_position_embeddings, info.max_position_embeddings)
+        self.limits = RequestLimits(info.vocab_size, max_seq_len, self.config.max_tokens_per_batch)
+        self._queue: deque[_Pending] = deque()
+        self._queued_tokens = 0
+        self._inflight = 0
+        self._inflight_tokens = 0
+        self._paused_since: float | None = None
+        self._paused_total_s = 0.0
+        self._accepting = True
+        self._wakeup = asyncio.Event()
+        self._idle = asyncio.Event()
+        self._idle.set()
+        self._tasks: set[asyncio.Task[None]] = set()
+        self._loop_task: asyncio.Task[None] | None = None
+        self.counters = {"requests": 0, "tokens": 0, "batches": 0, "failed": 0, "rejected": 0}
+
+    # ---------------------------------------------------------------- requests
+    async def submit(self, request: LogProbRequest | dict[str, Any], timeout_s: float | None = None) -> LogProbResult:
+        """Queue one request and wait for its result; raises a `ModelEngineError` on failure."""
+        self._ensure_started()
+        try:
+            request = LogProbRequest.parse(request)
+            check_against_limits(request, self.limits)
+            self._check_admission(request)
+        except ModelEngineError as error:
+            self.counters["rejected"] += 1
+            self.observer.request_rejected(error)
+            raise
+        loop = asyncio.get_running_loop()
+        pending = _Pending(request, loop.create_future(), time.monotonic())
+        timeout = timeout_s if timeout_s is not None else self.config.request_timeout_s
+        pending.expiry = loop.call_later(timeout, self._expire, pending, timeout)
+        self._queue.append(pending)
+        self._queued_tokens += pending.tokens
+        self._wakeup.set()
+        try:
+            return await pending.future
+        except asyncio.CancelledError:
+            self._remove_queued(pending)  # the caller went away; a running batch just discards it
+            raise
+
+    async def score(
+        self, requests: Sequence[LogProbRequest | dict[str, Any]], timeout_s: float | None = None
+    ) -> list[LogProbResult | ModelEngineError]:
+        """Score many requests; each entry is its result or the error for that request alone."""
+        outcomes = await asyncio.gather(*(self.submit(r, timeout_s) for r in requests), return_exceptions=True)
+        return [
+            o if isinstance(o, (LogProbResult, ModelEngineError)) else WorkerFailed(f"{type(o).__name__}: {o}")
+            for o in outcomes
+        ]
+
+    def _check_admission(self, request: LogProbRequest) -> None:
+        if not self._accepting:
+            raise ServerShuttingDown("the server is shutting down and accepts no new requests")
+        if request.return_ref_log_probs:
+            raise InvalidRequest(
+                "this server hosts no reference policy; enable model_engine_server.enable_ref_mode",
+                "return_ref_log_probs",
+            )
+        if self._queued_tokens + request.num_tokens > self.config.max_queued_tokens:
+            raise Overloaded(
+                f"queue holds {self._queued_tokens} tokens; adding {request.num_tokens} would exceed "
+                f"max_queued_tokens={self.config.max_queued_tokens}",
+                retry_after_s=1.0,
+            )
+
+    def _expire(self, pending: _Pending, timeout: float) -> None:
+        if self._remove_queued(pending):
+            reason = self._waiting_reason(pending.request)
+            self._fail(pending, DeadlineExceeded(f"request waited {timeout:.3g} s without being served ({reason})"))
+
+    def _waiting_reason(self, request: LogProbRequest) -> str:
+        if self.weights.incomplete_reason:
+            return f"weights incomplete: {self.weights.incomplete_reason}"
+        if self.weights.updating:
+            return "weight update in progress"
+        if self._paused_since is not None:
+            return "serving paused"
+        if request.min_weight_version is not None and request.min_weight_version > self.weights.version:
+            return f"waiting for weight version {request.min_weight_version}, server has {self.weights.version}"
+        return "queue backlog"
+
+    def _remove_queued(self, pending: _Pending) -> bool:
+        try:
+            self._queue.remove(pending)
+        except ValueError:
+            return False
+        self._queued_tokens -= pending.tokens
+        if pending.expiry:
+            pending.expiry.cancel()
+        return True
+
+    def _fail(self, pending: _Pending, error: ModelEngineError) -> None:
+        if not pending.future.done():
+            pending.future.set_exception(error)
+            self.counters["failed"] += 1
+            self.observer.request_failed(error)
+
+    # ---------------------------------------------------------------- dispatch
+    def _ensure_started(self) -> None:
+        if self._loop_task is None or self._loop_task.done():
+            self._loop_task = asyncio.get_running_loop().create_task(self._dispatch_loop(), name="dispatch")
+
+    async def start(self) -> None:
+        self._ensure_started()
+
+    def _can_dispatch(self) -> bool:
+        return (
+            self._paused_since is None
+            and self.weights.servable
+            and self._inflight < self.config.max_inflight_batches
+        )
+
+    def _select_batch(self) -> tuple[list[_Pending], float | None]:
+        """The next batch to launch now, or none and how long to wait for it to fill."""
+        if not self._can_dispatch():
+            return [], None
+        budget, max_count = self.config.max_tokens_per_batch, self.config.max_batch_size
+        version = self.weights.version
+        chosen: list[_Pending] = []
+        tokens, left_out = 0, False
+        for pending in self._queue:
+            wanted = pending.request.min_weight_version
+            if wanted is not None and wanted > version:
+                continue
+            if tokens + pending.tokens > budget or (max_count is not None and len(chosen) >= max_count):
+                left_out = True
+                continue
+            chosen.append(pending)
+            tokens += pending.tokens
+        if not chosen:
+            return [], None
+        full = left_out or tokens == budget or (max_count is not None and len(chosen) >= max_count)
+        wait_left = chosen[0].enqueued_at + self.config.max_wait_ms / 1000 - time.monotonic()
+        if full or wait_left <= 0 or not self._accepting:
+            return chosen, None
+        return [], wait_left
+
+    async def _dispatch_loop(self) -> None:
+        while True:
+            self._wakeup.clear()
+            batch, wait_s = self._select_batch()
+            if batch:
+                self._launch(batch)
+                continue
+            try:
+                await asyncio.wait_for(self._wakeup.wait(), timeout=wait_s)
+            except TimeoutError:
+                pass
+
+    def _launch(self, batch: list[_Pending]) -> None:
+        for pending in batch:
+            self._remove_queued(pending)
+        self._inflight += 1
+        self._inflight_tokens += sum(p.tokens for p in batch)
+        self._idle.clear()
+        task = asyncio.get_running_loop().create_task(self._run_batch(batch, self.weights.version))
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def _run_batch(self, batch: list[_Pending], version: int) -> None:
+        started = time.monotonic()
+        try:
+            outcomes = await self.executor.execute([p.request for p in batch])
+            if len(outcomes) != len(batch):
+                raise WorkerFailed(f"executor returned {len(outcomes)} outcomes for {len(batch)} requests")
+        except Exception as error:  # the whole batch failed: every request gets the reason
+            reason = error if isinstance(error, ModelEngineError) else WorkerFailed(f"{type(error).__name__}: {error}")
+            logger.warning("batch of %d requests failed: %s", len(batch), reason)
+            outcomes = [reason] * len(batch)
+        finished = time.monotonic()
+        tokens = sum(p.tokens for p in batch)
+        for pending, outcome in zip(batch, outcomes):
+            self._resolve(pending, outcome, version, started, finished)
+        self.counters["batches"] += 1
+        self.observer.batch_done(len(batch), tokens, finished - started)
+        self._inflight -= 1
+        self._inflight_tokens -= tokens
+        if self._inflight == 0:
+            self._idle.set()
+        self._wakeup.set()
+
+    def _resolve(self, pending: _Pending, outcome: Any, version: int, started: float, finished: float) -> None:
+        if isinstance(outcome, ModelEngineError):
+            self._fail(pending, outcome)
+            return
+        if pending.future.done():
+            return
+        assert isinstance(outcome, ScoreOutput)
+        result = LogProbResult(
+            request_id=pending.request.request_id,
+            log_probs=outcome.log_probs,
+            weight_version=version,
+            entropy=outcome.entropy,
+            ref_log_probs=outcome.ref_log_probs,
+            mismatch=outcome.mismatch,
+            timings={
+                "queue_ms": (started - pending.enqueued_at) * 1000,
+                "compute_ms": (finished - started) * 1000,
+                "total_ms": (finished - pending.enqueued_at) * 1000,
+            },
+        )
+        pending.future.set_result(result)
+        self.counters["requests"] += 1
+        self.counters["tokens"] += pending.tokens
+        self.observer.request_done(result, pending.tokens)
+
+    async def _drain(self) -> None:
+        await self._idle.wait()
+
+    # ---------------------------------------------------------------- pause / weights
+    async def pause_serving(self) -> None:
+        """Stop dispatching; return once every in-flight batch has finished."""
+        if self._paused_since is None:
+            self._paused_since = time.monotonic()
+        await self._drain()
+
+    async def resume_serving(self) -> None:
+        if self._paused_since is not None:
+            self._paused_total_s += time.monotonic() - self._paused_since
+            self._paused_since = None
+        self._wakeup.set()
+
+    @property
+    def paused(self) -> bool:
+        return self._paused_since is not None
+
+    @property
+    def weight_version(self) -> int:
+        return self.weights.version
+
+    async def begin_weight_update(self, version: int) -> None:
+        """Block dispatch and drain, independently of pause/resume (an admin resume cannot
+        let a batch run on half-loaded weights)."""
+        self.weights.begin(version)
+        await self._drain()
+
+    def commit_weight_update(self, version: int) -> None:
+        """Every worker has every tensor of `version`: serve it."""
+        self.weights.commit(version)
+        self._wakeup.set()
+
+    def abort_weight_update(self, reason: str) -> None:
+        """The sync failed part-way: keep the old version number but refuse to score."""
+        self.weights.abort(reason)
+        self._wakeup.set()
+
+    async def update_weights(self, named_tensors: Iterable[tuple[str, torch.Tensor]], version: int) -> int:
+        """Drain, load through the executor, then commit `version` (or mark weights incomplete)."""
+        await self.begin_weight_update(version)
+        try:
+            names = await self.executor.load_weights(named_tensors)
+            missing = set((await self.executor.weight_specs()).keys()) - set(names)
+            if missing:
+                raise WeightSyncError(f"sync for version {version} is missing {len(missing)} tensors, e.g. {sorted(missing)[:3]}")
+        except Exception as error:
+            self.abort_weight_update(str(error))
+            raise error if isinstance(error, ModelEngineError) else WeightSyncError(str(error)) from error
+        self.commit_weight_update(version)
+        return version
+
+    # ---------------------------------------------------------------- status / shutdown
+    def status(self) -> dict[str, Any]:
+        paused_s = self._paused_total_s + (time.monotonic() - self._paused_since if self._paused_since else 0.0)
+        return {
+            "weight_version": self.weights.version,
+            "paused": self.paused,
+            "updating_weights": self.weights.updating,
+            "weights_incomplete": self.weights.incomplete_reason,
+            "queue_depth": len(self._queue),
+            "queued_tokens": self._queued_tokens,
+            "inflight_batches": self._inflight,
+            "outstanding_tokens": self._queued_tokens + self._inflight_tokens,
+            "paused_seconds_total": paused_s,
+            "accepting": self._accepting,
+            **{f"{name}_total": value for name, value in self.counters.items()},
+        }
+
+    async def shutdown(self, drain: bool = True, timeout_s: float = 30.0) -> None:
+        """Stop accepting; finish what was accepted (when `drain`), fail what cannot finish."""
+        self._accepting = False
+        self._wakeup.set()
+        if drain:
+            deadline = time.monotonic() + timeout_s
+            while (self._queue or self._inflight) and time.monotonic() < deadline:
+                await asyncio.sleep(0.01)
+        for pending in list(self._queue):
+            self._remove_queued(pending)
+            self._fail(pending, ServerShuttingDown("the server shut down before this request was served"))
+        if self._tasks:
+            await asyncio.wait(set(self._tasks), timeout=max(0.0, timeout_s))
+        if self._loop_task:
+            self._loop_task.cancel()
+            await asyncio.gather(self._loop_task, return_exceptions=True)
+            self._loop_task = None

@@ -1,0 +1,44 @@
+"""Shared fixtures: tiny checkpoints made once per test session (nothing is downloaded)."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
+
+from model_engine_server.tiny_model import TinyModelShape, make_tiny_model  # noqa: E402
+
+TINY_SHAPES = {
+    "qwen2_tied": TinyModelShape(arch="qwen2", tie_word_embeddings=True),
+    "llama_untied": TinyModelShape(arch="llama", tie_word_embeddings=False),
+    "qwen3_tied": TinyModelShape(arch="qwen3", tie_word_embeddings=True),
+    "qwen2_untied": TinyModelShape(arch="qwen2", tie_word_embeddings=False),
+}
+
+
+@pytest.fixture(scope="session")
+def tiny_models(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    root = tmp_path_factory.mktemp("tiny_models")
+    return {name: make_tiny_model(root / name, shape, seed=index) for index, (name, shape) in enumerate(TINY_SHAPES.items())}
+
+
+@pytest.fixture(scope="session")
+def tiny_model(tiny_models: dict[str, Path]) -> Path:
+    return tiny_models["qwen2_tied"]
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    if torch.cuda.is_available():
+        return
+    skip_gpu = pytest.mark.skip(reason="needs CUDA")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip_gpu)
