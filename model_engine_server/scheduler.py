@@ -363,6 +363,9 @@ class ModelEngineServer:
             **{f"{name}_total": value for name, value in self.counters.items()},
         }
 
+    async def get_status(self) -> dict[str, Any]:
+        return self.status()
+
     async def shutdown(self, drain: bool = True, timeout_s: float = 30.0) -> None:
         """Stop accepting; finish what was accepted (when `drain`), fail what cannot finish."""
         self._accepting = False
@@ -380,3 +383,4 @@ class ModelEngineServer:
             self._loop_task.cancel()
             await asyncio.gather(self._loop_task, return_exceptions=True)
             self._loop_task = None
+        await self.executor.close()

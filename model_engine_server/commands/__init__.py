@@ -1,0 +1,1 @@
+"""Subcommands of `model-engine-server`; see `model_engine_server.cli`."""

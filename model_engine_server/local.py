@@ -1,0 +1,24 @@
+"""Build a scheduler over an engine in this very process: tests, benchmarks, one-device serving."""
+
+from __future__ import annotations
+
+from model_engine_server.adapter import ModelEngineServerAdapter
+from model_engine_server.engines.base import EngineSpec, build_engine
+from model_engine_server.executor import InProcessExecutor
+from model_engine_server.scheduler import ModelEngineServer, SchedulerConfig
+from model_engine_server.scheduler_state import SchedulerObserver
+
+
+def build_local_server(
+    spec: EngineSpec,
+    backend: str = "hf",
+    scheduler: SchedulerConfig | None = None,
+    observer: SchedulerObserver | None = None,
+    initial_weight_version: int = 0,
+) -> ModelEngineServer:
+    """An engine on a worker thread behind a `ModelEngineServer`; the scheduler's token budget
+    is also the adapter's micro-batch budget, so one batch is one forward."""
+    scheduler = scheduler or SchedulerConfig()
+    engine = build_engine(backend, spec)
+    adapter = ModelEngineServerAdapter(engine, scheduler.max_tokens_per_batch, spec.logprob_chunk_mb)
+    return ModelEngineServer(InProcessExecutor(adapter), scheduler, observer, initial_weight_version)
