@@ -1,0 +1,165 @@
+"""The one client interface every way of reaching the server shares (Ray handle, HTTP).
+
+A rollout agent loop or a trainer codes against `LogProbClient` and can switch transport by
+configuration. Two ways of receiving failures, both on every client:
+
+- `score(requests)` returns one entry per request, in order: its `LogProbResult`, or the typed
+  `ModelEngineError` for that request alone (the others are still answered). Use it when a
+  batch of trajectories must survive one bad sample.
+- `compute_log_probs(requests)` returns `list[LogProbResult]` in request order and raises the
+  typed error of the first failed request (in request order) when any failed; the other
+  outcomes are attached to the raised error as `error.outcomes`. Use it when any failure means
+  the step cannot go on.
+
+A subclass of `BaseLogProbClient` writes `score`, `pause`, `resume`, `status`,
+`update_weights` and `close`; `compute_log_probs` comes from `score`. `SyncLogProbClient` wraps
+any async client for synchronous code (a plain Ray actor, a script), with the same method names.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+from abc import ABC, abstractmethod
+from typing import Any, Awaitable, Iterable, Protocol, Sequence, TypeVar, runtime_checkable
+
+import torch
+
+from model_engine_server.errors import ModelEngineError
+from model_engine_server.protocol import LogProbRequest, LogProbResult
+
+RequestLike = LogProbRequest | dict[str, Any]
+Outcome = LogProbResult | ModelEngineError
+T = TypeVar("T")
+
+
+@runtime_checkable
+class LogProbClient(Protocol):
+    """What a caller holds; async. See the module docstring for the failure contract."""
+
+    async def score(self, requests: Sequence[RequestLike], timeout_s: float | None = None) -> list[Outcome]:
+        """One entry per request, in order: its result or its own typed error."""
+        ...
+
+    async def compute_log_probs(
+        self, requests: Sequence[RequestLike], timeout_s: float | None = None
+    ) -> list[LogProbResult]:
+        """Results in request order; raises the first failed request's typed error."""
+        ...
+
+    async def pause(self) -> None:
+        """Stop dispatching on the server; returns once in-flight batches have finished."""
+        ...
+
+    async def resume(self) -> None: ...
+
+    async def status(self) -> dict[str, Any]:
+        """The server's status dict (a manager adds a `replicas` list, one entry per replica)."""
+        ...
+
+    async def update_weights(self, named_tensors: Iterable[tuple[str, torch.Tensor]], version: int) -> int:
+        """Send a complete set of weights (HuggingFace names) to be served as `version`; atomic."""
+        ...
+
+    async def close(self) -> None:
+        """Release the client's own resources; never stops the server."""
+        ...
+
+
+def raise_first_error(outcomes: Sequence[Outcome]) -> list[LogProbResult]:
+    """The `compute_log_probs` contract on top of per-request outcomes."""
+    for outcome in outcomes:
+        if isinstance(outcome, ModelEngineError):
+            outcome.outcomes = list(outcomes)  # type: ignore[attr-defined]
+            raise outcome
+    return list(outcomes)  # type: ignore[arg-type]
+
+
+class BaseLogProbClient(ABC):
+    """Shared behaviour of the concrete clients: `compute_log_probs` is defined once, here."""
+
+    @abstractmethod
+    async def score(self, requests: Sequence[RequestLike], timeout_s: float | None = None) -> list[Outcome]: ...
+
+    async def compute_log_probs(
+        self, requests: Sequence[RequestLike], timeout_s: float | None = None
+    ) -> list[LogProbResult]:
+        return raise_first_error(await self.score(requests, timeout_s))
+
+    @abstractmethod
+    async def pause(self) -> None: ...
+
+    @abstractmethod
+    async def resume(self) -> None: ...
+
+    @abstractmethod
+    async def status(self) -> dict[str, Any]: ...
+
+    @abstractmethod
+    async def update_weights(self, named_tensors: Iterable[tuple[str, torch.Tensor]], version: int) -> int: ...
+
+    async def close(self) -> None:
+        return None
+
+    async def __aenter__(self) -> "BaseLogProbClient":
+        return self
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        await self.close()
+
+
+class SyncLogProbClient:
+    """Blocking twin of an async client: the same method names, for code without an event loop.
+
+    The async client runs on a private event loop in a daemon thread owned by this wrapper, so
+    it works from plain (non-async) Ray actors and scripts alike; calling it from inside a
+    running event loop would block that loop, so async code should hold the async client.
+    """
+
+    def __init__(self, client: LogProbClient, call_timeout_s: float | None = None) -> None:
+        self.client = client
+        self.call_timeout_s = call_timeout_s
+        self._loop = asyncio.new_event_loop()
+        self._thread = threading.Thread(target=self._loop.run_forever, name="log-prob-client", daemon=True)
+        self._thread.start()
+
+    def _call(self, awaitable: Awaitable[T]) -> T:
+        if self._loop.is_closed():
+            raise RuntimeError("this client was closed")
+        future = asyncio.run_coroutine_threadsafe(awaitable, self._loop)  # type: ignore[arg-type]
+        return future.result(self.call_timeout_s)
+
+    def score(self, requests: Sequence[RequestLike], timeout_s: float | None = None) -> list[Outcome]:
+        return self._call(self.client.score(requests, timeout_s))
+
+    def compute_log_probs(self, requests: Sequence[RequestLike], timeout_s: float | None = None) -> list[LogProbResult]:
+        return self._call(self.client.compute_log_probs(requests, timeout_s))
+
+    def pause(self) -> None:
+        self._call(self.client.pause())
+
+    def resume(self) -> None:
+        self._call(self.client.resume())
+
+    def status(self) -> dict[str, Any]:
+        return self._call(self.client.status())
+
+    def update_weights(self, named_tensors: Iterable[tuple[str, torch.Tensor]], version: int) -> int:
+        return self._call(self.client.update_weights(named_tensors, version))
+
+    def close(self) -> None:
+        """Close the async client, then stop and close the private loop; idempotent."""
+        if self._loop.is_closed():
+            return
+        try:
+            self._call(self.client.close())
+        finally:
+            self._loop.call_soon_threadsafe(self._loop.stop)
+            self._thread.join(timeout=5)
+            self._loop.close()
+
+    def __enter__(self) -> "SyncLogProbClient":
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
