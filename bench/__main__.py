@@ -1,0 +1,76 @@
+"""`python -m bench NAME [--quick] [--json FILE]`, NAME one of the registered benchmarks or `all`.
+
+A benchmark module exposes `run(quick: bool) -> dict` of figures and `TARGETS` (a list of
+`bench.common.Target`). This entry point adds the command, the machine and the target checks,
+prints a table and writes JSON; `python -m bench.report` turns JSON files into RESULTS.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import json
+import os
+import shlex
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from bench.common import flatten, format_table, machine_info
+
+BENCHMARKS: dict[str, str] = {
+    "scoring": "bench.scoring",
+    "memory": "bench.memory",
+    "serving": "bench.serving",
+    "sync": "bench.sync",
+}
+
+
+def run_benchmark(name: str, quick: bool) -> dict[str, Any]:
+    module = importlib.import_module(BENCHMARKS[name])
+    started = time.time()
+    figures = module.run(quick=quick)
+    targets = [target.check(figures) for target in getattr(module, "TARGETS", [])]
+    return {
+        "benchmark": name,
+        "command": "python -m bench " + " ".join(shlex.quote(arg) for arg in sys.argv[1:]),
+        "quick": quick,
+        "machine": machine_info(),
+        "started_unix": started,
+        "wall_s": time.time() - started,
+        "figures": figures,
+        "targets": targets,
+    }
+
+
+def print_record(record: dict[str, Any]) -> None:
+    print(format_table(flatten(record["figures"]), f"{record['benchmark']} ({'quick' if record['quick'] else 'full'})"))
+    for target in record["targets"]:
+        verdict = "met" if target["met"] else "MISSED"
+        measured = "n/a" if target["measured"] is None else f"{target['measured']:.4g}"
+        print(f"  target {target['target']}: {verdict} (measured {measured})")
+    print()
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m bench", description=__doc__.splitlines()[0])
+    parser.add_argument("name", choices=[*BENCHMARKS, "all"])
+    parser.add_argument("--quick", action="store_true", help="fewer requests, same model: minutes on 2 cores")
+    parser.add_argument("--json", type=Path, help="write the figures here (for `all`: one file per benchmark, NAME inserted)")
+    args = parser.parse_args(argv)
+    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+    os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+    names = list(BENCHMARKS) if args.name == "all" else [args.name]
+    for name in names:
+        record = run_benchmark(name, args.quick)
+        print_record(record)
+        if args.json:
+            path = args.json if len(names) == 1 else args.json.with_name(f"{args.json.stem}-{name}{args.json.suffix}")
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.write_text(json.dumps(record, indent=2, default=str))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,130 @@
+"""What every benchmark shares: machine facts, targets, peak-memory probes, tables.
+
+Benchmarks print ratios measured side by side in one run, because this machine is shared
+and noisy: an absolute figure from one run says little, a ratio of two paths timed
+back-to-back says what we want to know.
+"""
+
+from __future__ import annotations
+
+import os
+import platform
+import re
+import time
+from dataclasses import dataclass
+from typing import Any, Callable
+
+import torch
+
+
+def machine_info() -> dict[str, Any]:
+    info: dict[str, Any] = {
+        "cpu_cores": os.cpu_count(),
+        "memory_gib": round(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30, 1),
+        "platform": platform.platform(),
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "torch_threads": torch.get_num_threads(),
+        "gpu": None,
+    }
+    try:
+        cpu_model = re.search(r"model name\s*:\s*(.+)", open("/proc/cpuinfo").read())
+        info["cpu_model"] = cpu_model.group(1).strip() if cpu_model else platform.processor()
+    except OSError:
+        info["cpu_model"] = platform.processor()
+    if torch.cuda.is_available():
+        props = torch.cuda.get_device_properties(0)
+        info["gpu"] = f"{props.name}, {props.total_memory / 2**30:.0f} GiB"
+    return info
+
+
+def lookup(figures: dict[str, Any], dotted_key: str) -> Any:
+    value: Any = figures
+    for part in dotted_key.split("."):
+        value = value[part]
+    return value
+
+
+@dataclass(frozen=True)
+class Target:
+    """A promise a benchmark makes, checked against its own figures (never asserted in tests)."""
+
+    key: str  # dotted path into the figures
+    op: str  # ">=" or "<="
+    threshold: float | str  # a number, or the dotted key of another figure
+    factor: float = 1.0  # threshold multiplier, e.g. 1.1 for "transfer + 10%"
+
+    def describe(self) -> str:
+        bound = self.threshold if isinstance(self.threshold, (int, float)) else f"{self.factor:g} x {self.threshold}"
+        return f"{self.key} {self.op} {bound}"
+
+    def check(self, figures: dict[str, Any]) -> dict[str, Any]:
+        try:
+            measured = float(lookup(figures, self.key))
+            bound = self.threshold if isinstance(self.threshold, (int, float)) else lookup(figures, self.threshold)
+            bound = float(bound) * self.factor
+        except (KeyError, TypeError):
+            return {"target": self.describe(), "measured": None, "met": False, "why": "figure not measured"}
+        met = measured >= bound if self.op == ">=" else measured <= bound
+        return {"target": self.describe(), "measured": measured, "bound": bound, "met": met}
+
+
+def _proc_status_bytes(field: str) -> int:
+    match = re.search(rf"{field}:\s+(\d+) kB", open("/proc/self/status").read())
+    if not match:
+        raise RuntimeError(f"/proc/self/status has no {field}")
+    return int(match.group(1)) * 1024
+
+
+def measure_peak_bytes(step: Callable[[], Any]) -> tuple[Any, int]:
+    """Run `step` and return (its result, the extra memory it needed at its peak).
+
+    On CUDA: `torch.cuda.max_memory_allocated` above what was allocated before. On CPU torch's
+    allocator bypasses tracemalloc, so we read the process's peak resident set (VmHWM), reset
+    to the current RSS just before the step through /proc/self/clear_refs (Linux).
+    """
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        before = torch.cuda.memory_allocated()
+        result = step()
+        torch.cuda.synchronize()
+        return result, torch.cuda.max_memory_allocated() - before
+    with open("/proc/self/clear_refs", "w") as handle:
+        handle.write("5")
+    before = _proc_status_bytes("VmRSS")
+    result = step()
+    return result, _proc_status_bytes("VmHWM") - before
+
+
+def best_time(step: Callable[[], Any], repeats: int, warmup: int = 1) -> float:
+    """Least wall time of `repeats` runs (the least is the least disturbed by other load)."""
+    for _ in range(warmup):
+        step()
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        step()
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()
+        times.append(time.perf_counter() - start)
+    return min(times)
+
+
+def format_table(rows: list[tuple[str, Any]], title: str) -> str:
+    width = max(len(name) for name, _ in rows)
+    lines = [title, "-" * len(title)]
+    for name, value in rows:
+        shown = f"{value:,.4g}" if isinstance(value, float) else str(value)
+        lines.append(f"{name.ljust(width)}  {shown}")
+    return "\n".join(lines)
+
+
+def flatten(figures: dict[str, Any], prefix: str = "") -> list[tuple[str, Any]]:
+    rows: list[tuple[str, Any]] = []
+    for key, value in figures.items():
+        if isinstance(value, dict):
+            rows.extend(flatten(value, f"{prefix}{key}."))
+        else:
+            rows.append((f"{prefix}{key}", value))
+    return rows

@@ -1,0 +1,60 @@
+"""The benchmarks' own machinery: baselines compute the same thing, targets and reports are honest."""
+
+from __future__ import annotations
+
+import json
+
+import torch
+
+from bench.baselines import full_logits_log_probs
+from bench.common import Target, measure_peak_bytes
+from bench.report import render
+from model_engine_server.logprobs import LMHead, chunked_log_probs
+
+
+def test_full_logits_baseline_equals_chunked_server_path():
+    generator = torch.Generator().manual_seed(0)
+    hidden = torch.randn(300, 32, generator=generator)
+    weight = torch.randn(1000, 32, generator=generator) * 0.3
+    targets = torch.randint(0, 1000, (300,), generator=generator)
+    temperatures = torch.linspace(0.5, 1.5, 300)
+    chunked_lp, chunked_entropy = chunked_log_probs(hidden, LMHead(weight), targets, temperatures, True, chunk_tokens=7)
+    full_lp, full_entropy = full_logits_log_probs(hidden, weight, targets, temperatures)
+    torch.testing.assert_close(chunked_lp, full_lp, atol=1e-5, rtol=0)
+    torch.testing.assert_close(chunked_entropy, full_entropy, atol=1e-5, rtol=0)
+
+
+def test_targets_compare_against_numbers_and_other_figures():
+    figures = {"ratio": 9.0, "sync": {"pause_window_s": 1.05, "transfer_s": 1.0}}
+    assert Target("ratio", ">=", 8.0).check(figures)["met"]
+    assert not Target("ratio", ">=", 10.0).check(figures)["met"]
+    assert Target("sync.pause_window_s", "<=", "sync.transfer_s", 1.1).check(figures)["met"]
+    assert not Target("sync.pause_window_s", "<=", "sync.transfer_s", 1.0).check(figures)["met"]
+    missing = Target("absent", ">=", 1.0).check(figures)
+    assert missing["met"] is False and missing["measured"] is None
+
+
+def test_peak_memory_probe_sees_a_large_temporary():
+    def allocate() -> float:
+        block = torch.ones(64 * 1024 * 1024 // 4)  # 64 MiB, freed on return
+        return float(block[0])
+
+    _, peak = measure_peak_bytes(allocate)
+    assert 60 * 1024 * 1024 <= peak < 512 * 1024 * 1024
+
+
+def test_report_names_command_figures_and_missed_targets():
+    record = {
+        "benchmark": "memory",
+        "command": "python -m bench memory --json x.json",
+        "quick": True,
+        "machine": {"cpu_cores": 2, "cpu_model": "cpu", "memory_gib": 24, "gpu": None, "torch": "2.13.0"},
+        "started_unix": 0,
+        "wall_s": 1.0,
+        "figures": {"memory_ratio": 3.5, "max_abs_diff": 1e-6},
+        "targets": [Target("memory_ratio", ">=", 8.0).check({"memory_ratio": 3.5})],
+    }
+    text = render([json.loads(json.dumps(record))])
+    assert "`python -m bench memory --json x.json`" in text
+    assert "| `memory_ratio` | 3.5 |" in text
+    assert "**missed**" in text
