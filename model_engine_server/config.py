@@ -1,0 +1,242 @@
+"""The `model_engine_server:` section of a fully-async training config, as pydantic models.
+
+Users start the server with the very YAML and override list they launch training with, so the
+section keeps the names users of the reference design already write (`enable_standalone`,
+`nnodes`, `n_gpus_per_node`, `megatron.tensor_model_parallel_size`, ...). Reading the YAML,
+Hydra overrides, aliases and inheritance from the trainer's keys live in `config_loader.py`;
+this module only says what a valid, fully resolved section is.
+
+Every model forbids unknown keys: a typo such as `megatron.tensor_parallel_size` is an error
+that names the key and the valid ones, never a silently ignored setting. The defaults serve a
+small model on one CPU machine.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, model_validator
+
+from model_engine_server.engines.base import EngineSpec
+from model_engine_server.scheduler import SchedulerConfig
+
+SECTION = "model_engine_server"
+Backend = Literal["hf", "megatron"]
+
+
+class ConfigError(ValueError):
+    """A config the server cannot start with; the message names the key(s) and what is valid."""
+
+
+class MegatronParallelConfig(BaseModel):
+    """Model parallelism of ONE replica (the Megatron backend). Unset sizes are inherited from
+    `actor_rollout_ref.actor.megatron.*` by the loader, as the reference design does."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    tensor_model_parallel_size: int = Field(default=1, ge=1)
+    pipeline_model_parallel_size: int = Field(default=1, ge=1)
+    context_parallel_size: int = Field(default=1, ge=1)
+    expert_model_parallel_size: int = Field(default=1, ge=1)
+    expert_tensor_parallel_size: int | None = Field(default=None, ge=1, description="None: same as TP")
+    virtual_pipeline_model_parallel_size: int | None = Field(default=None, ge=1)
+
+    @property
+    def gpus_per_replica(self) -> int:
+        """Devices one model-parallel group needs (data parallelism is the number of replicas)."""
+        return self.tensor_model_parallel_size * self.pipeline_model_parallel_size * self.context_parallel_size
+
+
+class HttpConfig(BaseModel):
+    """The HTTP front end. Binds to loopback unless told otherwise: the admin routes change
+    what the trainer receives, so exposing them is a decision, not a default."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    host: str = "127.0.0.1"
+    port: int = Field(default=8000, ge=0, le=65535, description="0 lets the OS pick a free port")
+    auth_token: SecretStr | None = Field(default=None, description="bearer token for admin routes")
+    auth_token_env: str | None = Field(
+        default="MODEL_ENGINE_SERVER_TOKEN", description="environment variable holding the token (kept out of YAML)"
+    )
+    max_body_mb: float = Field(default=64.0, gt=0, description="largest /v1/logprobs body; more is 413")
+    max_weights_body_mb: float = Field(default=4096.0, gt=0, description="largest /v1/update_weights body")
+    max_requests_per_call: int = Field(default=4096, gt=0)
+    retry_after_s: float = Field(default=1.0, ge=0, description="Retry-After sent with 429/503")
+    graceful_shutdown_s: float = Field(default=60.0, gt=0, description="longest a SIGTERM drain may take")
+
+    def token(self, environ: dict[str, str] | None = None) -> str | None:
+        """The admin token: the explicit value, else the named environment variable, else none."""
+        import os
+
+        if self.auth_token is not None and self.auth_token.get_secret_value():
+            return self.auth_token.get_secret_value()
+        if self.auth_token_env:
+            value = (environ if environ is not None else os.environ).get(self.auth_token_env)
+            return value or None
+        return None
+
+
+class TransportConfig(BaseModel):
+    """How weights travel from the trainer to the workers (see `checkpoint_transport/`)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    backend: Literal["auto", "nccl", "gloo", "ray"] = Field(
+        default="auto", description="auto: NCCL between GPUs, gloo on CPU, the Ray object store across clusters"
+    )
+    bucket_mb: int = Field(default=512, gt=0, description="size of one bucket of named tensors")
+    overlap: bool = Field(default=False, description="overlap sending the next bucket with loading this one")
+    timeout_s: float = Field(default=600.0, gt=0)
+
+
+class RayConfig(BaseModel):
+    """Where the replicas run: an embedded Ray by default, a running cluster when `address` is set."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    address: str | None = Field(default=None, description="None: start Ray here; 'auto' or 'ray://h:10001': join")
+    namespace: str = "model-engine-server"
+    num_cpus: int | None = Field(default=None, ge=1, description="embedded Ray only")
+    num_gpus: int | None = Field(default=None, ge=0, description="embedded Ray only")
+    object_store_memory_mb: int | None = Field(default=None, gt=0, description="embedded Ray only")
+
+
+class RefConfig(BaseModel):
+    """Devices of the frozen reference policy (reference mode, a later issue); default: the policy's."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    nnodes: int | None = Field(default=None, ge=1)
+    n_gpus_per_node: int | None = Field(default=None, ge=1)
+
+
+class ServerConfig(BaseModel):
+    """The resolved `model_engine_server:` section."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    enable_standalone: bool = Field(default=True, description="the trainer uses the server (alias: enable)")
+    enable_old_mode: bool = Field(default=True, description="serve the policy, following every weight sync")
+    enable_ref_mode: bool = Field(default=False, description="also serve the frozen reference policy")
+    ref_model_path: str | None = Field(default=None, description="reference checkpoint; None: model_path")
+    ref: RefConfig = Field(default_factory=RefConfig)
+
+    backend: Backend = Field(default="hf", description="hf or megatron (alias: strategy, where fsdp means hf)")
+    model_path: str | None = Field(default=None, description="HF checkpoint; None: actor_rollout_ref.model.path")
+    dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+    device: str = Field(default="auto", pattern=r"^(auto|cpu|cuda(:\d+)?)$")
+    attn_implementation: str | None = None
+    logprob_chunk_mb: int = Field(default=128, gt=0)
+    temperature: float = Field(
+        default=1.0, gt=0, description="used when a request names none; default: actor_rollout_ref.rollout.temperature"
+    )
+    initial_weight_version: int = Field(default=0, ge=0)
+
+    nnodes: int = Field(default=1, ge=1)
+    n_gpus_per_node: int | None = Field(default=None, ge=1, description="None: what the replicas need, on one node")
+    num_replicas: int | None = Field(default=None, ge=1, description="None: as many as the devices hold")
+    runtime: Literal["auto", "in_process", "ray"] = Field(
+        default="auto", description="auto: in this process for one single-device replica, else Ray replicas"
+    )
+    megatron: MegatronParallelConfig = Field(default_factory=MegatronParallelConfig)
+
+    scheduler: SchedulerConfig = Field(default_factory=SchedulerConfig)
+    http: HttpConfig = Field(default_factory=HttpConfig)
+    transport: TransportConfig = Field(default_factory=TransportConfig)
+    ray: RayConfig = Field(default_factory=RayConfig)
+
+    @model_validator(mode="after")
+    def _check_placement(self) -> "ServerConfig":
+        check_placement(self)
+        return self
+
+    # ---------------------------------------------------------------- derived
+    @property
+    def gpus_per_replica(self) -> int:
+        return self.megatron.gpus_per_replica if self.backend == "megatron" else 1
+
+    @property
+    def gpus_per_node(self) -> int:
+        if self.n_gpus_per_node is not None:
+            return self.n_gpus_per_node
+        return math.ceil(self.gpus_per_replica * (self.num_replicas or 1) / self.nnodes)
+
+    @property
+    def total_gpus(self) -> int:
+        return self.nnodes * self.gpus_per_node
+
+    @property
+    def replicas(self) -> int:
+        return self.num_replicas or self.total_gpus // self.gpus_per_replica
+
+    @property
+    def in_process(self) -> bool:
+        """One single-device replica on this machine needs no Ray at all."""
+        if self.runtime != "auto":
+            return self.runtime == "in_process"
+        return self.replicas == 1 and self.gpus_per_replica == 1 and self.nnodes == 1 and self.ray.address is None
+
+    def engine_spec(self, model_path: str | None = None) -> EngineSpec:
+        return EngineSpec(
+            model_path=model_path or self.model_path,
+            dtype=self.dtype,
+            device=self.device,
+            attn_implementation=self.attn_implementation,
+            logprob_chunk_mb=self.logprob_chunk_mb,
+        )
+
+
+def _key(name: str) -> str:
+    return f"{SECTION}.{name}"
+
+
+def check_placement(config: ServerConfig) -> None:
+    """Refuse a parallel layout the configured devices cannot hold, naming keys and numbers."""
+    megatron = config.megatron
+    if config.backend == "megatron":
+        tp, pp, cp = (
+            megatron.tensor_model_parallel_size,
+            megatron.pipeline_model_parallel_size,
+            megatron.context_parallel_size,
+        )
+        layout = (
+            f"{_key('megatron.tensor_model_parallel_size')}={tp} x pipeline_model_parallel_size={pp} "
+            f"x context_parallel_size={cp} = {tp * pp * cp} devices per replica"
+        )
+        etp = megatron.expert_tensor_parallel_size or tp
+        ep = megatron.expert_model_parallel_size
+        if (tp * cp) % (ep * etp):
+            raise ConfigError(
+                f"{_key('megatron.expert_model_parallel_size')}={ep} x expert_tensor_parallel_size={etp} "
+                f"= {ep * etp} must divide tensor_model_parallel_size={tp} x context_parallel_size={cp} "
+                f"= {tp * cp} (one replica has no data parallelism of its own)"
+            )
+        if megatron.virtual_pipeline_model_parallel_size is not None and pp == 1:
+            raise ConfigError(
+                f"{_key('megatron.virtual_pipeline_model_parallel_size')}="
+                f"{megatron.virtual_pipeline_model_parallel_size} needs pipeline_model_parallel_size > 1, got 1"
+            )
+    else:
+        layout = f"{_key('backend')}=hf: 1 device per replica"
+    per_replica = config.gpus_per_replica
+    per_node = config.gpus_per_node
+    total = config.total_gpus
+    devices = f"{_key('nnodes')}={config.nnodes} x n_gpus_per_node={per_node} = {total} devices"
+    if per_replica > total:
+        raise ConfigError(f"{layout}, but {devices}")
+    if per_replica > per_node and per_replica % per_node:
+        raise ConfigError(f"{layout} would split a node: with {devices}, a replica must fill whole nodes")
+    if per_replica <= per_node and per_node % per_replica:
+        raise ConfigError(
+            f"{layout} leaves devices idle or straddling nodes: {_key('n_gpus_per_node')}={per_node} "
+            f"is not a multiple of {per_replica}"
+        )
+    if config.num_replicas is None and total % per_replica:
+        raise ConfigError(f"{layout} does not divide {devices}")
+    if config.num_replicas is not None and config.num_replicas * per_replica > total:
+        raise ConfigError(
+            f"{_key('num_replicas')}={config.num_replicas} x {per_replica} devices per replica "
+            f"= {config.num_replicas * per_replica} devices, but {devices}"
+        )
