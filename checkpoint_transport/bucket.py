@@ -1,0 +1,219 @@
+"""Flat buckets of named tensors: the unit every transport backend moves.
+
+A bucket is one contiguous uint8 buffer holding several tensors back to back (each at an
+offset aligned to `ALIGN` bytes, so a slice can be viewed as its dtype without a copy) plus a
+`BucketHeader`: the version, the bucket's index in the stream, each tensor's HF name, dtype,
+shape, offset and size, and a checksum of the whole buffer. The stream ends with a header
+whose `end` flag is set; it carries the totals so a receiver can tell a truncated stream from
+a complete one, or the reason the sender gave up (`abort_reason`).
+
+Pure torch + msgpack: no process group, no Ray.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Iterable, Iterator
+
+import msgpack
+import torch
+
+ALIGN = 64  # bytes; a multiple of every dtype's size, and of the checksum's 8-byte words
+_CHECKSUM_BLOCK_WORDS = 1 << 13  # 64 KiB blocks: position-sensitive at this granularity
+CHECKSUM_KIND = "sum64x2"
+
+DTYPES: dict[str, torch.dtype] = {
+    name: dtype
+    for name, dtype in (
+        ("float32", torch.float32),
+        ("float16", torch.float16),
+        ("bfloat16", torch.bfloat16),
+        ("float64", torch.float64),
+        ("int64", torch.int64),
+        ("int32", torch.int32),
+        ("int16", torch.int16),
+        ("int8", torch.int8),
+        ("uint8", torch.uint8),
+        ("bool", torch.bool),
+        ("float8_e4m3fn", getattr(torch, "float8_e4m3fn", None)),
+        ("float8_e5m2", getattr(torch, "float8_e5m2", None)),
+    )
+    if dtype is not None
+}
+_DTYPE_NAMES = {dtype: name for name, dtype in DTYPES.items()}
+
+
+class BucketFormatError(ValueError):
+    """A header or buffer that does not describe a well-formed bucket (corrupt or hostile)."""
+
+
+def dtype_name(dtype: torch.dtype) -> str:
+    if dtype not in _DTYPE_NAMES:
+        raise BucketFormatError(f"dtype {dtype} cannot be sent; supported: {', '.join(DTYPES)}")
+    return _DTYPE_NAMES[dtype]
+
+
+def _aligned(offset: int) -> int:
+    return (offset + ALIGN - 1) // ALIGN * ALIGN
+
+
+@dataclass(frozen=True)
+class TensorEntry:
+    name: str
+    dtype: str
+    shape: tuple[int, ...]
+    offset: int
+    nbytes: int
+
+
+@dataclass
+class BucketHeader:
+    """Everything a receiver needs to unpack and verify one bucket (or to end the stream)."""
+
+    version: int
+    index: int
+    entries: list[TensorEntry] = field(default_factory=list)
+    nbytes: int = 0
+    checksum: str = ""
+    checksum_kind: str = CHECKSUM_KIND
+    end: bool = False
+    abort_reason: str | None = None
+    total_buckets: int = 0
+    total_tensors: int = 0
+
+    def to_bytes(self) -> bytes:
+        return msgpack.packb(
+            {
+                "version": self.version,
+                "index": self.index,
+                "entries": [[e.name, e.dtype, list(e.shape), e.offset, e.nbytes] for e in self.entries],
+                "nbytes": self.nbytes,
+                "checksum": self.checksum,
+                "checksum_kind": self.checksum_kind,
+                "end": self.end,
+                "abort_reason": self.abort_reason,
+                "total_buckets": self.total_buckets,
+                "total_tensors": self.total_tensors,
+            }
+        )
+
+    @classmethod
+    def from_bytes(cls, data: bytes) -> "BucketHeader":
+        try:
+            raw = msgpack.unpackb(data)
+            entries = [TensorEntry(str(n), str(d), tuple(int(s) for s in shape), int(o), int(b)) for n, d, shape, o, b in raw["entries"]]
+            return cls(
+                version=int(raw["version"]),
+                index=int(raw["index"]),
+                entries=entries,
+                nbytes=int(raw["nbytes"]),
+                checksum=str(raw["checksum"]),
+                checksum_kind=str(raw["checksum_kind"]),
+                end=bool(raw["end"]),
+                abort_reason=raw["abort_reason"],
+                total_buckets=int(raw["total_buckets"]),
+                total_tensors=int(raw["total_tensors"]),
+            )
+        except Exception as error:  # msgpack, key and type errors all mean the same thing here
+            raise BucketFormatError(f"unreadable bucket header: {type(error).__name__}: {error}") from error
+
+    def validate(self) -> None:
+        """Reject a header whose entries do not fit its buffer, before touching any memory."""
+        if self.checksum_kind != CHECKSUM_KIND:
+            raise BucketFormatError(f"bucket {self.index}: unknown checksum kind {self.checksum_kind!r}")
+        if self.nbytes < 0 or self.nbytes % ALIGN:
+            raise BucketFormatError(f"bucket {self.index}: size {self.nbytes} is not a multiple of {ALIGN}")
+        seen: set[str] = set()
+        for entry in self.entries:
+            if entry.name in seen:
+                raise BucketFormatError(f"bucket {self.index}: tensor {entry.name!r} appears twice")
+            seen.add(entry.name)
+            if entry.dtype not in DTYPES:
+                raise BucketFormatError(f"bucket {self.index}: tensor {entry.name!r} has unknown dtype {entry.dtype!r}")
+            numel = 1
+            for size in entry.shape:
+                if size < 0:
+                    raise BucketFormatError(f"bucket {self.index}: tensor {entry.name!r} has shape {entry.shape}")
+                numel *= size
+            itemsize = torch.empty((), dtype=DTYPES[entry.dtype]).element_size()
+            if entry.nbytes != numel * itemsize:
+                raise BucketFormatError(
+                    f"bucket {self.index}: tensor {entry.name!r} declares {entry.nbytes} bytes for shape {entry.shape}"
+                )
+            if entry.offset % ALIGN or entry.offset < 0 or entry.offset + entry.nbytes > self.nbytes:
+                raise BucketFormatError(f"bucket {self.index}: tensor {entry.name!r} lies outside the bucket")
+
+
+def buffer_checksum(flat: torch.Tensor) -> str:
+    """A fast additive checksum on the buffer's own device (no copy to host for NCCL buckets).
+
+    Two 64-bit sums over the 8-byte words: a plain sum (catches any changed word) and a sum of
+    per-block sums weighted by block position (catches moved blocks). Integer overflow wraps,
+    as it does on every CPU and GPU torch supports. Detects corruption, not tampering.
+    """
+    words = flat.view(torch.int64)
+    full = words.numel() // _CHECKSUM_BLOCK_WORDS * _CHECKSUM_BLOCK_WORDS
+    block_sums = words[:full].view(-1, _CHECKSUM_BLOCK_WORDS).sum(1)
+    tail = words[full:].sum().reshape(1)
+    block_sums = torch.cat([block_sums, tail])
+    weights = torch.arange(1, block_sums.numel() + 1, device=flat.device, dtype=torch.int64)
+    plain, weighted = int(block_sums.sum()), int((block_sums * weights).sum())
+    return f"{plain & (2**64 - 1):016x}{weighted & (2**64 - 1):016x}"
+
+
+def group_into_buckets(
+    named_tensors: Iterable[tuple[str, torch.Tensor]], bucket_bytes: int
+) -> Iterator[list[tuple[str, torch.Tensor]]]:
+    """Consecutive groups of at most `bucket_bytes` (aligned); a larger tensor travels alone.
+
+    Lazy: it pulls from the trainer's export stream only as far as the next bucket needs, so
+    the trainer holds at most a bucket of gathered tensors at a time.
+    """
+    group: list[tuple[str, torch.Tensor]] = []
+    size = 0
+    for name, tensor in named_tensors:
+        if not isinstance(name, str) or not isinstance(tensor, torch.Tensor):
+            raise TypeError(f"expected (str, torch.Tensor) pairs, got ({type(name).__name__}, {type(tensor).__name__})")
+        nbytes = _aligned(tensor.numel() * tensor.element_size())
+        if group and size + nbytes > bucket_bytes:
+            yield group
+            group, size = [], 0
+        group.append((name, tensor))
+        size += nbytes
+    if group:
+        yield group
+
+
+def pack_bucket(
+    group: list[tuple[str, torch.Tensor]], version: int, index: int, device: torch.device | str = "cpu"
+) -> tuple[torch.Tensor, BucketHeader]:
+    """Copy a group into one aligned flat buffer on `device`; returns it and its header."""
+    entries, offset = [], 0
+    for name, tensor in group:
+        nbytes = tensor.numel() * tensor.element_size()
+        entries.append(TensorEntry(name, dtype_name(tensor.dtype), tuple(tensor.shape), offset, nbytes))
+        offset = _aligned(offset + nbytes)
+    flat = torch.empty(offset, dtype=torch.uint8, device=device)
+    for entry, (_, tensor) in zip(entries, group):
+        if entry.nbytes:
+            flat[entry.offset : entry.offset + entry.nbytes].view(tensor.dtype).view(tensor.shape).copy_(tensor.detach())
+        padding_end = _aligned(entry.offset + entry.nbytes)
+        flat[entry.offset + entry.nbytes : padding_end].zero_()  # padding is part of the checksum
+    header = BucketHeader(version=version, index=index, entries=entries, nbytes=offset, checksum=buffer_checksum(flat))
+    return flat, header
+
+
+def unpack_bucket(flat: torch.Tensor, header: BucketHeader) -> list[tuple[str, torch.Tensor]]:
+    """Views into `flat` (no copy), one per entry; the caller copies them into the model."""
+    header.validate()
+    if flat.numel() != header.nbytes:
+        raise BucketFormatError(f"bucket {header.index}: buffer holds {flat.numel()} bytes, header says {header.nbytes}")
+    tensors = []
+    for entry in header.entries:
+        dtype = DTYPES[entry.dtype]
+        if entry.nbytes:
+            view = flat[entry.offset : entry.offset + entry.nbytes].view(dtype).view(entry.shape)
+        else:
+            view = torch.empty(entry.shape, dtype=dtype, device=flat.device)
+        tensors.append((entry.name, view))
+    return tensors

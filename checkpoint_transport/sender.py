@@ -1,0 +1,160 @@
+"""`WeightSender`: rank 0 of a sync, fed by the trainer's export stream of `(hf_name, tensor)`.
+
+Pipelined: a producer thread pulls the stream, packs the next bucket (copy + checksum) while
+the calling thread has the current one on the wire, so the trainer's export (gathering shards,
+the slow part on a real trainer) overlaps the transfer. At most three buckets exist at once:
+one being sent, one packed and waiting, one being packed.
+
+A failure of the stream itself (the trainer's export raised, a duplicate name, a dtype that
+cannot travel) ends the stream with an abort header that carries the reason, so receivers stop
+at once instead of timing out. A failure of the channel is reported as it is.
+"""
+
+from __future__ import annotations
+
+import logging
+import queue
+import threading
+import time
+from typing import Iterable
+
+import torch
+
+from checkpoint_transport.bucket import BucketHeader, group_into_buckets, pack_bucket
+from checkpoint_transport.channel import SenderChannel, get_backend
+from checkpoint_transport.spec import SendReport, TransportError, TransportSpec
+
+logger = logging.getLogger(__name__)
+
+_END = object()
+
+
+class _StreamFailed:
+    def __init__(self, reason: str) -> None:
+        self.reason = reason
+
+
+class WeightSender:
+    """Sends complete weight versions over one channel; build it with `from_spec`."""
+
+    def __init__(self, spec: TransportSpec, channel: SenderChannel) -> None:
+        if spec.rank != 0:
+            raise ValueError(f"the sender is rank 0, this spec is for rank {spec.rank}")
+        self.spec = spec
+        self.channel = channel
+
+    @classmethod
+    def from_spec(cls, spec: TransportSpec) -> "WeightSender":
+        """Join the sync's group as rank 0 (blocks until every receiver joined, for broadcast backends)."""
+        return cls(spec, get_backend(spec.backend).sender_channel(spec))
+
+    def send(self, named_tensors: Iterable[tuple[str, torch.Tensor]], version: int) -> SendReport:
+        """Stream every tensor to every receiver; the report's `error` says why it stopped early."""
+        report = SendReport(version=version)
+        started = time.monotonic()
+        packed: queue.Queue[object] = queue.Queue(maxsize=1)
+        stop = threading.Event()
+        pack_seconds = [0.0]
+        producer = threading.Thread(
+            target=self._produce, args=(named_tensors, version, packed, stop, pack_seconds), name="bucket-packer", daemon=True
+        )
+        producer.start()
+        index = 0
+        try:
+            while True:
+                try:
+                    item = packed.get(timeout=self.spec.timeout_s)
+                except queue.Empty:
+                    item = _StreamFailed(f"the export stream produced no bucket within {self.spec.timeout_s:.3g} s")
+                if item is _END or isinstance(item, _StreamFailed):
+                    reason = item.reason if isinstance(item, _StreamFailed) else None
+                    end = BucketHeader(
+                        version=version,
+                        index=index,
+                        end=True,
+                        abort_reason=reason,
+                        total_buckets=report.buckets,
+                        total_tensors=report.tensors,
+                    )
+                    report.error = reason
+                    sent_at = time.monotonic()
+                    self.channel.send(end.to_bytes(), None)
+                    report.send_s += time.monotonic() - sent_at
+                    report.ok = reason is None
+                    break
+                flat, header = item  # type: ignore[misc]
+                sent_at = time.monotonic()
+                self.channel.send(header.to_bytes(), flat)
+                report.send_s += time.monotonic() - sent_at
+                report.buckets += 1
+                report.tensors += len(header.entries)
+                report.bytes += header.nbytes
+                index += 1
+                del flat, item
+        except TransportError as error:
+            report.ok = False
+            report.error = report.error or str(error)
+        except Exception as error:  # a bug or an unexpected channel failure: still a report
+            logger.exception("sending version %d failed", version)
+            report.ok = False
+            report.error = report.error or f"{type(error).__name__}: {error}"
+        finally:
+            stop.set()
+            producer.join(timeout=1.0)
+        report.pack_s = pack_seconds[0]
+        report.seconds = time.monotonic() - started
+        return report
+
+    def _produce(
+        self,
+        named_tensors: Iterable[tuple[str, torch.Tensor]],
+        version: int,
+        packed: "queue.Queue[object]",
+        stop: threading.Event,
+        pack_seconds: list[float],
+    ) -> None:
+        def put(item: object) -> bool:
+            while not stop.is_set():
+                try:
+                    packed.put(item, timeout=0.1)
+                    return True
+                except queue.Full:
+                    continue
+            return False
+
+        device = self.channel.device
+        if device.type == "cuda":
+            torch.cuda.set_device(device)
+        seen: set[str] = set()
+        try:
+            began = time.monotonic()
+            for index, group in enumerate(group_into_buckets(named_tensors, self.spec.bucket_bytes)):
+                for name, _ in group:
+                    if name in seen:
+                        raise ValueError(f"tensor {name!r} appears twice in the export stream")
+                    seen.add(name)
+                item = pack_bucket(group, version, index, device)
+                del group
+                pack_seconds[0] += time.monotonic() - began
+                if not put(item):
+                    return
+                began = time.monotonic()
+            pack_seconds[0] += time.monotonic() - began
+            put(_END)
+        except BaseException as error:  # the trainer's export failed: tell the receivers why
+            put(_StreamFailed(f"the export stream failed: {type(error).__name__}: {error}"))
+
+    def close(self) -> None:
+        self.channel.close()
+
+
+def send_weights(spec: TransportSpec, named_tensors: Iterable[tuple[str, torch.Tensor]], version: int) -> SendReport:
+    """Join, send, leave; never raises (a sending Ray actor returns the report as it is)."""
+    try:
+        sender = WeightSender.from_spec(spec)
+    except Exception as error:
+        return SendReport(version=version, error=f"could not join sync {spec.group}: {error}")
+    try:
+        return sender.send(named_tensors, version)
+    finally:
+        sender.close()
