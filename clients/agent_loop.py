@@ -1,0 +1,72 @@
+"""The agent-loop hook: score a trajectory the moment it finishes, attach what the trainer reads.
+
+In a verl-style fully-async pipeline, call `attach_server_log_probs` where the agent loop has
+a finished trajectory (prompt ids, response ids, the rollout engine's own log-probs) and before
+it goes to the message queue. The trainer then reads, under the names the reference design
+uses:
+
+- `engine_server_logprobs`: old (proximal) log-probs of each response token, `[response_len]`;
+- `engine_server_entropys`: entropy of the same distributions;
+- `engine_server_weight_version`: the policy version that computed them;
+- `rollout_mismatch`: mean/max |rollout logp - server logp| and a KL estimate (k3), when the
+  rollout's log-probs were given.
+"""
+
+from __future__ import annotations
+
+from typing import Any, MutableMapping, Sequence
+
+import numpy as np
+
+from clients.base import LogProbClient
+from model_engine_server.protocol import LogProbRequest, LogProbResult
+
+LOG_PROBS_FIELD = "engine_server_logprobs"
+ENTROPY_FIELD = "engine_server_entropys"
+VERSION_FIELD = "engine_server_weight_version"
+MISMATCH_FIELD = "rollout_mismatch"
+
+
+def build_request(
+    prompt_ids: Sequence[int],
+    response_ids: Sequence[int],
+    temperature: float,
+    rollout_log_probs: Sequence[float] | None = None,
+    request_id: str | None = None,
+    min_weight_version: int | None = None,
+) -> LogProbRequest:
+    """The server request for one trajectory: score every response token at the rollout's temperature."""
+    identity = {"request_id": request_id} if request_id else {}
+    return LogProbRequest(
+        **identity,
+        input_ids=[*map(int, prompt_ids), *map(int, response_ids)],
+        response_start=len(prompt_ids),
+        temperature=temperature,
+        return_entropy=True,
+        rollout_log_probs=None if rollout_log_probs is None else [float(x) for x in rollout_log_probs],
+        min_weight_version=min_weight_version,
+    )
+
+
+def attach_result(sample: MutableMapping[str, Any], result: LogProbResult) -> MutableMapping[str, Any]:
+    sample[LOG_PROBS_FIELD] = np.asarray(result.log_probs, dtype=np.float32)
+    sample[ENTROPY_FIELD] = None if result.entropy is None else np.asarray(result.entropy, dtype=np.float32)
+    sample[VERSION_FIELD] = result.weight_version
+    if result.mismatch is not None:
+        sample[MISMATCH_FIELD] = result.mismatch.to_wire()
+    return sample
+
+
+async def attach_server_log_probs(
+    client: LogProbClient,
+    sample: MutableMapping[str, Any],
+    temperature: float,
+    timeout_s: float | None = None,
+) -> MutableMapping[str, Any]:
+    """Score `sample` (keys `prompt_ids`, `response_ids`, optional `rollout_log_probs`) and attach
+    the server's fields; raises the server's typed error if it could not be scored."""
+    request = build_request(
+        sample["prompt_ids"], sample["response_ids"], temperature, sample.get("rollout_log_probs"), sample.get("uid")
+    )
+    [result] = await client.compute_log_probs([request], timeout_s)
+    return attach_result(sample, result)

@@ -1,0 +1,34 @@
+"""A `LogProbClient` over a service in this very process (demo, tests, a trainer hosting the server).
+
+Same interface as the Ray and HTTP clients, so code written against it moves to a remote
+server by swapping the client.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Iterable, Sequence
+
+import torch
+
+from clients.base import BaseLogProbClient, Outcome, RequestLike
+from model_engine_server.service import LogProbService
+
+
+class LocalClient(BaseLogProbClient):
+    def __init__(self, service: LogProbService) -> None:
+        self.service = service
+
+    async def score(self, requests: Sequence[RequestLike], timeout_s: float | None = None) -> list[Outcome]:
+        return await self.service.score(requests, timeout_s)
+
+    async def pause(self) -> None:
+        await self.service.pause_serving()
+
+    async def resume(self) -> None:
+        await self.service.resume_serving()
+
+    async def status(self) -> dict[str, Any]:
+        return await self.service.get_status()
+
+    async def update_weights(self, named_tensors: Iterable[tuple[str, torch.Tensor]], version: int) -> int:
+        return await self.service.update_weights(named_tensors, version)

@@ -1,0 +1,1 @@
+"""The main job: a small fully-async RL loop scored by the server, against the colocated baseline."""

@@ -1,0 +1,104 @@
+"""The main job: the fully-async loop learns, and its old log-probs are those of their version."""
+
+from __future__ import annotations
+
+import asyncio
+
+import numpy as np
+import pytest
+import torch
+
+from clients.agent_loop import ENTROPY_FIELD, LOG_PROBS_FIELD, MISMATCH_FIELD, VERSION_FIELD, attach_server_log_probs
+from clients.local_client import LocalClient
+from model_engine_server.demo.config import DemoConfig, DemoModel
+from model_engine_server.demo.loop import DemoLoop
+from model_engine_server.demo.message_queue import MessageQueue
+from model_engine_server.demo.run import make_policy, run_mode
+from model_engine_server.engines.base import EngineSpec
+from model_engine_server.local import build_local_server
+from tests.helpers import reference_model
+
+SMALL = DemoConfig(
+    steps=24, prompts_per_step=8, group_size=4, prompt_len=8, response_len=16, target_vocab=16,
+    model=DemoModel(vocab_size=256, hidden_size=64, intermediate_size=128, num_layers=2), seed=0,
+)
+
+
+@pytest.fixture(scope="module")
+def policy_path(tmp_path_factory):
+    return make_policy(SMALL, tmp_path_factory.mktemp("demo") / "policy")
+
+
+def test_reward_rises_with_server_log_probs(policy_path):
+    result = asyncio.run(run_mode(SMALL, policy_path, "server"))
+    rewards = [m["reward"] for m in result.steps]
+    assert len(rewards) == SMALL.steps
+    assert np.mean(rewards[-5:]) > np.mean(rewards[:5]) + 0.15, rewards
+    # the first batch was sampled and scored under the same weights: only numerics differ
+    assert result.steps[0]["numeric_mismatch_max_abs"] < 1e-4
+    assert all(m["old_log_prob_s"] == 0.0 for m in result.steps)  # the trainer never recomputed
+
+
+def test_old_log_probs_equal_reference_of_their_version(policy_path):
+    config = SMALL.model_copy(update={"steps": 4})
+    weights_by_version: dict[int, dict[str, torch.Tensor]] = {}
+    seen: list[dict] = []
+
+    async def main() -> None:
+        client = LocalClient(build_local_server(EngineSpec(model_path=str(policy_path))))
+        loop = DemoLoop(config, policy_path, "server", client)
+        weights_by_version[0] = dict(loop.trainer.export_weights())
+        export = loop.trainer.export_weights
+
+        def recording_export():
+            weights = export()
+            weights_by_version[loop.trainer.version] = dict(weights)
+            return weights
+
+        loop.trainer.export_weights = recording_export
+        await loop.run(on_step=lambda metrics, groups: seen.extend(s for g in groups for s in g))
+        await client.service.shutdown()
+
+    asyncio.run(main())
+    versions = {s[VERSION_FIELD] for s in seen}
+    assert len(versions) >= 2, "the run should have scored samples under several versions"
+    reference = reference_model(policy_path)
+    for version in sorted(versions):
+        reference.load_state_dict({**reference.state_dict(), **weights_by_version[version]})
+        for sample in [s for s in seen if s[VERSION_FIELD] == version][:4]:
+            ids = torch.tensor([sample["prompt_ids"] + sample["response_ids"]])
+            with torch.no_grad():
+                logits = reference(ids).logits[0, len(sample["prompt_ids"]) - 1 : -1] / config.temperature
+            expected = torch.log_softmax(logits, -1).gather(1, ids[0, len(sample["prompt_ids"]) :, None])[:, 0]
+            np.testing.assert_allclose(sample[LOG_PROBS_FIELD], expected.numpy(), atol=1e-5, rtol=0)
+
+
+def test_baseline_recomputes_on_the_trainer(policy_path):
+    result = asyncio.run(run_mode(SMALL.model_copy(update={"steps": 3}), policy_path, "baseline"))
+    assert all(m["old_log_prob_s"] > 0 for m in result.steps)
+    assert all("mismatch_mean_abs" not in m for m in result.steps)
+
+
+async def test_agent_loop_hook_attaches_verl_field_names(tiny_model):
+    client = LocalClient(build_local_server(EngineSpec(model_path=str(tiny_model))))
+    sample = {"prompt_ids": [5, 6, 7], "response_ids": [8, 9], "rollout_log_probs": [-1.0, -2.0], "uid": "s1"}
+    await attach_server_log_probs(client, sample, temperature=0.8)
+    assert sample[LOG_PROBS_FIELD].shape == (2,) and sample[ENTROPY_FIELD].shape == (2,)
+    assert sample[VERSION_FIELD] == 0
+    expected_gap = np.abs(sample[LOG_PROBS_FIELD] - np.array([-1.0, -2.0])).mean()
+    assert sample[MISMATCH_FIELD]["mean_abs_diff"] == pytest.approx(expected_gap, rel=1e-5)
+    await client.service.shutdown()
+
+
+@pytest.mark.parametrize("policy,expected_groups", [("drop", 1), ("keep", 2)])
+async def test_message_queue_staleness_policy(policy, expected_groups):
+    queue = MessageQueue(max_groups=4, staleness_limit=1, stale_policy=policy)
+    await queue.put([{"rollout_version": 0}])  # 3 versions old at trainer version 3: stale
+    await queue.put([{"rollout_version": 2}])
+    if policy == "drop":
+        batch = await queue.get_batch(1, trainer_version=3)
+        assert batch.dropped_stale == 1 and batch.groups[0][0]["rollout_version"] == 2
+    else:
+        batch = await queue.get_batch(2, trainer_version=3)
+        assert batch.dropped_stale == 0
+    assert len(batch.groups) == expected_groups
