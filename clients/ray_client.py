@@ -1,0 +1,103 @@
+"""`RayLogProbClient`: the `LogProbClient` over a Ray actor handle of the server
+(`replica.server_actor.ModelEngineServerActor`), usable from any Ray actor or driver.
+
+Requests travel as Ray objects; results come back as wire dicts (numpy arrays, no copies) and
+are rebuilt into `LogProbResult` / typed errors exactly as the HTTP client rebuilds them. A
+server actor that is gone surfaces as `WorkerFailed`; a call that outlives `call_timeout_s`
+as `DeadlineExceeded`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any, Awaitable, Iterable, Sequence, TypeVar
+
+import ray
+import torch
+from ray.exceptions import RayActorError, RayTaskError
+
+from clients.base import BaseLogProbClient, Outcome, RequestLike, SyncLogProbClient
+from model_engine_server.errors import DeadlineExceeded, ModelEngineError, WeightSyncError, WorkerFailed, error_from_wire
+from model_engine_server.protocol import LogProbResult
+from replica.executor import iter_buckets
+from replica.server_actor import DEFAULT_ACTOR_NAME
+
+T = TypeVar("T")
+
+
+def outcome_from_wire(payload: dict[str, Any]) -> Outcome:
+    if "error" in payload:
+        return error_from_wire(payload["error"])
+    return LogProbResult.from_wire(payload["result"])
+
+
+class RayLogProbClient(BaseLogProbClient):
+    """Async client over a server actor handle; `.sync()` gives the blocking twin."""
+
+    def __init__(self, handle: Any, call_timeout_s: float | None = None, weight_bucket_mb: int = 512) -> None:
+        self.handle = handle
+        self.call_timeout_s = call_timeout_s
+        self.weight_bucket_bytes = weight_bucket_mb << 20
+
+    @classmethod
+    def from_name(cls, name: str = DEFAULT_ACTOR_NAME, namespace: str | None = None, **kwargs: Any) -> "RayLogProbClient":
+        """Find the named server actor (started elsewhere, e.g. by `serve`)."""
+        return cls(ray.get_actor(name, namespace=namespace), **kwargs)
+
+    def sync(self) -> SyncLogProbClient:
+        return SyncLogProbClient(self)
+
+    async def _call(self, ref: Awaitable[T], what: str, timeout_s: float | None = None) -> T:
+        timeout = timeout_s if timeout_s is not None else self.call_timeout_s
+        try:
+            return await asyncio.wait_for(_await(ref), timeout)
+        except (asyncio.TimeoutError, TimeoutError):
+            raise DeadlineExceeded(f"{what}: no answer from the server actor within {timeout:g} s") from None
+        except RayActorError as error:
+            raise WorkerFailed(f"{what}: the server actor is gone ({type(error).__name__})") from None
+        except RayTaskError as error:
+            cause = error.cause
+            if isinstance(cause, ModelEngineError):
+                raise cause from None
+            raise WorkerFailed(f"{what}: {type(cause).__name__}: {cause}") from None
+
+    async def score(self, requests: Sequence[RequestLike], timeout_s: float | None = None) -> list[Outcome]:
+        # the request deadline is the server's; the call itself may take a little longer
+        call_timeout = None if timeout_s is None or self.call_timeout_s is None else max(timeout_s + 5.0, self.call_timeout_s)
+        payloads = await self._call(self.handle.score.remote(list(requests), timeout_s), "score", call_timeout)
+        return [outcome_from_wire(p) for p in payloads]
+
+    async def pause(self) -> None:
+        await self._call(self.handle.pause_serving.remote(), "pause")
+
+    async def resume(self) -> None:
+        await self._call(self.handle.resume_serving.remote(), "resume")
+
+    async def status(self) -> dict[str, Any]:
+        return await self._call(self.handle.get_status.remote(), "status")
+
+    async def update_weights(self, named_tensors: Iterable[tuple[str, torch.Tensor]], version: int) -> int:
+        """begin -> one call per bucket (each put in Ray's store by this caller) -> commit;
+        any failure aborts the update on the server (it then refuses to score until a
+        complete sync lands) and raises."""
+        await self._call(self.handle.begin_weight_update.remote(version), "begin_weight_update")
+        try:
+            for bucket in iter_buckets(named_tensors, self.weight_bucket_bytes):
+                # nested in a list so Ray passes the reference on: workers fetch the tensors
+                # from this caller's object store, never through the server actor
+                bucket_ref = ray.put(bucket)
+                await self._call(self.handle.load_weight_bucket_ref.remote([bucket_ref]), "load_weight_bucket")
+            await self._call(self.handle.commit_weight_update.remote(version), "commit_weight_update")
+        except BaseException as error:
+            try:
+                await self._call(self.handle.abort_weight_update.remote(f"client: {error}"), "abort_weight_update")
+            except ModelEngineError:
+                pass  # the server is gone or already aborted; the original error says why
+            if isinstance(error, ModelEngineError) or not isinstance(error, Exception):
+                raise
+            raise WeightSyncError(f"{type(error).__name__}: {error}") from error
+        return version
+
+
+async def _await(ref: Awaitable[T]) -> T:
+    return await ref

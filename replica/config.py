@@ -1,0 +1,89 @@
+"""`ReplicaConfig`: how many replicas, how each one is laid out on GPUs, and how long to wait.
+
+Plain on purpose: the full `model_engine_server:` section of a training config is parsed
+elsewhere (`model_engine_server/config.py`) and mapped onto this. Field names follow that
+section where they exist (`nnodes`, `n_gpus_per_node`, `tensor_model_parallel_size`, ...).
+
+Layout of one replica: `nnodes x n_gpus_per_node` workers, one per one-GPU bundle. A
+model-parallel group is `tensor_model_parallel_size x pipeline_model_parallel_size` of them;
+the rest is data parallelism inside the replica (a batch is split across the groups by tokens).
+Several replicas are independent copies behind the `ReplicaManager`.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+from model_engine_server.engines.base import EngineSpec
+from model_engine_server.scheduler import SchedulerConfig
+
+
+class ReplicaConfig(BaseModel):
+    """Everything needed to start the replicas of one policy on Ray."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    backend: str = Field(default="hf", description="engine backend name (engines registry): hf, megatron")
+    engine: EngineSpec = Field(default_factory=EngineSpec, description="checkpoint, dtype, device of every worker")
+    engine_kwargs: dict[str, Any] = Field(
+        default_factory=dict, description="extra keyword arguments for build_engine (besides the parallel sizes)"
+    )
+    nnodes: int = Field(default=1, gt=0, description="nodes per replica")
+    n_gpus_per_node: int = Field(default=1, gt=0, description="GPUs (workers) per node of a replica")
+    tensor_model_parallel_size: int = Field(default=1, gt=0)
+    pipeline_model_parallel_size: int = Field(default=1, gt=0)
+    num_replicas: int = Field(default=1, gt=0, description="independent copies behind the manager")
+    cpus_per_worker: float = Field(default=1.0, gt=0, description="CPUs reserved in each worker's bundle")
+    scheduler: SchedulerConfig = Field(default_factory=SchedulerConfig)
+    initial_weight_version: int = Field(default=0, ge=0, description="version of the checkpoint at model_path")
+    start_timeout_s: float = Field(default=300.0, gt=0, description="longest wait for GPUs (placement groups)")
+    init_timeout_s: float = Field(default=600.0, gt=0, description="longest wait for process groups + engines")
+    batch_timeout_s: float = Field(default=600.0, gt=0, description="a batch running longer fails as WorkerFailed")
+    health_timeout_s: float = Field(default=10.0, gt=0, description="a worker not answering a ping is dead")
+    weight_bucket_mb: int = Field(default=512, gt=0, description="weights are sent to workers in buckets of this size")
+    retry_on_worker_failure: bool = Field(
+        default=True, description="requests of a batch lost with a dead replica are retried once on another"
+    )
+    ray_address: str | None = Field(default=None, description="None: embedded Ray on this machine; else ray.init(address)")
+    placement_strategy: str = Field(
+        default="STRICT_PACK", pattern="^(STRICT_PACK|PACK)$", description="Ray strategy of each node's bundles"
+    )
+
+    @model_validator(mode="after")
+    def _check_layout(self) -> "ReplicaConfig":
+        if self.world_size % self.model_parallel_size:
+            raise ValueError(
+                f"a replica has nnodes x n_gpus_per_node = {self.world_size} workers, not a multiple of "
+                f"tensor_model_parallel_size x pipeline_model_parallel_size = {self.model_parallel_size}"
+            )
+        if self.backend == "hf" and self.model_parallel_size != 1:
+            raise ValueError("the hf backend has no model parallelism; use tensor/pipeline sizes 1 or backend megatron")
+        return self
+
+    @property
+    def world_size(self) -> int:
+        """Workers (= GPUs) in one replica."""
+        return self.nnodes * self.n_gpus_per_node
+
+    @property
+    def model_parallel_size(self) -> int:
+        return self.tensor_model_parallel_size * self.pipeline_model_parallel_size
+
+    @property
+    def data_parallel_size(self) -> int:
+        """Model-parallel groups in one replica; each scores its own share of a batch."""
+        return self.world_size // self.model_parallel_size
+
+    @property
+    def total_gpus(self) -> int:
+        return self.world_size * self.num_replicas
+
+    def build_engine_kwargs(self) -> dict[str, Any]:
+        """Keyword arguments for `build_engine`: parallel sizes for a model-parallel backend."""
+        kwargs = dict(self.engine_kwargs)
+        if self.backend != "hf":
+            kwargs.setdefault("tensor_model_parallel_size", self.tensor_model_parallel_size)
+            kwargs.setdefault("pipeline_model_parallel_size", self.pipeline_model_parallel_size)
+        return kwargs

@@ -1,0 +1,222 @@
+"""`RayWorkerExecutor`: the scheduler's `Executor` over one replica's Ray workers.
+
+The unchanged `ModelEngineServer` schedules onto it. One batch is split by tokens across the
+replica's data-parallel groups; every rank of a group receives the same share (one object in
+Ray's store, fetched by each) and the rank that `returns_results` answers for the group.
+
+Failure contract: a worker that dies, or a batch that outlives `batch_timeout_s`, fails the
+whole batch with `WorkerFailed` naming the rank, at once (the other ranks are not waited for:
+they may be stuck in a collective with the dead one), and marks the executor failed, after
+which every call fails fast with the same reason. The replica reads `failure` to know it is
+dead; it never hangs a request.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from typing import Any, Awaitable, Callable, Iterable, Iterator, Sequence
+
+import ray
+import torch
+from ray.exceptions import RayActorError, RayTaskError
+
+from model_engine_server.adapter import Outcome
+from model_engine_server.engines.base import ModelInfo, WeightSpec
+from model_engine_server.errors import ModelEngineError, ServerShuttingDown, WeightSyncError, WorkerFailed
+from model_engine_server.protocol import LogProbRequest
+from replica.worker import WorkerInfo
+
+logger = logging.getLogger(__name__)
+
+
+def split_by_tokens(token_counts: Sequence[int], parts: int) -> list[list[int]]:
+    """Indices for `parts` shares with token sums as even as greedy allows (largest first,
+    each to the lightest share); a share keeps its requests in their original order."""
+    shares: list[list[int]] = [[] for _ in range(parts)]
+    loads = [0] * parts
+    for index in sorted(range(len(token_counts)), key=lambda i: -token_counts[i]):
+        lightest = min(range(parts), key=loads.__getitem__)
+        shares[lightest].append(index)
+        loads[lightest] += token_counts[index]
+    return [sorted(share) for share in shares]
+
+
+def iter_buckets(named_tensors: Iterable[tuple[str, torch.Tensor]], bucket_bytes: int) -> Iterator[list[tuple[str, torch.Tensor]]]:
+    """Group tensors into lists of at most `bucket_bytes` (a larger tensor travels alone)."""
+    bucket: list[tuple[str, torch.Tensor]] = []
+    size = 0
+    for name, tensor in named_tensors:
+        nbytes = tensor.numel() * tensor.element_size()
+        if bucket and size + nbytes > bucket_bytes:
+            yield bucket
+            bucket, size = [], 0
+        bucket.append((name, tensor.detach().cpu().contiguous()))
+        size += nbytes
+    if bucket:
+        yield bucket
+
+
+def unwrap_task_error(error: BaseException) -> BaseException:
+    """The exception a worker method raised, without Ray's wrapper."""
+    if isinstance(error, RayTaskError) and error.cause is not None:
+        return error.cause
+    return error
+
+
+class RayWorkerExecutor:
+    """Runs each batch on a replica's workers; built by `ModelEngineReplica` after start-up."""
+
+    def __init__(
+        self,
+        name: str,
+        workers: Sequence[Any],
+        infos: Sequence[WorkerInfo],
+        model_info: ModelInfo,
+        weight_specs: dict[str, WeightSpec],
+        batch_timeout_s: float = 600.0,
+        weight_bucket_bytes: int = 512 << 20,
+        on_failure: Callable[[str], None] | None = None,
+    ) -> None:
+        self.name = name
+        self.workers = list(workers)
+        self.infos = list(infos)
+        self._model_info = model_info
+        self._weight_specs = weight_specs
+        self.batch_timeout_s = batch_timeout_s
+        self.weight_bucket_bytes = weight_bucket_bytes
+        self.on_failure = on_failure
+        self.failure: str | None = None
+        self.closed = False
+        self.groups = self._data_parallel_groups()
+
+    def _data_parallel_groups(self) -> list[list[int]]:
+        """Ranks of each data-parallel group, indexed by data-parallel rank; each group must
+        have exactly one rank that returns results."""
+        size = max(info.data_parallel_rank for info in self.infos) + 1
+        groups: list[list[int]] = [[] for _ in range(size)]
+        for info in self.infos:
+            groups[info.data_parallel_rank].append(info.rank)
+        for dp_rank, ranks in enumerate(groups):
+            returning = [r for r in ranks if self.infos[r].returns_results]
+            if len(returning) != 1:
+                raise RuntimeError(
+                    f"{self.name}: data-parallel group {dp_rank} (ranks {ranks}) has {len(returning)} ranks "
+                    "that return results; exactly one must"
+                )
+        return groups
+
+    def _returning_rank(self, group: list[int]) -> int:
+        return next(r for r in group if self.infos[r].returns_results)
+
+    # ------------------------------------------------------------------ Executor protocol
+    def model_info(self) -> ModelInfo:
+        return self._model_info
+
+    async def weight_specs(self) -> dict[str, WeightSpec]:
+        return dict(self._weight_specs)
+
+    def _check_usable(self) -> None:
+        if self.failure is not None:
+            raise WorkerFailed(self.failure)
+        if self.closed:
+            raise ServerShuttingDown(f"{self.name} is shut down")
+
+    def mark_failed(self, reason: str) -> None:
+        """Remember the first failure; later calls fail fast with it."""
+        if self.failure is None:
+            self.failure = reason
+            logger.warning("%s", reason)
+            if self.on_failure is not None:
+                self.on_failure(reason)
+
+    async def _call_ranks(self, calls: dict[int, "ray.ObjectRef"], what: str, timeout_s: float) -> dict[int, Any]:
+        """Await one call per rank; the first death or the timeout fails all of them at once."""
+        tasks = {asyncio.ensure_future(_await(ref)): rank for rank, ref in calls.items()}
+        done, pending = await asyncio.wait(tasks, timeout=timeout_s, return_when=asyncio.FIRST_EXCEPTION)
+        for task in pending:
+            task.cancel()
+        results: dict[int, Any] = {}
+        for task in done:
+            rank = tasks[task]
+            error = task.exception()
+            if error is None:
+                results[rank] = task.result()
+            elif isinstance(error, RayActorError):
+                self.mark_failed(f"{self.name}: worker rank {rank} died during {what}: {type(error).__name__}")
+                raise WorkerFailed(self.failure or "worker died")
+            else:
+                cause = unwrap_task_error(error)
+                if len(self.infos) > 1 and len(self.groups) < len(self.infos):
+                    # model-parallel peers may be stuck in a collective with the failed rank
+                    self.mark_failed(f"{self.name}: rank {rank} raised during {what}: {cause!r}")
+                raise cause if isinstance(cause, ModelEngineError) else WorkerFailed(
+                    f"{self.name}: rank {rank} raised during {what}: {type(cause).__name__}: {cause}"
+                ) from None
+        if pending:
+            slow = sorted(tasks[t] for t in pending)
+            self.mark_failed(f"{self.name}: ranks {slow} did not finish {what} within {timeout_s:g} s")
+            raise WorkerFailed(self.failure or "timeout")
+        return results
+
+    async def execute(self, requests: Sequence[LogProbRequest]) -> list[Outcome]:
+        self._check_usable()
+        shares = split_by_tokens([r.num_tokens for r in requests], len(self.groups))
+        calls: dict[int, ray.ObjectRef] = {}
+        for group, share in zip(self.groups, shares):
+            if not share:
+                continue
+            share_ref = ray.put([requests[i] for i in share])
+            for rank in group:
+                calls[rank] = self.workers[rank].score.remote(share_ref)
+        results = await self._call_ranks(calls, f"a batch of {len(requests)} requests", self.batch_timeout_s)
+        outcomes: list[Outcome | None] = [None] * len(requests)
+        for group, share in zip(self.groups, shares):
+            if not share:
+                continue
+            group_outcomes = results[self._returning_rank(group)]
+            if group_outcomes is None or len(group_outcomes) != len(share):
+                raise WorkerFailed(f"{self.name}: data-parallel group {group} returned no outcome per request")
+            for index, outcome in zip(share, group_outcomes):
+                outcomes[index] = outcome
+        return outcomes  # type: ignore[return-value]
+
+    async def load_weights(self, named_tensors: Iterable[tuple[str, torch.Tensor]]) -> list[str]:
+        """Send tensors in buckets, each put once in Ray's store and loaded by every worker;
+        a name counts as loaded only when every worker loaded it."""
+        loaded: list[str] = []
+        for bucket in iter_buckets(named_tensors, self.weight_bucket_bytes):
+            loaded += await self.load_weights_ref(ray.put(bucket))
+        return loaded
+
+    async def load_weights_ref(self, bucket_ref: "ray.ObjectRef") -> list[str]:
+        """Load one bucket already in Ray's store (a manager puts it once for all replicas)."""
+        self._check_usable()
+        calls = {rank: worker.load_weights.remote(bucket_ref) for rank, worker in enumerate(self.workers)}
+        try:
+            results = await self._call_ranks(calls, "a weight load", self.batch_timeout_s)
+        except WorkerFailed:
+            raise
+        except ModelEngineError as error:
+            raise WeightSyncError(error.message) from None
+        names = set(results[0])
+        for rank_names in results.values():
+            names &= set(rank_names)
+        return [name for name in results[0] if name in names]
+
+    async def export_weights_ref(self) -> "ray.ObjectRef":
+        """A reference to the full HF-named weights (for a restarted peer to copy), exported
+        by data-parallel group 0; the tensors move worker to worker, never through here."""
+        self._check_usable()
+        group = self.groups[0]
+        calls = {rank: self.workers[rank].export_weights.remote() for rank in group}
+        await self._call_ranks(calls, "a weight export", self.batch_timeout_s)
+        return calls[self._returning_rank(group)]
+
+    async def close(self) -> None:
+        """The replica owns the workers and kills them; the executor only stops taking work."""
+        self.closed = True
+
+
+async def _await(ref: Awaitable[Any]) -> Any:
+    return await ref

@@ -1,0 +1,286 @@
+"""`ModelEngineReplica`: one model-parallel copy of the policy on its own GPUs.
+
+It owns, in order of creation: the placement groups (its GPUs), one `ModelEngineWorker` actor
+per bundle, a `RayWorkerExecutor` over them, and a `ModelEngineServer` (the scheduler) in the
+caller's event loop. It implements the `LogProbService` seam plus the split weight-update
+protocol (`begin` / load buckets / `commit` or `abort`), so a manager or a weight publisher
+drives several replicas the same way it drives one.
+
+Lifecycle: `start(timeout_s)` -> serving -> (a worker dies: `alive` is False, requests fail
+fast with `WorkerFailed`) -> `restart()` or `shutdown()`. `shutdown()` leaves no actor and no
+placement group behind, whatever state the replica was in.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from typing import Any, Iterable, Sequence
+
+import ray
+import torch
+
+from model_engine_server.errors import ModelEngineError, WeightSyncError, WorkerFailed
+from model_engine_server.protocol import LogProbRequest, LogProbResult
+from model_engine_server.scheduler import ModelEngineServer
+from model_engine_server.scheduler_state import SchedulerObserver
+from replica.config import ReplicaConfig
+from replica.executor import RayWorkerExecutor, iter_buckets
+from replica.placement import ReplicaPlacement, reserve_replica_gpus
+from replica.worker import WorkerInfo, worker_actor_class
+
+logger = logging.getLogger(__name__)
+
+
+class ModelEngineReplica:
+    """One replica: placement groups, workers, executor and scheduler, started and stopped together."""
+
+    def __init__(self, config: ReplicaConfig, index: int = 0, observer: SchedulerObserver | None = None) -> None:
+        self.config = config
+        self.index = index
+        self.name = f"replica-{index}"
+        self.observer = observer
+        self.placement: ReplicaPlacement | None = None
+        self.workers: list[Any] = []
+        self.worker_infos: list[WorkerInfo] = []
+        self.executor: RayWorkerExecutor | None = None
+        self.server: ModelEngineServer | None = None
+        self.failure: str | None = None
+        self.started_at: float | None = None
+        self.restarts = 0
+        self._loaded_names: set[str] = set()
+        self._background: set[asyncio.Task[None]] = set()
+
+    # ------------------------------------------------------------------ lifecycle
+    @property
+    def alive(self) -> bool:
+        """Started, not shut down, and no worker known dead."""
+        return self.server is not None and self.failure is None
+
+    async def start(self, timeout_s: float | None = None) -> "ModelEngineReplica":
+        """Reserve GPUs (at most `timeout_s`, default `config.start_timeout_s`), start the
+        workers, form their process group and build the engines (at most `init_timeout_s`).
+        Any failure leaves nothing behind and raises with the reason."""
+        if self.server is not None:
+            return self
+        config = self.config
+        self.failure = None
+        self.placement = await reserve_replica_gpus(
+            config.nnodes, config.n_gpus_per_node, config.cpus_per_worker,
+            timeout_s if timeout_s is not None else config.start_timeout_s, self.name, config.placement_strategy,
+        )
+        try:
+            await self._start_workers()
+        except BaseException:
+            await self._teardown()
+            raise
+        self.started_at = time.time()
+        logger.info("%s started: %d workers", self.name, len(self.workers))
+        return self
+
+    async def _start_workers(self) -> None:
+        config, placement = self.config, self.placement
+        assert placement is not None
+        actor_class = worker_actor_class()
+        self.workers = [
+            actor_class.options(
+                num_gpus=1, num_cpus=config.cpus_per_worker, scheduling_strategy=placement.scheduling_for(rank),
+                name=None,
+            ).remote(rank, config.world_size, self.name)
+            for rank in range(config.world_size)
+        ]
+        deadline = config.init_timeout_s
+        master_addr, master_port = await asyncio.wait_for(_await(self.workers[0].rendezvous_address.remote()), deadline)
+        inits = [
+            worker.initialize.remote(
+                master_addr, master_port, config.backend, config.engine, config.build_engine_kwargs(),
+                config.scheduler.max_tokens_per_batch, config.tensor_model_parallel_size,
+                config.data_parallel_size, deadline,
+            )
+            for worker in self.workers
+        ]
+        try:
+            self.worker_infos = list(await asyncio.wait_for(asyncio.gather(*inits), deadline))
+        except (asyncio.TimeoutError, TimeoutError):
+            raise TimeoutError(f"{self.name}: workers did not initialise within init_timeout_s={deadline:g}") from None
+        model_info = await _await(self.workers[0].model_info.remote())
+        specs = await _await(self.workers[0].weight_specs.remote())
+        self.executor = RayWorkerExecutor(
+            self.name, self.workers, self.worker_infos, model_info, specs,
+            batch_timeout_s=config.batch_timeout_s,
+            weight_bucket_bytes=config.weight_bucket_mb << 20,
+            on_failure=self._on_worker_failure,
+        )
+        self.server = ModelEngineServer(self.executor, config.scheduler, self.observer, config.initial_weight_version)
+        await self.server.start()
+
+    def _on_worker_failure(self, reason: str) -> None:
+        """Mark the replica dead and stop its scheduler without draining, so requests queued
+        behind the lost batch fail now (and can be retried elsewhere) instead of waiting."""
+        if self.failure is not None:
+            return
+        self.failure = reason
+        server = self.server
+        if server is not None:
+            task = asyncio.get_running_loop().create_task(server.shutdown(drain=False, timeout_s=self.config.batch_timeout_s))
+            self._background.add(task)
+            task.add_done_callback(self._background.discard)
+
+    async def health(self) -> dict[str, Any]:
+        """Ping every worker (within `health_timeout_s`); a silent or dead one marks the replica dead."""
+        if self.server is None:
+            return {"replica": self.index, "alive": False, "reason": self.failure or "not started"}
+        pings = [_await(worker.ping.remote()) for worker in self.workers]
+        try:
+            await asyncio.wait_for(asyncio.gather(*pings), self.config.health_timeout_s)
+        except Exception as error:  # noqa: BLE001 - any failure to answer means dead
+            reason = f"{self.name}: health check failed: {type(error).__name__}: {error}"
+            if self.executor is not None:
+                self.executor.mark_failed(reason)
+            self._on_worker_failure(reason)
+        return {"replica": self.index, "alive": self.alive, "reason": self.failure}
+
+    async def shutdown(self, drain: bool = True, timeout_s: float = 30.0) -> None:
+        """Stop the scheduler (draining when the replica is alive), then kill every worker and
+        remove the placement groups."""
+        server, self.server = self.server, None
+        if server is not None:
+            await server.shutdown(drain=drain and self.failure is None, timeout_s=timeout_s)
+        await self._teardown()
+
+    async def _teardown(self) -> None:
+        workers, self.workers = self.workers, []
+        if workers:
+            goodbyes = [_await(w.shutdown.remote()) for w in workers]
+            await asyncio.wait_for(asyncio.gather(*goodbyes, return_exceptions=True), 5.0) if goodbyes else None
+        for worker in workers:
+            try:
+                ray.kill(worker, no_restart=True)
+            except Exception as error:  # already dead
+                logger.debug("kill %s: %s", self.name, error)
+        if self.placement is not None:
+            self.placement.remove()
+            self.placement = None
+        self.executor = None
+        self.worker_infos = []
+
+    async def restart(self, timeout_s: float | None = None) -> "ModelEngineReplica":
+        """Tear down whatever is left and start again on a fresh placement group; weights come
+        from the model path (version `initial_weight_version`) — the manager then copies the
+        current weights from a live peer."""
+        await self.shutdown(drain=False, timeout_s=5.0)
+        self.failure = None
+        self.restarts += 1
+        return await self.start(timeout_s)
+
+    # ------------------------------------------------------------------ serving
+    def _server(self) -> ModelEngineServer:
+        if self.server is None:
+            raise WorkerFailed(f"{self.name} is not running ({self.failure or 'not started'})")
+        return self.server
+
+    async def submit(self, request: LogProbRequest | dict[str, Any], timeout_s: float | None = None) -> LogProbResult:
+        return await self._server().submit(request, timeout_s)
+
+    async def score(
+        self, requests: Sequence[LogProbRequest | dict[str, Any]], timeout_s: float | None = None
+    ) -> list[LogProbResult | ModelEngineError]:
+        return await self._server().score(requests, timeout_s)
+
+    async def pause_serving(self) -> None:
+        await self._server().pause_serving()
+
+    async def resume_serving(self) -> None:
+        await self._server().resume_serving()
+
+    @property
+    def weight_version(self) -> int:
+        return self._server().weight_version
+
+    # ------------------------------------------------------------------ weights
+    async def begin_weight_update(self, version: int) -> None:
+        """Stop dispatching and drain; loads may follow (`load_weight_bucket`)."""
+        await self._server().begin_weight_update(version)
+        self._loaded_names = set()
+
+    async def load_weight_bucket(self, bucket: "ray.ObjectRef | list[tuple[str, torch.Tensor]]") -> list[str]:
+        """Load one bucket (a list of (HF name, tensor), or a reference to one in Ray's store)
+        into every worker; only between `begin_weight_update` and commit/abort."""
+        server = self._server()
+        if not server.weights.updating:
+            raise WeightSyncError(f"{self.name}: load_weight_bucket outside a weight update (call begin_weight_update)")
+        assert self.executor is not None
+        ref = bucket if isinstance(bucket, ray.ObjectRef) else ray.put(bucket)
+        names = await self.executor.load_weights_ref(ref)
+        self._loaded_names.update(names)
+        return names
+
+    async def missing_weights(self) -> list[str]:
+        assert self.executor is not None
+        return sorted(set(await self.executor.weight_specs()) - self._loaded_names)
+
+    async def commit_weight_update(self, version: int, require_complete: bool = True) -> None:
+        """Serve `version` once every tensor arrived; with missing tensors, abort and raise.
+        `require_complete=False` is for transports that load workers directly."""
+        server = self._server()
+        if require_complete:
+            missing = await self.missing_weights()
+            if missing:
+                reason = f"sync for version {version} is missing {len(missing)} tensors, e.g. {missing[:3]}"
+                server.abort_weight_update(reason)
+                raise WeightSyncError(f"{self.name}: {reason}")
+        server.commit_weight_update(version)
+
+    async def abort_weight_update(self, reason: str) -> None:
+        self._server().abort_weight_update(reason)
+
+    async def update_weights(self, named_tensors: Iterable[tuple[str, torch.Tensor]], version: int) -> int:
+        """begin -> every bucket -> commit; any failure aborts (weights marked incomplete)."""
+        await self.begin_weight_update(version)
+        try:
+            for bucket in iter_buckets(named_tensors, self.config.weight_bucket_mb << 20):
+                await self.load_weight_bucket(bucket)
+            await self.commit_weight_update(version)
+        except BaseException as error:
+            if self.server is not None and self.server.weights.updating:
+                self.server.abort_weight_update(str(error))
+            if isinstance(error, ModelEngineError) or not isinstance(error, Exception):
+                raise
+            raise WeightSyncError(f"{self.name}: {type(error).__name__}: {error}") from error
+        return version
+
+    async def copy_weights_from(self, peer: "ModelEngineReplica", version: int) -> None:
+        """Take `peer`'s current weights as `version` (after a restart): worker to worker through
+        Ray's object store. The peer must not be mid-update."""
+        if peer.executor is None:
+            raise WorkerFailed(f"{peer.name} has no workers to copy weights from")
+        ref = await peer.executor.export_weights_ref()
+        await self.begin_weight_update(version)
+        try:
+            await self.load_weight_bucket(ref)
+            await self.commit_weight_update(version)
+        except BaseException as error:
+            if self.server is not None and self.server.weights.updating:
+                self.server.abort_weight_update(f"copy from {peer.name} failed: {error}")
+            raise
+
+    # ------------------------------------------------------------------ status
+    def status(self) -> dict[str, Any]:
+        base: dict[str, Any] = {"replica": self.index, "name": self.name, "alive": self.alive,
+                                "failure": self.failure, "restarts": self.restarts,
+                                "workers": len(self.workers)}
+        if self.server is not None:
+            base.update(self.server.status())
+        return base
+
+    async def get_status(self) -> dict[str, Any]:
+        return self.status()
+
+    async def worker_placements(self) -> list[WorkerInfo]:
+        """Where each worker runs (rank, GPU ids, placement group, bundle resources)."""
+        return list(self.worker_infos)
+
+
+async def _await(ref: Any) -> Any:
+    return await ref
