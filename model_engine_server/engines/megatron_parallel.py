@@ -1,0 +1,159 @@
+"""Megatron's model-parallel state on top of the process group the replica already formed.
+
+The replica's workers call `torch.distributed.init_process_group` (gloo on CPU, NCCL on GPU)
+before building the engine; here Megatron's `parallel_state` splits that world into tensor-
+and pipeline-parallel groups. Megatron keeps those groups in module globals, so one process
+holds one layout at a time: engines share it (counted) and the last one to close releases it.
+
+Pipeline stages exchange activations with plain send/recv: every rank of a model-parallel
+group receives the same requests, so every stage knows the row length and no shape handshake
+is needed (Megatron's forward-only schedule would add one per micro-batch).
+"""
+
+from __future__ import annotations
+
+import threading
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+from model_engine_server.engines.megatron_bridge import MegatronConfigError
+
+_lock = threading.Lock()
+_users = 0
+_sizes: tuple[int, int] | None = None
+
+
+@dataclass(frozen=True)
+class ModelParallelLayout:
+    """Where this rank sits in its model-parallel group (TP x PP ranks serving one replica)."""
+
+    tp_size: int
+    pp_size: int
+    dp_size: int
+    tp_rank: int
+    pp_rank: int
+    tp_group: Any
+    pp_group: Any
+    prev_stage_rank: int  # global ranks in this rank's pipeline
+    next_stage_rank: int
+    last_stage_rank: int
+
+    @property
+    def is_first_stage(self) -> bool:
+        return self.pp_rank == 0
+
+    @property
+    def is_last_stage(self) -> bool:
+        return self.pp_rank == self.pp_size - 1
+
+    @property
+    def returns_results(self) -> bool:
+        """The one rank per model-parallel group whose outputs the replica takes."""
+        return self.is_last_stage and self.tp_rank == 0
+
+
+def check_layout(tp_size: int, pp_size: int, world_size: int, dp_size: int = 1) -> None:
+    """TP x PP x DP must cover the process group exactly; say which numbers disagree."""
+    if tp_size < 1 or pp_size < 1 or dp_size < 1:
+        raise MegatronConfigError(
+            f"parallel sizes must be >= 1, got tensor_model_parallel_size={tp_size}, "
+            f"pipeline_model_parallel_size={pp_size}, data_parallel_size={dp_size}"
+        )
+    if tp_size * pp_size * dp_size != world_size:
+        raise MegatronConfigError(
+            f"tensor_model_parallel_size ({tp_size}) x pipeline_model_parallel_size ({pp_size})"
+            + (f" x data_parallel_size ({dp_size})" if dp_size != 1 else "")
+            + f" = {tp_size * pp_size * dp_size}, but the replica has {world_size} worker(s) (one per GPU); "
+            "set model_engine_server.megatron.* so that the product equals the replica's GPU count"
+        )
+
+
+def ensure_process_group(device: torch.device, tp_size: int, pp_size: int) -> bool:
+    """A one-process group when the engine runs alone (TP = PP = 1) and none exists yet.
+
+    With model parallelism the caller (the replica worker) must have formed the group: the
+    engine cannot know its peers. Returns whether a group was created here.
+    """
+    if dist.is_initialized():
+        return False
+    if tp_size * pp_size != 1:
+        raise MegatronConfigError(
+            f"TP={tp_size} x PP={pp_size} needs torch.distributed initialised over the replica's "
+            "workers before the engine is built (the replica worker does this)"
+        )
+    backend = "nccl" if device.type == "cuda" else "gloo"
+    dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1)
+    return True
+
+
+def acquire_layout(tp_size: int, pp_size: int, dp_size: int = 1) -> ModelParallelLayout:
+    """Initialise (or join) Megatron's parallel state for this TP x PP; counted, see `release_layout`."""
+    from megatron.core import parallel_state as mpu
+
+    global _users, _sizes
+    check_layout(tp_size, pp_size, dist.get_world_size(), dp_size)
+    with _lock:
+        if _sizes is not None and _sizes != (tp_size, pp_size):
+            raise MegatronConfigError(
+                f"this process already serves TP={_sizes[0]} x PP={_sizes[1]}; "
+                f"cannot also build TP={tp_size} x PP={pp_size} (close the other engine first)"
+            )
+        if _sizes is None:
+            if mpu.model_parallel_is_initialized():
+                mpu.destroy_model_parallel()  # left by someone else: rebuild for our sizes
+            mpu.initialize_model_parallel(
+                tensor_model_parallel_size=tp_size,
+                pipeline_model_parallel_size=pp_size,
+                create_gloo_process_groups=False,
+            )
+            _sizes = (tp_size, pp_size)
+        _users += 1
+    return ModelParallelLayout(
+        tp_size=tp_size,
+        pp_size=pp_size,
+        dp_size=dp_size,
+        tp_rank=mpu.get_tensor_model_parallel_rank(),
+        pp_rank=mpu.get_pipeline_model_parallel_rank(),
+        tp_group=mpu.get_tensor_model_parallel_group(),
+        pp_group=mpu.get_pipeline_model_parallel_group(),
+        prev_stage_rank=mpu.get_pipeline_model_parallel_prev_rank(),
+        next_stage_rank=mpu.get_pipeline_model_parallel_next_rank(),
+        last_stage_rank=mpu.get_pipeline_model_parallel_last_rank(),
+    )
+
+
+def release_layout() -> bool:
+    """One engine is done with the layout; the last one destroys Megatron's groups (returns True)."""
+    from megatron.core import parallel_state as mpu
+
+    global _users, _sizes
+    with _lock:
+        if _users == 0:
+            return False
+        _users -= 1
+        if _users:
+            return False
+        mpu.destroy_model_parallel()
+        _sizes = None
+        return True
+
+
+def send_to_next_stage(layout: ModelParallelLayout, activations: torch.Tensor) -> None:
+    dist.send(activations.contiguous(), dst=layout.next_stage_rank, group=layout.pp_group)
+
+
+def receive_from_previous_stage(
+    layout: ModelParallelLayout, shape: tuple[int, ...], dtype: torch.dtype, device: torch.device
+) -> torch.Tensor:
+    buffer = torch.empty(shape, dtype=dtype, device=device)
+    dist.recv(buffer, src=layout.prev_stage_rank, group=layout.pp_group)
+    return buffer
+
+
+def broadcast_from_last_stage(layout: ModelParallelLayout, tensor: torch.Tensor) -> torch.Tensor:
+    """Give every stage the last stage's results (a few floats per token), in place."""
+    dist.broadcast(tensor, src=layout.last_stage_rank, group=layout.pp_group)
+    return tensor

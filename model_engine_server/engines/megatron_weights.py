@@ -1,0 +1,196 @@
+"""Weights by HuggingFace name for a Megatron model shard, through mbridge's name mapping.
+
+A trainer (or the checkpoint on disk) speaks HF names with full, unsharded tensors. One
+Megatron parameter may gather several HF tensors (`linear_qkv` = q, k, v; `linear_fc1` =
+gate, up); a weight-sync bucket may carry only some of them, so parts wait here until their
+group is complete, then mbridge merges them into Megatron's layout and this rank copies its
+own TP slice. Every rank receives every tensor and slices locally: no collective runs while
+loading, so a rejected bucket on one rank cannot leave its peers blocked in a scatter.
+
+Names belonging to another pipeline stage are accepted and skipped; names the model does not
+have at all are rejected. `specs` lists every HF name of the whole model (all stages) with its
+full shape, which is what a sync must deliver.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterable, Iterator
+
+import torch
+import torch.distributed as dist
+
+from model_engine_server.engines.base import WeightSpec
+from model_engine_server.engines.megatron_parallel import ModelParallelLayout
+from model_engine_server.errors import WeightSyncError
+
+TIED_ALIASES = {"lm_head.weight": "model.embed_tokens.weight"}
+IGNORED_CHECKPOINT_SUFFIXES = ("rotary_emb.inv_freq",)
+
+
+@dataclass(frozen=True)
+class ParamSlot:
+    """One Megatron parameter of this rank and the HF tensors it is made of."""
+
+    local_name: str  # in this stage's model (layer numbers local to the stage)
+    global_name: str  # layer numbers of the whole model, as mbridge maps them
+    hf_names: tuple[str, ...]
+    param: torch.nn.Parameter
+
+
+def _full_mcore_shape(param: torch.Tensor, tp_size: int) -> list[int]:
+    shape = list(param.shape)
+    if getattr(param, "tensor_model_parallel", False):
+        shape[int(param.partition_dim)] *= tp_size
+    return shape
+
+
+class HFWeightMap:
+    """This rank's parameters addressed by HF names; loads shards and exports whole tensors."""
+
+    def __init__(self, bridge: Any, model: torch.nn.Module, layout: ModelParallelLayout, dtype: torch.dtype) -> None:
+        self.bridge = bridge
+        self.layout = layout
+        self.dtype = dtype
+        self.tied = bool(getattr(bridge.hf_config, "tie_word_embeddings", False))
+        params = model.state_dict(keep_vars=True)
+        local_to_global = bridge._weight_name_mapping_mcore_local_to_global(model)
+        self.slots: list[ParamSlot] = []
+        self._slots_by_hf: dict[str, list[ParamSlot]] = {}
+        local_specs: dict[str, tuple[int, ...]] = {}
+        for local_name, global_name in local_to_global.items():
+            if "_extra_state" in local_name:
+                continue
+            slot = ParamSlot(
+                local_name,
+                global_name,
+                tuple(bridge._weight_name_mapping_mcore_to_hf(global_name)),
+                params[local_name],
+            )
+            self.slots.append(slot)
+            meta = torch.empty(_full_mcore_shape(slot.param, layout.tp_size), dtype=dtype, device="meta")
+            for hf_name, hf_tensor in zip(*bridge._weight_to_hf_format(global_name, meta)):
+                local_specs[hf_name] = tuple(hf_tensor.shape)
+                self._slots_by_hf.setdefault(hf_name, []).append(slot)
+        self.specs = {name: WeightSpec(shape, dtype) for name, shape in self._all_stages(local_specs).items()}
+        self._pending: dict[str, dict[str, torch.Tensor]] = {}
+
+    def _all_stages(self, local_specs: dict[str, tuple[int, ...]]) -> dict[str, tuple[int, ...]]:
+        if self.layout.pp_size == 1:
+            return local_specs
+        gathered: list[dict[str, tuple[int, ...]] | None] = [None] * self.layout.pp_size
+        dist.all_gather_object(gathered, local_specs, group=self.layout.pp_group)
+        merged: dict[str, tuple[int, ...]] = {}
+        for stage_specs in gathered:
+            for name, shape in (stage_specs or {}).items():
+                if merged.setdefault(name, shape) != shape:
+                    raise RuntimeError(f"pipeline stages disagree on the shape of {name!r}")
+        return merged
+
+    @property
+    def local_hf_names(self) -> set[str]:
+        return set(self._slots_by_hf)
+
+    def _check(self, name: str, tensor: torch.Tensor, allow_cast: bool) -> str:
+        key = TIED_ALIASES.get(name, name) if self.tied else name
+        spec = self.specs.get(key)
+        if spec is None:
+            raise WeightSyncError(f"unknown weight name {name!r} for {self.bridge.hf_config.model_type}")
+        if tuple(tensor.shape) != spec.shape:
+            raise WeightSyncError(f"weight {name!r} has shape {tuple(tensor.shape)}, expected {spec.shape}")
+        if tensor.dtype != spec.dtype and not (allow_cast and tensor.dtype.is_floating_point):
+            raise WeightSyncError(
+                f"weight {name!r} has dtype {tensor.dtype}, expected {spec.dtype} (set allow_dtype_cast to convert)"
+            )
+        return key
+
+    @torch.no_grad()
+    def load(self, named_tensors: Iterable[tuple[str, torch.Tensor]], allow_cast: bool) -> list[str]:
+        """Accept a (partial) stream of HF tensors; returns the names accepted, in order.
+
+        Each tensor is checked (name, shape, dtype) before anything is written. A parameter is
+        written once all its parts have arrived, possibly in a later call.
+        """
+        loaded = []
+        for name, tensor in named_tensors:
+            key = self._check(name, tensor, allow_cast)
+            for slot in self._slots_by_hf.get(key, ()):
+                parts = self._pending.setdefault(slot.local_name, {})
+                parts[key] = tensor
+                if len(parts) == len(slot.hf_names):
+                    del self._pending[slot.local_name]
+                    self._write(slot, [parts[hf_name] for hf_name in slot.hf_names])
+                else:  # the caller may reuse its buffer for the next tensor
+                    parts[key] = tensor.detach().clone()
+            loaded.append(name)
+        return loaded
+
+    def _write(self, slot: ParamSlot, hf_tensors: list[torch.Tensor]) -> None:
+        hf_tensors = [t.to(device=slot.param.device) for t in hf_tensors]
+        whole = self.bridge._weight_to_mcore_format(slot.global_name, hf_tensors)
+        shards = self.bridge._weight_split_across_tp(slot.global_name, whole, slot.param, self.layout.tp_size)
+        shard = list(shards)[self.layout.tp_rank]
+        if tuple(shard.shape) != tuple(slot.param.shape):
+            raise WeightSyncError(
+                f"{'/'.join(slot.hf_names)} gives a shard of shape {tuple(shard.shape)} for "
+                f"{slot.local_name}, expected {tuple(slot.param.shape)}"
+            )
+        slot.param.data.copy_(shard)
+
+    def waiting_for(self) -> list[str]:
+        """HF names still missing from parameters whose other parts have arrived."""
+        missing = []
+        for slot in self.slots:
+            parts = self._pending.get(slot.local_name)
+            if parts:
+                missing.extend(name for name in slot.hf_names if name not in parts)
+        return missing
+
+    @torch.no_grad()
+    def export(self) -> Iterator[tuple[str, torch.Tensor]]:
+        """This stage's weights as whole HF tensors (TP shards all-gathered; every TP rank must call).
+
+        With pipeline parallelism each stage yields its own layers; together they are the model.
+        A tied output layer is not yielded again (it is `model.embed_tokens.weight`).
+        """
+        for slot in self.slots:
+            if self.tied and slot.global_name == "output_layer.weight":
+                continue  # the last stage's copy of the embedding, exported by the first stage
+            param = slot.param.detach()
+            if getattr(slot.param, "tensor_model_parallel", False) and self.layout.tp_size > 1:
+                shards = [torch.empty_like(param) for _ in range(self.layout.tp_size)]
+                dist.all_gather(shards, param.contiguous(), group=self.layout.tp_group)
+                param = self.bridge._weight_merge_across_tp(slot.global_name, shards, slot.param)
+            yield from zip(*self.bridge._weight_to_hf_format(slot.global_name, param))
+
+
+def _safetensors_files(model_path: str | Path) -> list[Path]:
+    files = sorted(Path(model_path).glob("*.safetensors"))
+    if not files:
+        raise FileNotFoundError(f"no *.safetensors files in {model_path}: the megatron engine reads safetensors only")
+    return files
+
+
+def checkpoint_names(model_path: str | Path) -> set[str]:
+    """Every tensor name stored in the checkpoint (headers only), less known non-weights."""
+    from safetensors import safe_open
+
+    names: set[str] = set()
+    for file in _safetensors_files(model_path):
+        with safe_open(str(file), framework="pt", device="cpu") as handle:
+            names.update(name for name in handle.keys() if not name.endswith(IGNORED_CHECKPOINT_SUFFIXES))
+    return names
+
+
+def checkpoint_tensors(model_path: str | Path, wanted: set[str]) -> Iterator[tuple[str, torch.Tensor]]:
+    """The `wanted` tensors of a safetensors checkpoint, one at a time."""
+    from safetensors import safe_open
+
+    for file in _safetensors_files(model_path):
+        with safe_open(str(file), framework="pt", device="cpu") as handle:
+            for name in handle.keys():
+                if name.endswith(IGNORED_CHECKPOINT_SUFFIXES):
+                    continue
+                if name in wanted:
+                    yield name, handle.get_tensor(name)
