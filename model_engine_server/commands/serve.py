@@ -1,0 +1,87 @@
+"""`serve [--config FILE.yaml] [--host H] [--port P] [overrides]`: serve log-probs over HTTP.
+
+Builds the service the config describes (an in-process replica, or Ray replicas), serves the
+FastAPI app with uvicorn and logs where it listens. SIGINT/SIGTERM drain: uvicorn stops
+accepting connections and waits for the calls it accepted, then the app's shutdown finishes
+queued requests and shuts the replicas down; the process then exits 0. With no config at all
+it serves a tiny model made into the cache folder.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import signal
+import sys
+from typing import Any
+
+from model_engine_server.commands.config import add_config_arguments, config_file
+
+logger = logging.getLogger("model_engine_server.serve")
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    parser = subparsers.add_parser("serve", help="serve log-probs over HTTP (defaults: a tiny model on 127.0.0.1:8000)")
+    add_config_arguments(parser)
+    parser.add_argument("--host", help="overrides model_engine_server.http.host (default 127.0.0.1)")
+    parser.add_argument("--port", type=int, help="overrides model_engine_server.http.port (0: any free port)")
+    parser.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    from model_engine_server.config import ConfigError
+    from model_engine_server.config_loader import load_config
+    from model_engine_server.launch import build_serving
+
+    try:
+        loaded = load_config(config_file(args), args.overrides, cli_values={"http.host": args.host, "http.port": args.port})
+        serving = build_serving(loaded)
+    except ConfigError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    http = serving.config.http
+    if http.host not in ("127.0.0.1", "localhost", "::1") and serving.app.state.admin_token is None:
+        logger.warning("listening on %s with no admin token: anyone who reaches it can pause the server or load "
+                       "weights; set %s or model_engine_server.http.auth_token", http.host, http.auth_token_env)
+    return _serve(serving.app, http.host, http.port, http.graceful_shutdown_s)
+
+
+def _serve(app: Any, host: str, port: int, graceful_shutdown_s: float) -> int:
+    import uvicorn
+
+    class Server(uvicorn.Server):
+        async def startup(self, sockets: Any = None) -> None:
+            await super().startup(sockets)
+            if self.started:
+                for server in self.servers:
+                    for sock in server.sockets:
+                        bound_host, bound_port = sock.getsockname()[:2]
+                        logger.info("model-engine-server listening on http://%s:%d (API docs at /docs)", bound_host, bound_port)
+
+    config = uvicorn.Config(
+        app,
+        host=host,
+        port=port,
+        log_config=None,  # keep the CLI's logging set-up
+        access_log=False,
+        timeout_graceful_shutdown=int(graceful_shutdown_s),
+        lifespan="on",
+    )
+    server = Server(config)
+    # uvicorn re-raises the signal it caught once it has shut down; these handlers take that
+    # re-raise, so a drained shutdown ends with exit status 0 instead of death by signal
+    previous = {sig: signal.signal(sig, _after_shutdown) for sig in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        server.run()
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+    if not server.started:
+        logger.error("could not start serving on %s:%d", host, port)
+        return 1
+    logger.info("shut down cleanly")
+    return 0
+
+
+def _after_shutdown(signum: int, frame: Any) -> None:
+    logger.info("received %s after shutdown; exiting", signal.Signals(signum).name)

@@ -1,0 +1,133 @@
+"""`create_app(service, ...)`: the FastAPI app over any `LogProbService`.
+
+The app holds only the service seam, so the same app serves the in-process scheduler and the
+replica manager. It translates and delegates; every error becomes JSON in `errors.py`.
+"""
+
+from __future__ import annotations
+
+import logging
+from contextlib import asynccontextmanager
+from typing import Any, AsyncIterator
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.openapi.utils import get_openapi
+from fastapi.responses import JSONResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from model_engine_server.config import HttpConfig
+from model_engine_server.errors import ModelEngineError
+from model_engine_server.http.errors import MalformedEnvelope, error_response
+from model_engine_server.http.metrics import ServerMetrics
+from model_engine_server.http.routes import router
+from model_engine_server.http.schemas import LogProbCall
+from model_engine_server.service import LogProbService
+
+logger = logging.getLogger(__name__)
+
+MB = 1 << 20
+
+
+def create_app(
+    service: LogProbService,
+    http: HttpConfig | None = None,
+    metrics: ServerMetrics | None = None,
+    default_temperature: float = 1.0,
+    owns_service: bool = False,
+    admin_token: str | None = None,
+) -> FastAPI:
+    """Build the app. `metrics` should be the one whose observer the service's scheduler
+    reports to (see `launch.build_service`); `owns_service` shuts the service down (draining
+    accepted requests) when the app stops. `admin_token` overrides `http`'s token."""
+    http = http or HttpConfig()
+    metrics = metrics or ServerMetrics()
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        yield
+        if owns_service:
+            logger.info("draining: finishing accepted requests, then shutting the service down")
+            await service.shutdown(drain=True, timeout_s=http.graceful_shutdown_s)
+            logger.info("service shut down")
+
+    app = FastAPI(
+        title="Model Engine Server",
+        summary="Log-probs and entropy of finished trajectories, scored by the training engine's model code",
+        version="0.1.0",
+        lifespan=lifespan,
+    )
+    state = app.state
+    state.service = service
+    state.metrics = metrics
+    state.default_temperature = default_temperature
+    state.admin_token = admin_token if admin_token is not None else http.token()
+    state.max_body_bytes = int(http.max_body_mb * MB)
+    state.max_weights_body_bytes = int(http.max_weights_body_mb * MB)
+    state.max_requests_per_call = http.max_requests_per_call
+    state.retry_after_s = http.retry_after_s
+    state.scoring_in_progress = 0
+    app.include_router(router)
+    _install_error_handlers(app, http.retry_after_s)
+    _install_http_metrics(app, metrics)
+    _install_openapi(app)
+    return app
+
+
+def _install_error_handlers(app: FastAPI, retry_after_s: float) -> None:
+    @app.exception_handler(ModelEngineError)
+    async def engine_error(request: Request, error: ModelEngineError) -> JSONResponse:
+        return error_response(error, retry_after_s)
+
+    @app.exception_handler(RequestValidationError)
+    async def validation_error(request: Request, error: RequestValidationError) -> JSONResponse:
+        first = error.errors()[0] if error.errors() else {}
+        where = ".".join(str(part) for part in first.get("loc", ())) or None
+        return error_response(MalformedEnvelope(str(first.get("msg", "invalid input")), where))
+
+    @app.exception_handler(StarletteHTTPException)
+    async def http_error(request: Request, error: StarletteHTTPException) -> JSONResponse:
+        codes = {404: "not_found", 405: "method_not_allowed"}
+        body = {"error": {"code": codes.get(error.status_code, "http_error"), "message": str(error.detail)}}
+        return JSONResponse(body, status_code=error.status_code, headers=getattr(error, "headers", None))
+
+    @app.exception_handler(Exception)
+    async def unexpected(request: Request, error: Exception) -> JSONResponse:
+        logger.exception("unhandled error on %s %s", request.method, request.url.path)
+        body = {"error": {"code": "internal_error", "message": f"{type(error).__name__}: {error}"}}
+        return JSONResponse(body, status_code=500)
+
+
+def _install_http_metrics(app: FastAPI, metrics: ServerMetrics) -> None:
+    @app.middleware("http")
+    async def count(request: Request, call_next: Any) -> Any:
+        metrics.http_in_progress.inc()
+        status = 500
+        try:
+            response = await call_next(request)
+            status = response.status_code
+            return response
+        finally:
+            metrics.http_in_progress.dec()
+            route = request.scope.get("route")
+            metrics.http_requests.labels(route=getattr(route, "path", "unmatched"), status=str(status)).inc()
+
+
+def _install_openapi(app: FastAPI) -> None:
+    """Routes read raw bodies (JSON or msgpack), so their request schemas are added here."""
+
+    def openapi() -> dict[str, Any]:
+        if app.openapi_schema:
+            return app.openapi_schema
+        schema = get_openapi(title=app.title, version=app.version, summary=app.summary, routes=app.routes)
+        call_schema = LogProbCall.model_json_schema(ref_template="#/components/schemas/{model}")
+        components = schema.setdefault("components", {}).setdefault("schemas", {})
+        components.update(call_schema.pop("$defs", {}))
+        components["LogProbCall"] = call_schema
+        app.openapi_schema = schema
+        return schema
+
+    app.openapi = openapi  # type: ignore[method-assign]
+
+
+__all__ = ["create_app"]

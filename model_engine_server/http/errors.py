@@ -1,0 +1,57 @@
+"""HTTP-only failures and the one place every error becomes a JSON response.
+
+Status codes: 400 malformed or invalid input, 401 missing/wrong admin token, 404/405 unknown
+route or method, 409 a rejected weight update, 413 body too large, 415 unsupported content
+type, 422 a body of the wrong shape, 429 queue full and 503 unavailable (both with
+`Retry-After`), 504 deadline. A 500 means a bug in the server, never bad input.
+"""
+
+from __future__ import annotations
+
+import math
+
+from fastapi.responses import JSONResponse
+
+from model_engine_server.errors import InvalidRequest, ModelEngineError, Overloaded
+
+
+class Unauthorized(ModelEngineError):
+    code = "unauthorized"
+    http_status = 401
+
+
+class PayloadTooLarge(ModelEngineError):
+    code = "payload_too_large"
+    http_status = 413
+
+
+class UnsupportedMediaType(ModelEngineError):
+    code = "unsupported_media_type"
+    http_status = 415
+
+
+class MalformedEnvelope(InvalidRequest):
+    """The body decoded, but it is not `{"requests": [...]}` (wrong shape or types): 422."""
+
+    http_status = 422
+
+
+def retry_after(error: ModelEngineError, default_s: float) -> float | None:
+    """Seconds a client should wait before retrying, for the statuses where retrying helps."""
+    if isinstance(error, Overloaded):
+        return error.retry_after_s
+    if error.http_status in (429, 503):
+        return default_s
+    return None
+
+
+def error_response(error: ModelEngineError, retry_after_default_s: float = 1.0, extra: dict | None = None) -> JSONResponse:
+    """`{"error": {"code", "message", ...}}` with the error's status and its headers."""
+    headers: dict[str, str] = {}
+    wait = retry_after(error, retry_after_default_s)
+    if wait is not None:
+        headers["Retry-After"] = str(max(0, math.ceil(wait)))
+    if isinstance(error, Unauthorized):
+        headers["WWW-Authenticate"] = "Bearer"
+    body: dict = {"error": error.to_wire(), **(extra or {})}
+    return JSONResponse(body, status_code=error.http_status, headers=headers)

@@ -1,0 +1,126 @@
+"""Prometheus metrics: scheduler events through a `SchedulerObserver`, state from `get_status()`.
+
+Each `ServerMetrics` owns its `CollectorRegistry`, so two apps in one process (tests, a policy
+and a reference server) never collide on metric names. Counters and histograms move with
+events (requests, batches); gauges (queue depth, weight version, time paused) are read from
+the service's status when `/metrics` is scraped, so they are never stale.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any, Iterator
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+from prometheus_client.registry import Collector
+
+from model_engine_server.scheduler_state import SchedulerObserver
+
+if TYPE_CHECKING:
+    from model_engine_server.errors import ModelEngineError
+    from model_engine_server.protocol import LogProbResult
+
+PREFIX = "model_engine_server"
+LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0)
+REQUEST_COUNT_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024)
+TOKEN_BUCKETS = tuple(float(2**power) for power in range(6, 21))  # 64 .. 1M tokens
+MISMATCH_BUCKETS = (0.001, 0.003, 0.01, 0.03, 0.1, 0.3, 1.0, 3.0)
+
+
+class PrometheusObserver(SchedulerObserver):
+    """The scheduler's hooks, counted into a `ServerMetrics`."""
+
+    def __init__(self, metrics: "ServerMetrics") -> None:
+        self.metrics = metrics
+
+    def request_done(self, result: "LogProbResult", tokens: int) -> None:
+        m = self.metrics
+        m.requests.labels(outcome="ok", code="").inc()
+        m.tokens.inc(tokens)
+        m.response_tokens.inc(len(result.log_probs))
+        if "total_ms" in result.timings:
+            m.request_seconds.observe(result.timings["total_ms"] / 1000)
+        if "queue_ms" in result.timings:
+            m.queue_seconds.observe(result.timings["queue_ms"] / 1000)
+        if result.mismatch is not None:
+            m.mismatch.observe(result.mismatch.mean_abs_diff)
+
+    def request_failed(self, error: "ModelEngineError") -> None:
+        self.metrics.requests.labels(outcome="failed", code=error.code).inc()
+
+    def request_rejected(self, error: "ModelEngineError") -> None:
+        self.metrics.requests.labels(outcome="rejected", code=error.code).inc()
+
+    def batch_done(self, num_requests: int, num_tokens: int, compute_s: float) -> None:
+        m = self.metrics
+        m.batch_requests.observe(num_requests)
+        m.batch_tokens.observe(num_tokens)
+        m.batch_seconds.observe(compute_s)
+
+
+class _StatusCollector(Collector):
+    """Gauges read from the last status snapshot (taken by the /metrics route)."""
+
+    def __init__(self) -> None:
+        self.status: dict[str, Any] = {}
+
+    def collect(self) -> Iterator[Any]:
+        status = self.status
+        gauges = {
+            "queue_depth": ("requests waiting in the queue", status.get("queue_depth")),
+            "queued_tokens": ("tokens waiting in the queue", status.get("queued_tokens")),
+            "inflight_batches": ("batches being computed", status.get("inflight_batches")),
+            "outstanding_tokens": ("queued plus in-flight tokens", status.get("outstanding_tokens")),
+            "weight_version": ("weight version being served", status.get("weight_version")),
+            "paused": ("1 while serving is paused", status.get("paused")),
+            "weights_incomplete": ("1 after a failed sync, until a complete one", bool(status.get("weights_incomplete"))),
+            "replicas": ("replicas behind this server", len(status.get("replicas") or []) or None),
+        }
+        for name, (documentation, value) in gauges.items():
+            if value is not None:
+                yield GaugeMetricFamily(f"{PREFIX}_{name}", documentation, value=float(value))
+        paused = status.get("paused_seconds_total")
+        if paused is not None:
+            yield CounterMetricFamily(f"{PREFIX}_paused_seconds", "time spent paused (weight syncs, admin)", value=float(paused))
+
+
+class ServerMetrics:
+    """Every metric of one server, in its own registry."""
+
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry(auto_describe=True)
+        r = self.registry
+        self.requests = Counter(f"{PREFIX}_requests", "scoring requests by outcome", ["outcome", "code"], registry=r)
+        self.tokens = Counter(f"{PREFIX}_tokens", "tokens scored (prompt + response)", registry=r)
+        self.response_tokens = Counter(f"{PREFIX}_response_tokens", "response tokens given log-probs", registry=r)
+        self.batch_requests = Histogram(
+            f"{PREFIX}_batch_size_requests", "requests per batch", buckets=REQUEST_COUNT_BUCKETS, registry=r
+        )
+        self.batch_tokens = Histogram(f"{PREFIX}_batch_size_tokens", "tokens per batch", buckets=TOKEN_BUCKETS, registry=r)
+        self.batch_seconds = Histogram(
+            f"{PREFIX}_batch_compute_seconds", "time to compute one batch", buckets=LATENCY_BUCKETS, registry=r
+        )
+        self.request_seconds = Histogram(
+            f"{PREFIX}_request_latency_seconds", "queue + compute time of a request", buckets=LATENCY_BUCKETS, registry=r
+        )
+        self.queue_seconds = Histogram(
+            f"{PREFIX}_request_queue_seconds", "time a request waited before its batch", buckets=LATENCY_BUCKETS, registry=r
+        )
+        self.mismatch = Histogram(
+            f"{PREFIX}_rollout_logprob_mean_abs_diff",
+            "per-request mean |server - rollout| log-prob, when rollout_log_probs are sent",
+            buckets=MISMATCH_BUCKETS,
+            registry=r,
+        )
+        self.http_requests = Counter(
+            f"{PREFIX}_http_requests", "HTTP calls by route and status", ["route", "status"], registry=r
+        )
+        self.http_in_progress = Gauge(f"{PREFIX}_http_requests_in_progress", "HTTP calls being handled", registry=r)
+        self._status = _StatusCollector()
+        r.register(self._status)
+        self.observer = PrometheusObserver(self)
+
+    def render(self, status: dict[str, Any]) -> bytes:
+        """The Prometheus text exposition, with gauges from `status`."""
+        self._status.status = status
+        return generate_latest(self.registry)

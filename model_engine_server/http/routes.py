@@ -1,0 +1,230 @@
+"""The HTTP routes: thin translations between bodies on the wire and a `LogProbService`.
+
+`POST /v1/logprobs` answers `{"results": [...]}`, one entry per request in order: a result, or
+`{"request_id", "error"}` for that request alone. When every request of a call failed, the
+call's status is that of the first failure (400, 429, 503, 504) and the body is
+`{"error": ..., "results": [...]}`; an empty call is answered with no results.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from fastapi import APIRouter, Depends, Request
+from fastapi.responses import JSONResponse, Response
+from prometheus_client import CONTENT_TYPE_LATEST
+from pydantic import ValidationError
+
+from model_engine_server.errors import InvalidRequest, ModelEngineError
+from model_engine_server.http.auth import require_admin
+from model_engine_server.http.errors import (
+    MalformedEnvelope,
+    PayloadTooLarge,
+    UnsupportedMediaType,
+    error_response,
+)
+from model_engine_server.http.schemas import (
+    CallEnvelope,
+    ErrorResponse,
+    HealthResponse,
+    LogProbResponse,
+    WeightUpdateResponse,
+)
+from model_engine_server.http.wire import (
+    JSON_TYPES,
+    MSGPACK,
+    MSGPACK_TYPES,
+    json_safe,
+    decode_body,
+    decode_weights,
+    encode_body,
+    is_msgpack,
+    media_type,
+    outcome_to_wire,
+)
+from model_engine_server.protocol import LogProbRequest
+
+INT64_MIN, INT64_MAX = -(2**63), 2**63 - 1
+DRAIN_CAP_BYTES = 64 << 20  # an oversized body is read (and dropped) up to this, so the client sees the 413
+
+router = APIRouter()
+
+ERRORS = {status: {"model": ErrorResponse} for status in (400, 413, 415, 422, 429, 503, 504)}
+ADMIN_ERRORS = {status: {"model": ErrorResponse} for status in (401, 409, 413, 415)}
+
+
+def _schema_body(name: str, media_types: tuple[str, ...]) -> dict[str, Any]:
+    content = {media: {"schema": {"$ref": f"#/components/schemas/{name}"}} for media in media_types}
+    return {"requestBody": {"required": True, "content": content}}
+
+
+async def read_body(request: Request, limit_bytes: int) -> bytes:
+    """The body, or `PayloadTooLarge` once it passes `limit_bytes` (announced or streamed)."""
+    declared = request.headers.get("content-length", "")
+    too_large = declared.isdigit() and int(declared) > limit_bytes
+    if too_large and int(declared) > DRAIN_CAP_BYTES:
+        raise PayloadTooLarge(f"body of {declared} bytes exceeds the limit of {limit_bytes}")
+    chunks: list[bytes] = []
+    size = 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > limit_bytes:
+            too_large = True
+            chunks.clear()
+            if size > DRAIN_CAP_BYTES:
+                break
+        else:
+            chunks.append(chunk)
+    if too_large:
+        raise PayloadTooLarge(f"body of {size if not declared.isdigit() else declared} bytes exceeds the limit of {limit_bytes}")
+    return b"".join(chunks)
+
+
+def _check_content_type(request: Request, allowed: frozenset[str]) -> None:
+    media = media_type(request.headers.get("content-type"))
+    if media not in allowed:
+        raise UnsupportedMediaType(f"content type {media!r} is not accepted here; use one of {', '.join(sorted(m for m in allowed if m))}")
+
+
+def _wants_msgpack(request: Request) -> bool:
+    accept = request.headers.get("accept", "").lower()
+    if any(media in accept for media in MSGPACK_TYPES):
+        return True
+    if "application/json" in accept:
+        return False
+    return is_msgpack(request.headers.get("content-type"))
+
+
+def _parse_envelope(payload: Any, max_requests: int) -> CallEnvelope:
+    if not isinstance(payload, dict):
+        raise MalformedEnvelope(f'the body must be an object {{"requests": [...]}}, got {type(payload).__name__}', "body")
+    try:
+        envelope = CallEnvelope.model_validate(payload)
+    except ValidationError as error:
+        first = error.errors()[0]
+        where = ".".join(str(part) for part in first["loc"]) or "body"
+        raise MalformedEnvelope(first["msg"], where) from None
+    if len(envelope.requests) > max_requests:
+        raise MalformedEnvelope(f"{len(envelope.requests)} requests in one call; the limit is {max_requests}", "requests")
+    return envelope
+
+
+def parse_request(item: Any, index: int, default_temperature: float) -> LogProbRequest:
+    """One request of a call, with the server's default temperature when it names none."""
+    where = f"requests[{index}]"
+    if isinstance(item, dict) and "temperature" not in item:
+        item = {**item, "temperature": default_temperature}
+    try:
+        request = LogProbRequest.parse(item)
+    except InvalidRequest as error:
+        field = f"{where}.{error.field}" if error.field else where
+        raise InvalidRequest(error.message.removeprefix(f"{error.field}: "), field) from None
+    except Exception as error:  # e.g. an array whose values are not numbers
+        raise InvalidRequest(f"{type(error).__name__}: {error}", where) from None
+    if request.input_ids and (max(request.input_ids) > INT64_MAX or min(request.input_ids) < INT64_MIN):
+        raise InvalidRequest("token ids must fit in 64 bits", f"{where}.input_ids")
+    return request
+
+
+@router.post(
+    "/v1/logprobs",
+    summary="Score requests: log-probs (and entropy) of each response token",
+    response_model=None,
+    responses={200: {"model": LogProbResponse, "content": {MSGPACK: {}}}, **ERRORS},
+    openapi_extra=_schema_body("LogProbCall", ("application/json", MSGPACK)),
+)
+async def logprobs(request: Request) -> Response:
+    state = request.app.state
+    _check_content_type(request, MSGPACK_TYPES | JSON_TYPES)
+    body = await read_body(request, state.max_body_bytes)
+    envelope = _parse_envelope(decode_body(body, request.headers.get("content-type")), state.max_requests_per_call)
+    outcomes: list[Any] = [None] * len(envelope.requests)
+    valid: list[tuple[int, LogProbRequest]] = []
+    for index, item in enumerate(envelope.requests):
+        try:
+            valid.append((index, parse_request(item, index, state.default_temperature)))
+        except InvalidRequest as error:
+            outcomes[index] = error
+            state.metrics.observer.request_rejected(error)
+    state.scoring_in_progress += 1
+    try:
+        scored = await state.service.score([r for _, r in valid], envelope.timeout_s) if valid else []
+    finally:
+        state.scoring_in_progress -= 1
+    for (index, _), outcome in zip(valid, scored):
+        outcomes[index] = outcome
+    entries = [
+        outcome_to_wire(outcome, _request_id(item))
+        for outcome, item in zip(outcomes, envelope.requests)
+    ]
+    if outcomes and all(isinstance(o, ModelEngineError) for o in outcomes):
+        return error_response(outcomes[0], state.retry_after_s, extra={"results": json_safe(entries)})
+    as_msgpack = _wants_msgpack(request)
+    return Response(encode_body({"results": entries}, as_msgpack), media_type=MSGPACK if as_msgpack else "application/json")
+
+
+def _request_id(item: Any) -> str | None:
+    value = item.get("request_id") if isinstance(item, dict) else None
+    return value if isinstance(value, str) else None
+
+
+@router.post("/v1/pause", summary="Stop dispatching; returns once in-flight batches finished", responses=ADMIN_ERRORS,
+             dependencies=[Depends(require_admin)])
+async def pause(request: Request) -> JSONResponse:
+    await request.app.state.service.pause_serving()
+    return JSONResponse(json_safe(await _status(request)))
+
+
+@router.post("/v1/resume", summary="Resume dispatching", responses=ADMIN_ERRORS, dependencies=[Depends(require_admin)])
+async def resume(request: Request) -> JSONResponse:
+    await request.app.state.service.resume_serving()
+    return JSONResponse(json_safe(await _status(request)))
+
+
+@router.post(
+    "/v1/update_weights",
+    summary="Load a complete set of weights (msgpack) and serve them as `version`",
+    response_model=WeightUpdateResponse,
+    responses=ADMIN_ERRORS,
+    dependencies=[Depends(require_admin)],
+    openapi_extra={"requestBody": {"required": True, "content": {MSGPACK: {"schema": {"type": "string", "format": "binary"}}}}},
+)
+async def update_weights(request: Request) -> JSONResponse:
+    state = request.app.state
+    _check_content_type(request, MSGPACK_TYPES)
+    version, named = decode_weights(await read_body(request, state.max_weights_body_bytes))
+    served = await state.service.update_weights(named, version)
+    return JSONResponse({"weight_version": served})
+
+
+async def _status(request: Request) -> dict[str, Any]:
+    state = request.app.state
+    status = dict(await state.service.get_status())
+    status.setdefault("replicas", [{"replica": "local-0", "executor": "in_process"}])
+    status["num_replicas"] = len(status["replicas"])
+    status["scoring_calls_in_progress"] = state.scoring_in_progress
+    return status
+
+
+@router.get("/v1/status", summary="Weight version, paused, queue depth, replicas, counters")
+async def status(request: Request) -> JSONResponse:
+    return JSONResponse(json_safe(await _status(request)))
+
+
+@router.get("/health", summary="200 while serving; 503 when shutting down or weights are incomplete",
+            response_model=HealthResponse, responses={503: {"model": HealthResponse}})
+async def health(request: Request) -> JSONResponse:
+    status = await request.app.state.service.get_status()
+    version = status.get("weight_version")
+    if not status.get("accepting", True):
+        return JSONResponse({"status": "shutting_down", "weight_version": version}, status_code=503)
+    if status.get("weights_incomplete"):
+        body = {"status": "weights_incomplete", "weight_version": version, "reason": str(status["weights_incomplete"])}
+        return JSONResponse(body, status_code=503)
+    return JSONResponse({"status": "ok", "weight_version": version})
+
+
+@router.get("/metrics", summary="Prometheus text exposition", response_class=Response)
+async def metrics(request: Request) -> Response:
+    state = request.app.state
+    return Response(state.metrics.render(await _status(request)), media_type=CONTENT_TYPE_LATEST)

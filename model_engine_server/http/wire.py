@@ -1,0 +1,140 @@
+"""Bodies on the HTTP wire: JSON or msgpack for scoring calls, msgpack for weights.
+
+Shared by the FastAPI app and the HTTP clients, so it imports neither FastAPI nor httpx.
+Nothing here ever unpickles: msgpack carries plain values and raw-byte arrays
+(`model_engine_server.codec`), and weights travel as (name, dtype, shape, raw bytes) with the
+dtype checked against a short list.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from typing import Any, Iterable
+
+import numpy as np
+import torch
+
+from model_engine_server import codec
+from model_engine_server.errors import InvalidRequest, ModelEngineError
+from model_engine_server.protocol import LogProbResult
+
+MSGPACK = "application/msgpack"
+JSON = "application/json"
+MSGPACK_TYPES = frozenset({MSGPACK, "application/x-msgpack", "application/vnd.msgpack"})
+# curl -d sends form-urlencoded unless told otherwise; such a body is read as JSON
+JSON_TYPES = frozenset({JSON, "", "application/x-www-form-urlencoded", "text/plain"})
+
+WEIGHT_DTYPES: dict[str, torch.dtype] = {
+    "float32": torch.float32,
+    "bfloat16": torch.bfloat16,
+    "float16": torch.float16,
+    "float64": torch.float64,
+    "int64": torch.int64,
+    "int32": torch.int32,
+    "int8": torch.int8,
+    "uint8": torch.uint8,
+    "bool": torch.bool,
+}
+_DTYPE_NAMES = {dtype: name for name, dtype in WEIGHT_DTYPES.items()}
+
+
+def media_type(content_type: str | None) -> str:
+    """`application/json; charset=utf-8` -> `application/json`."""
+    return (content_type or "").split(";", 1)[0].strip().lower()
+
+
+def is_msgpack(content_type: str | None) -> bool:
+    return media_type(content_type) in MSGPACK_TYPES
+
+
+def decode_body(body: bytes, content_type: str | None) -> Any:
+    """Decode a request body by its content type; malformed input is `InvalidRequest` (400)."""
+    if is_msgpack(content_type):
+        return codec.decode(body)
+    try:
+        return json.loads(body)
+    except Exception as error:  # ValueError, UnicodeDecodeError, RecursionError on deep nesting
+        raise InvalidRequest(f"malformed JSON: {type(error).__name__}: {error}", "body") from None
+
+
+def encode_body(payload: Any, as_msgpack: bool) -> bytes:
+    if as_msgpack:
+        return codec.encode(payload)
+    return json.dumps(json_safe(payload), allow_nan=False, separators=(",", ":")).encode()
+
+
+def json_safe(value: Any) -> Any:
+    """JSON has no NaN/Infinity: such values are sent as null (msgpack carries them exactly)."""
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, np.ndarray):
+        if value.dtype.kind == "f" and not np.isfinite(value).all():
+            return [float(x) if math.isfinite(x) else None for x in value.tolist()]
+        return value.tolist()
+    if isinstance(value, dict):
+        return {key: json_safe(item) for key, item in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [json_safe(item) for item in value]
+    return value
+
+
+# ---------------------------------------------------------------- scoring results
+def outcome_to_wire(outcome: LogProbResult | ModelEngineError, request_id: str | None) -> dict[str, Any]:
+    """One entry of `{"results": [...]}`: a result, or `{"request_id", "error": {...}}`."""
+    if isinstance(outcome, ModelEngineError):
+        return {"request_id": request_id, "error": outcome.to_wire()}
+    return outcome.to_wire(arrays_as_lists=False)
+
+
+def outcome_from_wire(entry: dict[str, Any]) -> LogProbResult | ModelEngineError:
+    from model_engine_server.errors import error_from_wire
+
+    if entry.get("error") is not None:
+        return error_from_wire(entry["error"])
+    return LogProbResult.from_wire(entry)
+
+
+# ---------------------------------------------------------------- weights
+def encode_weights(named_tensors: Iterable[tuple[str, torch.Tensor]], version: int) -> bytes:
+    """A weight update as one msgpack body: `{"version", "tensors": [[name, dtype, shape, bytes]]}`."""
+    tensors = []
+    for name, tensor in named_tensors:
+        tensor = tensor.detach().to("cpu").contiguous()
+        if tensor.dtype not in _DTYPE_NAMES:
+            raise TypeError(f"cannot send tensor {name!r} of dtype {tensor.dtype}")
+        raw = tensor.reshape(-1).view(torch.uint8).numpy().tobytes() if tensor.numel() else b""
+        tensors.append([name, _DTYPE_NAMES[tensor.dtype], list(tensor.shape), raw])
+    return codec.encode({"version": int(version), "tensors": tensors})
+
+
+def decode_weights(body: bytes) -> tuple[int, list[tuple[str, torch.Tensor]]]:
+    """Inverse of `encode_weights`; every malformed part is an `InvalidRequest` naming it."""
+    payload = codec.decode(body)
+    if not isinstance(payload, dict) or set(payload) != {"version", "tensors"}:
+        raise InvalidRequest('a weight update is {"version": int, "tensors": [[name, dtype, shape, bytes], ...]}', "body")
+    version, entries = payload["version"], payload["tensors"]
+    if not isinstance(version, int) or isinstance(version, bool) or version < 0:
+        raise InvalidRequest(f"must be a non-negative integer, got {version!r}", "version")
+    if not isinstance(entries, list):
+        raise InvalidRequest("must be a list of [name, dtype, shape, bytes]", "tensors")
+    named = []
+    for index, entry in enumerate(entries):
+        where = f"tensors[{index}]"
+        if not (isinstance(entry, list) and len(entry) == 4):
+            raise InvalidRequest("must be [name, dtype, shape, bytes]", where)
+        name, dtype_name, shape, raw = entry
+        if not isinstance(name, str) or dtype_name not in WEIGHT_DTYPES or not isinstance(raw, bytes):
+            raise InvalidRequest(
+                f"needs a str name, a dtype among {', '.join(WEIGHT_DTYPES)} and raw bytes", where
+            )
+        if not (isinstance(shape, list) and all(isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in shape)):
+            raise InvalidRequest(f"bad shape {shape!r}", where)
+        dtype = WEIGHT_DTYPES[dtype_name]
+        numel = math.prod(shape)
+        expected = numel * torch.empty((), dtype=dtype).element_size()
+        if len(raw) != expected:
+            raise InvalidRequest(f"{name}: shape {shape} of {dtype_name} needs {expected} bytes, got {len(raw)}", where)
+        tensor = torch.frombuffer(bytearray(raw), dtype=dtype).reshape(shape) if numel else torch.empty(shape, dtype=dtype)
+        named.append((name, tensor))
+    return version, named
