@@ -4,7 +4,7 @@
 - one single-device replica with no Ray address: a `ModelEngineServer` over an engine in this
   process (`build_local_server`), no Ray at all;
 - anything else (several replicas, Megatron model parallelism, several nodes, a Ray address):
-  `build_replica_service`, the seam where the replica manager of `replica/` plugs in.
+  `build_replica_service`, a `ReplicaManager` of `replica/` on an embedded or joined Ray.
 Either way the caller gets a `LogProbService` and never learns which.
 """
 
@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from model_engine_server.config import SECTION, ConfigError, RayConfig, ServerConfig
+from model_engine_server.config import SECTION, ConfigError, ServerConfig
 from model_engine_server.scheduler_state import SchedulerObserver
 from model_engine_server.service import LogProbService
 
@@ -27,6 +27,7 @@ if TYPE_CHECKING:
 
     from model_engine_server.config_loader import LoadedConfig
     from model_engine_server.http.metrics import ServerMetrics
+    from replica.config import ReplicaConfig
 
 logger = logging.getLogger(__name__)
 
@@ -85,35 +86,59 @@ def build_service(config: ServerConfig, observer: SchedulerObserver | None = Non
 def build_replica_service(
     config: ServerConfig, model_path: str, observer: SchedulerObserver | None = None
 ) -> LogProbService:
-    """SEAM for the replica layer (`replica/`): start or join Ray (`init_ray(config.ray)`), place
-    `config.replicas` replicas of `config.gpus_per_replica` devices each (Megatron sizes in
-    `config.megatron`), and return the replica manager, which is a `LogProbService`.
-    Until that layer is wired in, a config that needs it is refused with the reason."""
-    raise ConfigError(
-        f"this config needs Ray replicas ({config.replicas} replica(s) x {config.gpus_per_replica} device(s), "
-        f"{SECTION}.nnodes={config.nnodes}, ray.address={config.ray.address!r}), and the replica layer is not "
-        f"wired into `serve` in this build; use one single-device replica ({SECTION}.runtime=in_process)"
+    """The seam to the replica layer (`replica/`): join or start Ray, then a `ReplicaManager` of
+    `config.replicas` replicas (started by the app's start-up, on the serving event loop)."""
+    from replica.manager import ReplicaManager
+    from replica.placement import connect_ray
+
+    replica_config = replica_config_for(config, model_path)
+    ray_config = config.ray
+    init_kwargs: dict = {"namespace": ray_config.namespace}
+    if ray_config.address is None:  # sizes apply to an embedded Ray only
+        if ray_config.num_cpus is not None:
+            init_kwargs["num_cpus"] = ray_config.num_cpus
+        if ray_config.num_gpus is not None:
+            init_kwargs["num_gpus"] = ray_config.num_gpus
+        if ray_config.object_store_memory_mb is not None:
+            init_kwargs["object_store_memory"] = ray_config.object_store_memory_mb << 20
+    connect_ray(ray_config.address, num_gpus_needed=replica_config.total_gpus, **init_kwargs)
+    logger.info(
+        "building %d Ray replica(s) of %d device(s): backend=%s, model=%s",
+        replica_config.num_replicas, replica_config.world_size, config.backend, model_path,
     )
+    return ReplicaManager(replica_config, observer)
 
 
-def init_ray(ray_config: RayConfig) -> None:
-    """Join the cluster at `address`, or start an embedded Ray sized by the config."""
-    import ray
+def replica_config_for(config: ServerConfig, model_path: str) -> "ReplicaConfig":
+    """Map the section onto the replica layer's config: one replica per model-parallel group
+    (data parallelism = replicas behind the manager), a group filling whole nodes when it is
+    larger than a node."""
+    from replica.config import ReplicaConfig
 
-    if ray.is_initialized():
-        return
-    if ray_config.address:
-        logger.info("joining Ray at %s", ray_config.address)
-        ray.init(address=ray_config.address, namespace=ray_config.namespace)
-        return
-    object_store = ray_config.object_store_memory_mb * (1 << 20) if ray_config.object_store_memory_mb else None
-    logger.info("starting an embedded Ray (num_cpus=%s, num_gpus=%s)", ray_config.num_cpus, ray_config.num_gpus)
-    ray.init(
-        num_cpus=ray_config.num_cpus,
-        num_gpus=ray_config.num_gpus,
-        object_store_memory=object_store,
-        namespace=ray_config.namespace,
-        include_dashboard=False,
+    megatron = config.megatron
+    if config.backend == "megatron":
+        unsupported = {
+            "context_parallel_size": megatron.context_parallel_size != 1,
+            "expert_model_parallel_size": megatron.expert_model_parallel_size != 1,
+            "virtual_pipeline_model_parallel_size": megatron.virtual_pipeline_model_parallel_size is not None,
+        }
+        named = [f"{SECTION}.megatron.{key}" for key, used in unsupported.items() if used]
+        if named:
+            raise ConfigError(f"{', '.join(named)}: not supported by this build's Megatron engine (TP and PP are)")
+    per_replica, per_node = config.gpus_per_replica, config.gpus_per_node
+    nnodes, gpus_per_node = (1, per_replica) if per_replica <= per_node else (per_replica // per_node, per_node)
+    return ReplicaConfig(
+        backend=config.backend,
+        engine=config.engine_spec(model_path),
+        nnodes=nnodes,
+        n_gpus_per_node=gpus_per_node,
+        tensor_model_parallel_size=megatron.tensor_model_parallel_size if config.backend == "megatron" else 1,
+        pipeline_model_parallel_size=megatron.pipeline_model_parallel_size if config.backend == "megatron" else 1,
+        num_replicas=config.replicas,
+        scheduler=config.scheduler,
+        initial_weight_version=config.initial_weight_version,
+        weight_bucket_mb=config.transport.bucket_mb,
+        ray_address=config.ray.address,
     )
 
 

@@ -45,6 +45,9 @@ def create_app(
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        start = getattr(service, "start", None)  # replicas start on the serving loop (Ray actors, placement)
+        if owns_service and start is not None:
+            await start()
         yield
         if owns_service:
             logger.info("draining: finishing accepted requests, then shutting the service down")
