@@ -1,0 +1,271 @@
+"""The trainer-side weight publisher: drain -> stream buckets to every worker -> commit.
+
+`WeightPublisher(target, config).update_weights(weights, version)` takes the trainer's export
+stream of `(hf_name, tensor)` (or a dict, or an HF checkpoint folder) and:
+1. drains every replica for `version` (`begin_weight_update`: dispatch stops, in-flight
+   batches finish, new requests queue);
+2. opens a fresh transport group, starts receiving on every worker, and sends the buckets
+   (pipelined on both sides: packing, transfer and loading overlap);
+3. commits `version` on every worker when every receiver reports a complete, verified stream
+   (this resumes serving), or aborts with the reason: the version stays, the server refuses
+   to score until a complete sync lands, and `WeightSyncError(reason)` is raised here.
+
+Targets: `LocalServerTarget` / `RayWorkersTarget` / `ActorSyncTarget` (checkpoint_transport.targets)
+and `HttpSyncTarget` below (the server's admin routes). From a Ray actor (a trainer rank) use
+the same async API, or `update_weights_blocking` in synchronous code. When the sending rank is
+another process than the publisher (a controller drives, trainer rank 0 sends), use
+`update_weights_from(send, version)`: `send(spec, version)` runs `send_weights` over there.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import time
+import uuid
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Awaitable, Callable, Iterable, Mapping
+
+import torch
+
+from checkpoint_transport.channel import TransportSession, get_backend
+from checkpoint_transport.checkpoint_files import iter_checkpoint
+from checkpoint_transport.sender import WeightSender
+from checkpoint_transport.spec import ReceiveReport, SendReport, TransportConfig, TransportSpec
+from checkpoint_transport.targets import WeightSyncTarget, failure_reason, run_in_thread
+from model_engine_server.errors import ModelEngineError, WeightSyncError, error_from_wire
+
+logger = logging.getLogger(__name__)
+
+Weights = Iterable[tuple[str, torch.Tensor]] | Mapping[str, torch.Tensor] | str | os.PathLike
+RemoteSend = Callable[[TransportSpec, int], Awaitable[SendReport | dict[str, Any]]]
+SenderFactory = Callable[[TransportSpec], WeightSender]
+
+
+@dataclass
+class SyncReport:
+    """One sync, as the publisher saw it."""
+
+    version: int
+    ok: bool = False
+    error: str | None = None
+    send: SendReport | None = None
+    receives: list[ReceiveReport] = field(default_factory=list)
+    pause_window_s: float = 0.0  # begin_weight_update called -> commit/abort returned
+    transfer_s: float = 0.0  # first bucket offered -> every worker finished loading
+
+    @property
+    def bytes(self) -> int:
+        return self.send.bytes if self.send else 0
+
+    @property
+    def gb_per_s(self) -> float:
+        return self.bytes / self.transfer_s / 1e9 if self.transfer_s > 0 else 0.0
+
+
+def as_named_tensors(weights: Weights) -> Iterable[tuple[str, torch.Tensor]]:
+    if isinstance(weights, (str, os.PathLike)):
+        return iter_checkpoint(Path(weights))
+    if isinstance(weights, Mapping):
+        return weights.items()
+    return weights
+
+
+class WeightPublisher:
+    """Publishes complete weight versions to a `WeightSyncTarget`; one sync at a time."""
+
+    def __init__(
+        self,
+        target: WeightSyncTarget,
+        config: TransportConfig | None = None,
+        sender_factory: SenderFactory = WeightSender.from_spec,
+    ) -> None:
+        self.target = target
+        self.config = config or TransportConfig()
+        self.sender_factory = sender_factory
+        self._session: TransportSession | None = None
+        self._lock = asyncio.Lock()
+        self.last_report: SyncReport | None = None
+
+    async def update_weights(self, weights: Weights, version: int) -> SyncReport:
+        """Publish `weights` as `version`; raises `WeightSyncError` with the reason on failure."""
+        named = as_named_tensors(weights)
+
+        def send_here(spec: TransportSpec, version: int) -> SendReport:
+            try:
+                sender = self.sender_factory(spec)
+            except Exception as error:
+                return SendReport(version=version, error=f"the sender could not join sync {spec.group}: {error}")
+            try:
+                return sender.send(named, version)
+            finally:
+                sender.close()
+
+        return await self._sync(version, lambda spec, v: run_in_thread(send_here, spec, v))
+
+    async def update_weights_from(self, send: RemoteSend, version: int) -> SyncReport:
+        """Publish what another process sends: `send(spec, version)` makes it run
+        `checkpoint_transport.send_weights(spec, its_named_tensors, version)` and returns the report."""
+
+        async def send_remote(spec: TransportSpec, version: int) -> SendReport:
+            outcome = await send(spec, version)
+            return SendReport.from_dict(outcome) if isinstance(outcome, dict) else outcome
+
+        return await self._sync(version, send_remote)
+
+    def update_weights_blocking(self, weights: Weights, version: int) -> SyncReport:
+        """`update_weights` for synchronous code (a plain Ray actor, a script); no loop may run here."""
+        return asyncio.run(self.update_weights(weights, version))
+
+    async def _open_session(self) -> TransportSession:
+        if self._session is None:
+            backend = get_backend(self.config.backend)
+            self._session = await run_in_thread(backend.open_session, self.config)
+        return self._session
+
+    async def _sync(self, version: int, start_sender: Callable[[TransportSpec, int], Awaitable[SendReport]]) -> SyncReport:
+        async with self._lock:
+            session = await self._open_session()
+            receivers = await self.target.receiver_count()
+            spec = await run_in_thread(session.begin, f"v{version}-{uuid.uuid4().hex[:8]}", receivers)
+            report = SyncReport(version=version)
+            paused_at = time.monotonic()
+            await self.target.begin_weight_update(version)  # refused (stale version...): raises, nothing to undo
+            try:
+                await self._transfer(session, spec, version, start_sender, report)
+            except BaseException as error:  # cancelled or a bug: the server must not stay half-updated
+                report.error = report.error or f"{type(error).__name__}: {error}"
+                await self._abort(report)
+                raise
+            if report.error is None:
+                try:
+                    await self.target.commit_weight_update(version)
+                except Exception as error:
+                    report.error = f"commit failed: {getattr(error, 'message', None) or error}"
+            if report.error is not None:
+                await self._abort(report)
+            report.ok = report.error is None
+            report.pause_window_s = time.monotonic() - paused_at
+            self.last_report = report
+            if not report.ok:
+                raise _sync_error(report)
+            return report
+
+    async def _transfer(
+        self,
+        session: TransportSession,
+        spec: TransportSpec,
+        version: int,
+        start_sender: Callable[[TransportSpec, int], Awaitable[SendReport]],
+        report: SyncReport,
+    ) -> None:
+        started = time.monotonic()
+        receiving = asyncio.ensure_future(self.target.receive_weights(spec, version))
+        sending = asyncio.ensure_future(start_sender(spec, version))
+        done, _ = await asyncio.wait({receiving, sending}, return_when=asyncio.FIRST_COMPLETED)
+        if sending in done and _send_failed(sending):
+            session.abort(_send_error(sending))  # receivers stop now instead of timing out
+        try:
+            report.receives = await receiving
+        except Exception as error:
+            report.receives = []
+            report.error = f"receiving failed: {getattr(error, 'message', None) or error}"
+        if failure_reason(report.receives) is not None and not sending.done():
+            session.abort(failure_reason(report.receives) or "receivers failed")  # unblock the sender
+        report.transfer_s = time.monotonic() - started
+        try:
+            report.send = await asyncio.wait_for(asyncio.shield(sending), spec.timeout_s + 10)
+        except asyncio.TimeoutError:
+            report.send = SendReport(version=version, error=f"the sender did not finish within {spec.timeout_s + 10:.3g} s")
+        except Exception as error:  # the sending process died, or its call raised
+            report.send = SendReport(version=version, error=f"the sender failed: {type(error).__name__}: {error}")
+        problems = []
+        if report.send.error or not report.send.ok:
+            problems.append(f"sender: {report.send.error or 'did not finish'}")
+        receive_problem = report.error or failure_reason(report.receives)
+        if receive_problem:
+            problems.append(receive_problem)
+        elif report.send.ok and any(r.tensors != report.send.tensors for r in report.receives):
+            problems.append(f"workers received {[r.tensors for r in report.receives]} tensors, {report.send.tensors} were sent")
+        report.error = "; ".join(problems) or None
+
+    async def _abort(self, report: SyncReport) -> None:
+        reason = f"sync to version {report.version} failed: {report.error}"
+        try:
+            await asyncio.shield(self.target.abort_weight_update(reason))
+        except Exception as error:  # the target may be the thing that failed; report, don't mask
+            logger.warning("aborting version %d on the target failed too: %s", report.version, error)
+
+    async def get_status(self) -> dict[str, Any]:
+        return await self.target.get_status()
+
+    async def close(self) -> None:
+        if self._session is not None:
+            session, self._session = self._session, None
+            await run_in_thread(session.close)
+
+
+def _send_failed(task: "asyncio.Future[SendReport]") -> bool:
+    return task.exception() is not None or not task.result().ok
+
+
+def _send_error(task: "asyncio.Future[SendReport]") -> str:
+    error = task.exception()
+    return f"the sender failed: {error}" if error is not None else f"the sender failed: {task.result().error}"
+
+
+def _sync_error(report: SyncReport) -> WeightSyncError:
+    error = WeightSyncError(f"weight sync to version {report.version} failed: {report.error}")
+    error.report = report  # type: ignore[attr-defined]
+    return error
+
+
+class HttpSyncTarget:
+    """The server's admin routes (`checkpoint_transport.http_routes`) as a `WeightSyncTarget`,
+    plus pause/resume/status; the buckets themselves travel over the transport, not HTTP."""
+
+    def __init__(self, base_url: str, token: str | None = None, timeout_s: float = 600.0) -> None:
+        import httpx
+
+        headers = {"authorization": f"Bearer {token}"} if token else {}
+        self._client = httpx.AsyncClient(base_url=base_url.rstrip("/"), headers=headers, timeout=timeout_s)
+
+    async def _request(self, method: str, path: str, body: dict[str, Any] | None = None) -> Any:
+        response = await self._client.request(method, path, json=body)
+        payload = response.json() if response.content else {}
+        if response.status_code >= 400:
+            error = payload.get("error", payload) if isinstance(payload, dict) else {}
+            raise error_from_wire(error) if isinstance(error, dict) and "code" in error else ModelEngineError(
+                f"{method} {path} answered {response.status_code}: {response.text[:300]}"
+            )
+        return payload
+
+    async def receiver_count(self) -> int:
+        return int((await self._request("GET", "/v1/weights/receivers"))["receivers"])
+
+    async def begin_weight_update(self, version: int) -> None:
+        await self._request("POST", "/v1/weights/begin", {"version": version})
+
+    async def receive_weights(self, spec: TransportSpec, version: int) -> list[ReceiveReport]:
+        payload = await self._request("POST", "/v1/weights/receive", {"spec": spec.model_dump(), "version": version})
+        return [ReceiveReport.from_dict(r) for r in payload["reports"]]
+
+    async def commit_weight_update(self, version: int) -> None:
+        await self._request("POST", "/v1/weights/commit", {"version": version})
+
+    async def abort_weight_update(self, reason: str) -> None:
+        await self._request("POST", "/v1/weights/abort", {"reason": reason})
+
+    async def pause_serving(self) -> None:
+        await self._request("POST", "/v1/pause")
+
+    async def resume_serving(self) -> None:
+        await self._request("POST", "/v1/resume")
+
+    async def get_status(self) -> dict[str, Any]:
+        return await self._request("GET", "/v1/status")
+
+    async def close(self) -> None:
+        await self._client.aclose()
