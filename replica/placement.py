@@ -113,8 +113,9 @@ async def reserve_replica_gpus(
         raise PlacementTimeout(
             f"{name}: asked for {nnodes} node(s) x {gpus_per_node} bundle(s) of {{GPU: 1, CPU: {cpus_per_bundle:g}}} "
             f"({nnodes * gpus_per_node} GPUs, {strategy} per node); not placed within {timeout_s:g} s. "
-            f"Cluster has {_resources_line(total)} in total, {_resources_line(available)} available "
-            f"({len(ray.nodes())} node(s)). Lower num_replicas / n_gpus_per_node, free GPUs, or add nodes."
+            f"Cluster total: {_resources_line(total)} on {sum(1 for n in ray.nodes() if n.get('Alive'))} node(s); "
+            f"available now: {_resources_line(available)}. Lower num_replicas / n_gpus_per_node, free GPUs, "
+            "or add nodes."
         ) from None
     except BaseException:
         placement.remove()

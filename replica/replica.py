@@ -21,7 +21,7 @@ from typing import Any, Iterable, Sequence
 import ray
 import torch
 
-from model_engine_server.errors import ModelEngineError, WeightSyncError, WorkerFailed
+from model_engine_server.errors import ModelEngineError, ServerShuttingDown, WeightSyncError, WorkerFailed
 from model_engine_server.protocol import LogProbRequest, LogProbResult
 from model_engine_server.scheduler import ModelEngineServer
 from model_engine_server.scheduler_state import SchedulerObserver
@@ -181,12 +181,24 @@ class ModelEngineReplica:
         return self.server
 
     async def submit(self, request: LogProbRequest | dict[str, Any], timeout_s: float | None = None) -> LogProbResult:
-        return await self._server().submit(request, timeout_s)
+        """Queue one request; raises its typed error. A request lost because the replica died
+        (its batch, or its place in the queue) fails with `WorkerFailed` naming the cause."""
+        try:
+            return await self._server().submit(request, timeout_s)
+        except ServerShuttingDown:
+            if self.failure is not None:
+                raise WorkerFailed(self.failure) from None
+            raise
 
     async def score(
         self, requests: Sequence[LogProbRequest | dict[str, Any]], timeout_s: float | None = None
     ) -> list[LogProbResult | ModelEngineError]:
-        return await self._server().score(requests, timeout_s)
+        """One entry per request, in order: its result or its own typed error."""
+        outcomes = await asyncio.gather(*(self.submit(r, timeout_s) for r in requests), return_exceptions=True)
+        return [
+            o if isinstance(o, (LogProbResult, ModelEngineError)) else WorkerFailed(f"{type(o).__name__}: {o}")
+            for o in outcomes
+        ]
 
     async def pause_serving(self) -> None:
         await self._server().pause_serving()

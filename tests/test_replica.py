@@ -1,0 +1,245 @@
+"""Replicas on Ray, in the caller's process: placement, dead workers, manager routing, cleanup.
+
+Engines run on CPU inside logical-GPU bundles of the session's embedded Ray (4 GPUs). The
+server-actor path and the Ray-handle client are in `test_ray_client.py`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+
+from model_engine_server.engines.base import EngineSpec, ModelInfo
+from model_engine_server.errors import WorkerFailed
+from model_engine_server.protocol import LogProbResult
+from model_engine_server.scheduler import SchedulerConfig
+from replica.config import ReplicaConfig
+from replica.executor import RayWorkerExecutor, iter_buckets, split_by_tokens
+from replica.manager import ReplicaManager
+from replica.placement import PlacementTimeout
+from replica.replica import ModelEngineReplica
+from replica.worker import WorkerInfo, default_data_parallel_rank
+from tests.helpers import random_requests
+
+REPLICA_ACTOR_CLASSES = ("ModelEngineWorker", "ModelEngineServerActor")
+DEADLINE_S = 120.0
+
+
+# ---------------------------------------------------------------------- helpers shared with test_ray_client
+def live_replica_actors() -> list[str]:
+    """Worker and server actors that are not DEAD (state API when the dashboard runs, else the GCS table)."""
+    try:
+        from ray.util.state import list_actors
+
+        actors = list_actors(filters=[("state", "!=", "DEAD")], limit=10_000, raise_on_missing_output=False)
+        return [f"{a.class_name}:{a.state}" for a in actors if a.class_name in REPLICA_ACTOR_CLASSES]
+    except Exception:  # the session's Ray runs without the dashboard the state API needs
+        import ray._private.state
+
+        return [
+            f"{a['ActorClassName']}:{a['State']}"
+            for a in ray._private.state.actors().values()
+            if a["State"] != "DEAD" and a["ActorClassName"] in REPLICA_ACTOR_CLASSES
+        ]
+
+
+def live_replica_placement_groups() -> list[str]:
+    import ray
+
+    return [
+        f"{group['name']}:{group['state']}"
+        for group in ray.util.placement_group_table().values()
+        if group["state"] != "REMOVED" and group["name"].startswith("replica-")
+    ]
+
+
+async def assert_nothing_left(deadline_s: float = 30.0) -> None:
+    """Actor deaths are asynchronous in Ray: wait until they are recorded, then assert."""
+    end = time.monotonic() + deadline_s
+    while (live_replica_actors() or live_replica_placement_groups()) and time.monotonic() < end:
+        await asyncio.sleep(0.2)
+    assert live_replica_actors() == []
+    assert live_replica_placement_groups() == []
+
+
+def replica_config(model_path, **overrides) -> ReplicaConfig:
+    fields = dict(
+        engine=EngineSpec(model_path=str(model_path)),
+        scheduler=SchedulerConfig(max_tokens_per_batch=2048, max_wait_ms=2.0),
+        start_timeout_s=60.0,
+        init_timeout_s=180.0,
+        batch_timeout_s=60.0,
+    )
+    fields.update(overrides)
+    return ReplicaConfig(**fields)
+
+
+async def wait_until(predicate, what: str, deadline_s: float = 60.0, interval_s: float = 0.005) -> None:
+    end = time.monotonic() + deadline_s
+    while not predicate():
+        if time.monotonic() > end:
+            raise AssertionError(f"timed out waiting for {what}")
+        await asyncio.sleep(interval_s)
+
+
+# ---------------------------------------------------------------------- pure parts (no Ray)
+def test_split_by_tokens_balances_shares_and_keeps_every_request_once():
+    counts = [400, 10, 300, 250, 90, 80, 70, 5]
+    shares = split_by_tokens(counts, 2)
+    assert sorted(i for share in shares for i in share) == list(range(len(counts)))
+    loads = [sum(counts[i] for i in share) for share in shares]
+    assert max(loads) - min(loads) <= max(counts)
+    assert all(share == sorted(share) for share in shares)
+
+
+def test_split_by_tokens_leaves_extra_groups_empty_for_a_single_request():
+    assert split_by_tokens([7], 3) == [[0], [], []]
+
+
+def test_iter_buckets_respects_the_byte_budget_and_keeps_order():
+    named = [(f"w{i}", torch.zeros(64)) for i in range(10)]  # 256 bytes each
+    buckets = list(iter_buckets(named, bucket_bytes=600))
+    assert [len(b) for b in buckets] == [2, 2, 2, 2, 2]
+    assert [name for bucket in buckets for name, _ in bucket] == [f"w{i}" for i in range(10)]
+    big = list(iter_buckets([("big", torch.zeros(1000))], bucket_bytes=10))
+    assert [[n for n, _ in b] for b in big] == [["big"]]
+
+
+def test_config_rejects_a_world_size_not_divisible_by_model_parallel_size():
+    with pytest.raises(ValueError, match="not a multiple"):
+        ReplicaConfig(backend="megatron", n_gpus_per_node=3, tensor_model_parallel_size=2)
+
+
+def test_config_rejects_model_parallelism_with_the_hf_backend():
+    with pytest.raises(ValueError, match="hf backend"):
+        ReplicaConfig(n_gpus_per_node=2, tensor_model_parallel_size=2)
+
+
+def test_config_layout_and_engine_kwargs_for_a_model_parallel_backend():
+    config = ReplicaConfig(backend="megatron", nnodes=2, n_gpus_per_node=4, tensor_model_parallel_size=2,
+                           pipeline_model_parallel_size=2, num_replicas=3)
+    assert (config.world_size, config.model_parallel_size, config.data_parallel_size, config.total_gpus) == (8, 4, 2, 24)
+    assert config.build_engine_kwargs() == {"tensor_model_parallel_size": 2, "pipeline_model_parallel_size": 2}
+    assert ReplicaConfig().build_engine_kwargs() == {}
+
+
+def test_default_data_parallel_rank_follows_megatron_rank_order():
+    # tp=2, dp=2, pp=2: ranks 0,1 -> dp0; 2,3 -> dp1; 4,5 -> dp0 (next pipeline stage); 6,7 -> dp1
+    assert [default_data_parallel_rank(r, 2, 2) for r in range(8)] == [0, 0, 1, 1, 0, 0, 1, 1]
+
+
+def _info(rank: int, dp_rank: int, returns: bool) -> WorkerInfo:
+    return WorkerInfo(rank, 4, dp_rank, returns, "127.0.0.1", "n", 1, "cpu", "gloo")
+
+
+def test_executor_needs_exactly_one_result_rank_per_data_parallel_group():
+    model = ModelInfo("Fake", 10, 10, 8, 1, "float32", "cpu", False)
+    infos = [_info(0, 0, False), _info(1, 0, True), _info(2, 1, False), _info(3, 1, True)]
+    executor = RayWorkerExecutor("r", [None] * 4, infos, model, {})
+    assert executor.groups == [[0, 1], [2, 3]]
+    bad = [_info(0, 0, True), _info(1, 0, True)]
+    with pytest.raises(RuntimeError, match="exactly one"):
+        RayWorkerExecutor("r", [None] * 2, bad, model, {})
+
+
+def test_connect_ray_embedded_declares_the_logical_gpus_asked_for(tmp_path):
+    """In a fresh process (the session's Ray is already up here): no address -> local Ray
+    with as many logical GPUs as the configuration needs when there is no CUDA."""
+    script = (
+        "import ray, torch\n"
+        "from replica.placement import connect_ray\n"
+        "connect_ray(None, 3, num_cpus=1, object_store_memory=80 * 1024 * 1024)\n"
+        "gpus = ray.cluster_resources().get('GPU', 0)\n"
+        "expected = torch.cuda.device_count() or 3\n"
+        "print('GPUS', gpus, expected)\n"
+        "ray.shutdown()\n"
+        "assert gpus == expected, (gpus, expected)\n"
+    )
+    env = dict(os.environ, RAY_AUTH_MODE="disabled", RAY_USAGE_STATS_ENABLED="0", PYTHONPATH=os.getcwd())
+    env.pop("RAY_ADDRESS", None)
+    done = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=120, cwd=tmp_path)
+    assert done.returncode == 0, done.stderr[-3000:]
+
+
+# ---------------------------------------------------------------------- Ray: placement
+async def test_more_gpus_than_the_cluster_has_fails_clearly_within_the_timeout(ray_cluster, tiny_model):
+    config = replica_config(tiny_model, n_gpus_per_node=5, start_timeout_s=2.0)
+    replica = ModelEngineReplica(config)
+    started = time.monotonic()
+    with pytest.raises(PlacementTimeout) as raised:
+        await replica.start()
+    elapsed = time.monotonic() - started
+    message = str(raised.value)
+    assert "1 node(s) x 5 bundle(s)" in message and "5 GPUs" in message
+    assert "Cluster total: GPU=4" in message and "available now: GPU=" in message
+    assert elapsed < 2.0 + 10.0  # the configured timeout plus clean-up, never a hang
+    await assert_nothing_left()
+
+
+# ---------------------------------------------------------------------- Ray: one replica, a dead worker
+async def test_dead_worker_fails_its_batch_with_worker_failed_and_marks_the_replica_dead(ray_cluster, tiny_model):
+    import ray
+
+    replica = ModelEngineReplica(replica_config(tiny_model, n_gpus_per_node=2), index=7)
+    await replica.start()
+    try:
+        infos = await replica.worker_placements()
+        assert [i.rank for i in infos] == [0, 1] and {i.data_parallel_rank for i in infos} == {0, 1}
+        assert all(i.dist_backend == ("nccl" if torch.cuda.is_available() else "gloo") for i in infos)
+        served = await replica.score(random_requests(4, 512, seed=5, max_len=100))
+        assert all(isinstance(o, LogProbResult) for o in served)
+
+        requests = random_requests(300, 512, seed=6, min_len=200, max_len=400)
+        scoring = asyncio.ensure_future(replica.score(requests))
+        await wait_until(lambda: replica.status()["batches_total"] >= 1 and replica.status()["queue_depth"] > 0,
+                         "a first batch done with more queued")
+        ray.kill(replica.workers[1], no_restart=True)
+        outcomes = await asyncio.wait_for(scoring, DEADLINE_S)
+
+        failed = [o for o in outcomes if not isinstance(o, LogProbResult)]
+        assert failed, "requests queued behind the killed worker cannot all have been served"
+        assert all(isinstance(o, WorkerFailed) for o in failed)
+        assert any("worker rank 1 died" in o.message for o in failed)
+        assert not replica.alive
+        assert (await replica.health())["alive"] is False
+        late = await asyncio.wait_for(replica.score(random_requests(2, 512, seed=7, max_len=50)), DEADLINE_S)
+        assert all(isinstance(o, WorkerFailed) for o in late)
+    finally:
+        await replica.shutdown(drain=False, timeout_s=5.0)
+    await assert_nothing_left()
+
+
+# ---------------------------------------------------------------------- Ray: manager without retry
+async def test_manager_without_retry_fails_lost_requests_and_stops_routing_to_the_dead_replica(ray_cluster, tiny_model):
+    import ray
+
+    manager = ReplicaManager(replica_config(tiny_model, num_replicas=2, retry_on_worker_failure=False))
+    await manager.start()
+    try:
+        requests = random_requests(300, 512, seed=8, min_len=200, max_len=400)
+        scoring = asyncio.ensure_future(manager.score(requests))
+        first = manager.replicas[0]
+        await wait_until(lambda: first.status()["batches_total"] >= 1 and first.status()["queue_depth"] > 0,
+                         "replica 0 busy with more queued")
+        ray.kill(first.workers[0], no_restart=True)
+        outcomes = await asyncio.wait_for(scoring, DEADLINE_S)
+
+        lost = [o for o in outcomes if not isinstance(o, LogProbResult)]
+        assert lost and all(isinstance(o, WorkerFailed) and "replica-0" in o.message for o in lost)
+        assert any(isinstance(o, LogProbResult) for o in outcomes)  # replica 1 kept serving
+        status = manager.status()
+        assert status["live_replicas"] == 1 and status["replicas"][0]["alive"] is False
+
+        routed_before = manager.routed_requests[0]
+        later = await asyncio.wait_for(manager.score(random_requests(6, 512, seed=9, max_len=80)), DEADLINE_S)
+        assert all(isinstance(o, LogProbResult) for o in later)
+        assert manager.routed_requests[0] == routed_before
+    finally:
+        await manager.shutdown(drain=False, timeout_s=5.0)
+    await assert_nothing_left()
