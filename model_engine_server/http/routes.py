@@ -152,7 +152,7 @@ async def logprobs(request: Request) -> Response:
     finally:
         state.scoring_in_progress -= 1
     for (index, _), outcome in zip(valid, scored):
-        outcomes[index] = outcome
+        outcomes[index] = _indexed(outcome, index)
     entries = [
         outcome_to_wire(outcome, _request_id(item))
         for outcome, item in zip(outcomes, envelope.requests)
@@ -161,6 +161,15 @@ async def logprobs(request: Request) -> Response:
         return error_response(outcomes[0], state.retry_after_s, extra={"results": json_safe(entries)})
     as_msgpack = _wants_msgpack(request)
     return Response(encode_body({"results": entries}, as_msgpack), media_type=MSGPACK if as_msgpack else "application/json")
+
+
+def _indexed(outcome: Any, index: int) -> Any:
+    """Name the request an `InvalidRequest` is about: `input_ids` -> `requests[3].input_ids`."""
+    if not isinstance(outcome, InvalidRequest) or type(outcome) is not InvalidRequest:
+        return outcome
+    field = outcome.field
+    message = outcome.message.removeprefix(f"{field}: ") if field else outcome.message
+    return InvalidRequest(message, f"requests[{index}].{field}" if field else f"requests[{index}]")
 
 
 def _request_id(item: Any) -> str | None:
