@@ -33,9 +33,11 @@ def test_packed_log_probs_and_entropy_equal_plain_transformers(tiny_models, chec
         torch.testing.assert_close(torch.from_numpy(output.entropy), expected_entropy, atol=TOLERANCE, rtol=0)
 
 
-def test_packed_sequences_do_not_attend_to_each_other(tiny_model):
-    """Scores of a sequence must not depend on what is packed before it."""
-    engine = build_engine("hf", EngineSpec(model_path=str(tiny_model)))
+@pytest.mark.parametrize("attention", ["packed_sdpa", "sdpa"])
+def test_packed_sequences_do_not_attend_to_each_other(tiny_model, attention):
+    """Scores of a sequence must not depend on what is packed before it (our per-sequence
+    attention, and transformers' block-diagonal mask from reset position ids)."""
+    engine = build_engine("hf", EngineSpec(model_path=str(tiny_model), attn_implementation=attention))
     requests = random_requests(3, engine.info.vocab_size, seed=7, min_len=40, max_len=60)
     batch = pack_sequences([r.input_ids for r in requests], [r.response_start for r in requests])
     temperatures = torch.ones(batch.targets.shape[0])
@@ -47,12 +49,12 @@ def test_packed_sequences_do_not_attend_to_each_other(tiny_model):
     for k, expected in enumerate(alone):
         torch.testing.assert_close(batch.split(packed)[k], expected, atol=TOLERANCE, rtol=0)
 
-    # The same comparison has the power to catch leakage: positions that run on across
-    # sequences make later sequences see earlier ones, and the scores move far beyond tolerance.
+    # The same comparison has the power to catch leakage: boundaries and positions that run on
+    # across sequences make later sequences see earlier ones, and the scores move far beyond tolerance.
     leaky = PackedBatch(
         input_ids=batch.input_ids,
         position_ids=torch.arange(batch.num_tokens).unsqueeze(0),
-        cu_seqlens=batch.cu_seqlens,
+        cu_seqlens=torch.tensor([0, batch.num_tokens], dtype=torch.int32),
         score_positions=batch.score_positions,
         targets=batch.targets,
         score_offsets=batch.score_offsets,

@@ -1,7 +1,9 @@
 """HuggingFace transformers engine: a causal LM from a local checkpoint, forward-only, packed.
 
-Packed rows rely on transformers' own packed-sequence detection: `position_ids` reset per
-sequence with `attention_mask=None` gives a block-diagonal causal mask. `use_cache=False` is
+Packed rows carry `position_ids` reset per sequence and the boundaries as `cu_seq_lens_*`
+keywords. On CPU the default attention is our `packed_sdpa` (one causal SDPA per sequence,
+no `[T, T]` mask); on CUDA varlen flash attention when installed; with plain `sdpa`
+transformers' packed-sequence detection builds a block-diagonal mask. `use_cache=False` is
 required: with the cache on, transformers skips that detection and sequences silently attend
 to each other (measured in ../shared/notes/cpu-megatron.md).
 """
@@ -14,6 +16,7 @@ from typing import Iterable, Iterator
 
 import torch
 
+from model_engine_server.engines import packed_attention
 from model_engine_server.engines.base import (
     EngineSpec,
     HiddenStateEngine,
@@ -44,9 +47,9 @@ def check_checkpoint_folder(model_path: str | None) -> Path:
 def pick_attention(device: torch.device, requested: str | None) -> str:
     if requested:
         return requested
-    if device.type == "cuda" and importlib.util.find_spec("flash_attn") is not None:
-        return "flash_attention_2"
-    return "sdpa"
+    if device.type == "cuda":
+        return "flash_attention_2" if importlib.util.find_spec("flash_attn") is not None else "sdpa"
+    return packed_attention.NAME
 
 
 class HFEngine(HiddenStateEngine):
@@ -59,6 +62,7 @@ class HFEngine(HiddenStateEngine):
         hf_logging.disable_progress_bar()
 
         path = check_checkpoint_folder(spec.model_path)
+        packed_attention.register()
         self.spec = spec
         self.device = resolve_device(spec.device)
         self.model = AutoModelForCausalLM.from_pretrained(
@@ -86,10 +90,15 @@ class HFEngine(HiddenStateEngine):
         )
 
     def hidden_states(self, batch: PackedBatch) -> torch.Tensor:
+        boundaries = batch.cu_seqlens.to(self.device)
         outputs = self.model.base_model(
             input_ids=batch.input_ids.to(self.device),
             position_ids=batch.position_ids.to(self.device),
             use_cache=False,
+            cu_seq_lens_q=boundaries,
+            cu_seq_lens_k=boundaries,
+            max_length_q=batch.max_seqlen,
+            max_length_k=batch.max_seqlen,
         )
         return outputs.last_hidden_state[0]
 

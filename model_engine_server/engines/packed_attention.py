@@ -1,0 +1,57 @@
+"""Varlen causal attention for packed rows without a `[T, T]` mask: one SDPA call per sequence.
+
+transformers' SDPA path turns reset `position_ids` into a block-diagonal `[T, T]` mask and
+attends over the whole row, so a row of 8,192 tokens costs 8,192^2 scores per head however
+short its sequences are. Here each sequence attends only to itself (sum of L_k^2), the way
+varlen flash attention does on GPU. The sequence boundaries come from the `cu_seq_lens_q`
+keyword the engine passes through the model's forward (transformers forwards such keywords
+to the attention function), and because this implementation has no mask function registered,
+transformers builds no mask at all.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+NAME = "packed_sdpa"
+
+
+def packed_sdpa_attention(
+    module: torch.nn.Module,
+    query: torch.Tensor,  # [1, heads, T, head_dim]
+    key: torch.Tensor,  # [1, kv_heads, T, head_dim]
+    value: torch.Tensor,
+    attention_mask: torch.Tensor | None,
+    dropout: float = 0.0,
+    scaling: float | None = None,
+    **kwargs: Any,
+) -> tuple[torch.Tensor, None]:
+    if query.shape[0] != 1 or attention_mask is not None:
+        raise ValueError(f"{NAME} takes one packed row without a mask (got batch {query.shape[0]})")
+    if getattr(module, "sliding_window", None):
+        raise ValueError(f"{NAME} does not apply sliding-window attention")
+    boundaries = kwargs.get("cu_seq_lens_q")
+    total = query.shape[2]
+    edges = [0, total] if boundaries is None else [int(x) for x in boundaries.tolist()]
+    if edges[-1] != total:
+        raise ValueError(f"cu_seq_lens_q ends at {edges[-1]} but the row has {total} tokens")
+    grouped = query.shape[1] != key.shape[1]
+    outputs = [
+        F.scaled_dot_product_attention(
+            query[:, :, start:stop], key[:, :, start:stop], value[:, :, start:stop],
+            is_causal=True, scale=scaling, enable_gqa=grouped,
+        )
+        for start, stop in zip(edges[:-1], edges[1:])
+    ]
+    return torch.cat(outputs, dim=2).transpose(1, 2).contiguous(), None
+
+
+def register() -> str:
+    """Make `attn_implementation="packed_sdpa"` known to transformers; idempotent."""
+    from transformers import AttentionInterface
+
+    AttentionInterface.register(NAME, packed_sdpa_attention)
+    return NAME
