@@ -28,6 +28,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Sequence, get_args
 
+import yaml
 from omegaconf import DictConfig, ListConfig, OmegaConf
 from pydantic import BaseModel, SecretStr, ValidationError
 
@@ -142,10 +143,7 @@ def load_training_config(
     else:
         if not Path(path).is_file():
             raise ConfigError(f"config file {str(path)!r} does not exist")
-        try:
-            loaded = OmegaConf.load(path)
-        except Exception as error:
-            raise ConfigError(f"cannot read {path} as YAML: {error}") from None
+        loaded = _load_yaml(Path(path))
         if not isinstance(loaded, DictConfig):
             raise ConfigError(f"{path} must hold a mapping at the top level, got a list")
         cfg = loaded
@@ -156,6 +154,38 @@ def load_training_config(
             del cfg[directive]
     applied = apply_overrides(cfg, overrides)
     return cfg, applied, defaults
+
+
+def _load_yaml(path: Path) -> Any:
+    """OmegaConf's load; if an interpolation outside the section is not even valid syntax,
+    that value is kept as literal text (with a warning) rather than refusing the file."""
+    try:
+        return OmegaConf.load(path)
+    except Exception as error:
+        first_error = error
+    try:
+        data = yaml.safe_load(path.read_text())
+    except Exception as error:
+        raise ConfigError(f"cannot read {path} as YAML: {error}") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"cannot read {path}: {first_error}") from None
+    return OmegaConf.create(_neutralise_broken_interpolations(data, ""))
+
+
+def _neutralise_broken_interpolations(node: Any, path: str) -> Any:
+    if isinstance(node, dict):
+        return {key: _neutralise_broken_interpolations(value, f"{path}.{key}" if path else str(key)) for key, value in node.items()}
+    if isinstance(node, list):
+        return [_neutralise_broken_interpolations(value, f"{path}[{index}]") for index, value in enumerate(node)]
+    if isinstance(node, str) and "${" in node:
+        try:
+            OmegaConf.create({"value": node})
+        except Exception as error:
+            if path == SECTION or path.startswith(SECTION + "."):
+                raise ConfigError(f"{path}: {str(error).splitlines()[0]}") from None
+            logger.warning("%s: %s; kept as literal text (outside %s)", path, str(error).splitlines()[0], SECTION)
+            return node.replace("${", "\\${")
+    return node
 
 
 # ---------------------------------------------------------------- reading the section
