@@ -9,8 +9,9 @@ pipeline, so every rank returns the same result. `returns_results` marks the one
 group (last stage, TP rank 0) the replica takes results from.
 
 Build kwargs (through `build_engine("megatron", spec, **kwargs)`):
-  tensor_model_parallel_size, pipeline_model_parallel_size: the layout; with data_parallel_size
-      (default 1) their product must equal the size of the process group the replica formed.
+  tensor_model_parallel_size, pipeline_model_parallel_size: the layout. The process group the
+      replica formed must be TP x PP x DP workers; data_parallel_size=None (default) takes DP
+      from the group size, which TP x PP must then divide.
   transformer_engine: None picks TransformerEngine's layer spec (THD packing) when it is
       installed and the device is CUDA, else Megatron's local spec (block-diagonal mask).
   seed: for Megatron's RNG tracker (weights come from the checkpoint; scoring draws nothing).
@@ -101,7 +102,7 @@ class MegatronEngine(HiddenStateEngine):
         spec: EngineSpec,
         tensor_model_parallel_size: int = 1,
         pipeline_model_parallel_size: int = 1,
-        data_parallel_size: int = 1,
+        data_parallel_size: int | None = None,
         transformer_engine: bool | None = None,
         seed: int = 1234,
     ) -> None:
@@ -154,6 +155,11 @@ class MegatronEngine(HiddenStateEngine):
         """True on the rank whose results the replica reports (last PP stage, TP rank 0)."""
         return self.layout.returns_results
 
+    @property
+    def data_parallel_rank(self) -> int:
+        """Which data-parallel copy of the model-parallel group this rank belongs to."""
+        return self.layout.dp_rank
+
     def _load_checkpoint(self, path: str) -> None:
         stored = checkpoint_names(path)
         aliases = set(TIED_ALIASES) if self.weights.tied else set()
@@ -180,7 +186,7 @@ class MegatronEngine(HiddenStateEngine):
             weight = self.model.output_layer.weight
         rows = int(weight.shape[0])
         vocab_start = self.layout.tp_rank * rows
-        valid_rows = min(rows, self.info_vocab_size - vocab_start)
+        valid_rows = min(rows, int(self.bridge.hf_config.vocab_size) - vocab_start)
         if valid_rows <= 0:
             raise MegatronConfigError(f"TP rank {self.layout.tp_rank} holds only vocabulary padding; use a smaller TP")
         return LMHead(
@@ -188,10 +194,6 @@ class MegatronEngine(HiddenStateEngine):
             vocab_start=vocab_start,
             group=self.layout.tp_group if self.layout.tp_size > 1 else None,
         )
-
-    @property
-    def info_vocab_size(self) -> int:
-        return int(self.bridge.hf_config.vocab_size)
 
     def hidden_states(self, batch: PackedBatch) -> torch.Tensor:
         """Run this stage; `[T, H]` final hidden states on the last stage (pass-through elsewhere)."""
@@ -247,7 +249,7 @@ class MegatronEngine(HiddenStateEngine):
         return self.weights.load(named_tensors, allow_cast=self.spec.allow_dtype_cast)
 
     def export_weights(self) -> Iterator[tuple[str, torch.Tensor]]:
-        """This stage's weights as whole HF tensors; every TP rank of the stage must iterate it."""
+        """The whole model as HF tensors on every rank; all ranks of the group must iterate it."""
         return self.weights.export()
 
     def close(self) -> None:
@@ -268,7 +270,7 @@ def build_megatron_engine(
     spec: EngineSpec,
     tensor_model_parallel_size: int = 1,
     pipeline_model_parallel_size: int = 1,
-    data_parallel_size: int = 1,
+    data_parallel_size: int | None = None,
     transformer_engine: bool | None = None,
     seed: int = 1234,
     **unused: Any,

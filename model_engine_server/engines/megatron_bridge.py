@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import importlib.util
 import inspect
+import warnings
 from typing import Any
 
 import torch
@@ -132,7 +133,9 @@ def make_bridge(hf_config: Any, dtype: torch.dtype, use_transformer_engine: bool
     # Pad only when the vocabulary does not split evenly over TP ranks; the padded rows are
     # cut off the LM head before scoring (see MegatronEngine.lm_head).
     pad_to = tp_size if vocab_size % tp_size else None
-    bridge = scoring_class(hf_config, dtype=dtype, make_vocab_size_divisible_by=pad_to)
+    with warnings.catch_warnings():  # TransformerConfig warns about training-only defaults
+        warnings.simplefilter("ignore", UserWarning)
+        bridge = scoring_class(hf_config, dtype=dtype, make_vocab_size_divisible_by=pad_to)
     overrides: dict[str, Any] = {
         # Forward-only: sequence parallelism would only scatter activations we need whole.
         "sequence_parallel": False,
@@ -142,7 +145,9 @@ def make_bridge(hf_config: Any, dtype: torch.dtype, use_transformer_engine: bool
         # The fused causal softmax kernel ignores the mask and applies a plain triangle, which
         # would let packed sequences see each other; the local spec needs the masked path.
         overrides["masked_softmax_fusion"] = False
-    bridge.set_extra_args(**overrides)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)
+        bridge.set_extra_args(**overrides)
     return bridge
 
 

@@ -35,11 +35,16 @@ class ModelParallelLayout:
     dp_size: int
     tp_rank: int
     pp_rank: int
+    dp_rank: int
     tp_group: Any
     pp_group: Any
     prev_stage_rank: int  # global ranks in this rank's pipeline
     next_stage_rank: int
     last_stage_rank: int
+
+    def stage_rank(self, stage: int) -> int:
+        """Global rank of pipeline stage `stage` in this rank's pipeline."""
+        return dist.get_global_rank(self.pp_group, stage)
 
     @property
     def is_first_stage(self) -> bool:
@@ -55,20 +60,31 @@ class ModelParallelLayout:
         return self.is_last_stage and self.tp_rank == 0
 
 
-def check_layout(tp_size: int, pp_size: int, world_size: int, dp_size: int = 1) -> None:
-    """TP x PP x DP must cover the process group exactly; say which numbers disagree."""
-    if tp_size < 1 or pp_size < 1 or dp_size < 1:
+def check_layout(tp_size: int, pp_size: int, world_size: int, dp_size: int | None = None) -> int:
+    """TP x PP (x DP) must cover the process group exactly; returns DP, names the numbers that disagree.
+
+    `dp_size=None` lets the replica's extra workers form data-parallel copies of the
+    model-parallel group (world = TP x PP x DP); a world that TP x PP does not divide is an error.
+    """
+    if tp_size < 1 or pp_size < 1 or (dp_size is not None and dp_size < 1):
         raise MegatronConfigError(
             f"parallel sizes must be >= 1, got tensor_model_parallel_size={tp_size}, "
             f"pipeline_model_parallel_size={pp_size}, data_parallel_size={dp_size}"
         )
-    if tp_size * pp_size * dp_size != world_size:
-        raise MegatronConfigError(
-            f"tensor_model_parallel_size ({tp_size}) x pipeline_model_parallel_size ({pp_size})"
-            + (f" x data_parallel_size ({dp_size})" if dp_size != 1 else "")
-            + f" = {tp_size * pp_size * dp_size}, but the replica has {world_size} worker(s) (one per GPU); "
-            "set model_engine_server.megatron.* so that the product equals the replica's GPU count"
-        )
+    model_parallel = tp_size * pp_size
+    if dp_size is None:
+        if world_size % model_parallel == 0:
+            return world_size // model_parallel
+        wanted = f"a multiple of {model_parallel}"
+    elif model_parallel * dp_size == world_size:
+        return dp_size
+    else:
+        wanted = f"x data_parallel_size ({dp_size}) = {model_parallel * dp_size}"
+    raise MegatronConfigError(
+        f"tensor_model_parallel_size ({tp_size}) x pipeline_model_parallel_size ({pp_size}) = {model_parallel}, "
+        f"but the replica has {world_size} worker(s), one per GPU (needed: {wanted}); set "
+        "model_engine_server.megatron.* so that the product matches the replica's GPU count"
+    )
 
 
 def ensure_process_group(device: torch.device, tp_size: int, pp_size: int) -> bool:
@@ -89,12 +105,12 @@ def ensure_process_group(device: torch.device, tp_size: int, pp_size: int) -> bo
     return True
 
 
-def acquire_layout(tp_size: int, pp_size: int, dp_size: int = 1) -> ModelParallelLayout:
+def acquire_layout(tp_size: int, pp_size: int, dp_size: int | None = None) -> ModelParallelLayout:
     """Initialise (or join) Megatron's parallel state for this TP x PP; counted, see `release_layout`."""
     from megatron.core import parallel_state as mpu
 
     global _users, _sizes
-    check_layout(tp_size, pp_size, dist.get_world_size(), dp_size)
+    dp_size = check_layout(tp_size, pp_size, dist.get_world_size(), dp_size)
     with _lock:
         if _sizes is not None and _sizes != (tp_size, pp_size):
             raise MegatronConfigError(
@@ -117,6 +133,7 @@ def acquire_layout(tp_size: int, pp_size: int, dp_size: int = 1) -> ModelParalle
         dp_size=dp_size,
         tp_rank=mpu.get_tensor_model_parallel_rank(),
         pp_rank=mpu.get_pipeline_model_parallel_rank(),
+        dp_rank=mpu.get_data_parallel_rank(),
         tp_group=mpu.get_tensor_model_parallel_group(),
         pp_group=mpu.get_pipeline_model_parallel_group(),
         prev_stage_rank=mpu.get_pipeline_model_parallel_prev_rank(),

@@ -149,20 +149,41 @@ class HFWeightMap:
 
     @torch.no_grad()
     def export(self) -> Iterator[tuple[str, torch.Tensor]]:
-        """This stage's weights as whole HF tensors (TP shards all-gathered; every TP rank must call).
+        """The whole model as HF tensors, on every rank of the model-parallel group.
 
-        With pipeline parallelism each stage yields its own layers; together they are the model.
-        A tied output layer is not yielded again (it is `model.embed_tokens.weight`).
+        Collective: every rank must iterate to the end. TP shards are all-gathered within the
+        owning stage, then each tensor is broadcast from its stage along the pipeline. A tied
+        output layer is not yielded again (it is `model.embed_tokens.weight`).
         """
-        for slot in self.slots:
-            if self.tied and slot.global_name == "output_layer.weight":
-                continue  # the last stage's copy of the embedding, exported by the first stage
-            param = slot.param.detach()
-            if getattr(slot.param, "tensor_model_parallel", False) and self.layout.tp_size > 1:
-                shards = [torch.empty_like(param) for _ in range(self.layout.tp_size)]
-                dist.all_gather(shards, param.contiguous(), group=self.layout.tp_group)
-                param = self.bridge._weight_merge_across_tp(slot.global_name, shards, slot.param)
-            yield from zip(*self.bridge._weight_to_hf_format(slot.global_name, param))
+        layout = self.layout
+        owned = {slot.global_name: slot for slot in self.slots}
+        entries = [
+            (slot.global_name, _full_mcore_shape(slot.param, layout.tp_size))
+            for slot in self.slots
+            if not (self.tied and slot.global_name == "output_layer.weight")
+        ]
+        if layout.pp_size == 1:
+            per_stage = [entries]
+        else:
+            per_stage = [None] * layout.pp_size
+            dist.all_gather_object(per_stage, entries, group=layout.pp_group)
+        for stage, stage_entries in enumerate(per_stage):
+            for global_name, shape in stage_entries:
+                if stage == layout.pp_rank:
+                    whole = self._whole_mcore_tensor(owned[global_name])
+                else:
+                    whole = torch.empty(shape, dtype=self.dtype, device=self.slots[0].param.device)
+                if layout.pp_size > 1:
+                    dist.broadcast(whole, src=layout.stage_rank(stage), group=layout.pp_group)
+                yield from zip(*self.bridge._weight_to_hf_format(global_name, whole))
+
+    def _whole_mcore_tensor(self, slot: ParamSlot) -> torch.Tensor:
+        param = slot.param.detach()
+        if not (getattr(slot.param, "tensor_model_parallel", False) and self.layout.tp_size > 1):
+            return param.contiguous()
+        shards = [torch.empty_like(param) for _ in range(self.layout.tp_size)]
+        dist.all_gather(shards, param.contiguous(), group=self.layout.tp_group)
+        return self.bridge._weight_merge_across_tp(slot.global_name, shards, slot.param).contiguous()
 
 
 def _safetensors_files(model_path: str | Path) -> list[Path]:
