@@ -204,11 +204,14 @@ def _read_call_reply(
 
 
 def _nulls_to_nan(entry: dict[str, Any]) -> dict[str, Any]:
-    """JSON sends non-finite values as null; give them back as NaN."""
+    """JSON sends non-finite values as null: give them back as NaN. msgpack arrays are views of
+    the response body: copy them so callers get ordinary writable arrays."""
     for key in ("log_probs", "entropy", "ref_log_probs"):
         value = entry.get(key)
         if isinstance(value, list) and any(v is None for v in value):
             entry[key] = [float("nan") if v is None else v for v in value]
+        elif isinstance(value, np.ndarray) and not value.flags.writeable:
+            entry[key] = value.copy()
     return entry
 
 
