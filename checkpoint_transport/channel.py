@@ -59,6 +59,8 @@ class TransportSession(Protocol):
     """The publisher's side of the rendezvous: long-lived (a TCP store, a Ray actor), one
     fresh group per sync so a failed sync leaves nothing behind for the next one."""
 
+    backend: str
+
     def begin(self, group: str, receivers: int) -> TransportSpec:
         """The spec (rank 0) of a new sync named `group` with `receivers` receiving ranks."""
         ...

@@ -36,8 +36,7 @@ class BucketBoard:
     an error instead of someone else's buckets.
     """
 
-    def __init__(self, max_buffered: int) -> None:
-        self._max_buffered = max_buffered
+    def __init__(self) -> None:
         self._group: str | None = None
         self._receivers = 0
         self._posted: dict[int, tuple[bytes, list[Any]]] = {}
@@ -67,10 +66,10 @@ class BucketBoard:
             self._abort_reason = None
             self._changed.notify_all()
 
-    async def post(self, group: str, index: int, header: bytes, refs: list[Any], timeout_s: float) -> None:
+    async def post(self, group: str, index: int, header: bytes, refs: list[Any], timeout_s: float, max_buffered: int) -> None:
         await self._wait(
             group,
-            lambda: self._abort_reason is not None or len(self._posted) < self._max_buffered,
+            lambda: self._abort_reason is not None or len(self._posted) < max_buffered,
             timeout_s,
             f"waiting for receivers to release earlier buckets before bucket {index}",
         )
@@ -151,6 +150,8 @@ def _find_board(spec: TransportSpec):  # -> ray.actor.ActorHandle
 
 
 class _RaySession:
+    backend = "ray"
+
     def __init__(self, config: TransportConfig) -> None:
         import ray
 
@@ -160,7 +161,7 @@ class _RaySession:
         self.namespace = config.ray_namespace or ray.get_runtime_context().namespace
         self.board_name = f"{_BOARD_PREFIX}{uuid.uuid4().hex[:12]}"
         actor = ray.remote(num_cpus=0, max_concurrency=1000)(BucketBoard)
-        self._board = actor.options(name=self.board_name, namespace=self.namespace).remote(config.max_buffered_buckets)
+        self._board = actor.options(name=self.board_name, namespace=self.namespace).remote()
         self._group: str | None = None
 
     def begin(self, group: str, receivers: int) -> TransportSpec:
@@ -200,7 +201,7 @@ class RaySenderChannel:
 
         refs = [ray.put(payload.numpy())] if payload is not None else []
         timeout = self._spec.timeout_s
-        _call(self._board.post.remote(self._spec.group, self._index, header, refs, timeout), timeout, f"posting bucket {self._index}")
+        _call(self._board.post.remote(self._spec.group, self._index, header, refs, timeout, self._spec.max_buffered_buckets), timeout, f"posting bucket {self._index}")
         self._index += 1
         if payload is None:  # end of stream: keep the objects alive until every receiver is done
             _call(self._board.wait_drained.remote(self._spec.group, timeout), timeout, "waiting for receivers to finish")

@@ -65,7 +65,7 @@ class WeightSender:
                 try:
                     item = packed.get(timeout=self.spec.timeout_s)
                 except queue.Empty:
-                    item = _StreamFailed(f"the export stream produced no bucket within {self.spec.timeout_s:.3g} s")
+                    item = _StreamFailed(f"timed out after {self.spec.timeout_s:.3g} s waiting for the export stream's next tensors")
                 if item is _END or isinstance(item, _StreamFailed):
                     reason = item.reason if isinstance(item, _StreamFailed) else None
                     end = BucketHeader(

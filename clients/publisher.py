@@ -81,11 +81,15 @@ class WeightPublisher:
         target: WeightSyncTarget,
         config: TransportConfig | None = None,
         sender_factory: SenderFactory = WeightSender.from_spec,
+        session: TransportSession | None = None,
     ) -> None:
+        """`session`: a rendezvous shared with other publishers (left open by `close`); by
+        default the publisher opens its own from `config` at the first sync."""
         self.target = target
         self.config = config or TransportConfig()
         self.sender_factory = sender_factory
-        self._session: TransportSession | None = None
+        self._session: TransportSession | None = session
+        self._owns_session = session is None
         self._lock = asyncio.Lock()
         self.last_report: SyncReport | None = None
 
@@ -130,6 +134,7 @@ class WeightPublisher:
             session = await self._open_session()
             receivers = await self.target.receiver_count()
             spec = await run_in_thread(session.begin, f"v{version}-{uuid.uuid4().hex[:8]}", receivers)
+            spec = spec.model_copy(update=self._spec_overrides())  # a shared session: this publisher's knobs
             report = SyncReport(version=version)
             paused_at = time.monotonic()
             await self.target.begin_weight_update(version)  # refused (stale version...): raises, nothing to undo
@@ -152,6 +157,13 @@ class WeightPublisher:
             if not report.ok:
                 raise _sync_error(report)
             return report
+
+    def _spec_overrides(self) -> dict[str, Any]:
+        return {
+            "bucket_bytes": self.config.bucket_bytes,
+            "timeout_s": self.config.timeout_s,
+            "max_buffered_buckets": self.config.max_buffered_buckets,
+        }
 
     async def _transfer(
         self,
@@ -202,7 +214,7 @@ class WeightPublisher:
         return await self.target.get_status()
 
     async def close(self) -> None:
-        if self._session is not None:
+        if self._session is not None and self._owns_session:
             session, self._session = self._session, None
             await run_in_thread(session.close)
 

@@ -1,0 +1,131 @@
+"""The bucket format alone: packing, grouping, checksums, header validation (pure, milliseconds)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from checkpoint_transport.bucket import (
+    ALIGN,
+    BucketFormatError,
+    BucketHeader,
+    TensorEntry,
+    buffer_checksum,
+    group_into_buckets,
+    pack_bucket,
+    unpack_bucket,
+)
+from checkpoint_transport.channel import get_backend, transport_backends
+
+
+def mixed_tensors() -> list[tuple[str, torch.Tensor]]:
+    generator = torch.Generator().manual_seed(0)
+    return [
+        ("model.embed_tokens.weight", torch.randn(37, 16, generator=generator)),
+        ("model.norm.weight", torch.randn(16, generator=generator).to(torch.bfloat16)),
+        ("half", torch.randn(3, 5, generator=generator).to(torch.float16)),
+        ("scalar", torch.tensor(2.5)),
+        ("empty", torch.empty(0, 4)),
+        ("mask", torch.tensor([True, False, True])),
+        ("ids", torch.arange(7, dtype=torch.int64)),
+        ("transposed", torch.randn(4, 6, generator=generator).t()),  # not contiguous
+    ]
+
+
+def test_unpacked_tensors_equal_packed_ones_bit_for_bit():
+    tensors = mixed_tensors()
+    flat, header = pack_bucket(tensors, version=3, index=0)
+    assert flat.numel() == header.nbytes and header.nbytes % ALIGN == 0
+    unpacked = unpack_bucket(flat, BucketHeader.from_bytes(header.to_bytes()))
+    assert [name for name, _ in unpacked] == [name for name, _ in tensors]
+    for (_, original), (_, copy) in zip(tensors, unpacked):
+        assert copy.dtype == original.dtype and copy.shape == original.shape
+        assert torch.equal(copy, original)
+
+
+def test_every_tensor_starts_at_an_aligned_offset():
+    _, header = pack_bucket(mixed_tensors(), version=1, index=0)
+    assert all(entry.offset % ALIGN == 0 for entry in header.entries)
+
+
+def test_groups_respect_the_bucket_size_and_keep_order():
+    tensors = [(f"t{i}", torch.zeros(100 + i)) for i in range(30)]  # ~400-520 bytes each
+    groups = list(group_into_buckets(tensors, bucket_bytes=2048))
+    assert [name for group in groups for name, _ in group] == [name for name, _ in tensors]
+    for group in groups:
+        _, header = pack_bucket(group, 0, 0)
+        assert header.nbytes <= 2048
+    assert len(groups) > 1
+
+
+def test_a_tensor_larger_than_a_bucket_travels_alone():
+    tensors = [("small", torch.zeros(4)), ("big", torch.zeros(10_000)), ("after", torch.zeros(4))]
+    groups = list(group_into_buckets(tensors, bucket_bytes=1024))
+    assert [[name for name, _ in group] for group in groups] == [["small"], ["big"], ["after"]]
+
+
+def test_grouping_pulls_the_export_stream_only_as_far_as_the_next_bucket():
+    pulled = []
+
+    def stream():
+        for i in range(10):
+            pulled.append(i)
+            yield f"t{i}", torch.zeros(64)  # 256 bytes each
+
+    first = next(iter(group_into_buckets(stream(), bucket_bytes=512)))
+    assert len(first) == 2 and len(pulled) == 3  # the third tensor told it the bucket was full
+
+
+def test_grouping_rejects_items_that_are_not_name_tensor_pairs():
+    with pytest.raises(TypeError, match="expected"):
+        list(group_into_buckets([("w", [1.0, 2.0])], bucket_bytes=1024))
+
+
+@settings(max_examples=40, deadline=None)
+@given(position=st.integers(min_value=0, max_value=4095), bit=st.integers(min_value=0, max_value=7))
+def test_checksum_changes_when_any_single_bit_flips(position, bit):
+    flat = torch.randint(0, 256, (4096,), dtype=torch.uint8, generator=torch.Generator().manual_seed(1))
+    original = buffer_checksum(flat)
+    flat[position] ^= 1 << bit
+    assert buffer_checksum(flat) != original
+
+
+def test_checksum_changes_when_blocks_swap_places():
+    flat = torch.randint(0, 256, (1 << 20,), dtype=torch.uint8, generator=torch.Generator().manual_seed(2))
+    swapped = torch.cat([flat[1 << 19 :], flat[: 1 << 19]])
+    assert torch.equal(flat.sort().values, swapped.sort().values)
+    assert buffer_checksum(flat) != buffer_checksum(swapped)
+
+
+def test_header_with_an_entry_outside_its_bucket_is_rejected():
+    flat, header = pack_bucket([("w", torch.zeros(16))], 0, 0)
+    header.entries = [TensorEntry("w", "float32", (16,), offset=ALIGN, nbytes=64)]
+    with pytest.raises(BucketFormatError, match="outside"):
+        unpack_bucket(flat, header)
+
+
+def test_header_whose_size_disagrees_with_the_shape_is_rejected():
+    flat, header = pack_bucket([("w", torch.zeros(16))], 0, 0)
+    header.entries = [TensorEntry("w", "float32", (17,), offset=0, nbytes=64)]
+    with pytest.raises(BucketFormatError, match="declares"):
+        unpack_bucket(flat, header)
+
+
+def test_header_naming_a_tensor_twice_is_rejected():
+    _, header = pack_bucket([("a", torch.zeros(4)), ("b", torch.zeros(4))], 0, 0)
+    header.entries[1] = TensorEntry("a", *[getattr(header.entries[1], f) for f in ("dtype", "shape", "offset", "nbytes")])
+    with pytest.raises(BucketFormatError, match="twice"):
+        header.validate()
+
+
+def test_unreadable_header_bytes_raise_a_format_error():
+    with pytest.raises(BucketFormatError, match="unreadable"):
+        BucketHeader.from_bytes(b"\x00not msgpack")
+
+
+def test_unknown_backend_names_the_valid_ones():
+    assert {"gloo", "nccl", "ray"} <= set(transport_backends())
+    with pytest.raises(ValueError, match="valid backends: gloo, nccl, ray"):
+        get_backend("carrier-pigeon")
