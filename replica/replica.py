@@ -151,9 +151,12 @@ class ModelEngineReplica:
 
     async def _teardown(self) -> None:
         workers, self.workers = self.workers, []
-        if workers:
+        if workers:  # let live workers leave the process group; dead or stuck ones are killed anyway
             goodbyes = [_await(w.shutdown.remote()) for w in workers]
-            await asyncio.wait_for(asyncio.gather(*goodbyes, return_exceptions=True), 5.0) if goodbyes else None
+            try:
+                await asyncio.wait_for(asyncio.gather(*goodbyes, return_exceptions=True), 5.0)
+            except (asyncio.TimeoutError, TimeoutError):
+                logger.warning("%s: workers did not leave the process group within 5 s; killing them", self.name)
         for worker in workers:
             try:
                 ray.kill(worker, no_restart=True)

@@ -115,10 +115,25 @@ class ModelEngineWorker:
                 world_size=self.world_size,
                 timeout=timedelta(seconds=timeout_s),
             )
+        self._check_process_group(dist_backend)
         self.engine = build_engine(backend, spec, **engine_kwargs)
         self.adapter = ModelEngineServerAdapter(self.engine, max_tokens_per_micro_batch, spec.logprob_chunk_mb)
         self.info = self._describe(dist_backend, tensor_parallel_size, data_parallel_size)
         return self.info
+
+    def _check_process_group(self, dist_backend: str) -> None:
+        """One all-reduce across the replica, so a broken NCCL/gloo set-up fails at start with
+        its own error rather than inside the first model-parallel forward."""
+        import torch.distributed as dist
+
+        device = torch.device("cuda", torch.cuda.current_device()) if dist_backend == "nccl" else torch.device("cpu")
+        ones = torch.ones(1, device=device)
+        dist.all_reduce(ones)
+        if int(ones.item()) != self.world_size:
+            raise RuntimeError(
+                f"{self.replica_name}: all-reduce over the process group gave {int(ones.item())}, "
+                f"expected world size {self.world_size}"
+            )
 
     def _describe(self, dist_backend: str, tensor_parallel_size: int, data_parallel_size: int) -> WorkerInfo:
         context = ray.get_runtime_context() if ray.is_initialized() else None

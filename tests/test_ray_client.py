@@ -28,12 +28,13 @@ from tests.test_replica import DEADLINE_S, assert_nothing_left, replica_config
 
 VOCAB = 512
 SCHEDULER = SchedulerConfig(max_tokens_per_batch=2048, max_wait_ms=2.0)
+SERVER_NAME = "model-engine-server-test"
 
 
 @pytest_asyncio.fixture(scope="module", loop_scope="module")
 async def server(ray_cluster, tiny_model):
     config = replica_config(tiny_model, num_replicas=2, n_gpus_per_node=2, scheduler=SCHEDULER)
-    handle = await start_server_actor(config, name="model-engine-server-test")
+    handle = await start_server_actor(config, name=SERVER_NAME)
     yield handle
     await stop_server_actor(handle, drain=False, timeout_s=10.0)
     await assert_nothing_left()
@@ -138,9 +139,9 @@ async def test_sync_client_works_from_inside_another_ray_actor(server, ray_clust
     ray = ray_cluster
 
     @ray.remote(num_cpus=0)
-    class AgentLoop:  # stands in for a rollout agent loop holding the server's handle
-        def __init__(self, handle) -> None:
-            self.client = RayLogProbClient(handle).sync()
+    class AgentLoop:  # stands in for a rollout agent loop; finds the server by its actor name
+        def __init__(self, server_name: str) -> None:
+            self.client = RayLogProbClient.from_name(server_name).sync()
 
         def score(self, requests):
             return [r.to_wire() for r in self.client.compute_log_probs(requests)]
@@ -148,7 +149,7 @@ async def test_sync_client_works_from_inside_another_ray_actor(server, ray_clust
         def status(self):
             return self.client.status()
 
-    agent = AgentLoop.remote(server)
+    agent = AgentLoop.remote(SERVER_NAME)
     try:
         requests = random_requests(5, VOCAB, seed=25, max_len=80)
         wires = await agent.score.remote(requests)

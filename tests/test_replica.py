@@ -19,6 +19,7 @@ from model_engine_server.engines.base import EngineSpec, ModelInfo
 from model_engine_server.errors import WorkerFailed
 from model_engine_server.protocol import LogProbResult
 from model_engine_server.scheduler import SchedulerConfig
+from model_engine_server.service import LogProbService
 from replica.config import ReplicaConfig
 from replica.executor import RayWorkerExecutor, iter_buckets, split_by_tokens
 from replica.manager import ReplicaManager
@@ -187,6 +188,7 @@ async def test_dead_worker_fails_its_batch_with_worker_failed_and_marks_the_repl
     import ray
 
     replica = ModelEngineReplica(replica_config(tiny_model, n_gpus_per_node=2), index=7)
+    assert isinstance(replica, LogProbService)
     await replica.start()
     try:
         infos = await replica.worker_placements()
@@ -220,6 +222,7 @@ async def test_manager_without_retry_fails_lost_requests_and_stops_routing_to_th
     import ray
 
     manager = ReplicaManager(replica_config(tiny_model, num_replicas=2, retry_on_worker_failure=False))
+    assert isinstance(manager, LogProbService)
     await manager.start()
     try:
         requests = random_requests(300, 512, seed=8, min_len=200, max_len=400)
@@ -242,4 +245,22 @@ async def test_manager_without_retry_fails_lost_requests_and_stops_routing_to_th
         assert manager.routed_requests[0] == routed_before
     finally:
         await manager.shutdown(drain=False, timeout_s=5.0)
+    await assert_nothing_left()
+
+
+# ---------------------------------------------------------------------- real GPUs (skipped without CUDA)
+@pytest.mark.gpu
+async def test_two_workers_on_real_gpus_form_an_nccl_group_and_score(ray_cluster, tiny_model):
+    if torch.cuda.device_count() < 2:
+        pytest.skip("needs 2 CUDA devices")
+    replica = ModelEngineReplica(replica_config(tiny_model, n_gpus_per_node=2), index=8)
+    await replica.start()
+    try:
+        infos = await replica.worker_placements()
+        assert all(i.dist_backend == "nccl" and i.device.startswith("cuda") for i in infos)
+        assert len({tuple(i.gpu_ids) for i in infos}) == 2
+        outcomes = await replica.score(random_requests(8, 512, seed=10, max_len=200))
+        assert all(isinstance(o, LogProbResult) for o in outcomes)
+    finally:
+        await replica.shutdown()
     await assert_nothing_left()
