@@ -69,13 +69,11 @@ def _serve(app: Any, host: str, port: int, graceful_shutdown_s: float) -> int:
     )
     server = Server(config)
     # uvicorn re-raises the signal it caught once it has shut down; these handlers take that
-    # re-raise, so a drained shutdown ends with exit status 0 instead of death by signal
-    previous = {sig: signal.signal(sig, _after_shutdown) for sig in (signal.SIGINT, signal.SIGTERM)}
-    try:
-        server.run()
-    finally:
-        for sig, handler in previous.items():
-            signal.signal(sig, handler)
+    # re-raise (and any signal arriving while the process exits), so a drained shutdown ends
+    # with exit status 0 instead of death by signal
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, _after_shutdown)
+    server.run()
     if not server.started:
         logger.error("could not start serving on %s:%d", host, port)
         return 1
