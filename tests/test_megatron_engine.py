@@ -229,6 +229,14 @@ def test_model_parallelism_without_the_replica_process_group_is_a_clear_error(ti
         build_engine("megatron", EngineSpec(model_path=str(tiny_model)), tensor_model_parallel_size=2)
 
 
+def test_a_layout_error_leaves_no_process_group_behind(tiny_model):
+    if torch.distributed.is_initialized():
+        pytest.skip("a process group from another test is alive")
+    with pytest.raises(MegatronConfigError, match="data_parallel_size"):
+        build_engine("megatron", EngineSpec(model_path=str(tiny_model)), data_parallel_size=2)
+    assert not torch.distributed.is_initialized()
+
+
 def test_layout_must_cover_the_replica_exactly():
     assert check_layout(2, 1, 2) == 1
     assert check_layout(2, 1, 4) == 2  # two data-parallel copies of a TP=2 group

@@ -18,6 +18,8 @@ import numpy as np
 import pytest
 import torch
 
+if not torch.cuda.is_available():  # before importing megatron: skipping costs nothing then
+    pytest.skip("needs CUDA", allow_module_level=True)
 pytest.importorskip("megatron.core")
 pytest.importorskip("mbridge")
 

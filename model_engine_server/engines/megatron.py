@@ -126,7 +126,12 @@ class MegatronEngine(HiddenStateEngine):
         self._owns_process_group = ensure_process_group(
             self.device, tensor_model_parallel_size, pipeline_model_parallel_size
         )
-        self.layout = acquire_layout(tensor_model_parallel_size, pipeline_model_parallel_size, data_parallel_size)
+        try:
+            self.layout = acquire_layout(tensor_model_parallel_size, pipeline_model_parallel_size, data_parallel_size)
+        except BaseException:
+            if self._owns_process_group:
+                torch.distributed.destroy_process_group()
+            raise
         try:
             seed_model_parallel(seed)
             self.bridge = make_bridge(hf_config, self.dtype, use_te, tensor_model_parallel_size)
