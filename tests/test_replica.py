@@ -187,13 +187,13 @@ async def test_more_gpus_than_the_cluster_has_fails_clearly_within_the_timeout(r
 async def test_dead_worker_fails_its_batch_with_worker_failed_and_marks_the_replica_dead(ray_cluster, tiny_model):
     import ray
 
-    replica = ModelEngineReplica(replica_config(tiny_model, n_gpus_per_node=2), index=7)
+    replica = ModelEngineReplica(replica_config(tiny_model, n_gpus_per_node=1), index=7)
     assert isinstance(replica, LogProbService)
     await replica.start()
     try:
         infos = await replica.worker_placements()
-        assert [i.rank for i in infos] == [0, 1] and {i.data_parallel_rank for i in infos} == {0, 1}
-        assert all(i.dist_backend == ("nccl" if torch.cuda.is_available() else "gloo") for i in infos)
+        assert [(i.rank, i.data_parallel_rank, i.returns_results) for i in infos] == [(0, 0, True)]
+        assert infos[0].dist_backend == ("nccl" if torch.cuda.is_available() else "gloo")
         served = await replica.score(random_requests(4, 512, seed=5, max_len=100))
         assert all(isinstance(o, LogProbResult) for o in served)
 
@@ -201,13 +201,13 @@ async def test_dead_worker_fails_its_batch_with_worker_failed_and_marks_the_repl
         scoring = asyncio.ensure_future(replica.score(requests))
         await wait_until(lambda: replica.status()["batches_total"] >= 1 and replica.status()["queue_depth"] > 0,
                          "a first batch done with more queued")
-        ray.kill(replica.workers[1], no_restart=True)
+        ray.kill(replica.workers[0], no_restart=True)
         outcomes = await asyncio.wait_for(scoring, DEADLINE_S)
 
         failed = [o for o in outcomes if not isinstance(o, LogProbResult)]
         assert failed, "requests queued behind the killed worker cannot all have been served"
         assert all(isinstance(o, WorkerFailed) for o in failed)
-        assert any("worker rank 1 died" in o.message for o in failed)
+        assert any("replica-7: worker rank 0 died" in o.message for o in failed)
         assert not replica.alive
         assert (await replica.health())["alive"] is False
         late = await asyncio.wait_for(replica.score(random_requests(2, 512, seed=7, max_len=50)), DEADLINE_S)
@@ -261,6 +261,34 @@ async def test_two_workers_on_real_gpus_form_an_nccl_group_and_score(ray_cluster
         assert len({tuple(i.gpu_ids) for i in infos}) == 2
         outcomes = await replica.score(random_requests(8, 512, seed=10, max_len=200))
         assert all(isinstance(o, LogProbResult) for o in outcomes)
+    finally:
+        await replica.shutdown()
+    await assert_nothing_left()
+
+
+# ---------------------------------------------------------------------- Megatron plugs in unchanged
+async def test_megatron_pipeline_replica_takes_results_from_its_last_stage(ray_cluster, tiny_model):
+    """Two workers, pipeline-parallel size 2: the process group is formed before the engine,
+    only the last stage (rank 1) returns results, and they match plain transformers."""
+    pytest.importorskip("megatron.core")
+    pytest.importorskip("mbridge")
+    from tests.helpers import reference_log_probs, reference_model
+
+    config = replica_config(tiny_model, backend="megatron", n_gpus_per_node=2, pipeline_model_parallel_size=2)
+    replica = ModelEngineReplica(config, index=9)
+    await replica.start()
+    try:
+        infos = await replica.worker_placements()
+        assert [(i.rank, i.data_parallel_rank, i.returns_results) for i in infos] == [(0, 0, False), (1, 0, True)]
+        assert replica.executor is not None and replica.executor.groups == [[0, 1]]
+        requests = random_requests(8, 512, seed=11, max_len=300)
+        outcomes = await asyncio.wait_for(replica.score(requests), DEADLINE_S)
+        reference = reference_model(tiny_model)
+        for request, outcome in zip(requests, outcomes):
+            assert isinstance(outcome, LogProbResult), outcome
+            expected, expected_entropy = reference_log_probs(reference, request)
+            torch.testing.assert_close(torch.from_numpy(outcome.log_probs.copy()), expected, atol=1e-5, rtol=0)
+            torch.testing.assert_close(torch.from_numpy(outcome.entropy.copy()), expected_entropy, atol=1e-5, rtol=0)
     finally:
         await replica.shutdown()
     await assert_nothing_left()
