@@ -22,6 +22,7 @@ import torch
 import torch.distributed as dist
 
 from model_engine_server.engines.base import WeightSpec
+from model_engine_server.engines.megatron_bridge import MegatronConfigError
 from model_engine_server.engines.megatron_parallel import ModelParallelLayout
 from model_engine_server.errors import WeightSyncError
 
@@ -62,12 +63,11 @@ class HFWeightMap:
         for local_name, global_name in local_to_global.items():
             if "_extra_state" in local_name:
                 continue
-            slot = ParamSlot(
-                local_name,
-                global_name,
-                tuple(bridge._weight_name_mapping_mcore_to_hf(global_name)),
-                params[local_name],
-            )
+            try:
+                hf_names = tuple(bridge._weight_name_mapping_mcore_to_hf(global_name))
+            except NotImplementedError as error:
+                raise MegatronConfigError(f"mbridge has no HF name for Megatron parameter {global_name!r}") from error
+            slot = ParamSlot(local_name, global_name, hf_names, params[local_name])
             self.slots.append(slot)
             meta = torch.empty(_full_mcore_shape(slot.param, layout.tp_size), dtype=dtype, device="meta")
             for hf_name, hf_tensor in zip(*bridge._weight_to_hf_format(global_name, meta)):
