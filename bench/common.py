@@ -97,18 +97,24 @@ def measure_peak_bytes(step: Callable[[], Any]) -> tuple[Any, int]:
     return result, _proc_status_bytes("VmHWM") - before
 
 
-def best_time(step: Callable[[], Any], repeats: int, warmup: int = 1) -> float:
-    """Least wall time of `repeats` runs (the least is the least disturbed by other load)."""
+def timed_best(step: Callable[[], Any], repeats: int, warmup: int = 1) -> tuple[float, Any]:
+    """Least wall time of `repeats` runs (the least is the least disturbed by other load), and
+    the last run's result, so correctness is checked on the very outputs that were timed."""
     for _ in range(warmup):
         step()
     times = []
+    result = None
     for _ in range(repeats):
         start = time.perf_counter()
-        step()
+        result = step()
         if torch.cuda.is_available():
             torch.cuda.synchronize()
         times.append(time.perf_counter() - start)
-    return min(times)
+    return min(times), result
+
+
+def best_time(step: Callable[[], Any], repeats: int, warmup: int = 1) -> float:
+    return timed_best(step, repeats, warmup)[0]
 
 
 def format_table(rows: list[tuple[str, Any]], title: str) -> str:

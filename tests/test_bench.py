@@ -58,3 +58,30 @@ def test_report_names_command_figures_and_missed_targets():
     assert "`python -m bench memory --json x.json`" in text
     assert "| `memory_ratio` | 3.5 |" in text
     assert "**missed**" in text
+
+
+def test_scoring_baselines_equal_server_path(tiny_model):
+    from bench.scoring import padded_full_logits, packed_full_logits, rl_length_mix
+    from model_engine_server.adapter import ModelEngineServerAdapter
+    from model_engine_server.engines.base import EngineSpec, build_engine
+
+    engine = build_engine("hf", EngineSpec(model_path=str(tiny_model)))
+    requests = [r.model_copy(update={"input_ids": r.input_ids[:300]}) for r in rl_length_mix(5, 512, seed=1)]
+    requests = [r for r in requests if r.response_start < len(r.input_ids)]
+    server = [o.log_probs for o in ModelEngineServerAdapter(engine).score(requests)]
+    for baseline in (packed_full_logits(engine, requests), padded_full_logits(engine, requests)):
+        for expected, got in zip(server, baseline):
+            torch.testing.assert_close(got, torch.from_numpy(expected), atol=1e-5, rtol=0)
+    assert engine.model.config._attn_implementation == "packed_sdpa"  # restored after the padded path
+
+
+def test_forward_flops_count_matches_hand_count():
+    from types import SimpleNamespace
+
+    from bench.flops import forward_flops
+
+    config = SimpleNamespace(hidden_size=8, num_attention_heads=2, num_key_value_heads=1, num_hidden_layers=1,
+                             intermediate_size=16, vocab_size=100, head_dim=4)
+    # projections: q 8x8, o 8x8, k 8x4, v 8x4 = 192; mlp 3 x 8 x 16 = 384; per token 2 x 576 = 1152
+    # attention, L=3: 2 x 2 x 6 x 8 = 192; LM head on 2 scored tokens: 2 x 2 x 8 x 100 = 3200
+    assert forward_flops(config, [(3, 2)]) == 1152 * 3 + 192 + 3200

@@ -1,0 +1,41 @@
+"""Forward FLOPs counted from the architecture, and the machine's dense GEMM rate measured now.
+
+A multiply-add is 2 FLOPs. Per token: every linear layer of the body (attention projections,
+MLP) and, only for scored positions, the LM head. Attention scores and their weighted sum
+are causal: sequence of length L costs 2 x 2 x L(L+1)/2 x heads x head_dim per layer.
+Norms, activations, rotary and softmax are left out (a few percent), as MFU usually does.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Sequence
+
+import torch
+
+from bench.common import best_time
+
+
+def forward_flops(config: Any, sequences: Sequence[tuple[int, int]]) -> float:
+    """FLOPs of one forward over `(input_tokens, scored_tokens)` per sequence."""
+    hidden = config.hidden_size
+    heads = config.num_attention_heads
+    head_dim = getattr(config, "head_dim", None) or hidden // heads
+    kv_heads = config.num_key_value_heads
+    layers = config.num_hidden_layers
+    projections = hidden * heads * head_dim * 2 + hidden * kv_heads * head_dim * 2  # q, o, k, v
+    mlp = 3 * hidden * config.intermediate_size  # gate, up, down
+    per_token = 2 * layers * (projections + mlp)
+    total = 0.0
+    for length, scored in sequences:
+        attention = layers * 2 * 2 * (length * (length + 1) / 2) * heads * head_dim
+        total += per_token * length + attention + 2 * hidden * config.vocab_size * scored
+    return total
+
+
+def gemm_flops_per_s(dtype: torch.dtype, size: int = 2048, repeats: int = 5) -> float:
+    """Best rate of a square matmul of `dtype`: the ceiling the model's FLOP/s is compared with."""
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    a = torch.randn(size, size, device=device).to(dtype)
+    b = torch.randn(size, size, device=device).to(dtype)
+    seconds = best_time(lambda: a @ b, repeats, warmup=2)
+    return 2 * size**3 / seconds
