@@ -158,7 +158,9 @@ class ReplicaManager:
     async def begin_weight_update(self, version: int) -> None:
         """Drain every live replica for `version`; buckets follow, then commit or abort. Holds
         the manager's weight lock until then (a restart's weight copy waits for it)."""
-        await self._weights_lock.acquire()
+        if self._update_participants is not None:
+            raise WeightSyncError("a weight update is already in progress; commit or abort it first")
+        await self._weights_lock.acquire()  # waits only for a restart's weight copy
         if version <= self.weight_version:
             self._weights_lock.release()
             raise WeightSyncError(f"new weight version must be greater than the current {self.weight_version}, got {version}")
@@ -166,9 +168,9 @@ class ReplicaManager:
         if not participants:
             self._weights_lock.release()
             raise self._no_replica_error()
+        self._update_participants = participants
         outcomes = await asyncio.gather(*(r.begin_weight_update(version) for r in participants), return_exceptions=True)
         errors = [o for o in outcomes if isinstance(o, BaseException)]
-        self._update_participants = participants
         if errors:
             await self.abort_weight_update(f"begin failed: {errors[0]}")
             raise errors[0]
@@ -199,10 +201,13 @@ class ReplicaManager:
         self._update_participants = survivors
         return names
 
-    async def commit_weight_update(self, version: int, require_complete: bool = True) -> None:
+    async def commit_weight_update(self, version: int, require_complete: bool | None = None) -> None:
         """Check every participant got every tensor, then serve `version` on all of them; with
-        any tensor missing anywhere, abort everywhere and raise."""
+        any tensor missing anywhere, abort everywhere and raise. `require_complete=None` checks
+        when buckets came through `load_weight_bucket`; a transport's receivers verify their own."""
         participants = self._participants()
+        if require_complete is None:
+            require_complete = any(r.loaded_through_buckets for r in participants)
         try:
             if require_complete:
                 missing = await asyncio.gather(*(r.missing_weights() for r in participants))
@@ -229,6 +234,21 @@ class ReplicaManager:
         if self._update_participants is not None:
             self._update_participants = None
             self._weights_lock.release()
+
+    # ------------------------------------------------------------------ checkpoint transport target
+    def _receivers(self, replicas: Sequence[ModelEngineReplica]) -> list[Any]:
+        return [worker for replica in replicas for worker in replica.workers]
+
+    async def receiver_count(self) -> int:
+        """Workers that receive a transport stream: every worker of every routable replica."""
+        return len(self._receivers([r for r in self.replicas if self._routable(r)]))
+
+    async def receive_weights(self, spec: Any, version: int) -> list[Any]:
+        """Stream one sync (`checkpoint_transport`) into every participating worker, between
+        begin and commit; a failed receive aborts the update. One report per worker."""
+        from checkpoint_transport.targets import RayWorkersTarget
+
+        return await RayWorkersTarget(self, self._receivers(self._participants())).receive_weights(spec, version)
 
     async def update_weights(self, named_tensors: Iterable[tuple[str, torch.Tensor]], version: int) -> int:
         """begin -> buckets (each put in Ray's store once for all replicas) -> commit; atomic."""

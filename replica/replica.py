@@ -235,10 +235,18 @@ class ModelEngineReplica:
         assert self.executor is not None
         return sorted(set(await self.executor.weight_specs()) - self._loaded_names)
 
-    async def commit_weight_update(self, version: int, require_complete: bool = True) -> None:
+    @property
+    def loaded_through_buckets(self) -> bool:
+        """Whether this update's tensors came through `load_weight_bucket` (else a transport
+        streamed them into the workers and its receivers verified completeness)."""
+        return bool(self._loaded_names)
+
+    async def commit_weight_update(self, version: int, require_complete: bool | None = None) -> None:
         """Serve `version` once every tensor arrived; with missing tensors, abort and raise.
-        `require_complete=False` is for transports that load workers directly."""
+        `require_complete=None` checks when buckets were loaded through this replica."""
         server = self._server()
+        if require_complete is None:
+            require_complete = self.loaded_through_buckets
         if require_complete:
             missing = await self.missing_weights()
             if missing:

@@ -67,7 +67,17 @@ class ModelEngineServerActor:
             names += await self.manager.load_weight_bucket(ref)
         return names
 
-    async def commit_weight_update(self, version: int, require_complete: bool = True) -> None:
+    async def receiver_count(self) -> int:
+        return await self.manager.receiver_count()
+
+    async def receive_weights(self, spec: dict[str, Any], version: int) -> list[dict[str, Any]]:
+        """The `checkpoint_transport` target side (`ActorSyncTarget`): reports as dicts."""
+        from checkpoint_transport.spec import TransportSpec
+
+        reports = await self.manager.receive_weights(TransportSpec.model_validate(spec), version)
+        return [report.to_dict() for report in reports]
+
+    async def commit_weight_update(self, version: int, require_complete: bool | None = None) -> None:
         await self.manager.commit_weight_update(version, require_complete)
 
     async def abort_weight_update(self, reason: str) -> None:

@@ -170,6 +170,13 @@ class ModelEngineWorker:
     def load_weights(self, named_tensors: Iterable[tuple[str, torch.Tensor]]) -> list[str]:
         return self._ready_engine().load_weights(named_tensors)
 
+    def receive_weights(self, spec: dict[str, Any], version: int) -> dict[str, Any]:
+        """Receive one checkpoint-transport stream (this worker's rank in `spec`) into the
+        engine; returns the receive report as a dict and never raises."""
+        from checkpoint_transport.targets import worker_receive_weights
+
+        return worker_receive_weights(self._ready_engine(), spec, version)
+
     def export_weights(self) -> list[tuple[str, torch.Tensor]]:
         """Full HF-named tensors (all ranks of a model-parallel group must call it together;
         only the rank that returns results keeps the list)."""

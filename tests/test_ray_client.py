@@ -180,6 +180,34 @@ async def test_weight_update_through_the_client_reaches_every_replica(client, lo
     assert all(count > 0 for count in served)  # both replicas answered with the new weights
 
 
+async def test_a_trainer_publishes_through_the_checkpoint_transport_into_every_worker(server, client, local_server):
+    """The publisher streams (gloo broadcast) straight into the 4 workers; the server actor is
+    the sync target that drains, and commits only when every worker reports a full stream."""
+    from checkpoint_transport.spec import TransportConfig
+    from checkpoint_transport.targets import ActorSyncTarget
+    from clients.publisher import WeightPublisher
+
+    engine = local_server.executor.adapter.engine
+    new_weights = perturbed_weights(dict(engine.export_weights()), seed=4, scale=0.05)
+    version = (await client.status())["weight_version"] + 1
+    publisher = WeightPublisher(ActorSyncTarget(server), TransportConfig(backend="gloo", timeout_s=60.0))
+    try:
+        report = await asyncio.wait_for(publisher.update_weights(new_weights, version), DEADLINE_S)
+    finally:
+        await publisher.close()
+    assert report.ok, report.error
+    assert len(report.receives) == 4 and all(r.ok for r in report.receives)
+    await local_server.update_weights(new_weights.items(), version)
+    status = await client.status()
+    assert [r["weight_version"] for r in status["replicas"]] == [version, version]
+    requests = random_requests(6, VOCAB, seed=30, max_len=200)
+    through_ray = await asyncio.gather(*(client.compute_log_probs([r]) for r in requests))
+    in_process = await one_at_a_time(local_server.score, requests)
+    for (remote,), local in zip(through_ray, in_process):
+        assert remote.weight_version == version
+        np.testing.assert_array_equal(remote.log_probs, local.log_probs)
+
+
 async def test_killed_worker_loses_no_request_and_restart_brings_the_replica_back(server, client, local_server, ray_cluster):
     """Requests in flight on the dead replica are retried once on the live one; the dead one
     gets nothing new; after restart it serves again with the current weights (copied from its
