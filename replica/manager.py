@@ -274,9 +274,13 @@ class ReplicaManager:
             entry["routed_outstanding_tokens"] = self.outstanding_tokens[replica.index]
             entry["joining"] = replica.index in self._joining
             replicas.append(entry)
+        routable = [e for r, e in zip(self.replicas, replicas) if self._routable(r)]
+        incomplete = [f"{e['name']}: {e['weights_incomplete']}" for e in routable if e.get("weights_incomplete")]
         return {
             "weight_version": self.weight_version,
             "paused": self.paused,
+            "accepting": any(e.get("accepting", False) for e in routable),
+            "weights_incomplete": "; ".join(incomplete) or None,
             "updating_weights": self._update_participants is not None,
             "num_replicas": len(self.replicas),
             "live_replicas": sum(1 for r in self.replicas if self._routable(r)),

@@ -17,7 +17,7 @@ import torch
 from clients.base import LogProbClient
 from clients.ray_client import RayLogProbClient
 from model_engine_server.engines.base import EngineSpec
-from model_engine_server.errors import InvalidRequest
+from model_engine_server.errors import DeadlineExceeded, InvalidRequest, WeightSyncError
 from model_engine_server.local import build_local_server
 from model_engine_server.protocol import LogProbRequest, LogProbResult
 from model_engine_server.scheduler import SchedulerConfig
@@ -178,6 +178,26 @@ async def test_weight_update_through_the_client_reaches_every_replica(client, lo
         np.testing.assert_array_equal(remote.log_probs, local.log_probs)
     served = [r["requests_total"] for r in (await client.status())["replicas"]]
     assert all(count > 0 for count in served)  # both replicas answered with the new weights
+
+
+async def test_an_incomplete_sync_is_refused_and_nothing_is_scored_until_a_complete_one(client, local_server):
+    engine = local_server.executor.adapter.engine
+    weights = list(perturbed_weights(dict(engine.export_weights()), seed=5, scale=0.05).items())
+    version = (await client.status())["weight_version"] + 1
+    with pytest.raises(WeightSyncError, match="missing 1 tensors"):
+        await client.update_weights(weights[:-1], version)
+    status = await client.status()
+    assert status["weight_version"] == version - 1 and status["weights_incomplete"]
+    waiting = asyncio.ensure_future(client.score(random_requests(2, VOCAB, seed=31, max_len=50), timeout_s=0.5))
+    outcomes = await asyncio.wait_for(waiting, DEADLINE_S)
+    assert all(isinstance(o, DeadlineExceeded) and "weights incomplete" in o.message for o in outcomes)
+
+    assert await client.update_weights(weights, version) == version
+    await local_server.update_weights(weights, version)
+    status = await client.status()
+    assert status["weight_version"] == version and not status["weights_incomplete"]
+    (result,) = await client.compute_log_probs(random_requests(1, VOCAB, seed=32, max_len=50))
+    assert result.weight_version == version
 
 
 async def test_a_trainer_publishes_through_the_checkpoint_transport_into_every_worker(server, client, local_server):
