@@ -107,7 +107,9 @@ def test_no_input_makes_the_server_answer_5xx(fuzzed_server, mode):
             except Unsatisfiable:  # no invalid input exists for a route without parameters or body
                 assert mode is GenerationMode.NEGATIVE and operation.path != "/v1/logprobs"
     statuses = {status for status, _ in calls}
-    assert 200 in statuses and statuses & {400, 401, 415, 422}, statuses  # both answers and refusals were exercised
+    if mode is GenerationMode.POSITIVE:
+        assert 200 in statuses, statuses  # routes were exercised, not only refused
+    assert statuses & {400, 401, 415, 422}, statuses
 
 
 @st.composite
