@@ -34,52 +34,19 @@ from pydantic import BaseModel, SecretStr, ValidationError
 
 from model_engine_server.config import SECTION, ConfigError, ServerConfig
 from model_engine_server.config_overrides import AppliedOverrides, apply_overrides
+from model_engine_server.config_verl import (
+    ALIASES,
+    IGNORED_MEGATRON_KEYS,
+    IGNORED_SECTION_KEYS,
+    apply_aliases,
+    inherit_backend_from_defaults,
+    inherit_from_trainer,
+    set_dotted,
+)
 
 logger = logging.getLogger(__name__)
 
 HYDRA_DIRECTIVES = ("hydra", "defaults")
-
-# Keys of the reference design's section that configure its trainer-side worker (profiling,
-# MoE router replay, torch.compile, its request-count batching) and have no meaning here.
-IGNORED_SECTION_KEYS = frozenset(
-    {"defaults", "rollout_n", "use_torch_compile", "micro_batch_size_per_gpu", "use_dynamic_bsz", "profiler", "router_replay"}
-)
-# verl's Megatron engine settings the section inherits wholesale; only the parallel sizes matter
-# to a forward-only server (training, offload, checkpointing and fusion knobs do not).
-IGNORED_MEGATRON_KEYS = frozenset(
-    {
-        "param_offload", "grad_offload", "optimizer_offload", "offload", "sequence_parallel",
-        "use_distributed_optimizer", "use_dist_checkpointing", "dist_checkpointing_path",
-        "dist_checkpointing_prefix", "dist_ckpt_optim_fully_reshardable",
-        "distrib_optim_fully_reshardable_mem_efficient", "dynamic_context_parallel",
-        "max_seqlen_per_dp_cp_rank", "entropy_from_logits_with_chunking", "entropy_from_logits_chunk_size",
-        "seed", "override_ddp_config", "override_transformer_config", "override_mcore_model_config",
-        "use_mbridge", "vanilla_mbridge", "use_remove_padding", "pad_bshd_to_minibatch_max", "pad_to_length",
-        "pad_to_length_bucket", "use_megatron_fsdp", "forward_only", "dtype", "router_replay", "qat",
-    }
-)
-STRATEGY_TO_BACKEND = {"megatron": "megatron", "fsdp": "hf", "fsdp2": "hf", "hf": "hf"}
-# the reference design's names -> ours (top level of the section only)
-ALIASES = {
-    "enable": "enable_standalone",
-    "strategy": "backend",
-    "batch_size": "scheduler.max_batch_size",
-    "timeout": "scheduler.max_wait_ms",
-    "max_token_len_per_gpu": "scheduler.max_tokens_per_batch",
-}
-MEGATRON_PARALLEL_KEYS = (
-    "tensor_model_parallel_size",
-    "pipeline_model_parallel_size",
-    "context_parallel_size",
-    "expert_model_parallel_size",
-    "expert_tensor_parallel_size",
-    "virtual_pipeline_model_parallel_size",
-)
-TRAINER_MODEL_PATH = "actor_rollout_ref.model.path"
-TRAINER_TEMPERATURE = "actor_rollout_ref.rollout.temperature"
-TRAINER_STRATEGY = "actor_rollout_ref.actor.strategy"
-TRAINER_MEGATRON = "actor_rollout_ref.actor.megatron"
-TRAINER_LOG_PROB_TOKENS = "actor_rollout_ref.rollout.log_prob_max_token_len_per_gpu"
 
 
 @dataclass
@@ -118,12 +85,12 @@ def load_config(
     inside the section, e.g. {"http.port": 9000}), and validate the section."""
     training, applied, defaults = load_training_config(path, overrides)
     raw, sources, ignored = _read_section(training, applied)
-    _apply_aliases(raw, sources)
-    _inherit_backend_from_defaults(raw, sources, defaults)
-    _inherit_from_trainer(raw, sources, training, applied)
+    apply_aliases(raw, sources)
+    inherit_backend_from_defaults(raw, sources, defaults)
+    inherit_from_trainer(raw, sources, training, applied)
     for key, value in (cli_values or {}).items():
         if value is not None:
-            _set(raw, key, value)
+            set_dotted(raw, key, value)
             sources[key] = "command line"
     _drop_nulls_meaning_unset(raw, sources)
     try:
@@ -147,8 +114,8 @@ def load_training_config(
         if not isinstance(loaded, DictConfig):
             raise ConfigError(f"{path} must hold a mapping at the top level, got a list")
         cfg = loaded
-    defaults = cfg.get("defaults") if isinstance(cfg.get("defaults", None), ListConfig) else []
-    defaults = OmegaConf.to_container(defaults) if isinstance(defaults, ListConfig) else []
+    directive = cfg.get("defaults", None)
+    defaults = OmegaConf.to_container(directive) if isinstance(directive, ListConfig) else []
     for directive in HYDRA_DIRECTIVES:
         if directive in cfg:
             del cfg[directive]
@@ -249,115 +216,6 @@ def _raw_expression(node: DictConfig, key: str) -> str:
         return ""
 
 
-# ---------------------------------------------------------------- reference-design names
-def _apply_aliases(raw: dict[str, Any], sources: dict[str, str]) -> None:
-    for alias, canonical in ALIASES.items():
-        if alias not in raw:
-            continue
-        value = _alias_value(alias, raw.pop(alias))
-        source = f"{sources.pop(alias, 'file')} (as {alias})"
-        if value is _UNSET:
-            continue
-        existing = _get(raw, canonical)
-        if existing is not _UNSET:
-            if existing != value and alias != "max_token_len_per_gpu":
-                raise ConfigError(
-                    f"{SECTION}.{alias}={value!r} and {SECTION}.{canonical}={existing!r} disagree; they name "
-                    f"the same setting, set one of them"
-                )
-            continue  # the explicit key wins over the reference design's token length per GPU
-        _set(raw, canonical, value)
-        sources[canonical] = source
-
-
-_UNSET = object()
-
-
-def _alias_value(alias: str, value: Any) -> Any:
-    """Translate a reference-design value into ours; -1 / null batch size means no count limit."""
-    if alias == "strategy":
-        if value not in STRATEGY_TO_BACKEND:
-            raise ConfigError(
-                f"{SECTION}.strategy: {value!r} is not a valid choice; valid: {', '.join(STRATEGY_TO_BACKEND)}"
-            )
-        return STRATEGY_TO_BACKEND[value]
-    if alias == "batch_size":
-        if value is None or (isinstance(value, (int, float)) and not isinstance(value, bool) and value <= 0):
-            return None
-        return value
-    if alias == "timeout":
-        if value is None:
-            return _UNSET
-        try:
-            return float(value) * 1000.0
-        except (TypeError, ValueError):
-            raise ConfigError(f"{SECTION}.timeout: expected seconds as a number, got {value!r}") from None
-    if alias == "max_token_len_per_gpu" and value is None:
-        return _UNSET
-    return value
-
-
-# ---------------------------------------------------------------- inheritance
-def _inherit_from_trainer(
-    raw: dict[str, Any], sources: dict[str, str], cfg: DictConfig, applied: AppliedOverrides
-) -> None:
-    """Fill unset values from the trainer's keys, as the reference design's section does."""
-
-    def inherit(key: str, trainer_key: str, convert=lambda value: value) -> None:  # type: ignore[no-untyped-def]
-        if _get(raw, key) not in (_UNSET, None):
-            return
-        value = _select(cfg, trainer_key)
-        if value is None:
-            return
-        converted = convert(value)
-        if converted is None:
-            return
-        _set(raw, key, converted)
-        origin = "override" if applied.set_by_override(trainer_key) else "file"
-        sources[key] = f"inherited from {trainer_key} ({origin})"
-
-    inherit("model_path", TRAINER_MODEL_PATH, lambda value: os.path.expanduser(value) if isinstance(value, str) and value else None)
-    inherit("temperature", TRAINER_TEMPERATURE)
-    inherit("backend", TRAINER_STRATEGY, _backend_of_trainer_strategy)
-    inherit("scheduler.max_tokens_per_batch", TRAINER_LOG_PROB_TOKENS)
-    if _get(raw, "backend") == "megatron":
-        for name in MEGATRON_PARALLEL_KEYS:
-            inherit(f"megatron.{name}", f"{TRAINER_MEGATRON}.{name}")
-
-
-def _inherit_backend_from_defaults(raw: dict[str, Any], sources: dict[str, str], defaults: list[Any]) -> None:
-    """The reference design picks its section through the file's `defaults:` list
-    (`model_engine_server@model_engine_server: megatron_model_engine_server`); that choice
-    sets `strategy: megatron` there, so it does here too."""
-    if raw.get("backend") is not None:
-        return
-    for entry in defaults:
-        if not isinstance(entry, dict):
-            continue
-        for group, choice in entry.items():
-            if str(group).split("@")[0] == SECTION and isinstance(choice, str):
-                backend = "megatron" if "megatron" in choice else None
-                if backend:
-                    raw["backend"] = backend
-                    sources["backend"] = f"inherited from defaults: {group}={choice} (file)"
-                return
-
-
-def _backend_of_trainer_strategy(value: Any) -> str | None:
-    backend = STRATEGY_TO_BACKEND.get(value) if isinstance(value, str) else None
-    if backend is None:
-        logger.warning("%s=%r is not a strategy the server knows; not inheriting a backend", TRAINER_STRATEGY, value)
-    return backend
-
-
-def _select(cfg: DictConfig, key: str) -> Any:
-    """A trainer key's resolved value, or None when absent or unresolvable (never fatal)."""
-    value = OmegaConf.select(cfg, key, default=None, throw_on_resolution_failure=False)
-    if isinstance(value, (DictConfig, ListConfig)):
-        return OmegaConf.to_container(value, resolve=True)
-    return value
-
-
 def _drop_nulls_meaning_unset(raw: dict[str, Any], sources: dict[str, str], prefix: str = "") -> None:
     """`key: null` means "unset" (the reference design writes `nnodes: null`): where a setting
     cannot be None, drop it so its default applies."""
@@ -371,27 +229,6 @@ def _drop_nulls_meaning_unset(raw: dict[str, Any], sources: dict[str, str], pref
             if type(None) not in get_args(model.model_fields[key].annotation):
                 del raw[key]
                 sources.pop(path, None)
-
-
-# ---------------------------------------------------------------- dotted access on plain dicts
-def _get(raw: dict[str, Any], dotted: str) -> Any:
-    node: Any = raw
-    for part in dotted.split("."):
-        if not isinstance(node, dict) or part not in node:
-            return _UNSET
-        node = node[part]
-    return node
-
-
-def _set(raw: dict[str, Any], dotted: str, value: Any) -> None:
-    *parents, leaf = dotted.split(".")
-    node = raw
-    for part in parents:
-        child = node.get(part)
-        if not isinstance(child, dict):
-            child = node[part] = {} if child is None else child
-        node = child
-    node[leaf] = value
 
 
 def _leaves(model: BaseModel, prefix: str = "") -> list[tuple[str, Any]]:
