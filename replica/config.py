@@ -42,6 +42,9 @@ class ReplicaConfig(BaseModel):
     init_timeout_s: float = Field(default=600.0, gt=0, description="longest wait for process groups + engines")
     batch_timeout_s: float = Field(default=600.0, gt=0, description="a batch running longer fails as WorkerFailed")
     health_timeout_s: float = Field(default=10.0, gt=0, description="a worker not answering a ping is dead")
+    health_check_interval_s: float | None = Field(
+        default=10.0, gt=0, description="the manager pings every worker this often (None: only on demand)"
+    )
     weight_bucket_mb: int = Field(default=512, gt=0, description="weights are sent to workers in buckets of this size")
     retry_on_worker_failure: bool = Field(
         default=True, description="requests of a batch lost with a dead replica are retried once on another"

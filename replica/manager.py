@@ -46,6 +46,7 @@ class ReplicaManager:
         self._joining: set[int] = set()  # restarted, weights not yet at the current version
         self._update_participants: list[ModelEngineReplica] | None = None
         self._weights_lock = asyncio.Lock()
+        self._monitor: asyncio.Task[None] | None = None
 
     # ------------------------------------------------------------------ lifecycle
     async def start(self, timeout_s: float | None = None) -> "ReplicaManager":
@@ -55,9 +56,24 @@ class ReplicaManager:
         if errors:
             await asyncio.gather(*(r.shutdown(drain=False, timeout_s=5.0) for r in self.replicas), return_exceptions=True)
             raise errors[0]
+        if self.config.health_check_interval_s is not None and self._monitor is None:
+            self._monitor = asyncio.get_running_loop().create_task(self._monitor_health(self.config.health_check_interval_s))
         return self
 
+    async def _monitor_health(self, interval_s: float) -> None:
+        """Find workers that died while idle, so no request is routed to them first."""
+        while True:
+            await asyncio.sleep(interval_s)
+            try:
+                await self.health()
+            except Exception as error:  # noqa: BLE001 - monitoring must never stop serving
+                logger.warning("health check failed: %s", error)
+
     async def shutdown(self, drain: bool = True, timeout_s: float = 30.0) -> None:
+        monitor, self._monitor = self._monitor, None
+        if monitor is not None:
+            monitor.cancel()
+            await asyncio.gather(monitor, return_exceptions=True)
         await asyncio.gather(*(r.shutdown(drain, timeout_s) for r in self.replicas), return_exceptions=True)
 
     async def health(self) -> list[dict[str, Any]]:

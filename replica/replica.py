@@ -128,14 +128,20 @@ class ModelEngineReplica:
             task.add_done_callback(self._background.discard)
 
     async def health(self) -> dict[str, Any]:
-        """Ping every worker (within `health_timeout_s`); a silent or dead one marks the replica dead."""
+        """Ping every worker (within `health_timeout_s`); a silent or dead one marks the replica
+        dead, with the ranks named."""
         if self.server is None:
             return {"replica": self.index, "alive": False, "reason": self.failure or "not started"}
-        pings = [_await(worker.ping.remote()) for worker in self.workers]
-        try:
-            await asyncio.wait_for(asyncio.gather(*pings), self.config.health_timeout_s)
-        except Exception as error:  # noqa: BLE001 - any failure to answer means dead
-            reason = f"{self.name}: health check failed: {type(error).__name__}: {error}"
+        pings = [asyncio.ensure_future(_await(worker.ping.remote())) for worker in self.workers]
+        done, silent = await asyncio.wait(pings, timeout=self.config.health_timeout_s)
+        for task in silent:
+            task.cancel()
+        problems = [f"rank {rank} did not answer a ping within {self.config.health_timeout_s:g} s"
+                    for rank, task in enumerate(pings) if task in silent]
+        problems += [f"worker rank {rank} died ({type(task.exception()).__name__})"
+                     for rank, task in enumerate(pings) if task in done and task.exception() is not None]
+        if problems and self.failure is None:
+            reason = f"{self.name}: health check: {'; '.join(problems)}"
             if self.executor is not None:
                 self.executor.mark_failed(reason)
             self._on_worker_failure(reason)

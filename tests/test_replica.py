@@ -221,7 +221,8 @@ async def test_dead_worker_fails_its_batch_with_worker_failed_and_marks_the_repl
 async def test_manager_without_retry_fails_lost_requests_and_stops_routing_to_the_dead_replica(ray_cluster, tiny_model):
     import ray
 
-    manager = ReplicaManager(replica_config(tiny_model, num_replicas=2, retry_on_worker_failure=False))
+    config = replica_config(tiny_model, num_replicas=2, retry_on_worker_failure=False, health_check_interval_s=0.5)
+    manager = ReplicaManager(config)
     assert isinstance(manager, LogProbService)
     await manager.start()
     try:
@@ -243,6 +244,11 @@ async def test_manager_without_retry_fails_lost_requests_and_stops_routing_to_th
         later = await asyncio.wait_for(manager.score(random_requests(6, 512, seed=9, max_len=80)), DEADLINE_S)
         assert all(isinstance(o, LogProbResult) for o in later)
         assert manager.routed_requests[0] == routed_before
+
+        ray.kill(manager.replicas[1].workers[0], no_restart=True)  # idle: only the health monitor can notice
+        await wait_until(lambda: not manager.replicas[1].alive, "the monitor marking replica 1 dead", interval_s=0.05)
+        (outcome,) = await manager.score(random_requests(1, 512, seed=12, max_len=40))
+        assert isinstance(outcome, WorkerFailed) and "no live replica" in outcome.message
     finally:
         await manager.shutdown(drain=False, timeout_s=5.0)
     await assert_nothing_left()
