@@ -82,4 +82,4 @@ def _serve(app: Any, host: str, port: int, graceful_shutdown_s: float) -> int:
 
 
 def _after_shutdown(signum: int, frame: Any) -> None:
-    logger.info("received %s after shutdown; exiting", signal.Signals(signum).name)
+    logger.debug("%s re-raised by uvicorn after the drain; exiting normally", signal.Signals(signum).name)
