@@ -184,16 +184,28 @@ def group_into_buckets(
         yield group
 
 
+def packed_size(group: list[tuple[str, torch.Tensor]]) -> int:
+    return sum(_aligned(t.numel() * t.element_size()) for _, t in group)
+
+
 def pack_bucket(
-    group: list[tuple[str, torch.Tensor]], version: int, index: int, device: torch.device | str = "cpu"
+    group: list[tuple[str, torch.Tensor]],
+    version: int,
+    index: int,
+    device: torch.device | str = "cpu",
+    out: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, BucketHeader]:
-    """Copy a group into one aligned flat buffer on `device`; returns it and its header."""
+    """Copy a group into one aligned flat buffer on `device` (the front of `out`, a reused
+    uint8 buffer, when it is large enough); returns the buffer and its header."""
     entries, offset = [], 0
     for name, tensor in group:
         nbytes = tensor.numel() * tensor.element_size()
         entries.append(TensorEntry(name, dtype_name(tensor.dtype), tuple(tensor.shape), offset, nbytes))
         offset = _aligned(offset + nbytes)
-    flat = torch.empty(offset, dtype=torch.uint8, device=device)
+    if out is not None and out.numel() >= offset:
+        flat = out[:offset]
+    else:
+        flat = torch.empty(offset, dtype=torch.uint8, device=device)
     for entry, (_, tensor) in zip(entries, group):
         if entry.nbytes:
             flat[entry.offset : entry.offset + entry.nbytes].view(tensor.dtype).view(tensor.shape).copy_(tensor.detach())

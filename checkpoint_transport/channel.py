@@ -35,11 +35,12 @@ class ReceiverChannel(Protocol):
         """The next header; raises `TransportError` (peer gone, sender aborted) or `TransportTimeout`."""
         ...
 
-    def recv_payload(self, nbytes: int) -> torch.Tensor:
-        """The bucket announced by the last header, as a flat uint8 tensor on `device`."""
+    def recv_payload(self, index: int, nbytes: int) -> torch.Tensor:
+        """Bucket `index`, announced by the last header, as a flat uint8 tensor on `device`;
+        valid until `release(index)`."""
         ...
 
-    def discard_payload(self, nbytes: int) -> None:
+    def discard_payload(self, index: int, nbytes: int) -> None:
         """Consume the announced bucket without keeping it (a failed receiver keeps the
         collective moving so the sender and the other receivers are not stalled)."""
         ...

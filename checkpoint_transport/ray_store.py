@@ -228,9 +228,9 @@ class RayReceiverChannel:
         self._next += 1
         return header
 
-    def recv_payload(self, nbytes: int) -> torch.Tensor:
-        assert self._current is not None
-        index, refs = self._current
+    def recv_payload(self, index: int, nbytes: int) -> torch.Tensor:
+        assert self._current is not None and self._current[0] == index
+        refs = self._current[1]
         array = _call(refs[0], self._spec.timeout_s, f"fetching bucket {index}")
         with warnings.catch_warnings():  # zero-copy view of the read-only object store buffer
             warnings.simplefilter("ignore", UserWarning)
@@ -239,7 +239,7 @@ class RayReceiverChannel:
             raise TransportError(f"bucket {index} holds {flat.numel()} bytes, its header says {nbytes}")
         return flat
 
-    def discard_payload(self, nbytes: int) -> None:
+    def discard_payload(self, index: int, nbytes: int) -> None:
         pass  # nothing to consume: the object simply is not fetched
 
     def release(self, index: int) -> None:

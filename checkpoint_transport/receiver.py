@@ -148,7 +148,7 @@ class WeightReceiver:
                 problem = self._check_header(header, version, expected_index)
                 expected_index += 1
                 if problem is None and not failed.is_set():
-                    flat = self.channel.recv_payload(header.nbytes)
+                    flat = self.channel.recv_payload(header.index, header.nbytes)
                     self.buckets_fetched += 1
                     actual = buffer_checksum(flat) if flat.numel() else ""
                     if flat.numel() and actual != header.checksum:
@@ -158,7 +158,7 @@ class WeightReceiver:
                         continue
                     del flat
                 else:
-                    self.channel.discard_payload(max(header.nbytes, 0))
+                    self.channel.discard_payload(header.index, max(header.nbytes, 0))
                 if problem is not None:
                     failed.set()
                     ready.put(("bad", problem))

@@ -3,7 +3,8 @@
 Pipelined: a producer thread pulls the stream, packs the next bucket (copy + checksum) while
 the calling thread has the current one on the wire, so the trainer's export (gathering shards,
 the slow part on a real trainer) overlaps the transfer. At most three buckets exist at once:
-one being sent, one packed and waiting, one being packed.
+one being sent, one packed and waiting, one being packed. Host buffers are reused across
+buckets and syncs (`buffers.HOST_BUFFERS`).
 
 A failure of the stream itself (the trainer's export raised, a duplicate name, a dtype that
 cannot travel) ends the stream with an abort header that carries the reason, so receivers stop
@@ -20,7 +21,8 @@ from typing import Iterable
 
 import torch
 
-from checkpoint_transport.bucket import BucketHeader, group_into_buckets, pack_bucket
+from checkpoint_transport.bucket import BucketHeader, group_into_buckets, pack_bucket, packed_size
+from checkpoint_transport.buffers import HOST_BUFFERS
 from checkpoint_transport.channel import SenderChannel, get_backend
 from checkpoint_transport.spec import SendReport, TransportError, TransportSpec
 
@@ -82,10 +84,12 @@ class WeightSender:
                     report.send_s += time.monotonic() - sent_at
                     report.ok = reason is None
                     break
-                flat, header = item  # type: ignore[misc]
+                flat, header, pooled = item  # type: ignore[misc]
                 sent_at = time.monotonic()
                 self.channel.send(header.to_bytes(), flat)
                 report.send_s += time.monotonic() - sent_at
+                if pooled is not None:  # every receiver has it (or the object store copied it)
+                    HOST_BUFFERS.give(pooled)
                 report.buckets += 1
                 report.tensors += len(header.entries)
                 report.bytes += header.nbytes
@@ -133,8 +137,10 @@ class WeightSender:
                     if name in seen:
                         raise ValueError(f"tensor {name!r} appears twice in the export stream")
                     seen.add(name)
-                item = pack_bucket(group, version, index, device)
-                del group
+                pooled = HOST_BUFFERS.take(packed_size(group)) if device.type == "cpu" else None
+                flat, header = pack_bucket(group, version, index, device, out=pooled)
+                item = (flat, header, pooled)
+                del group, flat
                 pack_seconds[0] += time.monotonic() - began
                 if not put(item):
                     return

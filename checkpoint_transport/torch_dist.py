@@ -20,6 +20,7 @@ import logging
 import torch
 import torch.distributed as dist
 
+from checkpoint_transport.buffers import HOST_BUFFERS
 from checkpoint_transport.channel import register_backend
 from checkpoint_transport.spec import TransportConfig, TransportError, TransportSpec, TransportTimeout
 
@@ -146,6 +147,7 @@ class TorchReceiverChannel:
     def __init__(self, spec: TransportSpec, nccl: bool) -> None:
         self._group = _Group(spec, nccl)
         self.device = self._group.device
+        self._held: dict[int, torch.Tensor] = {}  # pooled host buffers of buckets being loaded
 
     def recv_header(self) -> bytes:
         size = torch.zeros(1, dtype=torch.int64, device=self.device)
@@ -157,22 +159,39 @@ class TorchReceiverChannel:
         self._group.broadcast(data, "receiving a header")
         return data.cpu().numpy().tobytes()
 
-    def recv_payload(self, nbytes: int) -> torch.Tensor:
-        buffer = torch.empty(nbytes, dtype=torch.uint8, device=self.device)
-        if nbytes:
-            self._group.broadcast(buffer, "receiving a bucket")
+    def _buffer(self, nbytes: int) -> tuple[torch.Tensor, torch.Tensor | None]:
+        if self.device.type == "cpu":
+            pooled = HOST_BUFFERS.take(nbytes)
+            return pooled[:nbytes], pooled
+        return torch.empty(nbytes, dtype=torch.uint8, device=self.device), None
+
+    def recv_payload(self, index: int, nbytes: int) -> torch.Tensor:
+        buffer, pooled = self._buffer(nbytes)
+        try:
+            if nbytes:
+                self._group.broadcast(buffer, "receiving a bucket")
+        except BaseException:
+            if pooled is not None:
+                HOST_BUFFERS.give(pooled)
+            raise
+        if pooled is not None:
+            self._held[index] = pooled
         return buffer
 
-    def discard_payload(self, nbytes: int) -> None:
-        self.recv_payload(nbytes)  # a broadcast has no way to skip: take part, then drop it
+    def discard_payload(self, index: int, nbytes: int) -> None:
+        self.recv_payload(index, nbytes)  # a broadcast has no way to skip: take part, then drop it
+        self.release(index)
 
     def acknowledge_end(self) -> None:
         self._group.acknowledge(1)
 
     def release(self, index: int) -> None:
-        pass
+        pooled = self._held.pop(index, None)
+        if pooled is not None:
+            HOST_BUFFERS.give(pooled)
 
     def close(self) -> None:
+        self._held.clear()
         self._group.close()
 
 

@@ -129,3 +129,18 @@ def test_unknown_backend_names_the_valid_ones():
     assert {"gloo", "nccl", "ray"} <= set(transport_backends())
     with pytest.raises(ValueError, match="valid backends: gloo, nccl, ray"):
         get_backend("carrier-pigeon")
+
+
+def test_buffer_pool_reuses_a_returned_buffer_and_keeps_only_a_few():
+    from checkpoint_transport.buffers import HostBufferPool
+
+    pool = HostBufferPool(max_idle=2)
+    first = pool.take(1000)
+    pool.give(first)
+    assert pool.take(800) is first  # big enough: reused, not reallocated
+    buffers = [pool.take(100 * (i + 1)) for i in range(4)]
+    for buffer in buffers:
+        pool.give(buffer)
+    assert pool.take(350) is buffers[3]  # the largest two were kept
+    assert pool.take(100) is buffers[2]
+    assert pool.take(100) is not buffers[0]
