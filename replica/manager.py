@@ -82,28 +82,37 @@ class ReplicaManager:
 
     async def restart_replica(self, index: int, timeout_s: float | None = None) -> None:
         """Bring replica `index` back on a fresh placement group, copy the current weights from a
-        live peer when the model path is older, re-apply a pause, then route to it again."""
+        live peer when the model path is older, re-apply a pause, then route to it again. With no
+        peer at the current version, it serves nothing (weights incomplete) until the next sync."""
         replica = self.replicas[index]
         self._joining.add(index)
         try:
             await replica.restart(timeout_s)
             async with self._weights_lock:  # no update runs while weights are copied
-                if replica.weight_version != self.weight_version:
-                    peer = self._peer_at_current_version(exclude=index)
-                    await replica.copy_weights_from(peer, self.weight_version)
-                if self.paused:
-                    await replica.pause_serving()
+                try:
+                    if replica.weight_version != self.weight_version:
+                        peer = self._peer_at_current_version(exclude=index)
+                        if peer is None:  # every replica was lost: wait for the trainer's next sync
+                            reason = (f"restarted from the model path (version {replica.weight_version}); no live "
+                                      f"replica holds version {self.weight_version}: waiting for the next weight sync")
+                            logger.warning("%s: %s", replica.name, reason)
+                            await replica.abort_weight_update(reason)
+                        else:
+                            await replica.copy_weights_from(peer, self.weight_version)
+                    if self.paused:
+                        await replica.pause_serving()
+                except BaseException:  # never route to a replica holding another version's weights
+                    await replica.shutdown(drain=False, timeout_s=5.0)
+                    raise
         finally:
             self._joining.discard(index)
 
-    def _peer_at_current_version(self, exclude: int) -> ModelEngineReplica:
+    def _peer_at_current_version(self, exclude: int) -> ModelEngineReplica | None:
         for replica in self.replicas:
             if replica.index != exclude and self._routable(replica) and replica.weight_version == self.weight_version:
-                return replica
-        raise WorkerFailed(
-            f"no live replica holds weight version {self.weight_version} to copy from; "
-            "the restarted replica waits for the next weight sync"
-        )
+                if not replica.status().get("weights_incomplete"):
+                    return replica
+        return None
 
     # ------------------------------------------------------------------ routing
     def _routable(self, replica: ModelEngineReplica) -> bool:
