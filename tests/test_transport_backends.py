@@ -228,3 +228,37 @@ def test_a_bucket_from_another_version_is_refused(session):
     sender.close()
     thread.join(timeout=60)
     assert sent.ok and not reports[0].ok and "belongs to version 11" in reports[0].error
+
+
+@pytest.mark.gpu
+def test_nccl_moves_buckets_between_two_gpus():
+    if torch.cuda.device_count() < 2:
+        pytest.skip("NCCL needs the sender and the receiver on distinct GPUs")
+    session = get_backend("nccl").open_session(TransportConfig(backend="nccl", bucket_bytes=BUCKET_BYTES, timeout_s=60))
+    spec = session.begin("nccl-two-gpus", 1)
+    weights = {name: tensor.to("cuda:0") for name, tensor in model_like_tensors().items()}
+    received: dict[str, torch.Tensor] = {}
+    reports: list[ReceiveReport] = []
+
+    def receive() -> None:
+        torch.cuda.set_device(1)
+        receiver = WeightReceiver.from_spec(spec.for_rank(1))
+
+        def load(bucket):
+            assert all(tensor.device == torch.device("cuda", 1) for _, tensor in bucket)
+            received.update({name: tensor.cpu() for name, tensor in bucket})
+            return [name for name, _ in bucket]
+
+        reports.append(receiver.receive(load, 1, set(weights)))
+        receiver.close()
+
+    thread = threading.Thread(target=receive)
+    thread.start()
+    torch.cuda.set_device(0)
+    sender = WeightSender.from_spec(spec)
+    sent = sender.send(weights.items(), 1)
+    sender.close()
+    thread.join(timeout=120)
+    session.close()
+    assert sent.ok and reports[0].ok, (sent.error, reports[0].error)
+    assert all(torch.equal(received[name], tensor.cpu()) for name, tensor in weights.items())
