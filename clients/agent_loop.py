@@ -8,6 +8,9 @@ uses:
 - `engine_server_logprobs`: old (proximal) log-probs of each response token, `[response_len]`;
 - `engine_server_entropys`: entropy of the same distributions;
 - `engine_server_weight_version`: the policy version that computed them;
+- `ref_log_probs`: the frozen reference policy's log-probs of the same tokens at the same
+  temperature, when asked (`return_ref_log_probs=True`; the server runs in reference mode);
+  the name a verl trainer's KL loss reads, so the trainer skips its own reference forward;
 - `rollout_mismatch`: mean/max |rollout logp - server logp| and a KL estimate (k3), when the
   rollout's log-probs were given.
 """
@@ -24,6 +27,7 @@ from model_engine_server.protocol import LogProbRequest, LogProbResult
 LOG_PROBS_FIELD = "engine_server_logprobs"
 ENTROPY_FIELD = "engine_server_entropys"
 VERSION_FIELD = "engine_server_weight_version"
+REF_LOG_PROBS_FIELD = "ref_log_probs"
 MISMATCH_FIELD = "rollout_mismatch"
 
 
@@ -34,8 +38,10 @@ def build_request(
     rollout_log_probs: Sequence[float] | None = None,
     request_id: str | None = None,
     min_weight_version: int | None = None,
+    return_ref_log_probs: bool = False,
 ) -> LogProbRequest:
-    """The server request for one trajectory: score every response token at the rollout's temperature."""
+    """The server request for one trajectory: score every response token at the rollout's
+    temperature (and with the reference policy too, when `return_ref_log_probs`)."""
     identity = {"request_id": request_id} if request_id else {}
     return LogProbRequest(
         **identity,
@@ -43,6 +49,7 @@ def build_request(
         response_start=len(prompt_ids),
         temperature=temperature,
         return_entropy=True,
+        return_ref_log_probs=return_ref_log_probs,
         rollout_log_probs=None if rollout_log_probs is None else [float(x) for x in rollout_log_probs],
         min_weight_version=min_weight_version,
     )
@@ -52,6 +59,8 @@ def attach_result(sample: MutableMapping[str, Any], result: LogProbResult) -> Mu
     sample[LOG_PROBS_FIELD] = np.asarray(result.log_probs, dtype=np.float32)
     sample[ENTROPY_FIELD] = None if result.entropy is None else np.asarray(result.entropy, dtype=np.float32)
     sample[VERSION_FIELD] = result.weight_version
+    if result.ref_log_probs is not None:
+        sample[REF_LOG_PROBS_FIELD] = np.asarray(result.ref_log_probs, dtype=np.float32)
     if result.mismatch is not None:
         sample[MISMATCH_FIELD] = result.mismatch.to_wire()
     return sample
@@ -62,11 +71,14 @@ async def attach_server_log_probs(
     sample: MutableMapping[str, Any],
     temperature: float,
     timeout_s: float | None = None,
+    return_ref_log_probs: bool = False,
 ) -> MutableMapping[str, Any]:
     """Score `sample` (keys `prompt_ids`, `response_ids`, optional `rollout_log_probs`) and attach
-    the server's fields; raises the server's typed error if it could not be scored."""
+    the server's fields (with `ref_log_probs` when `return_ref_log_probs`); raises the server's
+    typed error if it could not be scored."""
     request = build_request(
-        sample["prompt_ids"], sample["response_ids"], temperature, sample.get("rollout_log_probs"), sample.get("uid")
+        sample["prompt_ids"], sample["response_ids"], temperature, sample.get("rollout_log_probs"), sample.get("uid"),
+        return_ref_log_probs=return_ref_log_probs,
     )
     [result] = await client.compute_log_probs([request], timeout_s)
     return attach_result(sample, result)

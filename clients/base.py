@@ -12,7 +12,7 @@ configuration. Two ways of receiving failures, both on every client:
   the step cannot go on.
 
 A subclass of `BaseLogProbClient` writes `score`, `pause`, `resume`, `status`,
-`update_weights` and `close`; `compute_log_probs` comes from `score`. `SyncLogProbClient` wraps
+`update_weights`, `update_weights_from_disk` and `close`; `compute_log_probs` comes from `score`. `SyncLogProbClient` wraps
 any async client for synchronous code (a plain Ray actor, a script), with the same method names.
 """
 
@@ -61,6 +61,13 @@ class LogProbClient(Protocol):
         """Send a complete set of weights (HuggingFace names) to be served as `version`; atomic."""
         ...
 
+    async def update_weights_from_disk(self, model_path: str, version: int | None = None) -> int:
+        """Make the server load an HF checkpoint folder (a path on the server's machine) into
+        every policy replica as `version` (default: current + 1); returns the version once it
+        serves. A folder that does not fit the served model raises `InvalidRequest`, and the
+        old weights keep serving."""
+        ...
+
     async def close(self) -> None:
         """Release the client's own resources; never stops the server."""
         ...
@@ -97,6 +104,9 @@ class BaseLogProbClient(ABC):
 
     @abstractmethod
     async def update_weights(self, named_tensors: Iterable[tuple[str, torch.Tensor]], version: int) -> int: ...
+
+    @abstractmethod
+    async def update_weights_from_disk(self, model_path: str, version: int | None = None) -> int: ...
 
     async def close(self) -> None:
         return None
@@ -146,6 +156,9 @@ class SyncLogProbClient:
 
     def update_weights(self, named_tensors: Iterable[tuple[str, torch.Tensor]], version: int) -> int:
         return self._call(self.client.update_weights(named_tensors, version))
+
+    def update_weights_from_disk(self, model_path: str, version: int | None = None) -> int:
+        return self._call(self.client.update_weights_from_disk(model_path, version))
 
     def close(self) -> None:
         """Close the async client, then stop and close the private loop; idempotent."""

@@ -18,6 +18,7 @@ and the blocking client each only execute those steps.
 from __future__ import annotations
 
 import asyncio
+import json
 import random
 import time
 from dataclasses import dataclass
@@ -179,6 +180,15 @@ class _Core:
             attempt += 1
 
 
+    def from_disk_plan(self, model_path: str, version: int | None) -> Generator[Step, Reply, Any]:
+        """`POST /v1/update_weights_from_disk`; not retried once sent (a version is not
+        loaded twice), only when the connection could not be opened."""
+        body: dict[str, Any] = {"model_path": str(model_path)}
+        if version is not None:
+            body["weight_version"] = int(version)
+        return self.admin_plan("/v1/update_weights_from_disk", json.dumps(body).encode(), JSON, retry=False)
+
+
 def _retryable_call(reply: Reply) -> bool:
     if isinstance(reply, httpx.Response):
         return reply.status_code in RETRYABLE_STATUSES
@@ -305,6 +315,10 @@ class HttpLogProbClient(BaseLogProbClient):
         reply = await self._run(self._core.admin_plan("/v1/update_weights", body, MSGPACK, retry=False))
         return int(reply["weight_version"])
 
+    async def update_weights_from_disk(self, model_path: str, version: int | None = None) -> int:
+        reply = await self._run(self._core.from_disk_plan(model_path, version))
+        return int(reply["weight_version"])
+
     async def status(self) -> dict[str, Any]:
         return (await self._get("/v1/status")).json()
 
@@ -387,6 +401,9 @@ class SyncHttpLogProbClient:
     def update_weights(self, named_tensors: Iterable[tuple[str, torch.Tensor]], version: int) -> int:
         body = encode_weights(named_tensors, version)
         return int(self._run(self._core.admin_plan("/v1/update_weights", body, MSGPACK, retry=False))["weight_version"])
+
+    def update_weights_from_disk(self, model_path: str, version: int | None = None) -> int:
+        return int(self._run(self._core.from_disk_plan(model_path, version))["weight_version"])
 
     def status(self) -> dict[str, Any]:
         return self._get("/v1/status").json()

@@ -12,6 +12,7 @@ import torch
 
 from clients.base import BaseLogProbClient, Outcome, RequestLike
 from model_engine_server.service import LogProbService
+from model_engine_server.weights_from_disk import update_weights_from_disk
 
 
 class LocalClient(BaseLogProbClient):
@@ -32,3 +33,9 @@ class LocalClient(BaseLogProbClient):
 
     async def update_weights(self, named_tensors: Iterable[tuple[str, torch.Tensor]], version: int) -> int:
         return await self.service.update_weights(named_tensors, version)
+
+    async def update_weights_from_disk(self, model_path: str, version: int | None = None) -> int:
+        own = getattr(self.service, "update_weights_from_disk", None)
+        if own is not None:
+            return await own(model_path, version)
+        return await update_weights_from_disk(self.service, model_path, version)

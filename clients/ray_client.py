@@ -99,5 +99,13 @@ class RayLogProbClient(BaseLogProbClient):
         return version
 
 
+    async def update_weights_from_disk(self, model_path: str, version: int | None = None) -> int:
+        """The server actor reads the folder (a path on ITS node), checks it fits, then loads
+        it into every replica; the tensors never pass through this caller."""
+        served = await self._call(self.handle.update_weights_from_disk.remote(str(model_path), version),
+                                  "update_weights_from_disk")
+        return int(served)
+
+
 async def _await(ref: Awaitable[T]) -> T:
     return await ref

@@ -5,7 +5,9 @@
   process (`build_local_server`), no Ray at all;
 - anything else (several replicas, Megatron model parallelism, several nodes, a Ray address):
   `build_replica_service`, a `ReplicaManager` of `replica/` on an embedded or joined Ray.
-Either way the caller gets a `LogProbService` and never learns which.
+Either way the caller gets a `LogProbService` and never learns which. In reference mode
+(`enable_ref_mode`) the frozen reference policy gets a service of its own, decided the same way
+from the `ref` sizes, and `PolicyWithReference` puts both behind the one service.
 """
 
 from __future__ import annotations
@@ -27,6 +29,7 @@ if TYPE_CHECKING:
 
     from model_engine_server.config_loader import LoadedConfig
     from model_engine_server.http.metrics import ServerMetrics
+    from model_engine_server.reference import PolicyWithReference
     from replica.config import ReplicaConfig
 
 logger = logging.getLogger(__name__)
@@ -64,10 +67,35 @@ def ensure_model_path(config: ServerConfig) -> str:
     return str(target)
 
 
-def build_service(config: ServerConfig, observer: SchedulerObserver | None = None) -> LogProbService:
-    """The service the config describes, ready to score (engines loaded)."""
-    _warn_about_later_features(config)
+def build_service(
+    config: ServerConfig,
+    observer: SchedulerObserver | None = None,
+    reference_observer: SchedulerObserver | None = None,
+) -> "PolicyWithReference":
+    """The service the config describes: the policy, and in reference mode the reference beside
+    it (engines loaded; Ray replicas start with the app). `reference_observer` counts the
+    reference's scheduler events (`ServerMetrics.reference_observer`)."""
+    from model_engine_server.reference import PolicyWithReference
+
+    _warn_about_unused_settings(config)
     model_path = ensure_model_path(config)
+    reference_config = reference_config_for(config, model_path) if config.enable_ref_mode else None
+    ray_gpus = sum(c.total_gpus for c in (config, reference_config) if c is not None and not c.in_process)
+    policy = _build_one(config, model_path, observer, "policy", ray_gpus)
+    reference = None
+    if reference_config is not None:
+        assert reference_config.model_path is not None
+        reference = _build_one(reference_config, reference_config.model_path, reference_observer, "reference", ray_gpus)
+    return PolicyWithReference(policy, reference, observer)
+
+
+REPLICA_NAME_PREFIX = {"policy": "replica", "reference": "replica-ref"}
+
+
+def _build_one(
+    config: ServerConfig, model_path: str, observer: SchedulerObserver | None, role: str, ray_gpus: int
+) -> LogProbService:
+    """One policy's service: in this process, or Ray replicas named after its role."""
     if config.in_process:
         from model_engine_server.engines.base import resolve_device
         from model_engine_server.local import build_local_server
@@ -76,18 +104,54 @@ def build_service(config: ServerConfig, observer: SchedulerObserver | None = Non
             resolve_device(config.device)
         except ValueError as error:
             raise ConfigError(f"{SECTION}.device={config.device!r}: {error}") from None
-        logger.info("building one in-process replica: backend=%s, model=%s", config.backend, model_path)
+        logger.info("building the %s as one in-process replica: backend=%s, model=%s", role, config.backend, model_path)
         return build_local_server(
             config.engine_spec(model_path), config.backend, config.scheduler, observer, config.initial_weight_version
         )
-    return build_replica_service(config, model_path, observer)
+    return build_replica_service(config, model_path, observer, REPLICA_NAME_PREFIX[role], ray_gpus)
+
+
+def reference_config_for(config: ServerConfig, model_path: str) -> ServerConfig:
+    """The reference policy's own section: `ref_model_path` (default: the policy's checkpoint,
+    i.e. its initial weights) on `ref.nnodes` x `ref.n_gpus_per_node` devices (default: the
+    policy's), with the policy's backend, parallel layout, precision and scheduler."""
+    from pydantic import ValidationError
+
+    ref = config.ref
+    ref_path = os.path.expanduser(config.ref_model_path) if config.ref_model_path else model_path
+    if not (Path(ref_path) / "config.json").is_file():
+        raise ConfigError(f"{SECTION}.ref_model_path={ref_path!r} is not an HF checkpoint folder (no config.json)")
+    sized = ref.nnodes is not None or ref.n_gpus_per_node is not None
+    values = config.model_dump()
+    values.update(
+        model_path=ref_path,
+        enable_ref_mode=False,
+        ref_model_path=None,
+        ref={},
+        nnodes=ref.nnodes or config.nnodes,
+        n_gpus_per_node=ref.n_gpus_per_node or config.n_gpus_per_node,
+        num_replicas=None if sized else config.num_replicas,
+        initial_weight_version=0,
+    )
+    try:
+        return ServerConfig.model_validate(values)
+    except ValidationError as error:
+        first = error.errors()[0]
+        message = str(first.get("msg", "invalid value")).removeprefix("Value error, ")
+        raise ConfigError(f"{SECTION}.ref (the reference policy's devices): {message}") from None
 
 
 def build_replica_service(
-    config: ServerConfig, model_path: str, observer: SchedulerObserver | None = None
+    config: ServerConfig,
+    model_path: str,
+    observer: SchedulerObserver | None = None,
+    name_prefix: str = "replica",
+    ray_gpus: int | None = None,
 ) -> LogProbService:
-    """The seam to the replica layer (`replica/`): join or start Ray, then a `ReplicaManager` of
-    `config.replicas` replicas (started by the app's start-up, on the serving event loop)."""
+    """The seam to the replica layer (`replica/`): join or start Ray (with `ray_gpus` logical
+    GPUs when embedded on a machine without CUDA: both policies' when both run on Ray), then a
+    `ReplicaManager` of `config.replicas` replicas named `{name_prefix}-{i}` (started by the
+    app's start-up, on the serving event loop)."""
     from replica.manager import ReplicaManager
     from replica.placement import connect_ray
 
@@ -101,12 +165,16 @@ def build_replica_service(
             init_kwargs["num_gpus"] = ray_config.num_gpus
         if ray_config.object_store_memory_mb is not None:
             init_kwargs["object_store_memory"] = ray_config.object_store_memory_mb << 20
-    connect_ray(ray_config.address, num_gpus_needed=replica_config.total_gpus, **init_kwargs)
+    needed = replica_config.total_gpus if ray_gpus is None else ray_gpus
+    connect_ray(ray_config.address, num_gpus_needed=needed, **init_kwargs)
     logger.info(
-        "building %d Ray replica(s) of %d device(s): backend=%s, model=%s",
-        replica_config.num_replicas, replica_config.world_size, config.backend, model_path,
+        "building %d Ray replica(s) %s-* of %d device(s): backend=%s, model=%s",
+        replica_config.num_replicas, name_prefix, replica_config.world_size, config.backend, model_path,
     )
-    return ReplicaManager(replica_config, observer)
+    manager = ReplicaManager(replica_config, observer)
+    for replica in manager.replicas:  # placement-group names are unique per Ray namespace
+        replica.name = f"{name_prefix}-{replica.index}"
+    return manager
 
 
 def replica_config_for(config: ServerConfig, model_path: str) -> "ReplicaConfig":
@@ -142,12 +210,12 @@ def replica_config_for(config: ServerConfig, model_path: str) -> "ReplicaConfig"
     )
 
 
-def _warn_about_later_features(config: ServerConfig) -> None:
+def _warn_about_unused_settings(config: ServerConfig) -> None:
     if not config.enable_standalone:
         logger.warning("%s.enable_standalone is false: the trainer will not use this server, serving anyway", SECTION)
-    if config.enable_ref_mode:
-        logger.warning("%s.enable_ref_mode is accepted but reference-policy serving is not in this build; "
-                       "requests asking for ref log-probs get a 400", SECTION)
+    if not config.enable_old_mode:
+        logger.warning("%s.enable_old_mode is false: the policy is hosted anyway (every result carries its "
+                       "log-probs; weight syncs go to it)", SECTION)
 
 
 @dataclass
@@ -167,6 +235,6 @@ def build_serving(loaded: "LoadedConfig") -> Serving:
 
     config = loaded.server
     metrics = ServerMetrics()
-    service = build_service(config, metrics.observer)
+    service = build_service(config, metrics.observer, metrics.reference_observer)
     app = create_app(service, config.http, metrics, default_temperature=config.temperature, owns_service=True)
     return Serving(app, service, metrics, config)

@@ -139,9 +139,10 @@ class ModelEngineServer:
     def _check_admission(self, request: LogProbRequest) -> None:
         if not self._accepting:
             raise ServerShuttingDown("the server is shutting down and accepts no new requests")
-        if request.return_ref_log_probs:
+        if request.return_ref_log_probs:  # a second model's work: `reference.PolicyWithReference` splits it off
             raise InvalidRequest(
-                "this server hosts no reference policy; enable model_engine_server.enable_ref_mode",
+                "this scheduler scores one model and cannot return ref log-probs (the reference policy "
+                "is served beside it when model_engine_server.enable_ref_mode is set)",
                 "return_ref_log_probs",
             )
         if self._queued_tokens + request.num_tokens > self.config.max_queued_tokens:

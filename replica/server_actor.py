@@ -86,6 +86,12 @@ class ModelEngineServerActor:
     async def update_weights(self, named_tensors: list[tuple[str, torch.Tensor]], version: int) -> int:
         return await self.manager.update_weights(named_tensors, version)
 
+    async def update_weights_from_disk(self, model_path: str, version: int | None = None) -> int:
+        """Check an HF checkpoint folder on this actor's node fits, then load it as `version`."""
+        from model_engine_server.weights_from_disk import update_weights_from_disk
+
+        return await update_weights_from_disk(self.manager, model_path, version)
+
     async def get_status(self) -> dict[str, Any]:
         return self.manager.status()
 

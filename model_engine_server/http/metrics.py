@@ -1,5 +1,9 @@
 """Prometheus metrics: scheduler events through a `SchedulerObserver`, state from `get_status()`.
 
+In reference mode both policies are shown: the reference's metrics carry a `_ref` prefix
+(`model_engine_server_ref_requests_total`, `..._ref_queue_depth`, ...), from its own observer
+(`reference_observer`) and from the `reference` part of the status.
+
 Each `ServerMetrics` owns its `CollectorRegistry`, so two apps in one process (tests, a policy
 and a reference server) never collide on metric names. Counters and histograms move with
 events (requests, batches); gauges (queue depth, weight version, time paused) are read from
@@ -27,10 +31,38 @@ TOKEN_BUCKETS = tuple(float(2**power) for power in range(6, 21))  # 64 .. 1M tok
 MISMATCH_BUCKETS = (0.001, 0.003, 0.01, 0.03, 0.1, 0.3, 1.0, 3.0)
 
 
-class PrometheusObserver(SchedulerObserver):
-    """The scheduler's hooks, counted into a `ServerMetrics`."""
+class ScoringMetrics:
+    """Event metrics of one scheduler (the policy's, or the reference's under a `_ref` prefix)."""
 
-    def __init__(self, metrics: "ServerMetrics") -> None:
+    def __init__(self, registry: CollectorRegistry, prefix: str, what: str) -> None:
+        r = registry
+        self.requests = Counter(f"{prefix}_requests", f"{what} scoring requests by outcome", ["outcome", "code"], registry=r)
+        self.tokens = Counter(f"{prefix}_tokens", f"tokens scored by the {what} (prompt + response)", registry=r)
+        self.response_tokens = Counter(f"{prefix}_response_tokens", f"response tokens given {what} log-probs", registry=r)
+        self.batch_requests = Histogram(
+            f"{prefix}_batch_size_requests", f"requests per {what} batch", buckets=REQUEST_COUNT_BUCKETS, registry=r
+        )
+        self.batch_tokens = Histogram(
+            f"{prefix}_batch_size_tokens", f"tokens per {what} batch", buckets=TOKEN_BUCKETS, registry=r
+        )
+        self.batch_seconds = Histogram(
+            f"{prefix}_batch_compute_seconds", f"time to compute one {what} batch", buckets=LATENCY_BUCKETS, registry=r
+        )
+        self.request_seconds = Histogram(
+            f"{prefix}_request_latency_seconds", f"queue + compute time of a {what} request", buckets=LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.queue_seconds = Histogram(
+            f"{prefix}_request_queue_seconds", f"time a {what} request waited before its batch", buckets=LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.mismatch: Histogram | None = None
+
+
+class PrometheusObserver(SchedulerObserver):
+    """The scheduler's hooks, counted into one `ScoringMetrics`."""
+
+    def __init__(self, metrics: ScoringMetrics) -> None:
         self.metrics = metrics
 
     def request_done(self, result: "LogProbResult", tokens: int) -> None:
@@ -42,7 +74,7 @@ class PrometheusObserver(SchedulerObserver):
             m.request_seconds.observe(result.timings["total_ms"] / 1000)
         if "queue_ms" in result.timings:
             m.queue_seconds.observe(result.timings["queue_ms"] / 1000)
-        if result.mismatch is not None:
+        if result.mismatch is not None and m.mismatch is not None:
             m.mismatch.observe(result.mismatch.mean_abs_diff)
 
     def request_failed(self, error: "ModelEngineError") -> None:
@@ -65,23 +97,31 @@ class _StatusCollector(Collector):
         self.status: dict[str, Any] = {}
 
     def collect(self) -> Iterator[Any]:
-        status = self.status
-        gauges = {
-            "queue_depth": ("requests waiting in the queue", status.get("queue_depth")),
-            "queued_tokens": ("tokens waiting in the queue", status.get("queued_tokens")),
-            "inflight_batches": ("batches being computed", status.get("inflight_batches")),
-            "outstanding_tokens": ("queued plus in-flight tokens", status.get("outstanding_tokens")),
-            "weight_version": ("weight version being served", status.get("weight_version")),
-            "paused": ("1 while serving is paused", status.get("paused")),
-            "weights_incomplete": ("1 after a failed sync, until a complete one", bool(status.get("weights_incomplete"))),
-            "replicas": ("replicas behind this server", len(status.get("replicas") or []) or None),
-        }
-        for name, (documentation, value) in gauges.items():
-            if value is not None:
-                yield GaugeMetricFamily(f"{PREFIX}_{name}", documentation, value=float(value))
-        paused = status.get("paused_seconds_total")
-        if paused is not None:
-            yield CounterMetricFamily(f"{PREFIX}_paused_seconds", "time spent paused (weight syncs, admin)", value=float(paused))
+        yield from _status_gauges(self.status, PREFIX)
+        reference = self.status.get("reference")
+        if "ref_mode" in self.status:
+            yield GaugeMetricFamily(f"{PREFIX}_ref_mode", "1 when the reference policy is hosted", value=float(bool(self.status["ref_mode"])))
+        if isinstance(reference, dict):
+            yield from _status_gauges(reference, f"{PREFIX}_ref")
+
+
+def _status_gauges(status: dict[str, Any], prefix: str) -> Iterator[Any]:
+    gauges = {
+        "queue_depth": ("requests waiting in the queue", status.get("queue_depth")),
+        "queued_tokens": ("tokens waiting in the queue", status.get("queued_tokens")),
+        "inflight_batches": ("batches being computed", status.get("inflight_batches")),
+        "outstanding_tokens": ("queued plus in-flight tokens", status.get("outstanding_tokens")),
+        "weight_version": ("weight version being served", status.get("weight_version")),
+        "paused": ("1 while serving is paused", status.get("paused")),
+        "weights_incomplete": ("1 after a failed sync, until a complete one", bool(status.get("weights_incomplete"))),
+        "replicas": ("replicas behind this server", len(status.get("replicas") or []) or None),
+    }
+    for name, (documentation, value) in gauges.items():
+        if value is not None:
+            yield GaugeMetricFamily(f"{prefix}_{name}", documentation, value=float(value))
+    paused = status.get("paused_seconds_total")
+    if paused is not None:
+        yield CounterMetricFamily(f"{prefix}_paused_seconds", "time spent paused (weight syncs, admin)", value=float(paused))
 
 
 class ServerMetrics:
@@ -90,35 +130,22 @@ class ServerMetrics:
     def __init__(self) -> None:
         self.registry = CollectorRegistry(auto_describe=True)
         r = self.registry
-        self.requests = Counter(f"{PREFIX}_requests", "scoring requests by outcome", ["outcome", "code"], registry=r)
-        self.tokens = Counter(f"{PREFIX}_tokens", "tokens scored (prompt + response)", registry=r)
-        self.response_tokens = Counter(f"{PREFIX}_response_tokens", "response tokens given log-probs", registry=r)
-        self.batch_requests = Histogram(
-            f"{PREFIX}_batch_size_requests", "requests per batch", buckets=REQUEST_COUNT_BUCKETS, registry=r
-        )
-        self.batch_tokens = Histogram(f"{PREFIX}_batch_size_tokens", "tokens per batch", buckets=TOKEN_BUCKETS, registry=r)
-        self.batch_seconds = Histogram(
-            f"{PREFIX}_batch_compute_seconds", "time to compute one batch", buckets=LATENCY_BUCKETS, registry=r
-        )
-        self.request_seconds = Histogram(
-            f"{PREFIX}_request_latency_seconds", "queue + compute time of a request", buckets=LATENCY_BUCKETS, registry=r
-        )
-        self.queue_seconds = Histogram(
-            f"{PREFIX}_request_queue_seconds", "time a request waited before its batch", buckets=LATENCY_BUCKETS, registry=r
-        )
-        self.mismatch = Histogram(
+        self.policy = ScoringMetrics(r, PREFIX, "policy")
+        self.policy.mismatch = Histogram(
             f"{PREFIX}_rollout_logprob_mean_abs_diff",
             "per-request mean |server - rollout| log-prob, when rollout_log_probs are sent",
             buckets=MISMATCH_BUCKETS,
             registry=r,
         )
+        self.reference = ScoringMetrics(r, f"{PREFIX}_ref", "reference")
         self.http_requests = Counter(
             f"{PREFIX}_http_requests", "HTTP calls by route and status", ["route", "status"], registry=r
         )
         self.http_in_progress = Gauge(f"{PREFIX}_http_requests_in_progress", "HTTP calls being handled", registry=r)
         self._status = _StatusCollector()
         r.register(self._status)
-        self.observer = PrometheusObserver(self)
+        self.observer = PrometheusObserver(self.policy)
+        self.reference_observer = PrometheusObserver(self.reference)
 
     def render(self, status: dict[str, Any]) -> bytes:
         """The Prometheus text exposition, with gauges from `status`."""

@@ -4,6 +4,10 @@
 `{"request_id", "error"}` for that request alone. When every request of a call failed, the
 call's status is that of the first failure (400, 429, 503, 504) and the body is
 `{"error": ..., "results": [...]}`; an empty call is answered with no results.
+
+`POST /v1/update_weights_from_disk` `{"model_path", "weight_version"?}` answers
+`{"weight_version": N}` once the checkpoint's weights serve; a folder that does not fit the
+served model is a 400 naming the difference, and the old weights go on serving.
 """
 
 from __future__ import annotations
@@ -28,6 +32,7 @@ from model_engine_server.http.schemas import (
     ErrorResponse,
     HealthResponse,
     LogProbResponse,
+    UpdateFromDiskBody,
     WeightUpdateResponse,
 )
 from model_engine_server.http.wire import (
@@ -43,6 +48,7 @@ from model_engine_server.http.wire import (
     outcome_to_wire,
 )
 from model_engine_server.protocol import LogProbRequest
+from model_engine_server.weights_from_disk import update_weights_from_disk as load_checkpoint_folder
 
 INT64_MIN, INT64_MAX = -(2**63), 2**63 - 1
 DRAIN_CAP_BYTES = 64 << 20  # an oversized body is read (and dropped) up to this, so the client sees the 413
@@ -203,6 +209,23 @@ async def update_weights(request: Request) -> JSONResponse:
     _check_content_type(request, MSGPACK_TYPES)
     version, named = decode_weights(await read_body(request, state.max_weights_body_bytes))
     served = await state.service.update_weights(named, version)
+    return JSONResponse({"weight_version": served})
+
+
+@router.post(
+    "/v1/update_weights_from_disk",
+    summary="Serve an HF checkpoint folder's weights as the policy's next version",
+    response_model=WeightUpdateResponse,
+    responses={400: {"model": ErrorResponse}, **ADMIN_ERRORS, 422: {"model": ErrorResponse}},
+    dependencies=[Depends(require_admin)],
+)
+async def update_weights_from_disk(body: UpdateFromDiskBody, request: Request) -> JSONResponse:
+    service = request.app.state.service
+    own = getattr(service, "update_weights_from_disk", None)  # serialises concurrent calls
+    if own is not None:
+        served = await own(body.model_path, body.weight_version)
+    else:
+        served = await load_checkpoint_folder(service, body.model_path, body.weight_version)
     return JSONResponse({"weight_version": served})
 
 

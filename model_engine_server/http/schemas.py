@@ -73,6 +73,15 @@ class WeightUpdateResponse(BaseModel):
     weight_version: int
 
 
+class UpdateFromDiskBody(BaseModel):
+    """`POST /v1/update_weights_from_disk` body (the name and fields SGLang uses)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    model_path: str = Field(min_length=1, description="HF checkpoint folder, as seen from the server's machine")
+    weight_version: int | None = Field(default=None, ge=0, description="version to serve it as; default: current + 1")
+
+
 class HealthResponse(BaseModel):
     status: str
     weight_version: int | None = None

@@ -1,0 +1,213 @@
+"""`PolicyWithReference`: the policy service, and in reference mode the frozen reference beside it.
+
+With a KL loss the trainer needs, besides the old log-probs, the log-probs of a frozen reference
+policy. In reference mode (`model_engine_server.enable_ref_mode`) the server hosts that model on
+services of its own (an in-process scheduler or a replica manager, like the policy) and this
+class puts the two behind the one `LogProbService` every front end holds.
+
+Contract:
+- A request with `return_ref_log_probs` is submitted to the policy and to the reference at the
+  same time (one `asyncio.gather`), not one after the other; its result is the policy's result
+  (log-probs, entropy, mismatch, the POLICY's weight version) with `ref_log_probs` computed at
+  the same positions and temperature, and the reference's timings under `ref_*` keys. If either
+  side fails, the request fails with that side's typed error (the reference's is prefixed).
+- Without reference mode, such a request is refused (400) naming `enable_ref_mode`; the
+  scheduler underneath never sees the flag.
+- Weights: updates (`update_weights`, the begin/load/commit protocol a publisher drives,
+  `update_weights_from_disk`) go to the policy only; the reference never changes.
+- `pause_serving` / `resume_serving` apply to both: an operator's pause means the server
+  computes nothing. Weight syncs do not pause the reference (they drain the policy only), so a
+  ref request waits only for its policy half during a sync.
+- Status: the policy's status at the top level (weight version, queue, replicas), the
+  reference's under `reference`, and `ref_mode`.
+Anything else (a publisher's `executor`, `replicas`, ...) is the policy's, by delegation.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import copy
+from typing import Any, Iterable, Sequence
+
+import torch
+
+from model_engine_server.engines.base import ModelInfo, WeightSpec
+from model_engine_server.errors import InvalidRequest, ModelEngineError, WorkerFailed
+from model_engine_server.protocol import LogProbRequest, LogProbResult
+from model_engine_server.scheduler_state import SchedulerObserver
+from model_engine_server.service import LogProbService
+from model_engine_server.weights_from_disk import served_weight_layout, update_weights_from_disk
+
+REF_MODE_SETTING = "model_engine_server.enable_ref_mode"
+REF_MODE_OFF = f"this server hosts no reference policy; set {REF_MODE_SETTING}=true to serve ref log-probs"
+
+Outcome = LogProbResult | ModelEngineError
+
+
+def policy_part(request: LogProbRequest) -> LogProbRequest:
+    """What the policy scores: the request without the reference flag."""
+    return request.model_copy(update={"return_ref_log_probs": False}) if request.return_ref_log_probs else request
+
+
+def reference_part(request: LogProbRequest) -> LogProbRequest:
+    """What the reference scores: the same ids, positions and temperature, log-probs only (no
+    entropy, no mismatch, no version wait: those belong to the policy)."""
+    return request.model_copy(update={
+        "return_ref_log_probs": False, "return_entropy": False, "rollout_log_probs": None, "min_weight_version": None,
+    })
+
+
+def merge(policy: Outcome, reference: Outcome) -> Outcome:
+    """The policy's result with the reference's log-probs; either side's error fails the request."""
+    if isinstance(policy, ModelEngineError):
+        return policy
+    if isinstance(reference, ModelEngineError):
+        return from_reference(reference)
+    timings = {**policy.timings, **{f"ref_{key}": value for key, value in reference.timings.items()}}
+    return LogProbResult(
+        request_id=policy.request_id,
+        log_probs=policy.log_probs,
+        weight_version=policy.weight_version,
+        entropy=policy.entropy,
+        ref_log_probs=reference.log_probs,
+        mismatch=policy.mismatch,
+        timings=timings,
+    )
+
+
+def from_reference(error: ModelEngineError) -> ModelEngineError:
+    """The same typed error, its message saying the reference half failed."""
+    tagged = copy.copy(error)
+    tagged.message = f"reference policy: {error.message}"
+    tagged.args = (tagged.message,)
+    return tagged
+
+
+class PolicyWithReference:
+    """One `LogProbService` over the policy service and an optional reference service."""
+
+    def __init__(
+        self, policy: LogProbService, reference: LogProbService | None = None, observer: SchedulerObserver | None = None
+    ) -> None:
+        self.policy = policy
+        self.reference = reference
+        self.observer = observer or SchedulerObserver()
+        self._disk_update = asyncio.Lock()
+
+    @property
+    def ref_mode(self) -> bool:
+        return self.reference is not None
+
+    def _services(self) -> list[LogProbService]:
+        return [self.policy] if self.reference is None else [self.policy, self.reference]
+
+    def __getattr__(self, name: str) -> Any:
+        """Everything else is the policy's (an executor, replicas, a publisher's hooks)."""
+        if name in ("policy", "reference", "observer", "_disk_update"):  # not yet set: no recursion
+            raise AttributeError(name)
+        return getattr(self.policy, name)
+
+    # ---------------------------------------------------------------- lifecycle
+    async def start(self) -> "PolicyWithReference":
+        """Start both services at once (replicas reserve devices, load engines); if one cannot
+        start, shut the other down and raise its error."""
+        starts = [getattr(service, "start", None) for service in self._services()]
+        outcomes = await asyncio.gather(*(start() for start in starts if start is not None), return_exceptions=True)
+        errors = [outcome for outcome in outcomes if isinstance(outcome, BaseException)]
+        if errors:
+            await asyncio.gather(*(s.shutdown(drain=False, timeout_s=5.0) for s in self._services()), return_exceptions=True)
+            raise errors[0]
+        return self
+
+    async def shutdown(self, drain: bool = True, timeout_s: float = 30.0) -> None:
+        await asyncio.gather(*(s.shutdown(drain, timeout_s) for s in self._services()))
+
+    # ---------------------------------------------------------------- scoring
+    async def score(
+        self, requests: Sequence[LogProbRequest | dict[str, Any]], timeout_s: float | None = None
+    ) -> list[Outcome]:
+        """One entry per request, in order; ref halves run concurrently with policy halves."""
+        outcomes: list[Outcome | None] = [None] * len(requests)
+        to_policy: list[tuple[int, LogProbRequest]] = []
+        to_reference: list[tuple[int, LogProbRequest]] = []
+        for index, item in enumerate(requests):
+            try:
+                request = LogProbRequest.parse(item)
+                if request.return_ref_log_probs and self.reference is None:
+                    raise InvalidRequest(REF_MODE_OFF, "return_ref_log_probs")
+            except InvalidRequest as error:
+                outcomes[index] = error
+                self.observer.request_rejected(error)
+                continue
+            to_policy.append((index, policy_part(request)))
+            if request.return_ref_log_probs:
+                to_reference.append((index, reference_part(request)))
+        policy_outcomes, reference_outcomes = await asyncio.gather(
+            self._score_on(self.policy, [r for _, r in to_policy], timeout_s),
+            self._score_on(self.reference, [r for _, r in to_reference], timeout_s),
+        )
+        for (index, _), outcome in zip(to_policy, policy_outcomes):
+            outcomes[index] = outcome
+        for (index, _), outcome in zip(to_reference, reference_outcomes):
+            outcomes[index] = merge(outcomes[index], outcome)  # type: ignore[arg-type]
+        return outcomes  # type: ignore[return-value]
+
+    @staticmethod
+    async def _score_on(
+        service: LogProbService | None, requests: list[LogProbRequest], timeout_s: float | None
+    ) -> list[Outcome]:
+        if not requests or service is None:
+            return []
+        outcomes = await service.score(requests, timeout_s)
+        if len(outcomes) != len(requests):  # a broken service must not shift answers between requests
+            failure = WorkerFailed(f"a service answered {len(outcomes)} outcomes for {len(requests)} requests")
+            return [failure] * len(requests)
+        return list(outcomes)
+
+    # ---------------------------------------------------------------- pause / resume: both
+    async def pause_serving(self) -> None:
+        await asyncio.gather(*(s.pause_serving() for s in self._services()))
+
+    async def resume_serving(self) -> None:
+        await asyncio.gather(*(s.resume_serving() for s in self._services()))
+
+    # ---------------------------------------------------------------- weights: the policy only
+    async def update_weights(self, named_tensors: Iterable[tuple[str, torch.Tensor]], version: int) -> int:
+        return await self.policy.update_weights(named_tensors, version)
+
+    async def update_weights_from_disk(self, model_path: str, version: int | None = None) -> int:
+        """Serve an HF checkpoint folder as the policy's next version (see `weights_from_disk`);
+        one at a time, so two calls never race for the same default version."""
+        async with self._disk_update:
+            return await update_weights_from_disk(self.policy, model_path, version)
+
+    async def weight_layout(self) -> tuple[ModelInfo, dict[str, WeightSpec]]:
+        return await served_weight_layout(self.policy)
+
+    async def begin_weight_update(self, version: int) -> None:
+        await self.policy.begin_weight_update(version)  # type: ignore[attr-defined]
+
+    async def commit_weight_update(self, version: int) -> None:
+        result = self.policy.commit_weight_update(version)  # type: ignore[attr-defined]
+        if asyncio.iscoroutine(result):
+            await result
+
+    async def abort_weight_update(self, reason: str) -> None:
+        result = self.policy.abort_weight_update(reason)  # type: ignore[attr-defined]
+        if asyncio.iscoroutine(result):
+            await result
+
+    # ---------------------------------------------------------------- status
+    async def get_status(self) -> dict[str, Any]:
+        """The policy's status, plus the reference's under `reference` when hosted; `accepting`
+        and `weights_incomplete` cover both, so `/health` reports either side's trouble."""
+        status = dict(await self.policy.get_status())
+        status["ref_mode"] = self.reference is not None
+        if self.reference is None:
+            return status
+        reference = dict(await self.reference.get_status())
+        status["reference"] = reference
+        status["accepting"] = bool(status.get("accepting", True)) and bool(reference.get("accepting", True))
+        if reference.get("weights_incomplete") and not status.get("weights_incomplete"):
+            status["weights_incomplete"] = f"reference policy: {reference['weights_incomplete']}"
+        return status

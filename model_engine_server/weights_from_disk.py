@@ -1,0 +1,195 @@
+"""Serve the weights of an HF checkpoint folder (`POST /v1/update_weights_from_disk`).
+
+The order is the point: the folder is checked against the model being served -- the
+architecture in its `config.json`, then the name and shape of every tensor from the safetensors
+headers (no tensor data is read) -- BEFORE the weight update begins. A missing folder, another
+architecture or other shapes is an `InvalidRequest` (HTTP 400) naming what differs, and the old
+weights keep serving under the old version. Only a folder that fits goes through the service's
+own `update_weights` (drain -> load -> commit, the same gating the trainer-side publisher
+drives), one tensor at a time from memory-mapped files. The call returns once the new version
+serves.
+
+Floating-point tensors are cast to the dtype being served (a bf16 checkpoint served in fp32 is
+loaded exactly as the server's start-up loads it); integer dtypes must match. A tied model's
+`lm_head.weight`, when a checkpoint carries it, is the embedding itself and is skipped.
+
+Works on any service: a `ModelEngineServer`, the replica manager, or a service that describes
+its weights itself (`weight_layout()`, e.g. `PolicyWithReference`). Imports neither Ray nor HTTP.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterator
+
+import torch
+
+from model_engine_server.engines.base import ModelInfo, WeightSpec
+from model_engine_server.errors import InvalidRequest, WorkerFailed
+
+FIELD = "model_path"
+TIED_ALIAS = "lm_head.weight"
+SAFETENSORS_DTYPES: dict[str, torch.dtype] = {
+    "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+    "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8, "BOOL": torch.bool,
+}
+EXAMPLES = 3  # names quoted in an error message
+
+
+@dataclass(frozen=True)
+class CheckpointTensor:
+    file: Path
+    shape: tuple[int, ...]
+    dtype: torch.dtype | None  # None: a safetensors dtype torch has no name for here
+
+
+@dataclass
+class CheckpointPlan:
+    """What to load from a folder that fits: which tensor comes from which file, in what dtype."""
+
+    folder: Path
+    architecture: str
+    tensors: dict[str, CheckpointTensor]
+    load_as: dict[str, torch.dtype]  # served dtype of each tensor to load
+    skipped: list[str] = field(default_factory=list)  # tied aliases
+
+    def named_tensors(self) -> Iterator[tuple[str, torch.Tensor]]:
+        """The tensors to load, read lazily file by file, each in its served dtype."""
+        from safetensors import safe_open
+
+        by_file: dict[Path, list[str]] = {}
+        for name in self.load_as:
+            by_file.setdefault(self.tensors[name].file, []).append(name)
+        for file, names in by_file.items():
+            with safe_open(str(file), framework="pt", device="cpu") as reader:
+                for name in names:
+                    tensor = reader.get_tensor(name)
+                    target = self.load_as[name]
+                    yield name, tensor if tensor.dtype == target else tensor.to(target)
+
+
+# ---------------------------------------------------------------- reading the folder
+def _files(folder: Path) -> list[Path]:
+    index = folder / "model.safetensors.index.json"
+    if index.is_file():
+        try:
+            shards = dict.fromkeys(json.loads(index.read_text())["weight_map"].values())
+        except (ValueError, KeyError, TypeError, AttributeError) as error:
+            raise InvalidRequest(f"{index} is not a safetensors index ({type(error).__name__}: {error})", FIELD) from None
+        missing = [shard for shard in shards if not (folder / shard).is_file()]
+        if missing:
+            raise InvalidRequest(f"{index.name} lists shard(s) missing from {folder}: {missing[:EXAMPLES]}", FIELD)
+        return [folder / shard for shard in shards]
+    files = sorted(folder.glob("*.safetensors"))
+    if not files:
+        raise InvalidRequest(f"{folder} holds no *.safetensors files (only safetensors checkpoints are loaded)", FIELD)
+    return files
+
+
+def _architecture(folder: Path) -> str:
+    config_file = folder / "config.json"
+    if not config_file.is_file():
+        raise InvalidRequest(f"{folder} has no config.json: not a HuggingFace checkpoint", FIELD)
+    try:
+        config = json.loads(config_file.read_text())
+    except ValueError as error:
+        raise InvalidRequest(f"{config_file} is not JSON: {error}", FIELD) from None
+    architectures = config.get("architectures") if isinstance(config, dict) else None
+    if not architectures or not isinstance(architectures, list):
+        raise InvalidRequest(f"{config_file} names no architectures", FIELD)
+    return str(architectures[0])
+
+
+def read_checkpoint(model_path: str | Path) -> tuple[str, dict[str, CheckpointTensor]]:
+    """(architecture, every tensor's file, shape and dtype) from the folder's headers only."""
+    from safetensors import safe_open
+
+    folder = Path(model_path).expanduser()
+    if not folder.is_dir():
+        raise InvalidRequest(f"{str(model_path)!r} is not a folder on the server's machine", FIELD)
+    architecture = _architecture(folder)
+    tensors: dict[str, CheckpointTensor] = {}
+    for file in _files(folder):
+        try:
+            with safe_open(str(file), framework="pt", device="cpu") as reader:
+                for name in reader.keys():
+                    part = reader.get_slice(name)
+                    tensors[name] = CheckpointTensor(file, tuple(part.get_shape()), SAFETENSORS_DTYPES.get(part.get_dtype()))
+        except Exception as error:  # a truncated or foreign file
+            raise InvalidRequest(f"cannot read {file.name}: {type(error).__name__}: {error}", FIELD) from None
+    return architecture, tensors
+
+
+# ---------------------------------------------------------------- checking it fits
+def plan_load(model_path: str | Path, info: ModelInfo, specs: dict[str, WeightSpec]) -> CheckpointPlan:
+    """Check the folder against the served model; raise `InvalidRequest` naming every kind of
+    difference found (architecture, missing, unknown, shapes, dtypes), else the plan."""
+    architecture, tensors = read_checkpoint(model_path)
+    where = f"{model_path}"
+    if architecture != info.architecture:
+        raise InvalidRequest(
+            f"{where} holds a {architecture} checkpoint; the server serves {info.architecture}", FIELD
+        )
+    skipped = [TIED_ALIAS] if info.tied_embeddings and TIED_ALIAS in tensors and TIED_ALIAS not in specs else []
+    problems: list[str] = []
+    missing = sorted(set(specs) - set(tensors))
+    if missing:
+        problems.append(f"{len(missing)} tensor(s) missing, e.g. {missing[:EXAMPLES]}")
+    unknown = sorted(set(tensors) - set(specs) - set(skipped))
+    if unknown:
+        problems.append(f"{len(unknown)} tensor(s) the served model does not have, e.g. {unknown[:EXAMPLES]}")
+    shapes = [
+        f"{name} {list(tensors[name].shape)} (served {list(spec.shape)})"
+        for name, spec in specs.items() if name in tensors and tensors[name].shape != tuple(spec.shape)
+    ]
+    if shapes:
+        problems.append(f"{len(shapes)} tensor(s) of other shapes: {'; '.join(shapes[:EXAMPLES])}")
+    dtypes = [
+        f"{name} {tensors[name].dtype} (served {spec.dtype})"
+        for name, spec in specs.items() if name in tensors and not _castable(tensors[name].dtype, spec.dtype)
+    ]
+    if dtypes:
+        problems.append(f"{len(dtypes)} tensor(s) of dtypes that cannot be cast: {'; '.join(dtypes[:EXAMPLES])}")
+    if problems:
+        raise InvalidRequest(f"{where} does not fit the served {info.architecture}: {' | '.join(problems)}", FIELD)
+    load_as = {name: spec.dtype for name, spec in specs.items()}
+    return CheckpointPlan(Path(model_path).expanduser(), architecture, tensors, load_as, skipped)
+
+
+def _castable(stored: torch.dtype | None, served: torch.dtype) -> bool:
+    if stored is None:
+        return False
+    return stored == served or (stored.is_floating_point and served.is_floating_point)
+
+
+# ---------------------------------------------------------------- the update itself
+async def served_weight_layout(service: Any) -> tuple[ModelInfo, dict[str, WeightSpec]]:
+    """What the service serves: its own `weight_layout()`, else its executor's (a
+    `ModelEngineServer`), else a live replica's (the replica manager)."""
+    layout = getattr(service, "weight_layout", None)
+    if layout is not None:
+        return await layout()
+    executor = getattr(service, "executor", None)
+    if executor is None:
+        for replica in getattr(service, "replicas", ()):
+            if getattr(replica, "alive", False) and getattr(replica, "executor", None) is not None:
+                executor = replica.executor
+                break
+    if executor is None:
+        raise WorkerFailed("cannot check a checkpoint against the served model: no live replica")
+    return executor.model_info(), await executor.weight_specs()
+
+
+async def update_weights_from_disk(service: Any, model_path: str, version: int | None = None) -> int:
+    """Check `model_path` fits, then serve its weights as `version` (default: current + 1)
+    through `service.update_weights`; returns the version once it serves."""
+    current = int((await service.get_status())["weight_version"])
+    target = current + 1 if version is None else version
+    if target <= current:
+        raise InvalidRequest(f"must be greater than the current weight version {current}, got {target}", "weight_version")
+    info, specs = await served_weight_layout(service)
+    plan = await asyncio.to_thread(plan_load, model_path, info, specs)  # reads headers: off the event loop
+    return await service.update_weights(plan.named_tensors(), target)
