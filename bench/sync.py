@@ -59,10 +59,10 @@ class TensorStoreExecutor:
     """An executor whose "model" is only its weights: loads copy into them (as an engine's
     `load_weights` does), scoring returns zeros at once. Enough for a real pause and drain."""
 
-    def __init__(self, shapes: dict[str, tuple[int, ...]]) -> None:
-        self.tensors = {name: torch.zeros(shape) for name, shape in shapes.items()}
+    def __init__(self, shapes: dict[str, tuple[int, ...]], device: torch.device) -> None:
+        self.tensors = {name: torch.zeros(shape, device=device) for name, shape in shapes.items()}
         self.info = ModelInfo("TensorStore", 1000, 1 << 16, 8, sum(t.numel() for t in self.tensors.values()),
-                              "float32", "cpu", True)
+                              "float32", str(device), True)
 
     def model_info(self) -> ModelInfo:
         return self.info
@@ -90,10 +90,17 @@ class TensorStoreExecutor:
 
 def memcpy_seconds(source: dict[str, torch.Tensor], destination: dict[str, torch.Tensor]) -> float:
     """Time to copy every tensor into its (already touched) destination, nothing else."""
+    _synchronize()
     started = time.perf_counter()
     for name, tensor in source.items():
         destination[name].copy_(tensor)
+    _synchronize()
     return time.perf_counter() - started
+
+
+def _synchronize() -> None:
+    for index in range(torch.cuda.device_count()):
+        torch.cuda.synchronize(index)
 
 
 async def _client_load(server: ModelEngineServer, stop: asyncio.Event, answered: list[int]) -> None:
@@ -104,13 +111,16 @@ async def _client_load(server: ModelEngineServer, stop: asyncio.Event, answered:
         answered.append(sum(1 for r in results if hasattr(r, "log_probs")))
 
 
-async def measure_backend(backend: str, source: dict[str, torch.Tensor], repeats: int, bucket_bytes: int) -> dict[str, Any]:
-    """Alternate a plain copy and a sync `repeats` times; keep the least disturbed of each."""
+async def measure_backend(
+    backend: str, source: dict[str, torch.Tensor], repeats: int, bucket_bytes: int, device: str = "cpu"
+) -> dict[str, Any]:
+    """Alternate a plain copy and a sync `repeats` times; keep the least disturbed of each.
+    `device`: where the server's weights live (the source's device is the trainer's)."""
     shapes = {name: tuple(t.shape) for name, t in source.items()}
-    executor = TensorStoreExecutor(shapes)
+    executor = TensorStoreExecutor(shapes, torch.device(device))
     server = ModelEngineServer(executor, SchedulerConfig(max_wait_ms=1))
     config = TransportConfig(backend=backend, bucket_bytes=bucket_bytes, timeout_s=300)
-    publisher = WeightPublisher(LocalServerTarget(server), config)
+    publisher = WeightPublisher(LocalServerTarget(server, device=device if device != "cpu" else None), config)
     nbytes = sum(t.numel() * t.element_size() for t in source.values())
     stop, answered = asyncio.Event(), []
     load = asyncio.ensure_future(_client_load(server, stop, answered))
@@ -127,7 +137,7 @@ async def measure_backend(backend: str, source: dict[str, torch.Tensor], repeats
         await load
         await publisher.close()
         await server.shutdown()
-    exact = all(torch.equal(executor.tensors[name], source[name]) for name in source)
+    exact = all(torch.equal(executor.tensors[name].cpu(), source[name].cpu()) for name in source)
     copy_s = min(copies)
     best = min(runs, key=lambda r: r.transfer_s)
     return {
@@ -173,7 +183,11 @@ def run(quick: bool = False) -> dict[str, Any]:
     if _ensure_ray():
         time.sleep(5)  # let Ray's start-up processes settle before timing
         figures["ray"] = asyncio.run(measure_backend("ray", source, repeats, bucket_bytes))
-    if torch.cuda.device_count() < 2:  # NCCL refuses two ranks on one GPU
+    if torch.cuda.device_count() >= 2:  # trainer on cuda:0, server on cuda:1; memcpy is the P2P copy
+        torch.cuda.set_device(0)
+        on_gpu = {name: tensor.to("cuda:0") for name, tensor in source.items()}
+        figures["nccl"] = asyncio.run(measure_backend("nccl", on_gpu, repeats, bucket_bytes, device="cuda:1"))
+    else:  # NCCL refuses two ranks on one GPU
         figures["nccl"] = {"skipped": "needs 2 GPUs (sender and receiver on distinct devices)"}
     return figures
 

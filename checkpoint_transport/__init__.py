@@ -1,9 +1,12 @@
 """Moving weights from the trainer to every serving worker: buckets, backends, sender, receiver.
 
-Publisher side: `get_backend(name).open_session(config, receivers, group)` gives the sync's
-`TransportSpec`; rank 0 runs `WeightSender.from_spec(spec).send(named_tensors, version)`.
-Worker side: `receive_weights(spec.for_rank(r), engine.load_weights, version, expected_names)`.
+Publisher side: `get_backend(name).open_session(config)` opens the rendezvous and
+`session.begin(group, receivers)` gives one sync's `TransportSpec`; rank 0 runs
+`WeightSender.from_spec(spec).send(named_tensors, version)`.
+Worker side: `receive_weights(spec.for_rank(r), engine.load_weights, version, expected_names)`
+(or `worker_receive_weights(engine, spec, version)` in a worker actor's method).
 Backends: "gloo" and "nccl" (a per-sync torch.distributed broadcast group), "ray" (object store).
+`clients.publisher.WeightPublisher` drives a whole sync against a `WeightSyncTarget`.
 """
 
 from checkpoint_transport.bucket import BucketFormatError, BucketHeader, TensorEntry, group_into_buckets, pack_bucket, unpack_bucket
@@ -20,28 +23,40 @@ from checkpoint_transport.spec import (
     TransportSpec,
     TransportTimeout,
 )
+from checkpoint_transport.targets import (
+    ActorSyncTarget,
+    LocalServerTarget,
+    RayWorkersTarget,
+    WeightSyncTarget,
+    worker_receive_weights,
+)
 
 __all__ = [
+    "ActorSyncTarget",
     "BucketFormatError",
     "BucketHeader",
     "DEFAULT_BUCKET_BYTES",
+    "get_backend",
+    "group_into_buckets",
+    "iter_checkpoint",
+    "LocalServerTarget",
+    "pack_bucket",
+    "RayWorkersTarget",
+    "receive_into_engine",
+    "receive_weights",
     "ReceiveReport",
+    "register_backend",
+    "send_weights",
     "SendReport",
     "TensorEntry",
+    "transport_backends",
     "TransportConfig",
     "TransportError",
     "TransportSpec",
     "TransportTimeout",
+    "unpack_bucket",
     "WeightReceiver",
     "WeightSender",
-    "get_backend",
-    "group_into_buckets",
-    "iter_checkpoint",
-    "pack_bucket",
-    "receive_into_engine",
-    "receive_weights",
-    "register_backend",
-    "send_weights",
-    "transport_backends",
-    "unpack_bucket",
+    "WeightSyncTarget",
+    "worker_receive_weights",
 ]

@@ -1,16 +1,18 @@
 """The Ray object-store backend ("ray"): put each bucket once, every receiver gets it.
 
 No process group: works across nodes and across Ray jobs (given a shared namespace), at the
-object store's speed. A small async actor, the *board*, created by the publisher for one sync,
-orders the stream: the sender posts `(header, [ObjectRef])` under consecutive indices, each
-receiver takes index after index and releases it once loaded. The board keeps at most
-`max_buffered_buckets` unreleased buckets (flow control: the object store holds a bounded
-number of buckets), and the sender returns only once every receiver released everything, so
-its buffers outlive their readers.
+object store's speed. A small async actor, the *board* (one per publisher session, named in
+the spec), orders each sync's stream: the sender posts `(header, [ObjectRef])` under
+consecutive indices, each receiver takes index after index and releases it once loaded. The
+board keeps at most `max_buffered_buckets` unreleased buckets (flow control: the object store
+holds a bounded number of buckets), and the sender returns only once every receiver released
+everything, so its objects outlive their readers. Every call names its sync's group, so a
+straggler from a failed sync cannot read the next one's buckets.
 
-Failure surfaces: the sender's process dies -> its objects are lost, receivers' `get` fails at
-once (the publisher also aborts the board); the publisher dies -> the board dies with it, every
-waiting call fails; anything slower -> the waits time out after `timeout_s`.
+Failure surfaces: the sender's process dies -> the publisher aborts the sync on the board and
+receivers stop with the reason (a bucket whose owner died fails its `get` as well); the
+publisher dies -> the board dies with it, every waiting call fails; anything slower -> the
+waits time out after `timeout_s`.
 """
 
 from __future__ import annotations

@@ -118,7 +118,15 @@ class WeightReceiver:
         report.seconds = time.monotonic() - started
         return report
 
-    def _load(self, header, flat, load_bucket, loaded, report, fail) -> None:  # type: ignore[no-untyped-def]
+    def _load(
+        self,
+        header: BucketHeader,
+        flat: torch.Tensor,
+        load_bucket: LoadBucket,
+        loaded: set[str],
+        report: ReceiveReport,
+        fail: Callable[[str], None],
+    ) -> None:
         duplicates = [e.name for e in header.entries if e.name in loaded]
         if duplicates:
             fail(f"bucket {header.index}: tensor {duplicates[0]!r} was already sent in this stream")
@@ -134,6 +142,7 @@ class WeightReceiver:
         loaded.update(names)
 
     def _fetch(self, version: int | None, ready: queue.Queue, slots: threading.Semaphore, failed: threading.Event) -> None:
+        """The fetch thread: headers and payloads in order, verified, into `ready`."""
         if self.channel.device.type == "cuda":
             torch.cuda.set_device(self.channel.device)
         expected_index = 0

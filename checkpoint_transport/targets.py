@@ -21,6 +21,8 @@ import logging
 import threading
 from typing import Any, Callable, Protocol, Sequence, runtime_checkable
 
+import torch
+
 from checkpoint_transport.receiver import receive_into_engine, receive_weights
 from checkpoint_transport.spec import ReceiveReport, TransportSpec
 
@@ -128,11 +130,15 @@ class _GatedTarget:
 
 
 class LocalServerTarget(_GatedTarget):
-    """A `ModelEngineServer` in this process: one receiver loading through its executor."""
+    """A `ModelEngineServer` in this process: one receiver loading through its executor.
 
-    def __init__(self, server: Any) -> None:
+    `device`: the GPU the engine lives on, for the nccl backend (the receiving thread joins the
+    group on it); None keeps the thread's current device."""
+
+    def __init__(self, server: Any, device: torch.device | str | None = None) -> None:
         super().__init__(server)
         self.server = server
+        self.device = torch.device(device) if device is not None else None
 
     async def receiver_count(self) -> int:
         return 1
@@ -146,7 +152,12 @@ class LocalServerTarget(_GatedTarget):
             # The executor copies before returning, while the views are still valid.
             return asyncio.run_coroutine_threadsafe(executor.load_weights(tensors), loop).result()
 
-        report = await run_in_thread(receive_weights, spec.for_rank(1), load_bucket, version, expected)
+        def receive() -> ReceiveReport:
+            if self.device is not None and self.device.type == "cuda":
+                torch.cuda.set_device(self.device)
+            return receive_weights(spec.for_rank(1), load_bucket, version, expected)
+
+        report = await run_in_thread(receive)
         return await self._settle([report], version)
 
 

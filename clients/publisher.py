@@ -133,6 +133,8 @@ class WeightPublisher:
         async with self._lock:
             session = await self._open_session()
             receivers = await self.target.receiver_count()
+            if receivers < 1:
+                raise WeightSyncError("the target has no receiving workers (no live replica?)")
             spec = await run_in_thread(session.begin, f"v{version}-{uuid.uuid4().hex[:8]}", receivers)
             spec = spec.model_copy(update=self._spec_overrides())  # a shared session: this publisher's knobs
             report = SyncReport(version=version)
