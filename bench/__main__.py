@@ -24,6 +24,7 @@ BENCHMARKS: dict[str, str] = {
     "memory": "bench.memory",
     "serving": "bench.serving",
     "sync": "bench.sync",
+    "ref": "bench.ref",
 }
 
 
