@@ -11,7 +11,6 @@ import asyncio
 
 import numpy as np
 import pytest
-import torch
 
 from checkpoint_transport.spec import TransportConfig
 from checkpoint_transport.targets import LocalServerTarget
