@@ -75,6 +75,28 @@ def test_one_request_gets_policy_and_reference_log_probs_at_its_temperature(tiny
         assert result["weight_version"] == 0 and {"ref_compute_ms", "compute_ms"} <= set(result["timings"])
 
 
+def test_ref_mode_from_a_verl_config_and_launch_overrides_scores_at_its_temperature(tiny_models):
+    """The trainer's own YAML + launch script, with a KL loss and the section's keys appended
+    (with and without `+`): both log-probs at the rollout temperature the config sets (0.7)."""
+    fixtures = Path(__file__).parent / "fixtures" / "verl"
+    policy_dir, ref_dir = tiny_models["qwen2_tied"], tiny_models["llama_untied"]
+    lines = (fixtures / "launch_megatron_16_16_8.args").read_text().splitlines()
+    overrides = [line.replace("@MODEL_PATH@", str(policy_dir)) for line in lines if line and not line.startswith("#")]
+    overrides += ["actor_rollout_ref.actor.use_kl_loss=True", f"+{SECTION}.enable_ref_mode=true",
+                  f"{SECTION}.ref_model_path={ref_dir}", f"{SECTION}.strategy=fsdp", f"{SECTION}.n_gpus_per_node=1",
+                  f"+{SECTION}.ref.n_gpus_per_node=1", f"{SECTION}.device=cpu", f"{SECTION}.timeout=0.001"]
+    loaded = load_config(fixtures / "fully_async_megatron_shipped.yaml", overrides)
+    assert loaded.server.enable_ref_mode and loaded.server.temperature == 0.7
+    request = LogProbRequest(input_ids=list(range(20, 70)), response_start=15, temperature=0.7)
+    with ServerThread(build_serving(loaded).app) as server:
+        body = {"requests": [{"input_ids": request.input_ids, "response_start": 15, "return_ref_log_probs": True}]}
+        result = httpx.post(f"{server.url}/v1/logprobs", json=body).json()["results"][0]  # no temperature: the config's
+    expected, _ = reference_log_probs(reference_model(policy_dir), request)
+    expected_ref, _ = reference_log_probs(reference_model(ref_dir), request)
+    torch.testing.assert_close(torch.tensor(result["log_probs"]), expected, atol=TOLERANCE, rtol=0)
+    torch.testing.assert_close(torch.tensor(result["ref_log_probs"]), expected_ref, atol=TOLERANCE, rtol=0)
+
+
 def test_requests_without_the_flag_get_no_ref_log_probs(served_ref):
     [plain] = random_requests(1, 512, seed=82, max_len=40)
     result = httpx.post(f"{served_ref.url}/v1/logprobs", json={"requests": wire([plain])}).json()["results"][0]
