@@ -37,6 +37,9 @@ def test_reward_rises_with_server_log_probs(policy_path):
     # the first batch was sampled and scored under the same weights: only numerics differ
     assert result.steps[0]["numeric_mismatch_max_abs"] < 1e-4
     assert all(m["old_log_prob_s"] == 0.0 for m in result.steps)  # the trainer never recomputed
+    # every update went through the transport publisher, each sync inside its pause window
+    assert all(0 < m["transfer_s"] <= m["pause_window_s"] for m in result.steps)
+    assert result.steps[-1]["version"] == SMALL.steps
 
 
 def test_old_log_probs_equal_reference_of_their_version(policy_path):

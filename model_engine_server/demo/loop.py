@@ -24,6 +24,7 @@ import torch
 
 from clients.agent_loop import ENTROPY_FIELD, MISMATCH_FIELD, VERSION_FIELD, attach_server_log_probs
 from clients.base import LogProbClient
+from clients.publisher import WeightPublisher
 from model_engine_server.demo.config import DemoConfig
 from model_engine_server.demo.message_queue import Group, MessageQueue
 from model_engine_server.demo.rollouter import Rollouter
@@ -75,12 +76,22 @@ def _step_metrics(groups: list[Group], trainer_version: int) -> dict[str, Any]:
 
 
 class DemoLoop:
-    def __init__(self, config: DemoConfig, model_path: Path, mode: Mode, client: LogProbClient | None) -> None:
+    def __init__(
+        self,
+        config: DemoConfig,
+        model_path: Path,
+        mode: Mode,
+        client: LogProbClient | None,
+        publisher: WeightPublisher | None = None,
+    ) -> None:
+        """`publisher` streams weights to the server through `checkpoint_transport`; without
+        one, weights go through the client's `update_weights` (same pause -> load -> commit)."""
         if mode == "server" and client is None:
             raise ValueError("server mode needs a client of a running server")
         self.config = config
         self.mode = mode
         self.client = client
+        self.publisher = publisher
         task = TargetTokenTask(config.model.vocab_size, config.target_vocab, config.prompt_len, config.seed)
         torch.manual_seed(config.seed)  # the sampling stream
         self.rollouter = Rollouter(model_path, task, config.group_size, config.response_len, config.temperature)
@@ -117,9 +128,11 @@ class DemoLoop:
         weights = self.trainer.export_weights()
         started = time.perf_counter()
         timings: dict[str, float] = {}
-        if self.mode == "server":
-            await self.client.update_weights(weights, version)  # type: ignore[union-attr]  # pause -> sync -> resume
-            timings["pause_window_s"] = time.perf_counter() - started
+        if self.publisher is not None:  # drain -> stream buckets -> commit (resumes serving)
+            report = await self.publisher.update_weights(weights, version)
+            timings.update(pause_window_s=report.pause_window_s, transfer_s=report.transfer_s)
+        elif self.mode == "server":
+            await self.client.update_weights(weights, version)  # type: ignore[union-attr]
         await asyncio.to_thread(self.rollouter.load_weights, weights, version)
         timings["sync_s"] = time.perf_counter() - started
         return timings

@@ -8,7 +8,9 @@ import logging
 from pathlib import Path
 from typing import Any
 
+from checkpoint_transport import LocalServerTarget, TransportConfig
 from clients.local_client import LocalClient
+from clients.publisher import WeightPublisher
 from model_engine_server.demo.config import DemoConfig
 from model_engine_server.demo.loop import DemoLoop, Mode, RunResult, StepCallback, write_jsonl
 from model_engine_server.demo.report import comparison, plot
@@ -29,13 +31,17 @@ async def run_mode(
     config: DemoConfig, model_path: Path, mode: Mode, on_step: StepCallback | None = None, progress: Any = None
 ) -> RunResult:
     """One loop; in server mode a server over the same initial weights runs beside it."""
-    client = None
+    client = publisher = None
     if mode == "server":
         scheduler = SchedulerConfig(max_tokens_per_batch=config.max_tokens_per_batch, max_wait_ms=config.max_wait_ms)
-        client = LocalClient(build_local_server(EngineSpec(model_path=str(model_path)), scheduler=scheduler))
+        server = build_local_server(EngineSpec(model_path=str(model_path)), scheduler=scheduler)
+        client = LocalClient(server)
+        publisher = WeightPublisher(LocalServerTarget(server), TransportConfig(backend="gloo"))
     try:
-        return await DemoLoop(config, model_path, mode, client).run(on_step, progress)
+        return await DemoLoop(config, model_path, mode, client, publisher).run(on_step, progress)
     finally:
+        if publisher is not None:
+            await publisher.close()
         if client is not None:
             await client.service.shutdown()
 
