@@ -9,16 +9,13 @@ import time
 import pytest
 import torch
 import uvicorn
-from fastapi import Depends
 
-from checkpoint_transport.http_routes import weight_sync_router
 from checkpoint_transport.spec import TransportConfig
 from checkpoint_transport.targets import LocalServerTarget
 from clients.publisher import HttpSyncTarget, WeightPublisher
 from model_engine_server.engines.base import EngineSpec
 from model_engine_server.errors import ModelEngineError, WeightSyncError
 from model_engine_server.http.app import create_app
-from model_engine_server.http.auth import require_admin
 from model_engine_server.local import build_local_server
 from model_engine_server.tiny_model import perturbed_weights
 
@@ -29,9 +26,8 @@ TOKEN = "s3cret-admin"
 def served(tiny_model):
     """(base URL, the in-process server behind it) on a uvicorn thread with its own loop."""
     server = build_local_server(EngineSpec(model_path=str(tiny_model)))
-    app = create_app(server, admin_token=TOKEN, owns_service=True)
-    app.include_router(weight_sync_router(dependencies=[Depends(require_admin)]))
-    app.state.weight_sync_target = LocalServerTarget(server)
+    app = create_app(server, admin_token=TOKEN, owns_service=True)  # mounts /v1/weights/* itself
+    assert isinstance(app.state.weight_sync_target, LocalServerTarget)
     uv = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=0, log_level="warning", lifespan="on"))
     thread = threading.Thread(target=uv.run, daemon=True)
     thread.start()

@@ -10,15 +10,18 @@ import logging
 from contextlib import asynccontextmanager
 from typing import Any, AsyncIterator
 
-from fastapi import FastAPI, Request
+from fastapi import Depends, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.openapi.utils import get_openapi
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from checkpoint_transport.http_routes import weight_sync_router
+from checkpoint_transport.targets import LocalServerTarget, WeightSyncTarget
 from model_engine_server.config import HttpConfig
 from model_engine_server.errors import ModelEngineError
 from model_engine_server.http.errors import MalformedEnvelope, error_response
+from model_engine_server.http.auth import require_admin
 from model_engine_server.http.metrics import ServerMetrics
 from model_engine_server.http.routes import router
 from model_engine_server.http.schemas import LogProbCall
@@ -36,10 +39,13 @@ def create_app(
     default_temperature: float = 1.0,
     owns_service: bool = False,
     admin_token: str | None = None,
+    weight_sync_target: WeightSyncTarget | None = None,
 ) -> FastAPI:
     """Build the app. `metrics` should be the one whose observer the service's scheduler
     reports to (see `launch.build_service`); `owns_service` shuts the service down (draining
-    accepted requests) when the app stops. `admin_token` overrides `http`'s token."""
+    accepted requests) when the app stops. `admin_token` overrides `http`'s token.
+    `weight_sync_target` (derived from the service when it can receive weights) backs the
+    `/v1/weights/*` admin routes a remote `clients.publisher.HttpSyncTarget` drives."""
     http = http or HttpConfig()
     metrics = metrics or ServerMetrics()
 
@@ -71,10 +77,22 @@ def create_app(
     state.retry_after_s = http.retry_after_s
     state.scoring_in_progress = 0
     app.include_router(router)
+    state.weight_sync_target = weight_sync_target or sync_target_for(service)
+    if state.weight_sync_target is not None:
+        app.include_router(weight_sync_router(dependencies=[Depends(require_admin)]))
     _install_error_handlers(app, http.retry_after_s)
     _install_http_metrics(app, metrics)
     _install_openapi(app)
     return app
+
+
+def sync_target_for(service: LogProbService) -> WeightSyncTarget | None:
+    """The replica manager receives weights itself; an in-process scheduler through its executor."""
+    if hasattr(service, "receive_weights") and hasattr(service, "receiver_count"):
+        return service  # type: ignore[return-value]
+    if hasattr(service, "executor") and hasattr(service, "begin_weight_update"):
+        return LocalServerTarget(service)
+    return None
 
 
 def _install_error_handlers(app: FastAPI, retry_after_s: float) -> None:
