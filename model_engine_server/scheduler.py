@@ -56,6 +56,9 @@ class SchedulerConfig(BaseModel):
     max_inflight_batches: int = Field(default=2, gt=0)
     request_timeout_s: float = Field(default=600.0, gt=0, description="longest a request may wait in queue")
     max_seq_len: int | None = Field(default=None, gt=1, description="None: the model's maximum positions")
+    weight_update_timeout_s: float = Field(
+        default=900.0, gt=0, description="a begun weight update not committed by then is aborted (publisher died)"
+    )
 
 
 @dataclass(eq=False)
@@ -84,6 +87,7 @@ class ModelEngineServer:
         self.config = config or SchedulerConfig()
         self.observer = observer or SchedulerObserver()
         self.weights = WeightState(version=initial_weight_version)
+        self._update_deadline: asyncio.TimerHandle | None = None
         info = executor.model_info()
         max_seq_len = min(self.config.max_seq_len or info.max_position_embeddings, info.max_position_embeddings)
         self.limits = RequestLimits(info.vocab_size, max_seq_len, self.config.max_tokens_per_batch)
@@ -321,16 +325,30 @@ class ModelEngineServer:
         """Block dispatch and drain, independently of pause/resume (an admin resume cannot
         let a batch run on half-loaded weights)."""
         self.weights.begin(version)
+        timeout = self.config.weight_update_timeout_s
+        self._update_deadline = asyncio.get_running_loop().call_later(timeout, self._expire_update, version, timeout)
         await self._drain()
+
+    def _expire_update(self, version: int, timeout: float) -> None:
+        """A publisher that began an update and vanished must not leave the server drained forever."""
+        if self.weights.updating_to == version:
+            self.abort_weight_update(f"the weight update to version {version} was not committed within {timeout:g} s")
+
+    def _clear_update_deadline(self) -> None:
+        if self._update_deadline is not None:
+            self._update_deadline.cancel()
+            self._update_deadline = None
 
     def commit_weight_update(self, version: int) -> None:
         """Every worker has every tensor of `version`: serve it."""
         self.weights.commit(version)
+        self._clear_update_deadline()
         self._wakeup.set()
 
     def abort_weight_update(self, reason: str) -> None:
         """The sync failed part-way: keep the old version number but refuse to score."""
         self.weights.abort(reason)
+        self._clear_update_deadline()
         self._wakeup.set()
 
     async def update_weights(self, named_tensors: Iterable[tuple[str, torch.Tensor]], version: int) -> int:

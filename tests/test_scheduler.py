@@ -194,6 +194,23 @@ async def test_update_missing_a_tensor_is_incomplete():
     assert server.weight_version == 0 and server.status()["weights_incomplete"]
 
 
+async def test_update_begun_and_never_committed_is_aborted_after_its_timeout():
+    """A publisher that dies between begin and commit must not leave the server drained forever:
+    the update is aborted (weights incomplete, nothing served) and a new sync can begin."""
+    server = make_server(FakeExecutor(), weight_update_timeout_s=0.1)
+    await server.begin_weight_update(1)
+    held = asyncio.ensure_future(server.submit(request(5)))
+    await asyncio.sleep(0.3)
+    status = server.status()
+    assert not status["updating_weights"] and "not committed within 0.1 s" in status["weights_incomplete"]
+    assert not held.done() and server.weight_version == 0
+    with pytest.raises(WeightSyncError):
+        server.commit_weight_update(1)  # the late publisher's commit cannot resurrect the update
+    await server.update_weights([("w", torch.tensor(3.0))], version=1)
+    assert (await held).weight_version == 1
+    await server.shutdown()
+
+
 async def test_version_must_increase():
     server = make_server(FakeExecutor())
     with pytest.raises(WeightSyncError, match="greater than the current 0"):
