@@ -278,3 +278,14 @@ def test_reference_settings_that_cannot_work_are_config_errors_naming_them(tiny_
                           f"{SECTION}.megatron.tensor_model_parallel_size=4", f"{SECTION}.ref.n_gpus_per_node=2").server
     with pytest.raises(ConfigError, match=r"model_engine_server\.ref .*tensor_model_parallel_size=4"):
         reference_config_for(tp4, str(tiny_model))
+
+
+def test_the_benchmark_reads_concurrency_from_the_halves_compute_intervals():
+    from bench.ref import compute_window, overlap_fraction
+
+    halves = [LogProbResult("a", np.zeros(1, np.float32), 0, timings={"queue_ms": 2.0, "compute_ms": 8.0,
+                                                                       "ref_queue_ms": 5.0, "ref_compute_ms": 20.0})]
+    assert compute_window(halves) == (2.0, 10.0) and compute_window(halves, "ref_") == (5.0, 25.0)
+    assert overlap_fraction((2.0, 10.0), (5.0, 25.0)) == pytest.approx(5.0 / 8.0)
+    assert overlap_fraction((0.0, 10.0), (10.0, 20.0)) == 0.0  # one after the other
+    assert overlap_fraction((0.0, 30.0), (5.0, 25.0)) == 1.0

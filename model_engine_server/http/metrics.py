@@ -100,7 +100,8 @@ class _StatusCollector(Collector):
         yield from _status_gauges(self.status, PREFIX)
         reference = self.status.get("reference")
         if "ref_mode" in self.status:
-            yield GaugeMetricFamily(f"{PREFIX}_ref_mode", "1 when the reference policy is hosted", value=float(bool(self.status["ref_mode"])))
+            hosted = float(bool(self.status["ref_mode"]))
+            yield GaugeMetricFamily(f"{PREFIX}_ref_mode", "1 when the reference policy is hosted", value=hosted)
         if isinstance(reference, dict):
             yield from _status_gauges(reference, f"{PREFIX}_ref")
 
