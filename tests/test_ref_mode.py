@@ -132,6 +132,31 @@ async def test_weights_sent_by_the_trainer_reach_the_policy_only(served_ref, tin
     assert_log_probs_of(tiny_model, requests, results, field="ref_log_probs")
 
 
+async def test_a_publisher_sync_through_the_admin_routes_reaches_the_policy_only(served_ref, tiny_model):
+    from checkpoint_transport.spec import TransportConfig
+    from clients.publisher import HttpSyncTarget, WeightPublisher
+
+    requests = with_ref(random_requests(3, 512, seed=87, max_len=90))
+    model = reference_model(tiny_model)
+    new = perturbed_weights({name: t.detach() for name, t in model.named_parameters()}, seed=13)
+    target = HttpSyncTarget(served_ref.url, token=TOKEN, timeout_s=120)
+    publisher = WeightPublisher(target, TransportConfig(backend="gloo", timeout_s=60))
+    try:
+        version = (await target.get_status())["weight_version"]
+        assert (await publisher.update_weights(new, version + 1)).ok
+    finally:
+        await publisher.close()
+        await target.close()
+    async with HttpLogProbClient(served_ref.url) as client:
+        results = await client.compute_log_probs(requests)
+    model.load_state_dict({**model.state_dict(), **new})
+    assert {r.weight_version for r in results} == {version + 1}
+    for request, result in zip(requests, results):
+        torch.testing.assert_close(torch.from_numpy(result.log_probs), reference_log_probs(model, request)[0],
+                                   atol=TOLERANCE, rtol=0)
+    assert_log_probs_of(tiny_model, requests, results, field="ref_log_probs")
+
+
 def test_a_bad_folder_is_400_and_both_policies_keep_serving(served_ref, tiny_models):
     headers = {"authorization": f"Bearer {TOKEN}"}
     probe = {"requests": [{"input_ids": list(range(30, 70)), "response_start": 9, "return_ref_log_probs": True}]}
