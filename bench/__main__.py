@@ -25,6 +25,7 @@ BENCHMARKS: dict[str, str] = {
     "serving": "bench.serving",
     "sync": "bench.sync",
     "ref": "bench.ref",
+    "profile": "bench.profile",
 }
 
 

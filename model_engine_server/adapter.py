@@ -64,11 +64,12 @@ class ModelEngineServerAdapter:
 
     @torch.inference_mode()
     def _score_packed(self, requests: list[LogProbRequest]) -> list[ScoreOutput]:
-        batch = pack_sequences([r.input_ids for r in requests], [r.response_start for r in requests])
-        temperatures = torch.repeat_interleave(
-            torch.tensor([r.temperature for r in requests], dtype=torch.float32),
-            torch.tensor([r.num_response_tokens for r in requests]),
-        )
+        with torch.profiler.record_function("packing"):  # a label for bench/profile.py
+            batch = pack_sequences([r.input_ids for r in requests], [r.response_start for r in requests])
+            temperatures = torch.repeat_interleave(
+                torch.tensor([r.temperature for r in requests], dtype=torch.float32),
+                torch.tensor([r.num_response_tokens for r in requests]),
+            )
         want_entropy = any(r.return_entropy for r in requests)
         log_probs, entropy = self.engine.score_packed(batch, temperatures, want_entropy, self.chunk_tokens)
         log_probs_np = log_probs.float().cpu().numpy()

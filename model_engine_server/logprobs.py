@@ -112,14 +112,15 @@ def chunked_log_probs(
     targets = targets.to(hidden.device)
     log_probs = torch.empty(num_tokens, dtype=torch.float32, device=hidden.device)
     entropy = torch.empty_like(log_probs) if want_entropy else None
-    for start in range(0, num_tokens, chunk):
-        stop = min(start + chunk, num_tokens)
-        chunk_log_probs, chunk_entropy = _chunk_stats(
-            hidden[start:stop], head, targets[start:stop], inverse_temperature[start:stop], want_entropy
-        )
-        log_probs[start:stop] = chunk_log_probs
-        if entropy is not None and chunk_entropy is not None:
-            entropy[start:stop] = chunk_entropy
+    with torch.profiler.record_function("logprobs"):  # a label for bench/profile.py; microseconds once per batch when not profiling
+        for start in range(0, num_tokens, chunk):
+            stop = min(start + chunk, num_tokens)
+            chunk_log_probs, chunk_entropy = _chunk_stats(
+                hidden[start:stop], head, targets[start:stop], inverse_temperature[start:stop], want_entropy
+            )
+            log_probs[start:stop] = chunk_log_probs
+            if entropy is not None and chunk_entropy is not None:
+                entropy[start:stop] = chunk_entropy
     return log_probs, entropy
 
 
