@@ -60,16 +60,21 @@ def rl_length_mix(count: int, vocab_size: int, seed: int = 0) -> list[LogProbReq
 
 
 @torch.inference_mode()
-def packed_full_logits(engine: HFEngine, requests: list[LogProbRequest]) -> list[torch.Tensor]:
-    outputs: list[torch.Tensor] = []
-    for group in split_by_token_budget([r.num_tokens for r in requests], TOKEN_BUDGET):
+def packed_full_logits(
+    engine: HFEngine, requests: list[LogProbRequest], token_budget: int = TOKEN_BUDGET
+) -> list[torch.Tensor]:
+    """Per request, in request order (the budget's first-fit groups are not in order)."""
+    outputs: list[torch.Tensor] = [torch.empty(0)] * len(requests)
+    for group in split_by_token_budget([r.num_tokens for r in requests], token_budget):
         chosen = [requests[i] for i in group]
         batch = pack_sequences([r.input_ids for r in chosen], [r.response_start for r in chosen])
         hidden = engine.hidden_states(batch)  # every position, as a trainer's forward returns
         row_targets = torch.cat([torch.tensor(r.input_ids[1:]) for r in chosen])
         temperatures = torch.full((hidden.shape[0],), chosen[0].temperature)
         log_probs, _ = full_logits_log_probs(hidden, engine.lm_head().weight, row_targets, temperatures)
-        outputs.extend(log_probs.index_select(0, batch.score_positions).split([r.num_response_tokens for r in chosen]))
+        scored = log_probs.index_select(0, batch.score_positions).split([r.num_response_tokens for r in chosen])
+        for index, values in zip(group, scored):
+            outputs[index] = values
     return outputs
 
 

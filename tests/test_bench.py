@@ -66,10 +66,12 @@ def test_scoring_baselines_equal_server_path(tiny_model):
     from model_engine_server.engines.base import EngineSpec, build_engine
 
     engine = build_engine("hf", EngineSpec(model_path=str(tiny_model)))
-    requests = [r.model_copy(update={"input_ids": r.input_ids[:300]}) for r in rl_length_mix(5, 512, seed=1)]
+    requests = [r.model_copy(update={"input_ids": r.input_ids[:300]}) for r in rl_length_mix(8, 512, seed=1)]
     requests = [r for r in requests if r.response_start < len(r.input_ids)]
     server = [o.log_probs for o in ModelEngineServerAdapter(engine).score(requests)]
-    for baseline in (packed_full_logits(engine, requests), padded_full_logits(engine, requests)):
+    # a budget that forces several first-fit groups, whose order differs from the requests'
+    assert len({len(r.input_ids) for r in requests}) > 1
+    for baseline in (packed_full_logits(engine, requests, token_budget=400), padded_full_logits(engine, requests)):
         for expected, got in zip(server, baseline):
             torch.testing.assert_close(got, torch.from_numpy(expected), atol=1e-5, rtol=0)
     assert engine.model.config._attn_implementation == "packed_sdpa"  # restored after the padded path
