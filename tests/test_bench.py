@@ -64,13 +64,16 @@ def test_scoring_baselines_equal_server_path(tiny_model):
     from bench.scoring import padded_full_logits, packed_full_logits, rl_length_mix
     from model_engine_server.adapter import ModelEngineServerAdapter
     from model_engine_server.engines.base import EngineSpec, build_engine
+    from model_engine_server.packing import split_by_token_budget
 
     engine = build_engine("hf", EngineSpec(model_path=str(tiny_model)))
-    requests = [r.model_copy(update={"input_ids": r.input_ids[:300]}) for r in rl_length_mix(8, 512, seed=1)]
-    requests = [r for r in requests if r.response_start < len(r.input_ids)]
+    lengths = [300, 250, 100, 120]  # first-fit into 400 tokens: groups [0, 2], [1, 3] - not request order
+    requests = [
+        r.model_copy(update={"input_ids": r.input_ids[:length], "response_start": min(r.response_start, length // 2)})
+        for r, length in zip(rl_length_mix(4, 512, seed=1), lengths)
+    ]
+    assert split_by_token_budget(lengths, 400) == [[0, 2], [1, 3]]
     server = [o.log_probs for o in ModelEngineServerAdapter(engine).score(requests)]
-    # a budget that forces several first-fit groups, whose order differs from the requests'
-    assert len({len(r.input_ids) for r in requests}) > 1
     for baseline in (packed_full_logits(engine, requests, token_budget=400), padded_full_logits(engine, requests)):
         for expected, got in zip(server, baseline):
             torch.testing.assert_close(got, torch.from_numpy(expected), atol=1e-5, rtol=0)
