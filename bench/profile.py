@@ -87,7 +87,8 @@ def categorise(op: OpTime) -> str:
 
 
 def summarise(ops: Iterable[OpTime], wall_us: float, top: int = TOP_OPS) -> dict[str, Any]:
-    """Shares of `wall_us` per category, `python_share` the remainder, and the top ops by own time.
+    """Shares of `wall_us` per category, `python_share` the remainder, and the top ops by own time
+    (per op name and category).
 
     A label's own time (the Python between the ops inside it) counts for its category; the
     outer batch label's own time is left to `python_share`."""
@@ -95,8 +96,7 @@ def summarise(ops: Iterable[OpTime], wall_us: float, top: int = TOP_OPS) -> dict
         raise ValueError("wall time must be positive")
     totals = dict.fromkeys(CATEGORIES, 0.0)
     lm_head_us = 0.0
-    by_name: dict[str, list[float]] = defaultdict(lambda: [0, 0.0])
-    by_name_category: dict[str, str] = {}
+    by_op: dict[tuple[str, str], list[float]] = defaultdict(lambda: [0, 0.0])  # (name, category) -> calls, us
     for op in ops:
         category = categorise(op)
         if category in totals:
@@ -104,18 +104,17 @@ def summarise(ops: Iterable[OpTime], wall_us: float, top: int = TOP_OPS) -> dict
         if category == "matmul" and LOGPROB_RANGE in op.ancestors:
             lm_head_us += op.self_us
         if not op.is_range:
-            by_name[op.name][0] += 1
-            by_name[op.name][1] += op.self_us
-            by_name_category.setdefault(op.name, category)
+            by_op[op.name, category][0] += 1
+            by_op[op.name, category][1] += op.self_us
     shares = {f"{category}_share": total / wall_us for category, total in totals.items()}
     shares["python_share"] = 1.0 - sum(shares.values())
-    ranked = sorted(by_name.items(), key=lambda item: item[1][1], reverse=True)[:top]
+    ranked = sorted(by_op.items(), key=lambda item: item[1][1], reverse=True)[:top]
     return {
         **shares,
         "lm_head_matmul_share": lm_head_us / wall_us,
-        "top_ops": {
-            name: f"{us / wall_us:.1%} of wall, {int(calls)} calls, {us / 1000:,.1f} ms, {by_name_category[name]}"
-            for name, (calls, us) in ranked
+        "top_ops": {  # an op that runs in two categories (aten::max in log-probs and elsewhere) has two rows
+            f"{name} ({category})": f"{us / wall_us:.1%} of wall, {int(calls)} calls, {us / 1000:,.1f} ms"
+            for (name, category), (calls, us) in ranked
         },
     }
 

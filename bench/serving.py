@@ -2,8 +2,10 @@
 
 The model and requests are the scoring benchmark's (a ~100M-parameter Qwen2 with a 151,936-token
 vocabulary, prompts of 64-512 tokens and responses log-uniform in 16-4,096, 8,192-token
-batches), in bf16: the faster dtype makes compute per request smaller, so the same serving
-cost is a larger fraction of it. The paths, timed one after the other in each repeat:
+batches), in fp32: the dtype of the exactness claims and of the scoring benchmark's headline
+figures, and on CPUs without bf16 units (avx512_bf16/AMX) the faster one: the less compute a
+request costs, the larger the same serving cost is against it. The paths, timed one after
+the other in each repeat:
 
 - direct: `ModelEngineServerAdapter.score(all requests)`, one call, no scheduler;
 - scheduler: `ModelEngineServer.submit` in this process from `CLIENTS` concurrent callers;
@@ -271,10 +273,10 @@ class ReplayService:
                 for r in parsed]
 
     async def pause_serving(self) -> None:
-        return None
+        """Nothing runs, so there is nothing to drain."""
 
     async def resume_serving(self) -> None:
-        return None
+        """Nothing was stopped."""
 
     async def update_weights(self, named_tensors: Any, version: int) -> int:
         raise WeightSyncError("a replay service holds no weights")
@@ -283,16 +285,10 @@ class ReplayService:
         return {"weight_version": 0, "paused": False, "accepting": True}
 
     async def shutdown(self, drain: bool = True, timeout_s: float = 30.0) -> None:
-        return None
+        """Holds nothing to release."""
 
 
 # ---------------------------------------------------------------- the paths
-def _raise_error(outcome: Any) -> Any:
-    if isinstance(outcome, ModelEngineError):
-        raise outcome
-    return outcome
-
-
 async def http_load(url: str, requests: Sequence[LogProbRequest], clients: int, time_limit_s: float,
                     wire: str = "msgpack") -> LoadRun:
     """`clients` concurrent callers over one pooled client, one request per call."""
@@ -304,7 +300,11 @@ async def http_load(url: str, requests: Sequence[LogProbRequest], clients: int, 
 
 
 async def _first(outcomes: Awaitable[list[Any]]) -> Any:
-    return _raise_error((await outcomes)[0])
+    """The one outcome of a one-request call; its error raised, so the load run records it."""
+    outcome = (await outcomes)[0]
+    if isinstance(outcome, ModelEngineError):
+        raise outcome
+    return outcome
 
 
 async def scheduler_load(adapter: ModelEngineServerAdapter, config: SchedulerConfig,
@@ -367,54 +367,74 @@ def measure_wire(requests: Sequence[LogProbRequest], results: Sequence[LogProbRe
     }
 
 
-def measure_serving(model_path: str, requests: Sequence[LogProbRequest], dtype: str, clients: int,
-                    repeats: int, time_limit_s: float, wire_repeats: int = WIRE_REPEATS) -> dict[str, Any]:
-    """All figures of the benchmark for one checkpoint; each path keeps its best repeat."""
+@dataclass
+class PathTimings:
+    """The best repeat of each path: direct seconds and outputs, and the two load runs."""
+
+    direct_s: float = math.inf
+    direct: dict[str, ScoreOutput] = field(default_factory=dict)  # request_id -> output
+    scheduler: LoadRun | None = None
+    http: LoadRun | None = None
+
+
+def time_paths(model_path: str, requests: Sequence[LogProbRequest], dtype: str, clients: int, repeats: int,
+               time_limit_s: float) -> PathTimings:
+    """Each repeat times direct, then scheduler, then HTTP; each path keeps its best repeat."""
     spec = EngineSpec(model_path=model_path, dtype=dtype)
     config = SchedulerConfig(max_tokens_per_batch=TOKEN_BUDGET, request_timeout_s=CALL_TIMEOUT_S)
-    engine = build_engine("hf", spec)
-    adapter = ModelEngineServerAdapter(engine, config.max_tokens_per_batch, spec.logprob_chunk_mb)
-    total_tokens = sum(r.num_tokens for r in requests)
-    direct_s, direct_outputs = math.inf, []
-    best_scheduler: LoadRun | None = None
-    best_http: LoadRun | None = None
+    adapter = ModelEngineServerAdapter(build_engine("hf", spec), config.max_tokens_per_batch, spec.logprob_chunk_mb)
+    best = PathTimings()
     with model_server_process(model_path, dtype, config) as url:
         # warm-up of both engines alike: first-call allocations, thread pools, connections
         adapter.score(requests[:2])
         asyncio.run(http_load(url, requests[:2], clients, time_limit_s))
         for _ in range(repeats):
             seconds, outputs = direct_score(adapter, requests)
-            if seconds < direct_s:
-                direct_s, direct_outputs = seconds, outputs
+            if seconds < best.direct_s:
+                best.direct_s, best.direct = seconds, {r.request_id: o for r, o in zip(requests, outputs)}
             scheduled = asyncio.run(scheduler_load(adapter, config, requests, clients, time_limit_s))
-            if best_scheduler is None or scheduled.tokens_per_s > best_scheduler.tokens_per_s:
-                best_scheduler = scheduled
+            if best.scheduler is None or scheduled.tokens_per_s > best.scheduler.tokens_per_s:
+                best.scheduler = scheduled
             served = asyncio.run(http_load(url, requests, clients, time_limit_s))
-            if best_http is None or served.tokens_per_s > best_http.tokens_per_s:
-                best_http = served
-    assert best_scheduler is not None and best_http is not None
-    direct = {r.request_id: o for r, o in zip(requests, direct_outputs)}
-    direct_tokens_per_s = total_tokens / direct_s
+            if best.http is None or served.tokens_per_s > best.http.tokens_per_s:
+                best.http = served
+    return best
+
+
+def max_abs_diff(results: dict[str, Any], reference: dict[str, ScoreOutput]) -> float:
+    """Largest log-prob or entropy difference of served results from the direct path's."""
+    diffs = [0.0]
+    for request_id, result in results.items():
+        expected = reference[request_id]
+        diffs.append(float(np.abs(result.log_probs - expected.log_probs).max()))
+        if result.entropy is not None and expected.entropy is not None:
+            diffs.append(float(np.abs(result.entropy - expected.entropy).max()))
+    return max(diffs)
+
+
+def measure_serving(model_path: str, requests: Sequence[LogProbRequest], dtype: str, clients: int,
+                    repeats: int, time_limit_s: float, wire_repeats: int = WIRE_REPEATS) -> dict[str, Any]:
+    """All figures of the benchmark for one checkpoint."""
+    timed = time_paths(model_path, requests, dtype, clients, repeats, time_limit_s)
+    assert timed.scheduler is not None and timed.http is not None
+    direct_tokens_per_s = sum(r.num_tokens for r in requests) / timed.direct_s
     figures: dict[str, Any] = {
-        "direct_rps": len(requests) / direct_s,
+        "direct_rps": len(requests) / timed.direct_s,
         "direct_tokens_per_s": direct_tokens_per_s,
-        **load_figures(best_scheduler, direct_tokens_per_s, "scheduler_"),
-        **load_figures(best_http, direct_tokens_per_s, "http_"),
+        **load_figures(timed.scheduler, direct_tokens_per_s, "scheduler_"),
+        **load_figures(timed.http, direct_tokens_per_s, "http_"),
     }
     figures["overhead_fraction"] = figures.pop("http_overhead_fraction")
     figures["p50_ms"] = figures.pop("http_p50_ms", None)
     figures["p99_ms"] = figures.pop("http_p99_ms", None)
-    outside = outside_scheduler_ms(best_http)
+    outside = outside_scheduler_ms(timed.http)
     if outside:
         figures["http_outside_scheduler_p50_ms"] = percentile(outside, 50)
-    figures["max_abs_diff_http_vs_direct"] = max(
-        (float(np.abs(result.log_probs - direct[i].log_probs).max()) for i, result in best_http.results.items()),
-        default=math.nan,
-    )
+    figures["max_abs_diff_http_vs_direct"] = max_abs_diff(timed.http.results, timed.direct)
     replayed = [LogProbResult(request_id=i, log_probs=o.log_probs, entropy=o.entropy, weight_version=0)
-                for i, o in direct.items()]
+                for i, o in timed.direct.items()]
     figures.update(measure_wire(requests, replayed, wire_repeats))
-    direct_ms_per_request = direct_s / len(requests) * 1000
+    direct_ms_per_request = timed.direct_s / len(requests) * 1000
     figures["msgpack_call_fraction_of_compute"] = figures["msgpack_ms_per_call"] / direct_ms_per_request
     figures["json_call_fraction_of_compute"] = figures["json_ms_per_call"] / direct_ms_per_request
     return figures

@@ -180,9 +180,11 @@ def test_summary_shares_cover_the_wall_time_and_python_is_the_remainder():
         OpTime("logprobs", 2.0, ("scoring_batch",), is_range=True),
         OpTime("aten::mm", 20.0, ("scoring_batch", "logprobs", "aten::matmul")),
         OpTime("aten::exp", 8.0, ("scoring_batch", "logprobs")),
-        OpTime("aten::silu", 5.0, ("scoring_batch",)),
+        OpTime("aten::silu", 4.0, ("scoring_batch",)),
+        OpTime("aten::exp", 1.0, ("scoring_batch",)),  # the same op outside log-probs: its own row
     ]
     summary = summarise(ops, wall_us=100.0, top=3)
+    assert "aten::exp (other)" in summarise(ops, wall_us=100.0)["top_ops"]
     assert summary["matmul_share"] == pytest.approx(0.60)
     assert summary["lm_head_matmul_share"] == pytest.approx(0.20)
     assert summary["attention_share"] == pytest.approx(0.10)
@@ -190,8 +192,10 @@ def test_summary_shares_cover_the_wall_time_and_python_is_the_remainder():
     assert summary["packing_share"] == pytest.approx(0.05)
     assert summary["other_share"] == pytest.approx(0.05)
     assert summary["python_share"] == pytest.approx(0.10)  # 5 of the batch label's own time, 5 unaccounted
-    assert list(summary["top_ops"]) == ["aten::mm", "aten::_scaled_dot_product_flash_attention_for_cpu", "aten::exp"]
-    assert summary["top_ops"]["aten::mm"].startswith("60.0% of wall, 2 calls")
+    assert list(summary["top_ops"]) == [
+        "aten::mm (matmul)", "aten::_scaled_dot_product_flash_attention_for_cpu (attention)", "aten::exp (logprob)"
+    ]
+    assert summary["top_ops"]["aten::mm (matmul)"].startswith("60.0% of wall, 2 calls")
 
 
 def test_profile_of_a_tiny_model_batch_has_shares_that_sum_to_one(tiny_model):
