@@ -375,6 +375,7 @@ class PathTimings:
     direct: dict[str, ScoreOutput] = field(default_factory=dict)  # request_id -> output
     scheduler: LoadRun | None = None
     http: LoadRun | None = None
+    parameters: int = 0
 
 
 def time_paths(model_path: str, requests: Sequence[LogProbRequest], dtype: str, clients: int, repeats: int,
@@ -383,7 +384,7 @@ def time_paths(model_path: str, requests: Sequence[LogProbRequest], dtype: str, 
     spec = EngineSpec(model_path=model_path, dtype=dtype)
     config = SchedulerConfig(max_tokens_per_batch=TOKEN_BUDGET, request_timeout_s=CALL_TIMEOUT_S)
     adapter = ModelEngineServerAdapter(build_engine("hf", spec), config.max_tokens_per_batch, spec.logprob_chunk_mb)
-    best = PathTimings()
+    best = PathTimings(parameters=adapter.engine.info.num_parameters)
     with model_server_process(model_path, dtype, config) as url:
         # warm-up of both engines alike: first-call allocations, thread pools, connections
         adapter.score(requests[:2])
@@ -419,6 +420,7 @@ def measure_serving(model_path: str, requests: Sequence[LogProbRequest], dtype: 
     assert timed.scheduler is not None and timed.http is not None
     direct_tokens_per_s = sum(r.num_tokens for r in requests) / timed.direct_s
     figures: dict[str, Any] = {
+        "parameters": timed.parameters,
         "direct_rps": len(requests) / timed.direct_s,
         "direct_tokens_per_s": direct_tokens_per_s,
         **load_figures(timed.scheduler, direct_tokens_per_s, "scheduler_"),
