@@ -380,7 +380,7 @@ class PathTimings:
 
 def time_paths(model_path: str, requests: Sequence[LogProbRequest], dtype: str, clients: int, repeats: int,
                time_limit_s: float) -> PathTimings:
-    """Each repeat times direct, then scheduler, then HTTP; each path keeps its best repeat."""
+    """Each repeat times the three paths back to back; each path keeps its best repeat."""
     spec = EngineSpec(model_path=model_path, dtype=dtype)
     config = SchedulerConfig(max_tokens_per_batch=TOKEN_BUDGET, request_timeout_s=CALL_TIMEOUT_S)
     adapter = ModelEngineServerAdapter(build_engine("hf", spec), config.max_tokens_per_batch, spec.logprob_chunk_mb)
@@ -389,16 +389,26 @@ def time_paths(model_path: str, requests: Sequence[LogProbRequest], dtype: str, 
         # warm-up of both engines alike: first-call allocations, thread pools, connections
         adapter.score(requests[:2])
         asyncio.run(http_load(url, requests[:2], clients, time_limit_s))
-        for _ in range(repeats):
+
+        def direct() -> None:
             seconds, outputs = direct_score(adapter, requests)
             if seconds < best.direct_s:
                 best.direct_s, best.direct = seconds, {r.request_id: o for r, o in zip(requests, outputs)}
-            scheduled = asyncio.run(scheduler_load(adapter, config, requests, clients, time_limit_s))
-            if best.scheduler is None or scheduled.tokens_per_s > best.scheduler.tokens_per_s:
-                best.scheduler = scheduled
-            served = asyncio.run(http_load(url, requests, clients, time_limit_s))
-            if best.http is None or served.tokens_per_s > best.http.tokens_per_s:
-                best.http = served
+
+        def scheduler() -> None:
+            run = asyncio.run(scheduler_load(adapter, config, requests, clients, time_limit_s))
+            if best.scheduler is None or run.tokens_per_s > best.scheduler.tokens_per_s:
+                best.scheduler = run
+
+        def http() -> None:
+            run = asyncio.run(http_load(url, requests, clients, time_limit_s))
+            if best.http is None or run.tokens_per_s > best.http.tokens_per_s:
+                best.http = run
+
+        paths = [direct, scheduler, http]
+        for repeat in range(repeats):  # each repeat starts one path later: no path is always first
+            for path in paths[repeat % 3:] + paths[: repeat % 3]:
+                path()
     return best
 
 
