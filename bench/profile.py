@@ -130,17 +130,19 @@ def op_times(events: Iterable[Any], device_time: bool = False) -> list[OpTime]:
         while parent is not None:
             ancestors.append(parent.name)
             parent = parent.cpu_parent
-        is_range = bool(getattr(event, "is_user_annotation", False)) or event.name in (BATCH_RANGE, LOGPROB_RANGE, PACKING_RANGE)
-        if device_time:  # the GPU's view: kernels' time; only packing's Python leaves the GPU idle
-            self_us = event.self_cpu_time_total if event.name == PACKING_RANGE else (0.0 if is_range else event.self_device_time_total)
-        else:
-            self_us = event.self_cpu_time_total
+        labels = (BATCH_RANGE, LOGPROB_RANGE, PACKING_RANGE)
+        is_range = bool(getattr(event, "is_user_annotation", False)) or event.name in labels
+        self_us = event.self_cpu_time_total
+        if device_time and event.name != PACKING_RANGE:  # the GPU's view: kernel time; packing runs
+            self_us = 0.0 if is_range else event.self_device_time_total  # before any kernel, GPU idle
         ops.append(OpTime(event.name, float(self_us), tuple(reversed(ancestors)), is_range))
     return ops
 
 
-def profiled_score(adapter: ModelEngineServerAdapter, requests: Sequence[LogProbRequest]) -> tuple[list[OpTime], float, float]:
-    """Score `requests` under the profiler: (op times, wall us of the batch label, wall s measured outside)."""
+def profiled_score(
+    adapter: ModelEngineServerAdapter, requests: Sequence[LogProbRequest]
+) -> tuple[list[OpTime], float, float]:
+    """Score `requests` under the profiler: (op times, wall us of the batch label, wall s outside)."""
     cuda = torch.cuda.is_available()
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
     with profile(activities=activities) as profiler:
