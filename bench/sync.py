@@ -33,6 +33,8 @@ from model_engine_server.protocol import LogProbRequest, ScoreOutput
 from model_engine_server.scheduler import ModelEngineServer, SchedulerConfig
 
 TARGETS = [
+    Target("gloo.bandwidth_ratio", ">=", 0.5),
+    Target("ray.bandwidth_ratio", ">=", 0.5),
     Target("gloo.pause_window_s", "<=", "gloo.transfer_s", 1.1),
     Target("ray.pause_window_s", "<=", "ray.transfer_s", 1.1),
 ]
