@@ -39,6 +39,7 @@ from model_engine_server.errors import (
 )
 from model_engine_server.executor import Executor
 from model_engine_server.protocol import LogProbRequest, LogProbResult, RequestLimits, ScoreOutput, check_against_limits
+from model_engine_server.service import gather_outcomes
 from model_engine_server.scheduler_state import SchedulerObserver, WeightState
 
 logger = logging.getLogger(__name__)
@@ -134,11 +135,7 @@ class ModelEngineServer:
         self, requests: Sequence[LogProbRequest | dict[str, Any]], timeout_s: float | None = None
     ) -> list[LogProbResult | ModelEngineError]:
         """Score many requests; each entry is its result or the error for that request alone."""
-        outcomes = await asyncio.gather(*(self.submit(r, timeout_s) for r in requests), return_exceptions=True)
-        return [
-            o if isinstance(o, (LogProbResult, ModelEngineError)) else WorkerFailed(f"{type(o).__name__}: {o}")
-            for o in outcomes
-        ]
+        return await gather_outcomes(self.submit(r, timeout_s) for r in requests)
 
     def _check_admission(self, request: LogProbRequest) -> None:
         if not self._accepting:

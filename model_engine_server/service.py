@@ -6,11 +6,12 @@ and never learn which one it is, so a feature written once works for both.
 
 from __future__ import annotations
 
-from typing import Any, Iterable, Protocol, Sequence, runtime_checkable
+import asyncio
+from typing import Any, Awaitable, Iterable, Protocol, Sequence, runtime_checkable
 
 import torch
 
-from model_engine_server.errors import ModelEngineError
+from model_engine_server.errors import ModelEngineError, WorkerFailed
 from model_engine_server.protocol import LogProbRequest, LogProbResult
 
 
@@ -35,3 +36,13 @@ class LogProbService(Protocol):
     async def get_status(self) -> dict[str, Any]: ...
 
     async def shutdown(self, drain: bool = True, timeout_s: float = 30.0) -> None: ...
+
+
+async def gather_outcomes(calls: Iterable[Awaitable[LogProbResult]]) -> list[LogProbResult | ModelEngineError]:
+    """Await per-request calls together: each entry is its result or its own typed error, so one
+    failed request never fails the others; anything untyped becomes `WorkerFailed` naming it."""
+    outcomes = await asyncio.gather(*calls, return_exceptions=True)
+    return [
+        o if isinstance(o, (LogProbResult, ModelEngineError)) else WorkerFailed(f"{type(o).__name__}: {o}")
+        for o in outcomes
+    ]

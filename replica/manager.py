@@ -23,6 +23,7 @@ import torch
 from model_engine_server.errors import ModelEngineError, ServerShuttingDown, WeightSyncError, WorkerFailed
 from model_engine_server.protocol import LogProbRequest, LogProbResult
 from model_engine_server.scheduler_state import SchedulerObserver
+from model_engine_server.service import gather_outcomes
 from replica.config import ReplicaConfig
 from replica.executor import iter_buckets
 from replica.replica import ModelEngineReplica
@@ -161,11 +162,7 @@ class ReplicaManager:
         self, requests: Sequence[LogProbRequest | dict[str, Any]], timeout_s: float | None = None
     ) -> list[LogProbResult | ModelEngineError]:
         """One entry per request, in order: its result or its own typed error."""
-        outcomes = await asyncio.gather(*(self.submit(r, timeout_s) for r in requests), return_exceptions=True)
-        return [
-            o if isinstance(o, (LogProbResult, ModelEngineError)) else WorkerFailed(f"{type(o).__name__}: {o}")
-            for o in outcomes
-        ]
+        return await gather_outcomes(self.submit(r, timeout_s) for r in requests)
 
     # ------------------------------------------------------------------ pause / resume
     def _live(self) -> list[ModelEngineReplica]:
