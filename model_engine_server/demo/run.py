@@ -39,11 +39,18 @@ async def run_mode(
         publisher = WeightPublisher(LocalServerTarget(server), TransportConfig(backend="gloo"))
     try:
         return await DemoLoop(config, model_path, mode, client, publisher).run(on_step, progress)
-    finally:
+    finally:  # bounded: a teardown that stalls must not keep the demo from reporting
         if publisher is not None:
-            await publisher.close()
+            await _bounded(publisher.close(), "closing the weight publisher")
         if client is not None:
-            await client.service.shutdown()
+            await _bounded(client.service.shutdown(), "shutting the server down")
+
+
+async def _bounded(step: Any, what: str, timeout_s: float = 30.0) -> None:
+    try:
+        await asyncio.wait_for(step, timeout_s)
+    except asyncio.TimeoutError:
+        logger.warning("%s took over %.0f s; going on", what, timeout_s)
 
 
 def run_demo(config: DemoConfig, output_dir: Path, modes: list[Mode], show_progress: bool = True) -> dict[str, RunResult]:
