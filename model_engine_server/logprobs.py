@@ -35,8 +35,11 @@ class LMHead:
 
 
 def chunk_tokens_for(vocab_shard_size: int, chunk_bytes: int = DEFAULT_CHUNK_BYTES) -> int:
-    """How many tokens' fp32 logits fit in `chunk_bytes` (at least 1)."""
-    return max(1, chunk_bytes // (4 * max(1, vocab_shard_size)))
+    """How many tokens' fp32 logits fit in `chunk_bytes` (at least 1).
+
+    The step holds two such buffers (logits and their `exp`), so the budget is split in two.
+    """
+    return max(1, chunk_bytes // (2 * 4 * max(1, vocab_shard_size)))
 
 
 def _all_reduce(tensor: torch.Tensor, op: str, group: Any) -> torch.Tensor:
@@ -48,36 +51,79 @@ def _all_reduce(tensor: torch.Tensor, op: str, group: Any) -> torch.Tensor:
     return tensor
 
 
+class _Workspace:
+    """The two `[chunk, vocab_shard]` fp32 buffers every chunk reuses.
+
+    Allocating a fresh 100 MB tensor per chunk costs more than the arithmetic on it on a CPU
+    (the pages fault in on first touch, for every chunk); reused buffers fault once per call.
+    """
+
+    def __init__(self, rows: int, head: LMHead, hidden_dtype: torch.dtype) -> None:
+        device = head.weight.device
+        self.logits = torch.empty(rows, head.vocab_shard_size, dtype=torch.float32, device=device)
+        self.work = torch.empty_like(self.logits)
+        # Low-precision matmuls write their own dtype; fp32 ones write straight into `logits`.
+        self.matmul_out = (
+            None if hidden_dtype == torch.float32 else torch.empty(rows, head.vocab_shard_size, dtype=hidden_dtype, device=device)
+        )
+
+
+def _chunk_logits(
+    hidden: torch.Tensor, head: LMHead, inverse_temperature: torch.Tensor, workspace: _Workspace
+) -> torch.Tensor:
+    """`z = (h @ W.T + b) / T` for one chunk, in the workspace.
+
+    In fp32 the 1/T is folded into the hidden states (a `[chunk, hidden]` multiply instead of a
+    pass over `[chunk, vocab]`); in lower precision it is applied to the fp32 logits, so the
+    temperature never rounds in bf16.
+    """
+    rows = hidden.shape[0]
+    logits = workspace.logits[:rows]
+    if workspace.matmul_out is None:
+        fold = head.bias is None
+        scaled = hidden * inverse_temperature.unsqueeze(1) if fold else hidden
+        if head.bias is None:
+            torch.matmul(scaled, head.weight.T, out=logits)
+        else:
+            torch.addmm(head.bias, scaled, head.weight.T, out=logits)
+        if not fold:
+            logits.mul_(inverse_temperature.unsqueeze(1))
+        return logits
+    low = workspace.matmul_out[:rows]
+    if head.bias is None:
+        torch.matmul(hidden, head.weight.T, out=low)
+    else:
+        torch.addmm(head.bias, hidden, head.weight.T, out=low)
+    logits.copy_(low)
+    logits.mul_(inverse_temperature.unsqueeze(1))
+    return logits
+
+
 def _chunk_stats(
     hidden: torch.Tensor,
     head: LMHead,
     targets: torch.Tensor,
     inverse_temperature: torch.Tensor,
     want_entropy: bool,
+    workspace: _Workspace,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
-    logits = hidden @ head.weight.T
-    if head.bias is not None:
-        logits = logits + head.bias
-    logits = logits.float()
-    logits.mul_(inverse_temperature.unsqueeze(1))
-
-    local_max = logits.max(dim=1).values
-    global_max = _all_reduce(local_max.clone(), "max", head.group)
-    logits.sub_(global_max.unsqueeze(1))  # z - m, in place: no second [chunk, vocab] tensor
+    logits = _chunk_logits(hidden, head, inverse_temperature, workspace)
+    local_max = logits.amax(dim=1)
+    global_max = _all_reduce(local_max, "max", head.group)
+    logits.sub_(global_max.unsqueeze(1))  # z - m, in place
     local_target = targets - head.vocab_start
     owned = (local_target >= 0) & (local_target < head.vocab_shard_size)
     target_logit = logits.gather(1, local_target.clamp(0, head.vocab_shard_size - 1).unsqueeze(1)).squeeze(1)
     target_logit = torch.where(owned, target_logit, torch.zeros_like(target_logit))
 
+    exp_shifted = workspace.work[: logits.shape[0]]
+    torch.exp(logits, out=exp_shifted)
+    sum_exp = exp_shifted.sum(dim=1)
     if want_entropy:
-        probs_unnormalised = logits.exp()
-        sum_exp = probs_unnormalised.sum(dim=1)
-        weighted = (probs_unnormalised * logits).sum(dim=1)
-        del probs_unnormalised
+        weighted = exp_shifted.mul_(logits).sum(dim=1)  # sum exp(z - m) * (z - m)
         reduced = _all_reduce(torch.stack([sum_exp, weighted, target_logit]), "sum", head.group)
         sum_exp, weighted, target_logit = reduced[0], reduced[1], reduced[2]
     else:
-        sum_exp = logits.exp_().sum(dim=1)
         reduced = _all_reduce(torch.stack([sum_exp, target_logit]), "sum", head.group)
         sum_exp, target_logit = reduced[0], reduced[1]
 
@@ -112,11 +158,14 @@ def chunked_log_probs(
     targets = targets.to(hidden.device)
     log_probs = torch.empty(num_tokens, dtype=torch.float32, device=hidden.device)
     entropy = torch.empty_like(log_probs) if want_entropy else None
+    if num_tokens == 0:
+        return log_probs, entropy
+    workspace = _Workspace(min(chunk, num_tokens), head, hidden.dtype)
     with torch.profiler.record_function("logprobs"):  # a label for bench/profile.py; microseconds once per batch when not profiling
         for start in range(0, num_tokens, chunk):
             stop = min(start + chunk, num_tokens)
             chunk_log_probs, chunk_entropy = _chunk_stats(
-                hidden[start:stop], head, targets[start:stop], inverse_temperature[start:stop], want_entropy
+                hidden[start:stop], head, targets[start:stop], inverse_temperature[start:stop], want_entropy, workspace
             )
             log_probs[start:stop] = chunk_log_probs
             if entropy is not None and chunk_entropy is not None:

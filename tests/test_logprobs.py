@@ -24,6 +24,23 @@ def test_chunked_equals_full_log_softmax(chunk_tokens, with_bias):
     torch.testing.assert_close(entropy, expected_entropy, atol=1e-5, rtol=0)
 
 
+@pytest.mark.parametrize("with_bias", [False, True])
+def test_bf16_hidden_scores_its_bf16_logits_in_fp32(with_bias):
+    """bf16 weights: the logits are rounded to bf16 once (as a trainer's bf16 LM head does), then
+    temperature and softmax run in fp32, so the result equals the fp32 math on those logits."""
+    generator = torch.Generator().manual_seed(2)
+    hidden = torch.randn(30, 16, generator=generator).bfloat16()
+    weight = torch.randn(200, 16, generator=generator).bfloat16()
+    bias = torch.randn(200, generator=generator).bfloat16() if with_bias else None
+    targets = torch.randint(0, 200, (30,), generator=generator)
+    temperatures = torch.tensor([0.7, 1.0, 1.5] * 10)
+    log_probs, entropy = chunked_log_probs(hidden, LMHead(weight, bias), targets, temperatures, True, 8)
+    bf16_logits = torch.nn.functional.linear(hidden, weight, bias)  # what a bf16 nn.Linear head returns
+    expected_log_probs, expected_entropy = full_logits_log_probs(bf16_logits.float(), targets, temperatures)
+    torch.testing.assert_close(log_probs, expected_log_probs, atol=1e-5, rtol=0)
+    torch.testing.assert_close(entropy, expected_entropy, atol=1e-5, rtol=0)
+
+
 def test_entropy_is_skipped_when_not_asked():
     hidden, weight = torch.randn(4, 8), torch.randn(20, 8)
     log_probs, entropy = chunked_log_probs(hidden, LMHead(weight), torch.zeros(4, dtype=torch.long), torch.ones(4))
@@ -67,5 +84,8 @@ def test_vocab_parallel_shards_over_gloo_equal_the_unsharded_math():
 
 
 def test_chunk_size_follows_the_memory_budget():
-    assert chunk_tokens_for(151_936, 128 * 1024 * 1024) == 220
+    budget, vocab = 128 * 1024 * 1024, 151_936
+    chunk = chunk_tokens_for(vocab, budget)
+    two_fp32_buffers = 2 * 4 * vocab  # logits and their exp
+    assert chunk * two_fp32_buffers <= budget < (chunk + 1) * two_fp32_buffers
     assert chunk_tokens_for(10**9, 1) == 1

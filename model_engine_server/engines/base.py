@@ -32,7 +32,7 @@ class EngineSpec(BaseModel):
     dtype: str = Field(default="float32", pattern="^(float32|bfloat16|float16)$")
     device: str = Field(default="auto", description="auto (CUDA when available), cpu or cuda")
     attn_implementation: str | None = Field(default=None, description="None picks flash-attn/sdpa")
-    logprob_chunk_mb: int = Field(default=128, gt=0, description="memory for one chunk of fp32 logits")
+    logprob_chunk_mb: int = Field(default=128, gt=0, description="memory for the log-prob step's two fp32 [chunk, vocab] buffers")
     allow_dtype_cast: bool = Field(default=False, description="cast weight updates of another float dtype")
 
     def torch_dtype(self) -> torch.dtype:
