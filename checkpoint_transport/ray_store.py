@@ -53,9 +53,8 @@ class BucketBoard:
     async def _wait(self, group: str, predicate, timeout_s: float, what: str) -> None:  # type: ignore[no-untyped-def]
         async with self._changed:
             try:
-                await asyncio.wait_for(
-                    self._changed.wait_for(lambda: group != self._group or predicate()), timeout_s
-                )
+                async with asyncio.timeout(timeout_s):
+                    await self._changed.wait_for(lambda: group != self._group or predicate())
             except TimeoutError:
                 raise TransportTimeout(f"timed out after {timeout_s:.3g} s {what}") from None
             self._check(group)

@@ -190,8 +190,9 @@ class WeightPublisher:
             session.abort(failure_reason(report.receives) or "receivers failed")  # unblock the sender
         report.transfer_s = time.monotonic() - started
         try:
-            report.send = await asyncio.wait_for(asyncio.shield(sending), spec.timeout_s + 10)
-        except asyncio.TimeoutError:
+            async with asyncio.timeout(spec.timeout_s + 10):
+                report.send = await asyncio.shield(sending)
+        except TimeoutError:
             report.send = SendReport(version=version, error=f"the sender did not finish within {spec.timeout_s + 10:.3g} s")
         except Exception as error:  # the sending process died, or its call raised
             report.send = SendReport(version=version, error=f"the sender failed: {type(error).__name__}: {error}")

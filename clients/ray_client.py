@@ -50,8 +50,9 @@ class RayLogProbClient(BaseLogProbClient):
     async def _call(self, ref: Awaitable[T], what: str, timeout_s: float | None = None) -> T:
         timeout = timeout_s if timeout_s is not None else self.call_timeout_s
         try:
-            return await asyncio.wait_for(_await(ref), timeout)
-        except (asyncio.TimeoutError, TimeoutError):
+            async with asyncio.timeout(timeout):
+                return await _await(ref)
+        except TimeoutError:
             raise DeadlineExceeded(f"{what}: no answer from the server actor within {timeout:g} s") from None
         except RayActorError as error:
             raise WorkerFailed(f"{what}: the server actor is gone ({type(error).__name__})") from None

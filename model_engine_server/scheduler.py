@@ -99,6 +99,7 @@ class ModelEngineServer:
         self._paused_since: float | None = None
         self._paused_total_s = 0.0
         self._accepting = True
+        self._stopping = False  # the dispatch loop's own exit condition (see shutdown)
         self._wakeup = asyncio.Event()
         self._idle = asyncio.Event()
         self._idle.set()
@@ -226,14 +227,18 @@ class ModelEngineServer:
         return [], wait_left
 
     async def _dispatch_loop(self) -> None:
-        while True:
+        while not self._stopping:
             self._wakeup.clear()
             batch, wait_s = self._select_batch()
             if batch:
                 self._launch(batch)
                 continue
+            # `asyncio.timeout`, not `wait_for`: on Python 3.11 `wait_for` returns normally when
+            # it is cancelled in the same loop iteration its inner wait completes, and the
+            # cancellation is lost (the intermittent shutdown hang of issue 7).
             try:
-                await asyncio.wait_for(self._wakeup.wait(), timeout=wait_s)
+                async with asyncio.timeout(wait_s):
+                    await self._wakeup.wait()
             except TimeoutError:
                 pass
 
@@ -396,7 +401,12 @@ class ModelEngineServer:
         if self._tasks:
             await asyncio.wait(set(self._tasks), timeout=max(0.0, timeout_s))
         if self._loop_task:
-            self._loop_task.cancel()
-            await asyncio.gather(self._loop_task, return_exceptions=True)
+            # The loop leaves by itself on `_stopping`; a cancel is only the backstop.
+            self._stopping = True
+            self._wakeup.set()
+            done, _ = await asyncio.wait({self._loop_task}, timeout=5.0)
+            if not done:
+                self._loop_task.cancel()
+                await asyncio.gather(self._loop_task, return_exceptions=True)
             self._loop_task = None
         await self.executor.close()

@@ -106,8 +106,9 @@ async def reserve_replica_gpus(
     groups = [placement_group([dict(bundle)] * gpus_per_node, strategy=strategy, name=f"{name}-node{n}") for n in range(nnodes)]
     placement = ReplicaPlacement(groups, gpus_per_node, cpus_per_bundle)
     try:
-        await asyncio.wait_for(asyncio.gather(*(group.ready() for group in groups)), timeout=timeout_s)
-    except (asyncio.TimeoutError, TimeoutError):
+        async with asyncio.timeout(timeout_s):
+            await asyncio.gather(*(group.ready() for group in groups))
+    except TimeoutError:
         placement.remove()
         total, available = ray.cluster_resources(), ray.available_resources()
         raise PlacementTimeout(

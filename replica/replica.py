@@ -92,7 +92,8 @@ class ModelEngineReplica:
             for rank in range(config.world_size)
         ]
         deadline = config.init_timeout_s
-        master_addr, master_port = await asyncio.wait_for(_await(self.workers[0].rendezvous_address.remote()), deadline)
+        async with asyncio.timeout(deadline):
+            master_addr, master_port = await _await(self.workers[0].rendezvous_address.remote())
         inits = [
             worker.initialize.remote(
                 master_addr, master_port, config.backend, config.engine, config.build_engine_kwargs(),
@@ -102,8 +103,9 @@ class ModelEngineReplica:
             for worker in self.workers
         ]
         try:
-            self.worker_infos = list(await asyncio.wait_for(asyncio.gather(*inits), deadline))
-        except (asyncio.TimeoutError, TimeoutError):
+            async with asyncio.timeout(deadline):
+                self.worker_infos = list(await asyncio.gather(*inits))
+        except TimeoutError:
             raise TimeoutError(f"{self.name}: workers did not initialise within init_timeout_s={deadline:g}") from None
         model_info = await _await(self.workers[0].model_info.remote())
         specs = await _await(self.workers[0].weight_specs.remote())
@@ -161,8 +163,9 @@ class ModelEngineReplica:
         if workers:  # let live workers leave the process group; dead or stuck ones are killed anyway
             goodbyes = [_await(w.shutdown.remote()) for w in workers]
             try:
-                await asyncio.wait_for(asyncio.gather(*goodbyes, return_exceptions=True), 5.0)
-            except (asyncio.TimeoutError, TimeoutError):
+                async with asyncio.timeout(5.0):
+                    await asyncio.gather(*goodbyes, return_exceptions=True)
+            except TimeoutError:
                 logger.warning("%s: workers did not leave the process group within 5 s; killing them", self.name)
         for worker in workers:
             try:

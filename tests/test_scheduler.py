@@ -261,3 +261,19 @@ async def test_random_pause_update_resume_cycles_never_mix_versions_or_lose_requ
     assert executor.mixed_batches == 0
     assert len({o.weight_version for o in outcomes}) > 5
     await server.shutdown()
+
+
+async def test_shutdown_right_after_a_waiting_caller_left_does_not_hang():
+    """Issue 7's stall: the dispatch loop waits (with a deadline) for a partial batch to fill;
+    its only caller goes away; shutdown wakes and cancels the loop in one go. On Python 3.11
+    `asyncio.wait_for` lost that cancellation and shutdown waited forever."""
+    for _ in range(5):
+        server = make_server(FakeExecutor(), max_tokens_per_batch=10_000, max_wait_ms=10_000)
+        caller = asyncio.create_task(server.submit(request(5)))
+        for _ in range(3):  # the request is queued and the loop parks waiting for more
+            await asyncio.sleep(0)
+        assert server.status()["queue_depth"] == 1
+        caller.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await caller
+        await asyncio.wait_for(server.shutdown(), 5.0)

@@ -48,8 +48,9 @@ async def run_mode(
 
 async def _bounded(step: Any, what: str, timeout_s: float = 30.0) -> None:
     try:
-        await asyncio.wait_for(step, timeout_s)
-    except asyncio.TimeoutError:
+        async with asyncio.timeout(timeout_s):
+            await step
+    except TimeoutError:
         logger.warning("%s took over %.0f s; going on", what, timeout_s)
 
 
