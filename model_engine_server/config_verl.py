@@ -61,6 +61,8 @@ TRAINER_TEMPERATURE = "actor_rollout_ref.rollout.temperature"
 TRAINER_STRATEGY = "actor_rollout_ref.actor.strategy"
 TRAINER_MEGATRON = "actor_rollout_ref.actor.megatron"
 TRAINER_LOG_PROB_TOKENS = "actor_rollout_ref.rollout.log_prob_max_token_len_per_gpu"
+# verl builds a reference policy when either KL term is on; the server then serves it too
+TRAINER_KL_KEYS = ("actor_rollout_ref.actor.use_kl_loss", "algorithm.use_kl_in_reward")
 
 
 UNSET = object()
@@ -155,6 +157,8 @@ def inherit_from_trainer(
     inherit("temperature", TRAINER_TEMPERATURE)
     inherit("backend", TRAINER_STRATEGY, _backend_of_trainer_strategy)
     inherit("scheduler.max_tokens_per_batch", TRAINER_LOG_PROB_TOKENS)
+    for kl_key in TRAINER_KL_KEYS:  # only `true` switches ref mode on; `false` leaves it unset
+        inherit("enable_ref_mode", kl_key, lambda value: True if value is True else None)
     if get_dotted(raw, "backend") == "megatron":
         for name in MEGATRON_PARALLEL_KEYS:
             inherit(f"megatron.{name}", f"{TRAINER_MEGATRON}.{name}")

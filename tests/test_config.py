@@ -244,6 +244,18 @@ def test_an_override_of_a_trainer_key_is_inherited_and_says_so(tmp_path):
     assert loaded.sources["temperature"] == "inherited from actor_rollout_ref.rollout.temperature (override)"
 
 
+@pytest.mark.parametrize("kl_key", ["actor_rollout_ref.actor.use_kl_loss", "algorithm.use_kl_in_reward"])
+def test_a_kl_term_switches_ref_mode_on_unless_the_section_says_otherwise(tmp_path, kl_key):
+    path = actor_megatron(tmp_path, {"n_gpus_per_node": 8})
+    assert load_config(path).server.enable_ref_mode is False
+    loaded = load_config(path, [f"+{kl_key}=true"])
+    assert loaded.server.enable_ref_mode is True
+    assert loaded.sources["enable_ref_mode"] == f"inherited from {kl_key} (override)"
+    assert load_config(path, [f"+{kl_key}=false"]).server.enable_ref_mode is False
+    explicit = load_config(path, [f"+{kl_key}=true", "model_engine_server.enable_ref_mode=false"])
+    assert explicit.server.enable_ref_mode is False
+
+
 # ---------------------------------------------------------------- errors that name the key
 def test_unknown_key_names_it_suggests_and_lists_valid_keys(base):
     with pytest.raises(ConfigError) as caught:
