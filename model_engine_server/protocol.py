@@ -99,6 +99,14 @@ class LogProbRequest(BaseModel):
             raise invalid_request_from(error) from None
 
 
+def with_default_temperature(item: Any, default_temperature: float) -> Any:
+    """A wire request that names no temperature is scored at the server's configured one (the
+    rollout temperature), not at 1.0: every entry point (HTTP, Ray handle) fills it the same way."""
+    if isinstance(item, dict) and "temperature" not in item:
+        return {**item, "temperature": default_temperature}
+    return item
+
+
 def invalid_request_from(error: ValidationError) -> InvalidRequest:
     """Name the first offending field and say what is wrong with it, in one line."""
     first = error.errors()[0]

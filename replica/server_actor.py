@@ -16,7 +16,7 @@ import ray
 import torch
 
 from model_engine_server.errors import ModelEngineError
-from model_engine_server.protocol import LogProbRequest, LogProbResult
+from model_engine_server.protocol import LogProbRequest, LogProbResult, with_default_temperature
 from replica.config import ReplicaConfig
 from replica.manager import ReplicaManager
 
@@ -32,9 +32,11 @@ def outcome_to_wire(outcome: LogProbResult | ModelEngineError) -> dict[str, Any]
 class ModelEngineServerActor:
     """Holds a `ReplicaManager`; created by `start_server_actor`."""
 
-    def __init__(self, config: ReplicaConfig | dict[str, Any]) -> None:
+    def __init__(self, config: ReplicaConfig | dict[str, Any], default_temperature: float = 1.0) -> None:
+        """`default_temperature`: for dict requests that name none (the config's `temperature`)."""
         self.config = ReplicaConfig.model_validate(config)
         self.manager = ReplicaManager(self.config)
+        self.default_temperature = default_temperature
 
     async def start(self, timeout_s: float | None = None) -> dict[str, Any]:
         await self.manager.start(timeout_s)
@@ -46,7 +48,8 @@ class ModelEngineServerActor:
     async def score(
         self, requests: Sequence[LogProbRequest | dict[str, Any]], timeout_s: float | None = None
     ) -> list[dict[str, Any]]:
-        return [outcome_to_wire(o) for o in await self.manager.score(requests, timeout_s)]
+        filled = [with_default_temperature(r, self.default_temperature) for r in requests]
+        return [outcome_to_wire(o) for o in await self.manager.score(filled, timeout_s)]
 
     async def pause_serving(self) -> None:
         await self.manager.pause_serving()
@@ -118,11 +121,14 @@ async def start_server_actor(
     name: str | None = DEFAULT_ACTOR_NAME,
     namespace: str | None = None,
     timeout_s: float | None = None,
+    default_temperature: float = 1.0,
 ) -> Any:  # -> ray.actor.ActorHandle
     """Create the server actor (named, so other actors can look it up), start its replicas and
     return its handle; if start-up fails the actor is killed and the error raised."""
     actor_class = ray.remote(ModelEngineServerActor)
-    handle = actor_class.options(name=name, namespace=namespace, num_cpus=0, max_concurrency=10_000).remote(config)
+    handle = actor_class.options(name=name, namespace=namespace, num_cpus=0, max_concurrency=10_000).remote(
+        config, default_temperature
+    )
     try:
         await handle.start.remote(timeout_s)
     except BaseException:

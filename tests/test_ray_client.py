@@ -29,12 +29,13 @@ from tests.test_replica import DEADLINE_S, assert_nothing_left, replica_config
 VOCAB = 512
 SCHEDULER = SchedulerConfig(max_tokens_per_batch=2048, max_wait_ms=2.0)
 SERVER_NAME = "model-engine-server-test"
+DEFAULT_TEMPERATURE = 0.7  # the config's `temperature`, for requests that name none
 
 
 @pytest_asyncio.fixture(scope="module", loop_scope="module")
 async def server(ray_cluster, tiny_model):
     config = replica_config(tiny_model, num_replicas=2, n_gpus_per_node=2, scheduler=SCHEDULER)
-    handle = await start_server_actor(config, name=SERVER_NAME)
+    handle = await start_server_actor(config, name=SERVER_NAME, default_temperature=DEFAULT_TEMPERATURE)
     yield handle
     await stop_server_actor(handle, drain=False, timeout_s=10.0)
     await assert_nothing_left()
@@ -87,6 +88,19 @@ async def test_results_through_the_ray_client_equal_the_in_process_engine_exactl
         np.testing.assert_array_equal(remote.log_probs, local.log_probs)
         np.testing.assert_array_equal(remote.entropy, local.entropy)
         assert remote.weight_version == local.weight_version
+
+
+async def test_a_request_naming_no_temperature_is_scored_at_the_configured_one(client, tiny_model):
+    ids = list(range(3, 40))
+    unnamed, *explicit = await client.compute_log_probs([
+        {"input_ids": ids, "response_start": 20},
+        {"input_ids": ids, "response_start": 20, "temperature": DEFAULT_TEMPERATURE},
+        {"input_ids": ids, "response_start": 20, "temperature": 1.0},
+    ])
+    reference = reference_model(tiny_model)
+    expected, _ = reference_log_probs(reference, LogProbRequest(input_ids=ids, response_start=20, temperature=DEFAULT_TEMPERATURE))
+    torch.testing.assert_close(torch.from_numpy(unnamed.log_probs.copy()), expected, atol=1e-5, rtol=0)
+    assert not np.allclose(unnamed.log_probs, explicit[1].log_probs, atol=1e-4)  # 1.0 would differ
 
 
 async def test_batches_split_over_workers_match_the_plain_transformers_reference(client, tiny_model):

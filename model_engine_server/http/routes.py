@@ -47,7 +47,7 @@ from model_engine_server.http.wire import (
     media_type,
     outcome_to_wire,
 )
-from model_engine_server.protocol import LogProbRequest
+from model_engine_server.protocol import LogProbRequest, with_default_temperature
 from model_engine_server.weights_from_disk import update_weights_from_disk as load_checkpoint_folder
 
 INT64_MIN, INT64_MAX = -(2**63), 2**63 - 1
@@ -118,8 +118,7 @@ def _parse_envelope(payload: Any, max_requests: int) -> CallEnvelope:
 def parse_request(item: Any, index: int, default_temperature: float) -> LogProbRequest:
     """One request of a call, with the server's default temperature when it names none."""
     where = f"requests[{index}]"
-    if isinstance(item, dict) and "temperature" not in item:
-        item = {**item, "temperature": default_temperature}
+    item = with_default_temperature(item, default_temperature)
     try:
         request = LogProbRequest.parse(item)
     except InvalidRequest as error:
