@@ -8,6 +8,7 @@ behind the same interface.
 from __future__ import annotations
 
 import asyncio
+import logging
 from concurrent.futures import ThreadPoolExecutor
 from typing import Iterable, Protocol, Sequence, runtime_checkable
 
@@ -16,6 +17,8 @@ import torch
 from model_engine_server.adapter import ModelEngineServerAdapter, Outcome
 from model_engine_server.engines.base import ModelInfo, WeightSpec
 from model_engine_server.protocol import LogProbRequest
+
+logger = logging.getLogger(__name__)
 
 
 @runtime_checkable
@@ -63,5 +66,12 @@ class InProcessExecutor:
     async def weight_specs(self) -> dict[str, WeightSpec]:
         return self.adapter.engine.weight_specs()
 
-    async def close(self) -> None:
-        self._pool.shutdown(wait=True)
+    async def close(self, timeout_s: float = 30.0) -> None:
+        """Wait (off the event loop, bounded) for a forward still running; a hung one is left
+        behind rather than freezing the loop that answers everyone else."""
+        try:
+            async with asyncio.timeout(timeout_s):
+                await asyncio.to_thread(self._pool.shutdown, True)
+        except TimeoutError:
+            logger.warning("the engine thread did not finish within %.0f s; closing without it", timeout_s)
+            self._pool.shutdown(wait=False, cancel_futures=True)

@@ -254,6 +254,7 @@ class ModelEngineServer:
 
     async def _run_batch(self, batch: list[_Pending], version: int) -> None:
         started = time.monotonic()
+        outcomes: Sequence[Any] = []
         try:
             outcomes = await self.executor.execute([p.request for p in batch])
             if len(outcomes) != len(batch):
@@ -262,17 +263,32 @@ class ModelEngineServer:
             reason = error if isinstance(error, ModelEngineError) else WorkerFailed(f"{type(error).__name__}: {error}")
             logger.warning("batch of %d requests failed: %s", len(batch), reason)
             outcomes = [reason] * len(batch)
+        except BaseException:  # cancelled (shutdown): the callers still get an answer
+            outcomes = [ServerShuttingDown("the server shut down while this request was computing")] * len(batch)
+            raise
+        finally:
+            self._finish_batch(batch, outcomes, version, started)
+
+    def _finish_batch(self, batch: list[_Pending], outcomes: Sequence[Any], version: int, started: float) -> None:
+        """Resolve every request of the batch and release its slot, whatever went wrong, so no
+        caller waits forever and drains (pause, weight update) can complete."""
         finished = time.monotonic()
         tokens = sum(p.tokens for p in batch)
-        for pending, outcome in zip(batch, outcomes):
-            self._resolve(pending, outcome, version, started, finished)
-        self.counters["batches"] += 1
-        self.observer.batch_done(len(batch), tokens, finished - started)
-        self._inflight -= 1
-        self._inflight_tokens -= tokens
-        if self._inflight == 0:
-            self._idle.set()
-        self._wakeup.set()
+        try:
+            for pending, outcome in zip(batch, outcomes):
+                try:
+                    self._resolve(pending, outcome, version, started, finished)
+                except Exception as error:  # an observer or a malformed output: this request fails alone
+                    logger.exception("could not deliver a result")
+                    self._fail(pending, WorkerFailed(f"delivering the result failed: {type(error).__name__}: {error}"))
+            self.counters["batches"] += 1
+            self.observer.batch_done(len(batch), tokens, finished - started)
+        finally:
+            self._inflight -= 1
+            self._inflight_tokens -= tokens
+            if self._inflight == 0:
+                self._idle.set()
+            self._wakeup.set()
 
     def _resolve(self, pending: _Pending, outcome: Any, version: int, started: float, finished: float) -> None:
         if isinstance(outcome, ModelEngineError):
@@ -329,7 +345,13 @@ class ModelEngineServer:
         self.weights.begin(version)
         timeout = self.config.weight_update_timeout_s
         self._update_deadline = asyncio.get_running_loop().call_later(timeout, self._expire_update, version, timeout)
-        await self._drain()
+        try:
+            await self._drain()
+        except BaseException:  # the caller gave up while draining: nothing was loaded, serve on
+            self.weights.withdraw(version)
+            self._clear_update_deadline()
+            self._wakeup.set()
+            raise
 
     def _expire_update(self, version: int, timeout: float) -> None:
         """A publisher that began an update and vanished must not leave the server drained forever."""
@@ -361,9 +383,11 @@ class ModelEngineServer:
             missing = set((await self.executor.weight_specs()).keys()) - set(names)
             if missing:
                 raise WeightSyncError(f"sync for version {version} is missing {len(missing)} tensors, e.g. {sorted(missing)[:3]}")
-        except Exception as error:
-            self.abort_weight_update(str(error))
-            raise error if isinstance(error, ModelEngineError) else WeightSyncError(str(error)) from error
+        except BaseException as error:  # cancelled part-way too: never serve half-loaded weights
+            self.abort_weight_update(str(error) or type(error).__name__)
+            if isinstance(error, ModelEngineError) or not isinstance(error, Exception):
+                raise
+            raise WeightSyncError(str(error)) from error
         self.commit_weight_update(version)
         return version
 

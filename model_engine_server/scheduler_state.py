@@ -46,6 +46,11 @@ class WeightState:
         self.updating_to = None
         self.incomplete_reason = None
 
+    def withdraw(self, version: int) -> None:
+        """An update begun but abandoned before anything was loaded: the old weights are intact."""
+        if self.updating_to == version:
+            self.updating_to = None
+
     def abort(self, reason: str) -> None:
         self.updating_to = None
         self.incomplete_reason = reason

@@ -17,6 +17,7 @@ from model_engine_server.errors import (
     WorkerFailed,
 )
 from model_engine_server.scheduler import ModelEngineServer, SchedulerConfig
+from model_engine_server.scheduler_state import SchedulerObserver
 from tests.fakes import FakeExecutor, request
 
 
@@ -277,3 +278,61 @@ async def test_shutdown_right_after_a_waiting_caller_left_does_not_hang():
         with pytest.raises(asyncio.CancelledError):
             await caller
         await asyncio.wait_for(server.shutdown(), 5.0)
+
+
+async def test_a_weight_update_abandoned_while_draining_leaves_the_old_weights_serving():
+    executor = FakeExecutor(compute_s=0.3)
+    server = make_server(executor)
+    busy = asyncio.create_task(server.submit(request(5)))
+    await executor.started.wait()
+    begin = asyncio.create_task(server.begin_weight_update(1))
+    await asyncio.sleep(0.05)  # draining behind the running batch
+    begin.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await begin
+    await busy
+    status = server.status()
+    assert status["updating_weights"] is False and status["weights_incomplete"] is None
+    result = await asyncio.wait_for(server.submit(request(5)), 5.0)  # still served, old version
+    assert result.weight_version == 0
+    await server.shutdown()
+
+
+class _SlowLoadingExecutor(FakeExecutor):
+    """Loads the first tensor, then takes forever over the rest (a trainer stuck mid-export)."""
+
+    async def load_weights(self, named_tensors):
+        for name, tensor in named_tensors:
+            self.weights = float(tensor.item())
+            await asyncio.sleep(10)
+        return ["w"]
+
+
+async def test_a_weight_update_cancelled_while_loading_refuses_to_serve_until_a_complete_one():
+    server = make_server(_SlowLoadingExecutor())
+    update = asyncio.create_task(server.update_weights([("w", torch.tensor(3.0))], 1))
+    await asyncio.sleep(0.05)  # half-way through loading
+    update.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await update
+    status = server.status()
+    assert status["updating_weights"] is False and status["weights_incomplete"]  # never half-loaded weights
+    with pytest.raises(DeadlineExceeded):
+        await server.submit(request(5), timeout_s=0.2)
+    await server.shutdown(drain=False)
+
+
+class _BrokenObserver(SchedulerObserver):
+    def request_done(self, result, tokens) -> None:
+        if result.log_probs.shape[0] == 6:
+            raise RuntimeError("metrics backend down")
+
+
+async def test_a_failing_metrics_hook_neither_strands_the_rest_of_the_batch_nor_its_slot():
+    server = ModelEngineServer(FakeExecutor(), SchedulerConfig(max_wait_ms=20), _BrokenObserver())
+    outcomes = await asyncio.wait_for(server.score([request(5), request(7), request(9)]), 5.0)  # 4, 6, 8 tokens
+    assert [o.log_probs.shape[0] for o in outcomes] == [4, 6, 8]  # each delivered before its hook ran
+    await asyncio.wait_for(server.pause_serving(), 5.0)  # the batch's slot was released
+    assert server.status()["inflight_batches"] == 0
+    await server.resume_serving()
+    await server.shutdown()
