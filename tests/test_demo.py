@@ -81,6 +81,22 @@ def test_old_log_probs_equal_reference_of_their_version(policy_path):
             np.testing.assert_allclose(sample[LOG_PROBS_FIELD], expected.numpy(), atol=1e-5, rtol=0)
 
 
+def test_a_dead_rollouter_stops_the_loop_with_its_error(policy_path):
+    loop = DemoLoop(SMALL.model_copy(update={"steps": 2}), policy_path, "baseline", None)
+
+    def broken_generate():
+        raise RuntimeError("generate exploded")
+
+    loop.rollouter.generate_group = broken_generate
+
+    async def bounded() -> None:
+        async with asyncio.timeout(30):
+            await loop.run()
+
+    with pytest.raises(RuntimeError, match="generate exploded"):
+        asyncio.run(bounded())
+
+
 def test_baseline_recomputes_on_the_trainer(policy_path):
     result = asyncio.run(run_mode(SMALL.model_copy(update={"steps": 3}), policy_path, "baseline"))
     assert all(m["old_log_prob_s"] > 0 for m in result.steps)

@@ -137,13 +137,26 @@ class DemoLoop:
         timings["sync_s"] = time.perf_counter() - started
         return timings
 
+    async def _next_batch(self, rollout: "asyncio.Task[None]") -> Any:
+        """The trainer's next batch, or the rollouter's error if it died (never a silent wait)."""
+        getting = asyncio.ensure_future(self.queue.get_batch(self.config.prompts_per_step, self.trainer.version))
+        try:
+            await asyncio.wait({getting, rollout}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            if not getting.done():
+                getting.cancel()
+        if getting.done() and not getting.cancelled():
+            return getting.result()
+        error = rollout.exception() if rollout.done() and not rollout.cancelled() else None
+        raise RuntimeError(f"the rollouter stopped: {error!r}") from error
+
     async def run(self, on_step: StepCallback | None = None, progress: Any = None) -> RunResult:
         result = RunResult(self.mode)
         started = time.perf_counter()
         rollout = asyncio.create_task(self._rollout_forever())
         try:
             for step in range(self.config.steps):
-                batch = await self.queue.get_batch(self.config.prompts_per_step, self.trainer.version)
+                batch = await self._next_batch(rollout)
                 step_started = time.perf_counter()
                 old_log_prob_s = 0.0
                 if self.mode == "baseline":
