@@ -174,13 +174,23 @@ class RayWorkersTarget(_GatedTarget):
 
     async def receive_weights(self, spec: TransportSpec, version: int) -> list[ReceiveReport]:
         calls = [
-            getattr(worker, self.method).remote(spec.for_rank(rank).model_dump(), version)
+            asyncio.ensure_future(getattr(worker, self.method).remote(spec.for_rank(rank).model_dump(), version))
             for rank, worker in enumerate(self.workers, start=1)
         ]
-        outcomes = await asyncio.gather(*calls, return_exceptions=True)
+        # Past the receivers' own no-progress bound a silent worker (stuck in a collective of a
+        # replica that died) is reported as failed instead of holding the sync forever.
+        deadline_s = spec.timeout_s * 4 + 60
+        _, stragglers = await asyncio.wait(calls, timeout=deadline_s) if calls else (set(), set())
+        for call in stragglers:
+            call.cancel()
+        outcomes = [
+            TimeoutError(f"no report within {deadline_s:g} s") if call in stragglers
+            else (call.exception() or call.result())
+            for call in calls
+        ]
         reports = []
         for rank, outcome in enumerate(outcomes, start=1):
-            if isinstance(outcome, BaseException):  # the worker died or its method raised
+            if isinstance(outcome, BaseException):  # the worker died, its method raised, or it never answered
                 reports.append(ReceiveReport(rank=rank, version=version, error=f"worker failed: {type(outcome).__name__}: {outcome}"))
             else:
                 reports.append(ReceiveReport.from_dict(outcome) if isinstance(outcome, dict) else outcome)

@@ -139,7 +139,14 @@ class WeightPublisher:
             spec = spec.model_copy(update=self._spec_overrides())  # a shared session: this publisher's knobs
             report = SyncReport(version=version)
             paused_at = time.monotonic()
-            await self.target.begin_weight_update(version)  # refused (stale version...): raises, nothing to undo
+            try:
+                await self.target.begin_weight_update(version)
+            except WeightSyncError:  # refused (stale version, another update running): nothing to undo
+                raise
+            except BaseException as error:  # timed out or cancelled: the server may still finish the begin
+                report.error = f"begin was interrupted: {type(error).__name__}: {error}"
+                await self._abort(report)
+                raise
             try:
                 await self._transfer(session, spec, version, start_sender, report)
             except BaseException as error:  # cancelled or a bug: the server must not stay half-updated
@@ -175,9 +182,26 @@ class WeightPublisher:
         start_sender: Callable[[TransportSpec, int], Awaitable[SendReport]],
         report: SyncReport,
     ) -> None:
-        started = time.monotonic()
         receiving = asyncio.ensure_future(self.target.receive_weights(spec, version))
         sending = asyncio.ensure_future(start_sender(spec, version))
+        try:
+            await self._collect(session, spec, version, receiving, sending, report)
+        except BaseException:  # cancelled: stop both ends now rather than let them stream on
+            session.abort("the publisher was cancelled")
+            receiving.cancel()
+            sending.cancel()
+            raise
+
+    async def _collect(
+        self,
+        session: TransportSession,
+        spec: TransportSpec,
+        version: int,
+        receiving: "asyncio.Future[Any]",
+        sending: "asyncio.Future[SendReport]",
+        report: SyncReport,
+    ) -> None:
+        started = time.monotonic()
         done, _ = await asyncio.wait({receiving, sending}, return_when=asyncio.FIRST_COMPLETED)
         if sending in done and _send_failed(sending):
             session.abort(_send_error(sending))  # receivers stop now instead of timing out

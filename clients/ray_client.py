@@ -81,7 +81,13 @@ class RayLogProbClient(BaseLogProbClient):
         """begin -> one call per bucket (each put in Ray's store by this caller) -> commit;
         any failure aborts the update on the server (it then refuses to score until a
         complete sync lands) and raises."""
-        await self._call(self.handle.begin_weight_update.remote(version), "begin_weight_update")
+        try:
+            await self._call(self.handle.begin_weight_update.remote(version), "begin_weight_update")
+        except WeightSyncError:  # refused (stale version, another update running): nothing to undo
+            raise
+        except BaseException as error:  # timed out or cancelled while the server drains: undo it there
+            await self._abort_quietly(f"client: begin of version {version} interrupted: {error!r}")
+            raise
         try:
             for bucket in iter_buckets(named_tensors, self.weight_bucket_bytes):
                 # nested in a list so Ray passes the reference on: workers fetch the tensors
@@ -90,15 +96,17 @@ class RayLogProbClient(BaseLogProbClient):
                 await self._call(self.handle.load_weight_bucket_ref.remote([bucket_ref]), "load_weight_bucket")
             await self._call(self.handle.commit_weight_update.remote(version), "commit_weight_update")
         except BaseException as error:
-            try:
-                await self._call(self.handle.abort_weight_update.remote(f"client: {error}"), "abort_weight_update")
-            except ModelEngineError:
-                pass  # the server is gone or already aborted; the original error says why
+            await self._abort_quietly(f"client: {error}")
             if isinstance(error, ModelEngineError) or not isinstance(error, Exception):
                 raise
             raise WeightSyncError(f"{type(error).__name__}: {error}") from error
         return version
 
+    async def _abort_quietly(self, reason: str) -> None:
+        try:
+            await asyncio.shield(self._call(self.handle.abort_weight_update.remote(reason), "abort_weight_update"))
+        except ModelEngineError:
+            pass  # the server is gone or already aborted; the original error says why
 
     async def update_weights_from_disk(self, model_path: str, version: int | None = None) -> int:
         """The server actor reads the folder (a path on ITS node), checks it fits, then loads

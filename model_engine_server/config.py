@@ -101,6 +101,9 @@ class RayConfig(BaseModel):
     num_cpus: int | None = Field(default=None, ge=1, description="embedded Ray only")
     num_gpus: int | None = Field(default=None, ge=0, description="embedded Ray only")
     object_store_memory_mb: int | None = Field(default=None, gt=0, description="embedded Ray only")
+    health_check_interval_s: float = Field(default=10.0, gt=0, description="how often every worker is pinged")
+    auto_restart: bool = Field(default=True, description="restart a dead replica; weights copied from a live one")
+    max_restarts: int = Field(default=3, ge=0, description="automatic restarts per replica")
 
 
 class RefConfig(BaseModel):

@@ -207,6 +207,9 @@ def replica_config_for(config: ServerConfig, model_path: str) -> "ReplicaConfig"
         initial_weight_version=config.initial_weight_version,
         weight_bucket_mb=config.transport.bucket_mb,
         ray_address=config.ray.address,
+        health_check_interval_s=config.ray.health_check_interval_s,
+        auto_restart=config.ray.auto_restart,
+        max_restarts=config.ray.max_restarts,
     )
 
 

@@ -45,6 +45,10 @@ class ReplicaConfig(BaseModel):
     health_check_interval_s: float | None = Field(
         default=10.0, gt=0, description="the manager pings every worker this often (None: only on demand)"
     )
+    auto_restart: bool = Field(
+        default=True, description="the health monitor restarts a dead replica (its weights copied from a live peer)"
+    )
+    max_restarts: int = Field(default=3, ge=0, description="automatic restarts per replica before it is left dead")
     weight_bucket_mb: int = Field(default=512, gt=0, description="weights are sent to workers in buckets of this size")
     retry_on_worker_failure: bool = Field(
         default=True, description="requests of a batch lost with a dead replica are retried once on another"

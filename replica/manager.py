@@ -48,6 +48,10 @@ class ReplicaManager:
         self._update_participants: list[ModelEngineReplica] | None = None
         self._weights_lock = asyncio.Lock()
         self._monitor: asyncio.Task[None] | None = None
+        self._restarting: dict[int, asyncio.Task[None]] = {}
+        self._update_version: int | None = None
+        self._update_deadline: asyncio.TimerHandle | None = None
+        self._background: set[asyncio.Task[None]] = set()
 
     # ------------------------------------------------------------------ lifecycle
     async def start(self, timeout_s: float | None = None) -> "ReplicaManager":
@@ -62,19 +66,39 @@ class ReplicaManager:
         return self
 
     async def _monitor_health(self, interval_s: float) -> None:
-        """Find workers that died while idle, so no request is routed to them first."""
+        """Find workers that died while idle, so no request is routed to them first; with
+        `auto_restart`, bring dead replicas back (at most `max_restarts` times each)."""
         while True:
             await asyncio.sleep(interval_s)
             try:
                 await self.health()
+                if self.config.auto_restart:
+                    await self._restart_dead_replicas()
             except Exception as error:  # noqa: BLE001 - monitoring must never stop serving
                 logger.warning("health check failed: %s", error)
+
+    async def _restart_dead_replicas(self) -> None:
+        # not alive after having started once: a worker died, or an earlier restart failed
+        dead = [r for r in self.replicas if not r.alive and r.started_at is not None and r.index not in self._restarting]
+        for replica in dead:
+            if replica.restarts >= self.config.max_restarts:
+                continue
+            logger.warning("%s is dead (%s); restarting it (restart %d of at most %d)",
+                           replica.name, replica.failure, replica.restarts + 1, self.config.max_restarts)
+            try:
+                await self.restart_replica(replica.index)
+            except Exception as error:  # noqa: BLE001 - the next round tries again
+                logger.warning("%s: automatic restart failed: %s", replica.name, error)
 
     async def shutdown(self, drain: bool = True, timeout_s: float = 30.0) -> None:
         monitor, self._monitor = self._monitor, None
         if monitor is not None:
             monitor.cancel()
             await asyncio.gather(monitor, return_exceptions=True)
+        restarts = list(self._restarting.values())  # a restart must not outlive shutdown (it would
+        for task in restarts:                       # place workers after their replica was shut down)
+            task.cancel()
+        await asyncio.gather(*restarts, return_exceptions=True)
         await asyncio.gather(*(r.shutdown(drain, timeout_s) for r in self.replicas), return_exceptions=True)
 
     async def health(self) -> list[dict[str, Any]]:
@@ -85,10 +109,29 @@ class ReplicaManager:
         """Bring replica `index` back on a fresh placement group, copy the current weights from a
         live peer when the model path is older, re-apply a pause, then route to it again. With no
         peer at the current version, it serves nothing (weights incomplete) until the next sync."""
+        running = self._restarting.get(index)
+        if running is not None:  # the monitor (or another caller) is at it already: wait for that one
+            await asyncio.shield(running)
+            return
+        task = asyncio.get_running_loop().create_task(self._restart(index, timeout_s))
+        self._restarting[index] = task
+        try:
+            await asyncio.shield(task)
+        finally:
+            if task.done():
+                self._restarting.pop(index, None)
+            else:  # the caller was cancelled; the restart goes on and cleans up after itself
+                task.add_done_callback(lambda _: self._restarting.pop(index, None))
+
+    async def _restart(self, index: int, timeout_s: float | None) -> None:
         replica = self.replicas[index]
         self._joining.add(index)
         try:
-            await replica.restart(timeout_s)
+            try:
+                await replica.restart(timeout_s)
+            except Exception as error:
+                replica.failure = replica.failure or f"restart failed: {type(error).__name__}: {error}"
+                raise
             async with self._weights_lock:  # no update runs while weights are copied
                 try:
                     if replica.weight_version != self.weight_version:
@@ -191,11 +234,33 @@ class ReplicaManager:
             self._weights_lock.release()
             raise self._no_replica_error()
         self._update_participants = participants
-        outcomes = await asyncio.gather(*(r.begin_weight_update(version) for r in participants), return_exceptions=True)
+        self._arm_update_deadline(version)
+        try:
+            outcomes = await asyncio.gather(*(r.begin_weight_update(version) for r in participants), return_exceptions=True)
+        except BaseException:  # the caller gave up while replicas drained: do not keep them drained
+            await asyncio.shield(self.abort_weight_update(f"begin of version {version} was interrupted"))
+            raise
         errors = [o for o in outcomes if isinstance(o, BaseException)]
         if errors:
             await self.abort_weight_update(f"begin failed: {errors[0]}")
             raise errors[0]
+
+    def _arm_update_deadline(self, version: int) -> None:
+        """A publisher that vanishes after begin must not hold the weight lock forever (every later
+        update refused, restarts blocked): past `weight_update_timeout_s` the update is aborted."""
+        timeout_s = self.config.scheduler.weight_update_timeout_s
+        loop = asyncio.get_running_loop()
+
+        def expire() -> None:
+            if self._update_participants is not None and self._update_version == version:
+                reason = f"weight update to version {version} not committed within weight_update_timeout_s={timeout_s:g}"
+                logger.warning("%s; aborting it", reason)
+                task = loop.create_task(self.abort_weight_update(reason))
+                self._background.add(task)
+                task.add_done_callback(self._background.discard)
+
+        self._update_version = version
+        self._update_deadline = loop.call_later(timeout_s, expire)
 
     def _participants(self) -> list[ModelEngineReplica]:
         if self._update_participants is None:
@@ -253,6 +318,9 @@ class ReplicaManager:
         self._finish_update()
 
     def _finish_update(self) -> None:
+        if self._update_deadline is not None:
+            self._update_deadline.cancel()
+            self._update_deadline = None
         if self._update_participants is not None:
             self._update_participants = None
             self._weights_lock.release()

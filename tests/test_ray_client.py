@@ -34,7 +34,8 @@ DEFAULT_TEMPERATURE = 0.7  # the config's `temperature`, for requests that name 
 
 @pytest_asyncio.fixture(scope="module", loop_scope="module")
 async def server(ray_cluster, tiny_model):
-    config = replica_config(tiny_model, num_replicas=2, n_gpus_per_node=2, scheduler=SCHEDULER)
+    # auto_restart off: the kill test below drives the restart by hand (test_replica tests the monitor's)
+    config = replica_config(tiny_model, num_replicas=2, n_gpus_per_node=2, scheduler=SCHEDULER, auto_restart=False)
     handle = await start_server_actor(config, name=SERVER_NAME, default_temperature=DEFAULT_TEMPERATURE)
     yield handle
     await stop_server_actor(handle, drain=False, timeout_s=10.0)

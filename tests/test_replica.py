@@ -12,14 +12,16 @@ import subprocess
 import sys
 import time
 
+import numpy as np
 import pytest
 import torch
 
-from model_engine_server.engines.base import EngineSpec, ModelInfo
+from model_engine_server.engines.base import EngineSpec, ModelInfo, build_engine
 from model_engine_server.errors import WorkerFailed
 from model_engine_server.protocol import LogProbResult
 from model_engine_server.scheduler import SchedulerConfig
 from model_engine_server.service import LogProbService
+from model_engine_server.tiny_model import perturbed_weights
 from replica.config import ReplicaConfig
 from replica.executor import RayWorkerExecutor, iter_buckets, split_by_tokens
 from replica.manager import ReplicaManager
@@ -221,7 +223,9 @@ async def test_dead_worker_fails_its_batch_with_worker_failed_and_marks_the_repl
 async def test_manager_without_retry_fails_lost_requests_and_stops_routing_to_the_dead_replica(ray_cluster, tiny_model):
     import ray
 
-    config = replica_config(tiny_model, num_replicas=2, retry_on_worker_failure=False, health_check_interval_s=0.5)
+    config = replica_config(
+        tiny_model, num_replicas=2, retry_on_worker_failure=False, health_check_interval_s=0.5, auto_restart=False
+    )
     manager = ReplicaManager(config)
     assert isinstance(manager, LogProbService)
     await manager.start()
@@ -249,6 +253,61 @@ async def test_manager_without_retry_fails_lost_requests_and_stops_routing_to_th
         await wait_until(lambda: not manager.replicas[1].alive, "the monitor marking replica 1 dead", interval_s=0.05)
         (outcome,) = await manager.score(random_requests(1, 512, seed=12, max_len=40))
         assert isinstance(outcome, WorkerFailed) and "no live replica" in outcome.message
+    finally:
+        await manager.shutdown(drain=False, timeout_s=5.0)
+    await assert_nothing_left()
+
+
+# ---------------------------------------------------------------------- Ray: automatic restart
+async def test_the_monitor_restarts_a_dead_replica_with_the_current_weights_up_to_max_restarts(ray_cluster, tiny_model):
+    import ray
+
+    config = replica_config(tiny_model, num_replicas=2, health_check_interval_s=0.3, max_restarts=1)
+    manager = ReplicaManager(config)
+    await manager.start()
+    try:
+        await manager.update_weights(list(_new_weights(tiny_model, seed=30).items()), 1)
+        probe = random_requests(3, 512, seed=31, max_len=120)
+        before = [await manager.replicas[0].submit(r) for r in probe]
+
+        ray.kill(manager.replicas[1].workers[0], no_restart=True)  # idle: only the monitor notices
+        await wait_until(lambda: manager.replicas[1].restarts == 1 and manager.status()["live_replicas"] == 2
+                         and 1 not in manager._joining, "the monitor restarting replica 1", deadline_s=DEADLINE_S)
+        restarted = manager.replicas[1]
+        assert restarted.weight_version == 1  # copied from the live peer, not the model path's version 0
+        for request, expected in zip(probe, before):
+            got = await restarted.submit(request)
+            assert got.weight_version == 1
+            np.testing.assert_array_equal(got.log_probs, expected.log_probs)
+
+        ray.kill(restarted.workers[0], no_restart=True)  # max_restarts=1: this time it stays dead
+        await wait_until(lambda: not manager.replicas[1].alive, "the monitor marking replica 1 dead", deadline_s=DEADLINE_S)
+        await asyncio.sleep(1.5)  # several monitor rounds
+        assert manager.replicas[1].restarts == 1 and not manager.replicas[1].alive
+        outcomes = await manager.score(random_requests(4, 512, seed=32, max_len=60))
+        assert all(isinstance(o, LogProbResult) and o.weight_version == 1 for o in outcomes)
+    finally:
+        await manager.shutdown(drain=False, timeout_s=5.0)
+    await assert_nothing_left()
+
+
+def _new_weights(model_path, seed: int) -> dict[str, torch.Tensor]:
+    engine = build_engine("hf", EngineSpec(model_path=str(model_path)))
+    return perturbed_weights(dict(engine.export_weights()), seed=seed, scale=0.05)
+
+
+async def test_a_begun_update_nobody_finishes_is_aborted_and_the_next_one_lands(ray_cluster, tiny_model):
+    """The publisher vanishes after begin: past weight_update_timeout_s the manager lets go of the
+    update (no lock held forever, no "already in progress" for every later publisher)."""
+    scheduler = SchedulerConfig(max_tokens_per_batch=2048, max_wait_ms=2.0, weight_update_timeout_s=1.0)
+    manager = ReplicaManager(replica_config(tiny_model, scheduler=scheduler))
+    await manager.start()
+    try:
+        await manager.begin_weight_update(1)  # ... and nothing more
+        await wait_until(lambda: manager._update_participants is None, "the deadline aborting the update", deadline_s=30)
+        await manager.update_weights(list(_new_weights(tiny_model, seed=41).items()), 2)
+        (outcome,) = await manager.score(random_requests(1, 512, seed=40, max_len=50))
+        assert isinstance(outcome, LogProbResult) and outcome.weight_version == 2
     finally:
         await manager.shutdown(drain=False, timeout_s=5.0)
     await assert_nothing_left()

@@ -35,6 +35,13 @@ def test_one_replica_per_model_parallel_group(overrides, replicas, nnodes, per_n
     assert mapped.total_gpus == config.total_gpus and mapped.engine.model_path == "/models/m"
 
 
+def test_restart_policy_reaches_the_replica_layer():
+    config = load_config(None, ["model_engine_server.n_gpus_per_node=2", "model_engine_server.ray.auto_restart=false",
+                                "model_engine_server.ray.max_restarts=7", "model_engine_server.ray.health_check_interval_s=2.5"]).server
+    mapped = replica_config_for(config, "/models/m")
+    assert (mapped.auto_restart, mapped.max_restarts, mapped.health_check_interval_s) == (False, 7, 2.5)
+
+
 def test_parallelism_the_engine_lacks_is_refused_by_name():
     config = load_config(None, ["model_engine_server.backend=megatron", "model_engine_server.n_gpus_per_node=2",
                                 "model_engine_server.megatron.context_parallel_size=2"]).server
