@@ -26,7 +26,6 @@ from dataclasses import dataclass, field
 from typing import Any, Iterable, Sequence
 
 import torch
-from pydantic import BaseModel, ConfigDict, Field
 
 from model_engine_server.errors import (
     DeadlineExceeded,
@@ -40,26 +39,12 @@ from model_engine_server.errors import (
 from model_engine_server.executor import Executor
 from model_engine_server.protocol import LogProbRequest, LogProbResult, RequestLimits, ScoreOutput, check_against_limits
 from model_engine_server.service import gather_outcomes
+from model_engine_server.scheduler_config import SchedulerConfig
 from model_engine_server.scheduler_state import SchedulerObserver, WeightState
 
 logger = logging.getLogger(__name__)
 
-
-class SchedulerConfig(BaseModel):
-    """Batching and queueing knobs; the defaults suit one CPU machine and a small model."""
-
-    model_config = ConfigDict(extra="forbid")
-
-    max_tokens_per_batch: int = Field(default=8192, gt=0, description="token budget of one batch")
-    max_batch_size: int | None = Field(default=None, gt=0, description="most requests per batch (None: no limit)")
-    max_wait_ms: float = Field(default=5.0, ge=0, description="longest a batch waits to fill")
-    max_queued_tokens: int = Field(default=1 << 20, gt=0, description="queue bound, in tokens")
-    max_inflight_batches: int = Field(default=2, gt=0)
-    request_timeout_s: float = Field(default=600.0, gt=0, description="longest a request may wait in queue")
-    max_seq_len: int | None = Field(default=None, gt=1, description="None: the model's maximum positions")
-    weight_update_timeout_s: float = Field(
-        default=900.0, gt=0, description="a begun weight update not committed by then is aborted (publisher died)"
-    )
+__all__ = ["ModelEngineServer", "SchedulerConfig"]  # the config is part of this module's API
 
 
 @dataclass(eq=False)

@@ -1,0 +1,22 @@
+"""The scheduler's knobs, apart from its behaviour (`scheduler.py`), so configs import no asyncio."""
+
+from __future__ import annotations
+
+from pydantic import BaseModel, ConfigDict, Field
+
+
+class SchedulerConfig(BaseModel):
+    """Batching and queueing knobs; the defaults suit one CPU machine and a small model."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    max_tokens_per_batch: int = Field(default=8192, gt=0, description="token budget of one batch")
+    max_batch_size: int | None = Field(default=None, gt=0, description="most requests per batch (None: no limit)")
+    max_wait_ms: float = Field(default=5.0, ge=0, description="longest a batch waits to fill")
+    max_queued_tokens: int = Field(default=1 << 20, gt=0, description="queue bound, in tokens")
+    max_inflight_batches: int = Field(default=2, gt=0)
+    request_timeout_s: float = Field(default=600.0, gt=0, description="longest a request may wait in queue")
+    max_seq_len: int | None = Field(default=None, gt=1, description="None: the model's maximum positions")
+    weight_update_timeout_s: float = Field(
+        default=900.0, gt=0, description="a begun weight update not committed by then is aborted (publisher died)"
+    )
