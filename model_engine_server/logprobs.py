@@ -73,30 +73,23 @@ def _chunk_logits(
 ) -> torch.Tensor:
     """`z = (h @ W.T + b) / T` for one chunk, in the workspace.
 
-    In fp32 the 1/T is folded into the hidden states (a `[chunk, hidden]` multiply instead of a
-    pass over `[chunk, vocab]`); in lower precision it is applied to the fp32 logits, so the
-    temperature never rounds in bf16.
+    In fp32 without a bias the 1/T is folded into the hidden states (a `[chunk, hidden]` multiply
+    instead of a pass over `[chunk, vocab]`); otherwise it is applied to the fp32 logits, so in
+    lower precision the temperature never rounds in bf16.
     """
     rows = hidden.shape[0]
     logits = workspace.logits[:rows]
-    if workspace.matmul_out is None:
-        fold = head.bias is None
-        scaled = hidden * inverse_temperature.unsqueeze(1) if fold else hidden
-        if head.bias is None:
-            torch.matmul(scaled, head.weight.T, out=logits)
-        else:
-            torch.addmm(head.bias, scaled, head.weight.T, out=logits)
-        if not fold:
-            logits.mul_(inverse_temperature.unsqueeze(1))
-        return logits
-    low = workspace.matmul_out[:rows]
+    scale = inverse_temperature.unsqueeze(1)
+    if workspace.matmul_out is None and head.bias is None:
+        return torch.matmul(hidden * scale, head.weight.T, out=logits)
+    out = logits if workspace.matmul_out is None else workspace.matmul_out[:rows]
     if head.bias is None:
-        torch.matmul(hidden, head.weight.T, out=low)
+        torch.matmul(hidden, head.weight.T, out=out)
     else:
-        torch.addmm(head.bias, hidden, head.weight.T, out=low)
-    logits.copy_(low)
-    logits.mul_(inverse_temperature.unsqueeze(1))
-    return logits
+        torch.addmm(head.bias, hidden, head.weight.T, out=out)
+    if out is not logits:
+        logits.copy_(out)
+    return logits.mul_(scale)
 
 
 def _chunk_stats(

@@ -49,7 +49,6 @@ class ReplicaManager:
         self._weights_lock = asyncio.Lock()
         self._monitor: asyncio.Task[None] | None = None
         self._restarting: dict[int, asyncio.Task[None]] = {}
-        self._update_version: int | None = None
         self._update_deadline: asyncio.TimerHandle | None = None
         self._background: set[asyncio.Task[None]] = set()
 
@@ -252,14 +251,13 @@ class ReplicaManager:
         loop = asyncio.get_running_loop()
 
         def expire() -> None:
-            if self._update_participants is not None and self._update_version == version:
+            if self._update_participants is not None:  # (`_finish_update` cancels this timer)
                 reason = f"weight update to version {version} not committed within weight_update_timeout_s={timeout_s:g}"
                 logger.warning("%s; aborting it", reason)
                 task = loop.create_task(self.abort_weight_update(reason))
                 self._background.add(task)
                 task.add_done_callback(self._background.discard)
 
-        self._update_version = version
         self._update_deadline = loop.call_later(timeout_s, expire)
 
     def _participants(self) -> list[ModelEngineReplica]:
