@@ -86,6 +86,12 @@ class TensorStoreExecutor:
     async def weight_specs(self) -> dict[str, WeightSpec]:
         return {name: WeightSpec(tuple(t.shape), t.dtype) for name, t in self.tensors.items()}
 
+    def participants(self) -> list[str]:
+        return ["engine"]
+
+    async def discard_partial_weights(self) -> None:
+        pass
+
     async def close(self) -> None:
         pass
 

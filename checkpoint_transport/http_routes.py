@@ -1,12 +1,13 @@
 """Admin routes that expose a `WeightSyncTarget` over HTTP (what `clients.publisher.HttpSyncTarget` calls).
 
 Mount with `app.include_router(weight_sync_router(), dependencies=[Depends(require_admin)])` and
-set `app.state.weight_sync_target`. The buckets never cross HTTP: `/v1/weights/receive` makes
-the server's workers join the transport group the publisher opened and returns their reports.
+set `app.state.weight_sync_target` and `app.state.transport_spec_guard` (a callable that raises
+to refuse a spec; without one every receive is refused). The buckets never cross HTTP:
+`/v1/weights/receive` makes the server's workers join the transport group the publisher opened
+(once the guard allowed its endpoint) and returns their reports.
 Errors are `ModelEngineError`s, mapped to status codes by the app's own handler.
 
-  GET  /v1/weights/receivers -> {"receivers": n}
-  POST /v1/weights/begin   {"version"}          drain for the version
+  POST /v1/weights/begin   {"version"}        -> {"version", "receivers"}   open the update, drain
   POST /v1/weights/receive {"spec", "version"} -> {"reports": [ReceiveReport...]}
   POST /v1/weights/commit  {"version"}
   POST /v1/weights/abort   {"reason"}
@@ -14,6 +15,7 @@ Errors are `ModelEngineError`s, mapped to status codes by the app's own handler.
 
 from __future__ import annotations
 
+import asyncio
 from typing import Any, Sequence
 
 from fastapi import APIRouter, Request
@@ -43,20 +45,27 @@ def _target(request: Request) -> WeightSyncTarget:
     return request.app.state.weight_sync_target
 
 
+async def _check_endpoint(request: Request, spec: TransportSpec) -> None:
+    """Run the app's `transport_spec_guard(spec)` (it raises to refuse) off the event loop, as it
+    may resolve names and list the Ray cluster's nodes. An app that set no guard refuses every
+    spec: the caller would otherwise choose where the server's workers connect."""
+    guard = getattr(request.app.state, "transport_spec_guard", None)
+    if guard is None:
+        raise RuntimeError("app.state.transport_spec_guard is not set: refusing to join an unchecked transport endpoint")
+    await asyncio.to_thread(guard, spec)
+
+
 def weight_sync_router(dependencies: Sequence[Any] = ()) -> APIRouter:
     router = APIRouter(prefix="/v1/weights", tags=["weight sync"], dependencies=list(dependencies))
 
-    @router.get("/receivers", summary="How many workers receive each weight stream")
-    async def receivers(request: Request) -> dict[str, int]:
-        return {"receivers": await _target(request).receiver_count()}
-
-    @router.post("/begin", summary="Drain every replica for a weight update to `version`")
+    @router.post("/begin", summary="Open the update to `version`: drain every replica; answers the receiver count")
     async def begin(body: VersionBody, request: Request) -> dict[str, int]:
-        await _target(request).begin_weight_update(body.version)
-        return {"version": body.version}
+        receivers = await _target(request).begin_weight_update(body.version)
+        return {"version": body.version, "receivers": receivers}
 
     @router.post("/receive", summary="Every worker receives one stream over the given transport")
     async def receive(body: ReceiveBody, request: Request) -> dict[str, list[dict[str, Any]]]:
+        await _check_endpoint(request, body.spec)  # before any worker is told to connect anywhere
         reports = await _target(request).receive_weights(body.spec, body.version)
         return {"reports": [r.to_dict() for r in reports]}
 

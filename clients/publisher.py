@@ -132,15 +132,10 @@ class WeightPublisher:
     async def _sync(self, version: int, start_sender: Callable[[TransportSpec, int], Awaitable[SendReport]]) -> SyncReport:
         async with self._lock:
             session = await self._open_session()
-            receivers = await self.target.receiver_count()
-            if receivers < 1:
-                raise WeightSyncError("the target has no receiving workers (no live replica?)")
-            spec = await run_in_thread(session.begin, f"v{version}-{uuid.uuid4().hex[:8]}", receivers)
-            spec = spec.model_copy(update=self._spec_overrides())  # a shared session: this publisher's knobs
             report = SyncReport(version=version)
             paused_at = time.monotonic()
-            try:
-                await self.target.begin_weight_update(version)
+            try:  # the receiver count comes from the update itself: it cannot change in between
+                receivers = await self.target.begin_weight_update(version)
             except WeightSyncError:  # refused (stale version, another update running): nothing to undo
                 raise
             except BaseException as error:  # timed out or cancelled: the server may still finish the begin
@@ -148,6 +143,10 @@ class WeightPublisher:
                 await self._abort(report)
                 raise
             try:
+                if receivers < 1:
+                    raise WeightSyncError("the target has no receiving workers (no live replica?)")
+                spec = await run_in_thread(session.begin, f"v{version}-{uuid.uuid4().hex[:8]}", receivers)
+                spec = spec.model_copy(update=self._spec_overrides())  # a shared session: this publisher's knobs
                 await self._transfer(session, spec, version, start_sender, report)
             except BaseException as error:  # cancelled or a bug: the server must not stay half-updated
                 report.error = report.error or f"{type(error).__name__}: {error}"
@@ -281,11 +280,8 @@ class HttpSyncTarget:
             )
         return payload
 
-    async def receiver_count(self) -> int:
-        return int((await self._request("GET", "/v1/weights/receivers"))["receivers"])
-
-    async def begin_weight_update(self, version: int) -> None:
-        await self._request("POST", "/v1/weights/begin", {"version": version})
+    async def begin_weight_update(self, version: int) -> int:
+        return int((await self._request("POST", "/v1/weights/begin", {"version": version}))["receivers"])
 
     async def receive_weights(self, spec: TransportSpec, version: int) -> list[ReceiveReport]:
         payload = await self._request("POST", "/v1/weights/receive", {"spec": spec.model_dump(), "version": version})

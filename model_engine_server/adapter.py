@@ -1,8 +1,10 @@
 """`ModelEngineServerAdapter`: a list of requests in, one result (or error) per request out.
 
 It packs requests into token-budget micro-batches, runs the engine forward-only and splits the
-packed log-probs back per request. A failure in a micro-batch is retried request by request,
-so one bad request never fails the others batched with it.
+packed log-probs back per request. With one rank per forward, a failure in a micro-batch is
+retried request by request, so one bad request never fails the others batched with it. Under
+model parallelism (TP x PP > 1) it is not: a retry on one rank would issue collectives its
+peers never join, so the whole batch fails with the reason.
 """
 
 from __future__ import annotations
@@ -14,7 +16,7 @@ import numpy as np
 import torch
 
 from model_engine_server.engines.base import Engine
-from model_engine_server.errors import ModelEngineError, WorkerFailed
+from model_engine_server.errors import InvalidRequest, ModelEngineError, WorkerFailed
 from model_engine_server.logprobs import chunk_tokens_for
 from model_engine_server.packing import pack_sequences, split_by_token_budget
 from model_engine_server.protocol import LogProbRequest, MismatchStats, ScoreOutput
@@ -34,6 +36,12 @@ def mismatch_stats(rollout_log_probs: Sequence[float], server_log_probs: np.ndar
         max_abs_diff=float(np.abs(log_ratio).max()),
         kl_estimate=float((np.expm1(log_ratio) - log_ratio).mean()),
     )
+
+
+def _resolved_temperature(request: LogProbRequest) -> float:
+    if request.temperature is None:  # the scheduler resolves it at admission; this is a bug
+        raise InvalidRequest("the request reached the engine with no temperature resolved", "temperature")
+    return request.temperature
 
 
 class ModelEngineServerAdapter:
@@ -56,6 +64,10 @@ class ModelEngineServerAdapter:
         try:
             return list(self._score_packed(requests))
         except Exception as error:  # isolate: retry one by one so only the culprit fails
+            if self.engine.info.model_parallel_size > 1:
+                logger.exception("a micro-batch of %d failed on a model-parallel rank", len(requests))
+                failure = WorkerFailed(f"scoring failed on a model-parallel rank: {type(error).__name__}: {error}")
+                return [failure] * len(requests)
             if len(requests) == 1:
                 logger.exception("scoring request %s failed", requests[0].request_id)
                 return [WorkerFailed(f"scoring failed: {type(error).__name__}: {error}")]
@@ -67,7 +79,7 @@ class ModelEngineServerAdapter:
         with torch.profiler.record_function("packing"):  # a label for bench/profile.py
             batch = pack_sequences([r.input_ids for r in requests], [r.response_start for r in requests])
             temperatures = torch.repeat_interleave(
-                torch.tensor([r.temperature for r in requests], dtype=torch.float32),
+                torch.tensor([_resolved_temperature(r) for r in requests], dtype=torch.float32),
                 torch.tensor([r.num_response_tokens for r in requests]),
             )
         want_entropy = any(r.return_entropy for r in requests)

@@ -16,7 +16,7 @@ from __future__ import annotations
 import math
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, SecretStr, model_validator
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator, model_validator
 
 from model_engine_server.engines.base import EngineSpec
 from model_engine_server.scheduler import SchedulerConfig
@@ -60,6 +60,10 @@ class HttpConfig(BaseModel):
     auth_token_env: str | None = Field(
         default="MODEL_ENGINE_SERVER_TOKEN", description="environment variable holding the token (kept out of YAML)"
     )
+    allow_unauthenticated_remote: bool = Field(
+        default=False,
+        description="serve on a non-loopback host with no admin token (a loud warning); else `serve` refuses to start",
+    )
     max_body_mb: float = Field(default=64.0, gt=0, description="largest /v1/logprobs body; more is 413")
     max_weights_body_mb: float = Field(default=4096.0, gt=0, description="largest /v1/update_weights body")
     max_requests_per_call: int = Field(default=4096, gt=0)
@@ -89,6 +93,28 @@ class TransportConfig(BaseModel):
     bucket_mb: int = Field(default=512, gt=0, description="size of one bucket of named tensors")
     overlap: bool = Field(default=False, description="overlap sending the next bucket with loading this one")
     timeout_s: float = Field(default=600.0, gt=0)
+    allowed_endpoints: list[str] = Field(
+        default_factory=list,
+        description="hosts or CIDRs /v1/weights/receive may make the workers join, besides loopback and "
+        "the nodes of the server's Ray cluster (always allowed)",
+    )
+
+    @field_validator("allowed_endpoints")
+    @classmethod
+    def _check_endpoints(cls, entries: list[str]) -> list[str]:
+        """A CIDR with host bits set (10.0.0.5/8) is accepted as its network; an empty entry or a
+        malformed CIDR is an error here rather than an endpoint silently never matched."""
+        import ipaddress
+
+        for entry in entries:
+            if not entry.strip():
+                raise ValueError("an empty entry in allowed_endpoints")
+            if "/" in entry:
+                try:
+                    ipaddress.ip_network(entry.strip(), strict=False)
+                except ValueError as error:
+                    raise ValueError(f"allowed_endpoints entry {entry!r} is not a CIDR: {error}") from None
+        return [entry.strip() for entry in entries]
 
 
 class RayConfig(BaseModel):
@@ -128,6 +154,10 @@ class ServerConfig(BaseModel):
 
     backend: Backend = Field(default="hf", description="hf or megatron (alias: strategy, where fsdp means hf)")
     model_path: str | None = Field(default=None, description="HF checkpoint; None: actor_rollout_ref.model.path")
+    weight_roots: list[str] = Field(
+        default_factory=list,
+        description="folders /v1/update_weights_from_disk may read (symlinks followed); []: the parent folder of model_path",
+    )
     dtype: Literal["float32", "bfloat16", "float16"] = "float32"
     device: str = Field(default="auto", pattern=r"^(auto|cpu|cuda(:\d+)?)$")
     attn_implementation: str | None = None
@@ -153,6 +183,18 @@ class ServerConfig(BaseModel):
     @model_validator(mode="after")
     def _check_placement(self) -> "ServerConfig":
         check_placement(self)
+        return self
+
+    @model_validator(mode="after")
+    def _one_temperature(self) -> "ServerConfig":
+        """`temperature` is the one key for unset request temperatures; every scheduler (in
+        process, each replica's, the reference's) resolves requests with it at admission."""
+        scheduler = self.scheduler
+        if "default_temperature" in scheduler.model_fields_set and scheduler.default_temperature != self.temperature:
+            raise ConfigError(
+                f"{_key('scheduler.default_temperature')} is derived from {_key('temperature')}; set that instead"
+            )
+        self.scheduler = scheduler.model_copy(update={"default_temperature": self.temperature})
         return self
 
     # ---------------------------------------------------------------- derived

@@ -90,6 +90,15 @@ class NotFound(ModelEngineError):
     http_status = 404
 
 
+class Forbidden(ModelEngineError):
+    """The configuration does not allow what an (authenticated) admin call asks for: a transport
+    endpoint outside the allow-list, a weight folder outside the weight roots. The message names
+    the setting to change, never what exists on the server."""
+
+    code = "forbidden"
+    http_status = 403
+
+
 ERROR_TYPES: dict[str, type[ModelEngineError]] = {
     cls.code: cls
     for cls in (
@@ -102,6 +111,7 @@ ERROR_TYPES: dict[str, type[ModelEngineError]] = {
         WorkerFailed,
         WeightSyncError,
         NotFound,
+        Forbidden,
     )
 }
 

@@ -10,13 +10,16 @@ from __future__ import annotations
 import asyncio
 import logging
 from concurrent.futures import ThreadPoolExecutor
-from typing import Iterable, Protocol, Sequence, runtime_checkable
+from typing import Any, Callable, Iterable, Protocol, Sequence, TypeVar, runtime_checkable
 
 import torch
 
 from model_engine_server.adapter import ModelEngineServerAdapter, Outcome
 from model_engine_server.engines.base import ModelInfo, WeightSpec
+from model_engine_server.errors import WorkerFailed
 from model_engine_server.protocol import LogProbRequest
+
+T = TypeVar("T")
 
 logger = logging.getLogger(__name__)
 
@@ -37,6 +40,15 @@ class Executor(Protocol):
 
     async def weight_specs(self) -> dict[str, WeightSpec]: ...
 
+    def participants(self) -> list[str]:
+        """Every process that must hold a new weight version (one name each, in receive-rank order)."""
+        ...
+
+    async def discard_partial_weights(self) -> None:
+        """Drop parameters still waiting for some of their parts (fused qkv, gate/up), so what an
+        aborted sync left never combines with the next sync's tensors."""
+        ...
+
     async def close(self) -> None: ...
 
 
@@ -44,31 +56,55 @@ class InProcessExecutor:
     """An adapter on one dedicated thread, so the event loop never blocks on the model.
 
     One thread also serialises weight loads with forward passes, which the scheduler relies
-    on only as a second line of defence (it drains before any load).
+    on only as a second line of defence (it drains before any load). A batch that outlives
+    `batch_timeout_s` fails with `WorkerFailed`, and so does every later call (the thread may
+    be stuck in the engine for good): the same contract as a replica's Ray workers.
     """
 
-    def __init__(self, adapter: ModelEngineServerAdapter) -> None:
+    PARTICIPANT = "engine"
+
+    def __init__(self, adapter: ModelEngineServerAdapter, batch_timeout_s: float = 600.0) -> None:
         self.adapter = adapter
+        self.batch_timeout_s = batch_timeout_s
+        self.failure: str | None = None
         self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="engine")
 
     def model_info(self) -> ModelInfo:
         return self.adapter.engine.info
 
-    async def _run(self, function, *args):  # type: ignore[no-untyped-def]
-        return await asyncio.get_running_loop().run_in_executor(self._pool, function, *args)
+    async def _run(self, what: str, function: Callable[..., T], *args: Any) -> T:
+        if self.failure is not None:
+            raise WorkerFailed(self.failure)
+        call = asyncio.get_running_loop().run_in_executor(self._pool, function, *args)
+        try:
+            async with asyncio.timeout(self.batch_timeout_s):
+                return await call
+        except TimeoutError:
+            self.failure = f"the engine did not finish {what} within batch_timeout_s={self.batch_timeout_s:g} s"
+            logger.error("%s; the in-process engine takes no more work", self.failure)
+            raise WorkerFailed(self.failure) from None
 
     async def execute(self, requests: Sequence[LogProbRequest]) -> list[Outcome]:
-        return await self._run(self.adapter.score, list(requests))
+        return await self._run(f"a batch of {len(requests)} requests", self.adapter.score, list(requests))
 
     async def load_weights(self, named_tensors: Iterable[tuple[str, torch.Tensor]]) -> list[str]:
-        return await self._run(self.adapter.engine.load_weights, named_tensors)
+        return await self._run("a weight load", self.adapter.engine.load_weights, named_tensors)
 
     async def weight_specs(self) -> dict[str, WeightSpec]:
         return self.adapter.engine.weight_specs()
 
+    def participants(self) -> list[str]:
+        return [self.PARTICIPANT]
+
+    async def discard_partial_weights(self) -> None:
+        await self._run("discarding partial weights", self.adapter.engine.discard_partial_weights)
+
     async def close(self, timeout_s: float = 30.0) -> None:
         """Wait (off the event loop, bounded) for a forward still running; a hung one is left
         behind rather than freezing the loop that answers everyone else."""
+        if self.failure is not None:  # the thread is stuck: do not wait for it
+            self._pool.shutdown(wait=False, cancel_futures=True)
+            return
         try:
             async with asyncio.timeout(timeout_s):
                 await asyncio.to_thread(self._pool.shutdown, True)

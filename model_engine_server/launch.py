@@ -232,12 +232,16 @@ class Serving:
 
 
 def build_serving(loaded: "LoadedConfig") -> Serving:
-    """Service + metrics + app from a loaded config; the app shuts the service down on exit."""
+    """Service + metrics + app from a loaded config; the app shuts the service down on exit.
+    The admin routes get the transport allow-list and the weight roots (default: the parent
+    folder of the served model path) of the config."""
     from model_engine_server.http.app import create_app
     from model_engine_server.http.metrics import ServerMetrics
 
     config = loaded.server
     metrics = ServerMetrics()
     service = build_service(config, metrics.observer, metrics.reference_observer)
-    app = create_app(service, config.http, metrics, default_temperature=config.temperature, owns_service=True)
+    weight_roots = config.weight_roots or [str(Path(ensure_model_path(config)).expanduser().resolve().parent)]
+    app = create_app(service, config.http, metrics, owns_service=True,
+                     allowed_endpoints=config.transport.allowed_endpoints, weight_roots=weight_roots)
     return Serving(app, service, metrics, config)

@@ -15,10 +15,12 @@ def build_local_server(
     scheduler: SchedulerConfig | None = None,
     observer: SchedulerObserver | None = None,
     initial_weight_version: int = 0,
+    batch_timeout_s: float = 600.0,
 ) -> ModelEngineServer:
     """An engine on a worker thread behind a `ModelEngineServer`; the scheduler's token budget
-    is also the adapter's micro-batch budget, so one batch is one forward."""
+    is also the adapter's micro-batch budget, so one batch is one forward. A batch running past
+    `batch_timeout_s` fails, and the engine takes no more work (as a replica's workers)."""
     scheduler = scheduler or SchedulerConfig()
     engine = build_engine(backend, spec)
     adapter = ModelEngineServerAdapter(engine, scheduler.max_tokens_per_batch, spec.logprob_chunk_mb)
-    return ModelEngineServer(InProcessExecutor(adapter), scheduler, observer, initial_weight_version)
+    return ModelEngineServer(InProcessExecutor(adapter, batch_timeout_s), scheduler, observer, initial_weight_version)

@@ -43,7 +43,9 @@ class LogProbRequest(BaseModel):
     request_id: str = Field(default_factory=lambda: uuid.uuid4().hex)
     input_ids: TokenIds = Field(description="prompt + response token ids")
     response_start: int = Field(description="index of the first response token (>= 1)")
-    temperature: float = Field(default=1.0, description="the rollout's sampling temperature")
+    temperature: float | None = Field(
+        default=None, description="the rollout's sampling temperature; unset: the server's configured one"
+    )
     return_entropy: bool = False
     return_ref_log_probs: bool = Field(
         default=False, description="also score with the frozen reference policy (ref mode)"
@@ -66,7 +68,7 @@ class LogProbRequest(BaseModel):
             raise ValueError(f"response_start must be >= 1 (a response token needs a token before it), got {self.response_start}")
         if self.response_start >= length:
             raise ValueError(f"response_start must be < len(input_ids)={length}, got {self.response_start}")
-        if not math.isfinite(self.temperature) or self.temperature <= 0:
+        if self.temperature is not None and (not math.isfinite(self.temperature) or self.temperature <= 0):
             raise ValueError(f"temperature must be a finite number > 0, got {self.temperature}")
         if self.rollout_log_probs is not None and len(self.rollout_log_probs) != length - self.response_start:
             raise ValueError(
@@ -99,12 +101,13 @@ class LogProbRequest(BaseModel):
             raise invalid_request_from(error) from None
 
 
-def with_default_temperature(item: Any, default_temperature: float) -> Any:
-    """A wire request that names no temperature is scored at the server's configured one (the
-    rollout temperature), not at 1.0: every entry point (HTTP, Ray handle) fills it the same way."""
-    if isinstance(item, dict) and "temperature" not in item:
-        return {**item, "temperature": default_temperature}
-    return item
+def resolve_temperature(request: LogProbRequest, default_temperature: float) -> LogProbRequest:
+    """A request that names no temperature is scored at the server's configured one (the rollout
+    temperature). The scheduler calls this at admission, so every transport (HTTP, Ray handle,
+    in-process) means the same by an unset temperature."""
+    if request.temperature is not None:
+        return request
+    return request.model_copy(update={"temperature": default_temperature})
 
 
 def invalid_request_from(error: ValidationError) -> InvalidRequest:

@@ -184,18 +184,14 @@ class PolicyWithReference:
     async def weight_layout(self) -> tuple[ModelInfo, dict[str, WeightSpec]]:
         return await served_weight_layout(self.policy)
 
-    async def begin_weight_update(self, version: int) -> None:
-        await self.policy.begin_weight_update(version)  # type: ignore[attr-defined]
+    async def begin_weight_update(self, version: int) -> int:
+        return await self.policy.begin_weight_update(version)  # type: ignore[attr-defined]
 
     async def commit_weight_update(self, version: int) -> None:
-        result = self.policy.commit_weight_update(version)  # type: ignore[attr-defined]
-        if asyncio.iscoroutine(result):
-            await result
+        await self.policy.commit_weight_update(version)  # type: ignore[attr-defined]
 
     async def abort_weight_update(self, reason: str) -> None:
-        result = self.policy.abort_weight_update(reason)  # type: ignore[attr-defined]
-        if asyncio.iscoroutine(result):
-            await result
+        await self.policy.abort_weight_update(reason)  # type: ignore[attr-defined]
 
     # ---------------------------------------------------------------- status
     async def get_status(self) -> dict[str, Any]:

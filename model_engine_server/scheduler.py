@@ -23,24 +23,32 @@ import logging
 import time
 from collections import deque
 from dataclasses import dataclass, field
-from typing import Any, Iterable, Sequence
+from typing import Any, Awaitable, Callable, Iterable, Sequence
 
 import torch
 
+from model_engine_server.engines.base import WeightSpec
 from model_engine_server.errors import (
     DeadlineExceeded,
     InvalidRequest,
     ModelEngineError,
     Overloaded,
     ServerShuttingDown,
-    WeightSyncError,
     WorkerFailed,
 )
 from model_engine_server.executor import Executor
-from model_engine_server.protocol import LogProbRequest, LogProbResult, RequestLimits, ScoreOutput, check_against_limits
+from model_engine_server.protocol import (
+    LogProbRequest,
+    LogProbResult,
+    RequestLimits,
+    ScoreOutput,
+    check_against_limits,
+    resolve_temperature,
+)
 from model_engine_server.service import gather_outcomes
 from model_engine_server.scheduler_config import SchedulerConfig
-from model_engine_server.scheduler_state import SchedulerObserver, WeightState
+from model_engine_server.scheduler_state import SchedulerObserver
+from model_engine_server.weight_updates import WeightUpdates
 
 logger = logging.getLogger(__name__)
 
@@ -72,8 +80,10 @@ class ModelEngineServer:
         self.executor = executor
         self.config = config or SchedulerConfig()
         self.observer = observer or SchedulerObserver()
-        self.weights = WeightState(version=initial_weight_version)
-        self._update_deadline: asyncio.TimerHandle | None = None
+        self.updates = WeightUpdates(
+            executor, self.config.weight_update_timeout_s, self._drain, self._wakeup_soon, initial_weight_version
+        )
+        self.weights = self.updates.state
         info = executor.model_info()
         max_seq_len = min(self.config.max_seq_len or info.max_position_embeddings, info.max_position_embeddings)
         self.limits = RequestLimits(info.vocab_size, max_seq_len, self.config.max_tokens_per_batch)
@@ -97,7 +107,7 @@ class ModelEngineServer:
         """Queue one request and wait for its result; raises a `ModelEngineError` on failure."""
         self._ensure_started()
         try:
-            request = LogProbRequest.parse(request)
+            request = resolve_temperature(LogProbRequest.parse(request), self.config.default_temperature)
             check_against_limits(request, self.limits)
             self._check_admission(request)
         except ModelEngineError as error:
@@ -214,9 +224,13 @@ class ModelEngineServer:
     async def _dispatch_loop(self) -> None:
         while not self._stopping:
             self._wakeup.clear()
-            batch, wait_s = self._select_batch()
-            if batch:
-                self._launch(batch)
+            try:
+                batch, wait_s = self._select_batch()
+                if batch:
+                    self._launch(batch)
+                    continue
+            except Exception as error:  # a bug here must not strand the queue until its deadlines
+                self._fail_queue_after(error)
                 continue
             # `asyncio.timeout`, not `wait_for`: on Python 3.11 `wait_for` returns normally when
             # it is cancelled in the same loop iteration its inner wait completes, and the
@@ -227,13 +241,23 @@ class ModelEngineServer:
             except TimeoutError:
                 pass
 
+    def _fail_queue_after(self, error: Exception) -> None:
+        """The dispatch step raised: fail what it was deciding about (every queued request) with
+        the reason, and go on serving what arrives next."""
+        logger.exception("the dispatch loop raised; failing the %d queued requests", len(self._queue))
+        reason = WorkerFailed(f"the scheduler could not dispatch this request: {type(error).__name__}: {error}")
+        for pending in list(self._queue):
+            self._remove_queued(pending)
+            self._fail(pending, reason)
+
     def _launch(self, batch: list[_Pending]) -> None:
+        # the task first: if it cannot be made, the batch is still queued and nothing is counted
+        task = asyncio.get_running_loop().create_task(self._run_batch(batch, self.weights.version))
         for pending in batch:
             self._remove_queued(pending)
         self._inflight += 1
         self._inflight_tokens += sum(p.tokens for p in batch)
         self._idle.clear()
-        task = asyncio.get_running_loop().create_task(self._run_batch(batch, self.weights.version))
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
 
@@ -303,6 +327,9 @@ class ModelEngineServer:
     async def _drain(self) -> None:
         await self._idle.wait()
 
+    def _wakeup_soon(self) -> None:
+        self._wakeup.set()
+
     # ---------------------------------------------------------------- pause / weights
     async def pause_serving(self) -> None:
         """Stop dispatching; return once every in-flight batch has finished."""
@@ -324,57 +351,54 @@ class ModelEngineServer:
     def weight_version(self) -> int:
         return self.weights.version
 
-    async def begin_weight_update(self, version: int) -> None:
-        """Block dispatch and drain, independently of pause/resume (an admin resume cannot
-        let a batch run on half-loaded weights)."""
-        self.weights.begin(version)
-        timeout = self.config.weight_update_timeout_s
-        self._update_deadline = asyncio.get_running_loop().call_later(timeout, self._expire_update, version, timeout)
-        try:
-            await self._drain()
-        except BaseException:  # the caller gave up while draining: nothing was loaded, serve on
-            self.weights.withdraw(version)
-            self._clear_update_deadline()
-            self._wakeup.set()
-            raise
+    # The weight session (see `weight_updates.py`): the server, not the client, decides when a
+    # version is complete.
+    async def begin_weight_update(self, version: int) -> int:
+        """Open the update to `version`: block dispatch and drain, independently of pause/resume
+        (an admin resume cannot let a batch run on half-loaded weights). Returns the number of
+        processes that receive each transport stream."""
+        return await self.updates.begin(version)
 
-    def _expire_update(self, version: int, timeout: float) -> None:
-        """A publisher that began an update and vanished must not leave the server drained forever."""
-        if self.weights.updating_to == version:
-            self.abort_weight_update(f"the weight update to version {version} was not committed within {timeout:g} s")
+    async def load_weights(self, named_tensors: Iterable[tuple[str, torch.Tensor]], version: int | None = None) -> list[str]:
+        """Load tensors into the open update (refused when none is open)."""
+        return await self.updates.load(named_tensors, version)
 
-    def _clear_update_deadline(self) -> None:
-        if self._update_deadline is not None:
-            self._update_deadline.cancel()
-            self._update_deadline = None
+    async def deliver(self, load: Callable[[], Awaitable[list[str]]], version: int | None = None) -> list[str]:
+        """Run a load every participant takes (e.g. a bucket already in a shared store) in the open update."""
+        return await self.updates.deliver(load, version)
 
-    def commit_weight_update(self, version: int) -> None:
-        """Every worker has every tensor of `version`: serve it."""
-        self.weights.commit(version)
-        self._clear_update_deadline()
-        self._wakeup.set()
+    async def weight_specs(self) -> dict[str, WeightSpec]:
+        """The served weight layout: every name a complete update delivers, with shape and dtype."""
+        return await self.executor.weight_specs()
 
-    def abort_weight_update(self, reason: str) -> None:
-        """The sync failed part-way: keep the old version number but refuse to score."""
-        self.weights.abort(reason)
-        self._clear_update_deadline()
-        self._wakeup.set()
+    def start_delivery(self, version: int) -> None:
+        self.updates.start_delivery(version)
+
+    def record_delivery(self, version: int, participant: str, names: Sequence[str]) -> None:
+        self.updates.record_delivery(version, participant, names)
+
+    def participants(self) -> list[str]:
+        return list(self.executor.participants())
+
+    def weight_update_refusal(self, version: int) -> str | None:
+        """Why `version` could not be committed now (what is missing where); None if it could."""
+        return self.updates.state.current(version).refusal()
+
+    async def commit_weight_update(self, version: int) -> None:
+        """Serve `version` if every participant holds every tensor; else abort and raise."""
+        await self.updates.commit(version)
+
+    async def abort_weight_update(self, reason: str) -> None:
+        """Close the update: weights partly delivered are marked incomplete (nothing serves until
+        a complete sync); untouched ones serve on under the old version."""
+        await self.updates.abort(reason)
+
+    def mark_weights_incomplete(self, reason: str) -> None:
+        self.updates.mark_incomplete(reason)
 
     async def update_weights(self, named_tensors: Iterable[tuple[str, torch.Tensor]], version: int) -> int:
         """Drain, load through the executor, then commit `version` (or mark weights incomplete)."""
-        await self.begin_weight_update(version)
-        try:
-            names = await self.executor.load_weights(named_tensors)
-            missing = set((await self.executor.weight_specs()).keys()) - set(names)
-            if missing:
-                raise WeightSyncError(f"sync for version {version} is missing {len(missing)} tensors, e.g. {sorted(missing)[:3]}")
-        except BaseException as error:  # cancelled part-way too: never serve half-loaded weights
-            self.abort_weight_update(str(error) or type(error).__name__)
-            if isinstance(error, ModelEngineError) or not isinstance(error, Exception):
-                raise
-            raise WeightSyncError(str(error)) from error
-        self.commit_weight_update(version)
-        return version
+        return await self.updates.update(named_tensors, version)
 
     # ---------------------------------------------------------------- status / shutdown
     def status(self) -> dict[str, Any]:

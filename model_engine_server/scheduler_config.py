@@ -17,6 +17,9 @@ class SchedulerConfig(BaseModel):
     max_inflight_batches: int = Field(default=2, gt=0)
     request_timeout_s: float = Field(default=600.0, gt=0, description="longest a request may wait in queue")
     max_seq_len: int | None = Field(default=None, gt=1, description="None: the model's maximum positions")
+    default_temperature: float = Field(
+        default=1.0, gt=0, description="for requests that name no temperature (the configured rollout temperature)"
+    )
     weight_update_timeout_s: float = Field(
         default=900.0, gt=0, description="a begun weight update not committed by then is aborted (publisher died)"
     )

@@ -1,9 +1,11 @@
 """Small state pieces of the scheduler: the weight-version state machine and the observer hook.
 
-Weight states:   ready --begin(v)--> updating --commit(v)--> ready (version v)
-                                              \--abort-----> incomplete (old version, no serving)
+Weight states:   ready --begin(v)--> updating --commit(v), complete--> ready (version v)
+                                    |         \--abort (after a delivery began)--> incomplete (old version, no serving)
+                                    \--abort (nothing delivered)--> ready (old version, old weights)
                  incomplete --begin(v)--> updating ...
-Only `ready` serves. A version number is never attached to weights that did not fully arrive.
+Only `ready` serves. A version number is never attached to weights that did not fully arrive:
+`updating` holds a `WeightSession`, and commit asks it.
 """
 
 from __future__ import annotations
@@ -12,6 +14,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from model_engine_server.errors import WeightSyncError
+from model_engine_server.weight_session import WeightSession
 
 if TYPE_CHECKING:
     from model_engine_server.errors import ModelEngineError
@@ -21,39 +24,60 @@ if TYPE_CHECKING:
 @dataclass
 class WeightState:
     version: int = 0
-    updating_to: int | None = None
+    session: WeightSession | None = None
     incomplete_reason: str | None = None
 
     @property
+    def updating_to(self) -> int | None:
+        return self.session.version if self.session is not None else None
+
+    @property
     def updating(self) -> bool:
-        return self.updating_to is not None
+        return self.session is not None
 
     @property
     def servable(self) -> bool:
-        return self.updating_to is None and self.incomplete_reason is None
+        return self.session is None and self.incomplete_reason is None
 
-    def begin(self, version: int) -> None:
-        if self.updating_to is not None:
-            raise WeightSyncError(f"a weight update to version {self.updating_to} is already in progress")
-        if version <= self.version:
-            raise WeightSyncError(f"new weight version must be greater than the current {self.version}, got {version}")
-        self.updating_to = version
+    def begin(self, session: WeightSession) -> None:
+        """Open `session`; refused at once while another is open or for a version not newer."""
+        if self.session is not None:
+            raise WeightSyncError(
+                f"a weight update to version {self.session.version} is already in progress; "
+                "commit or abort it before beginning another"
+            )
+        if session.version <= self.version:
+            raise WeightSyncError(
+                f"new weight version must be greater than the current {self.version}, got {session.version}"
+            )
+        self.session = session
+
+    def current(self, version: int | None = None) -> WeightSession:
+        """The open session (of `version`, when given), or the reason there is none."""
+        if self.session is None:
+            raise WeightSyncError("no weight update is open: begin one (with its version) before sending weights")
+        if version is not None and self.session.version != version:
+            raise WeightSyncError(f"the weight update in progress is to version {self.session.version}, not {version}")
+        return self.session
 
     def commit(self, version: int) -> None:
-        if self.updating_to != version:
-            raise WeightSyncError(f"commit of version {version}, but the update in progress is {self.updating_to}")
+        """Serve `version`: only a complete session commits (otherwise raises, state unchanged)."""
+        session = self.current(version)
+        refusal = session.refusal()
+        if refusal is not None:
+            raise WeightSyncError(refusal)
         self.version = version
-        self.updating_to = None
+        self.session = None
         self.incomplete_reason = None
 
-    def withdraw(self, version: int) -> None:
-        """An update begun but abandoned before anything was loaded: the old weights are intact."""
-        if self.updating_to == version:
-            self.updating_to = None
-
-    def abort(self, reason: str) -> None:
-        self.updating_to = None
-        self.incomplete_reason = reason
+    def abort(self, reason: str) -> bool:
+        """Close the session. Weights nothing was delivered into keep serving under the old
+        version; otherwise nothing serves until a complete sync. Returns whether weights are now
+        incomplete."""
+        session, self.session = self.session, None
+        if session is not None and session.touched:
+            self.incomplete_reason = reason
+        return self.incomplete_reason is not None
 
 
 class SchedulerObserver:

@@ -23,7 +23,7 @@ import asyncio
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Iterator, Sequence
 
 import torch
 
@@ -183,9 +183,18 @@ async def served_weight_layout(service: Any) -> tuple[ModelInfo, dict[str, Weigh
     return executor.model_info(), await executor.weight_specs()
 
 
-async def update_weights_from_disk(service: Any, model_path: str, version: int | None = None) -> int:
+async def update_weights_from_disk(
+    service: Any, model_path: str, version: int | None = None, roots: Sequence[str] | None = None
+) -> int:
     """Check `model_path` fits, then serve its weights as `version` (default: current + 1)
-    through `service.update_weights`; returns the version once it serves."""
+    through `service.update_weights`; returns the version once it serves. With `roots`, a
+    folder not under one of them (after resolving symlinks and `..`) is `Forbidden` before
+    anything is read, with the same message whether it exists or not (the HTTP route checks
+    its app's roots itself, before the service's own serialised method)."""
+    if roots is not None:
+        from model_engine_server.http.admin_policy import resolve_under_roots
+
+        model_path = str(resolve_under_roots(model_path, roots))
     current = int((await service.get_status())["weight_version"])
     target = current + 1 if version is None else version
     if target <= current:

@@ -57,6 +57,10 @@ def iter_buckets(named_tensors: Iterable[tuple[str, torch.Tensor]], bucket_bytes
         yield bucket
 
 
+def participant_name(rank: int) -> str:
+    return f"rank-{rank}"
+
+
 def unwrap_task_error(error: BaseException) -> BaseException:
     """The exception a worker method raised, without Ray's wrapper."""
     if isinstance(error, RayTaskError) and error.cause is not None:
@@ -203,6 +207,15 @@ class RayWorkerExecutor:
         for rank_names in results.values():
             names &= set(rank_names)
         return [name for name in results[0] if name in names]
+
+    def participants(self) -> list[str]:
+        """One per worker, in rank order (a transport's receive rank r + 1 is worker r)."""
+        return [participant_name(rank) for rank in range(len(self.workers))]
+
+    async def discard_partial_weights(self) -> None:
+        self._check_usable()
+        calls = {rank: worker.discard_partial_weights.remote() for rank, worker in enumerate(self.workers)}
+        await self._call_ranks(calls, "discarding partial weights", self.batch_timeout_s)
 
     async def export_weights_ref(self) -> "ray.ObjectRef":
         """A reference to the full HF-named weights (for a restarted peer to copy), exported

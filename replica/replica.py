@@ -16,7 +16,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from typing import Any, Iterable, Sequence
+from typing import TYPE_CHECKING, Any, Iterable, Sequence
 
 import ray
 import torch
@@ -30,6 +30,9 @@ from replica.config import ReplicaConfig
 from replica.executor import RayWorkerExecutor, iter_buckets
 from replica.placement import ReplicaPlacement, reserve_replica_gpus
 from replica.worker import WorkerInfo, worker_actor_class
+
+if TYPE_CHECKING:
+    from checkpoint_transport.spec import ReceiveReport, TransportSpec
 
 logger = logging.getLogger(__name__)
 
@@ -50,7 +53,6 @@ class ModelEngineReplica:
         self.failure: str | None = None
         self.started_at: float | None = None
         self.restarts = 0
-        self._loaded_names: set[str] = set()
         self._background: set[asyncio.Task[None]] = set()
 
     # ------------------------------------------------------------------ lifecycle
@@ -220,60 +222,54 @@ class ModelEngineReplica:
         return self._server().weight_version
 
     # ------------------------------------------------------------------ weights
-    async def begin_weight_update(self, version: int) -> None:
-        """Stop dispatching and drain; loads may follow (`load_weight_bucket`)."""
-        await self._server().begin_weight_update(version)
-        self._loaded_names = set()
+    # Every path records into the scheduler's update session (`model_engine_server.weight_updates`),
+    # whose participants are this replica's workers: completeness is decided there, per worker.
+    async def begin_weight_update(self, version: int) -> int:
+        """Open the update and drain; returns the number of workers that receive a stream."""
+        return await self._server().begin_weight_update(version)
 
-    async def load_weight_bucket(self, bucket: "ray.ObjectRef | list[tuple[str, torch.Tensor]]") -> list[str]:
+    async def load_weight_bucket(self, bucket: "ray.ObjectRef | list[tuple[str, torch.Tensor]]", version: int | None = None) -> list[str]:
         """Load one bucket (a list of (HF name, tensor), or a reference to one in Ray's store)
-        into every worker; only between `begin_weight_update` and commit/abort."""
-        server = self._server()
-        if not server.weights.updating:
-            raise WeightSyncError(f"{self.name}: load_weight_bucket outside a weight update (call begin_weight_update)")
-        assert self.executor is not None
-        ref = bucket if isinstance(bucket, ray.ObjectRef) else ray.put(bucket)
-        names = await self.executor.load_weights_ref(ref)
-        self._loaded_names.update(names)
-        return names
+        into every worker, inside the open update (refused when none is open)."""
+        executor = self._executor()
 
-    async def missing_weights(self) -> list[str]:
-        assert self.executor is not None
-        return sorted(set(await self.executor.weight_specs()) - self._loaded_names)
+        async def load() -> list[str]:  # runs once the session admitted the delivery
+            return await executor.load_weights_ref(bucket if isinstance(bucket, ray.ObjectRef) else ray.put(bucket))
 
-    @property
-    def loaded_through_buckets(self) -> bool:
-        """Whether this update's tensors came through `load_weight_bucket` (else a transport
-        streamed them into the workers and its receivers verified completeness)."""
-        return bool(self._loaded_names)
+        return await self._server().deliver(load, version)
 
-    async def commit_weight_update(self, version: int, require_complete: bool | None = None) -> None:
-        """Serve `version` once every tensor arrived; with missing tensors, abort and raise.
-        `require_complete=None` checks when buckets were loaded through this replica."""
-        server = self._server()
-        if require_complete is None:
-            require_complete = self.loaded_through_buckets
-        if require_complete:
-            missing = await self.missing_weights()
-            if missing:
-                reason = f"sync for version {version} is missing {len(missing)} tensors, e.g. {missing[:3]}"
-                server.abort_weight_update(reason)
-                raise WeightSyncError(f"{self.name}: {reason}")
-        server.commit_weight_update(version)
+    async def receive_weights(self, spec: "TransportSpec", version: int, first_rank: int = 1) -> list["ReceiveReport"]:
+        """This replica's workers receive one transport stream as ranks `first_rank..`; what each
+        loaded is recorded into the update session (the caller settles failures)."""
+        from checkpoint_transport.targets import receive_on_workers
+
+        return await receive_on_workers(self._server(), self.workers, spec, version, first_rank)
+
+    def weight_update_refusal(self, version: int) -> str | None:
+        """Why `version` cannot be committed here (what is missing on which worker), or None."""
+        refusal = self._server().weight_update_refusal(version)
+        return f"{self.name}: {refusal}" if refusal else None
+
+    async def commit_weight_update(self, version: int) -> None:
+        """Serve `version` if every worker holds every tensor; else abort and raise the reason."""
+        await self._server().commit_weight_update(version)
 
     async def abort_weight_update(self, reason: str) -> None:
-        self._server().abort_weight_update(reason)
+        await self._server().abort_weight_update(reason)
+
+    def mark_weights_incomplete(self, reason: str) -> None:
+        self._server().mark_weights_incomplete(reason)
 
     async def update_weights(self, named_tensors: Iterable[tuple[str, torch.Tensor]], version: int) -> int:
         """begin -> every bucket -> commit; any failure aborts (weights marked incomplete)."""
         await self.begin_weight_update(version)
         try:
             for bucket in iter_buckets(named_tensors, self.config.weight_bucket_mb << 20):
-                await self.load_weight_bucket(bucket)
+                await self.load_weight_bucket(bucket, version)
             await self.commit_weight_update(version)
         except BaseException as error:
-            if self.server is not None and self.server.weights.updating:
-                self.server.abort_weight_update(str(error))
+            if self.server is not None:
+                await asyncio.shield(self.server.abort_weight_update(str(error) or type(error).__name__))
             if isinstance(error, ModelEngineError) or not isinstance(error, Exception):
                 raise
             raise WeightSyncError(f"{self.name}: {type(error).__name__}: {error}") from error
@@ -281,18 +277,22 @@ class ModelEngineReplica:
 
     async def copy_weights_from(self, peer: "ModelEngineReplica", version: int) -> None:
         """Take `peer`'s current weights as `version` (after a restart): worker to worker through
-        Ray's object store. The peer must not be mid-update."""
-        if peer.executor is None:
-            raise WorkerFailed(f"{peer.name} has no workers to copy weights from")
-        ref = await peer.executor.export_weights_ref()
+        Ray's object store, recorded into this replica's update session like any delivery. The
+        peer must not be mid-update."""
+        ref = await peer._executor().export_weights_ref()
         await self.begin_weight_update(version)
         try:
-            await self.load_weight_bucket(ref)
+            await self.load_weight_bucket(ref, version)
             await self.commit_weight_update(version)
         except BaseException as error:
-            if self.server is not None and self.server.weights.updating:
-                self.server.abort_weight_update(f"copy from {peer.name} failed: {error}")
+            if self.server is not None:
+                await asyncio.shield(self.server.abort_weight_update(f"copy from {peer.name} failed: {error}"))
             raise
+
+    def _executor(self) -> RayWorkerExecutor:
+        if self.executor is None:
+            raise WorkerFailed(f"{self.name} has no workers ({self.failure or 'not started'})")
+        return self.executor
 
     # ------------------------------------------------------------------ status
     def status(self) -> dict[str, Any]:

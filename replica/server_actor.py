@@ -16,7 +16,7 @@ import ray
 import torch
 
 from model_engine_server.errors import ModelEngineError
-from model_engine_server.protocol import LogProbRequest, LogProbResult, with_default_temperature
+from model_engine_server.protocol import LogProbRequest, LogProbResult
 from replica.config import ReplicaConfig
 from replica.manager import ReplicaManager
 
@@ -32,11 +32,10 @@ def outcome_to_wire(outcome: LogProbResult | ModelEngineError) -> dict[str, Any]
 class ModelEngineServerActor:
     """Holds a `ReplicaManager`; created by `start_server_actor`."""
 
-    def __init__(self, config: ReplicaConfig | dict[str, Any], default_temperature: float = 1.0) -> None:
-        """`default_temperature`: for dict requests that name none (the config's `temperature`)."""
+    def __init__(self, config: ReplicaConfig | dict[str, Any]) -> None:
+        """Requests that name no temperature are scored at `config.scheduler.default_temperature`."""
         self.config = ReplicaConfig.model_validate(config)
         self.manager = ReplicaManager(self.config)
-        self.default_temperature = default_temperature
 
     async def start(self, timeout_s: float | None = None) -> dict[str, Any]:
         await self.manager.start(timeout_s)
@@ -48,8 +47,7 @@ class ModelEngineServerActor:
     async def score(
         self, requests: Sequence[LogProbRequest | dict[str, Any]], timeout_s: float | None = None
     ) -> list[dict[str, Any]]:
-        filled = [with_default_temperature(r, self.default_temperature) for r in requests]
-        return [outcome_to_wire(o) for o in await self.manager.score(filled, timeout_s)]
+        return [outcome_to_wire(o) for o in await self.manager.score(requests, timeout_s)]
 
     async def pause_serving(self) -> None:
         await self.manager.pause_serving()
@@ -57,8 +55,8 @@ class ModelEngineServerActor:
     async def resume_serving(self) -> None:
         await self.manager.resume_serving()
 
-    async def begin_weight_update(self, version: int) -> None:
-        await self.manager.begin_weight_update(version)
+    async def begin_weight_update(self, version: int) -> int:
+        return await self.manager.begin_weight_update(version)
 
     async def load_weight_bucket(self, bucket: list[tuple[str, torch.Tensor]]) -> list[str]:
         return await self.manager.load_weight_bucket(bucket)
@@ -70,9 +68,6 @@ class ModelEngineServerActor:
             names += await self.manager.load_weight_bucket(ref)
         return names
 
-    async def receiver_count(self) -> int:
-        return await self.manager.receiver_count()
-
     async def receive_weights(self, spec: dict[str, Any], version: int) -> list[dict[str, Any]]:
         """The `checkpoint_transport` target side (`ActorSyncTarget`): reports as dicts."""
         from checkpoint_transport.spec import TransportSpec
@@ -80,8 +75,8 @@ class ModelEngineServerActor:
         reports = await self.manager.receive_weights(TransportSpec.model_validate(spec), version)
         return [report.to_dict() for report in reports]
 
-    async def commit_weight_update(self, version: int, require_complete: bool | None = None) -> None:
-        await self.manager.commit_weight_update(version, require_complete)
+    async def commit_weight_update(self, version: int) -> None:
+        await self.manager.commit_weight_update(version)
 
     async def abort_weight_update(self, reason: str) -> None:
         await self.manager.abort_weight_update(reason)
@@ -121,14 +116,11 @@ async def start_server_actor(
     name: str | None = DEFAULT_ACTOR_NAME,
     namespace: str | None = None,
     timeout_s: float | None = None,
-    default_temperature: float = 1.0,
 ) -> Any:  # -> ray.actor.ActorHandle
     """Create the server actor (named, so other actors can look it up), start its replicas and
     return its handle; if start-up fails the actor is killed and the error raised."""
     actor_class = ray.remote(ModelEngineServerActor)
-    handle = actor_class.options(name=name, namespace=namespace, num_cpus=0, max_concurrency=10_000).remote(
-        config, default_temperature
-    )
+    handle = actor_class.options(name=name, namespace=namespace, num_cpus=0, max_concurrency=10_000).remote(config)
     try:
         await handle.start.remote(timeout_s)
     except BaseException:

@@ -170,6 +170,9 @@ class ModelEngineWorker:
     def load_weights(self, named_tensors: Iterable[tuple[str, torch.Tensor]]) -> list[str]:
         return self._ready_engine().load_weights(named_tensors)
 
+    def discard_partial_weights(self) -> None:
+        self._ready_engine().discard_partial_weights()
+
     def receive_weights(self, spec: dict[str, Any], version: int) -> dict[str, Any]:
         """Receive one checkpoint-transport stream (this worker's rank in `spec`) into the
         engine; returns the receive report as a dict and never raises."""

@@ -67,6 +67,12 @@ class FakeExecutor:
     async def weight_specs(self) -> dict[str, WeightSpec]:
         return {"w": WeightSpec((), torch.float32)}
 
+    def participants(self) -> list[str]:
+        return ["engine"]
+
+    async def discard_partial_weights(self) -> None:
+        pass
+
     async def close(self) -> None:
         pass
 

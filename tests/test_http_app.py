@@ -38,11 +38,13 @@ def served(tiny_model):
     metrics = ServerMetrics()
     service = build_local_server(
         EngineSpec(model_path=str(tiny_model)),
-        scheduler=SchedulerConfig(max_tokens_per_batch=2048, max_queued_tokens=4096, request_timeout_s=60),
+        scheduler=SchedulerConfig(
+            max_tokens_per_batch=2048, max_queued_tokens=4096, request_timeout_s=60, default_temperature=DEFAULT_TEMPERATURE
+        ),
         observer=metrics.observer,
     )
     http = HttpConfig(max_body_mb=MAX_BODY_MB, max_requests_per_call=MAX_REQUESTS, retry_after_s=2.0)
-    app = create_app(service, http, metrics, default_temperature=DEFAULT_TEMPERATURE, owns_service=True, admin_token=TOKEN)
+    app = create_app(service, http, metrics, owns_service=True, admin_token=TOKEN)
     with ServerThread(app) as server:
         yield server
 

@@ -49,9 +49,10 @@ def with_ref(requests: list[LogProbRequest]) -> list[LogProbRequest]:
 
 
 @pytest.fixture(scope="module")
-def served_ref(tiny_model):
-    """Ref mode with the default reference: the policy checkpoint's initial weights."""
-    serving = build_serving(ref_mode_config(tiny_model))
+def served_ref(tiny_model, tmp_path_factory):
+    """Ref mode with the default reference: the policy checkpoint's initial weights; folders
+    under the session's temporary folder may be loaded (the tests save checkpoints there)."""
+    serving = build_serving(ref_mode_config(tiny_model, f"{SECTION}.weight_roots=[{tmp_path_factory.getbasetemp()}]"))
     with ServerThread(serving.app) as server:
         yield server
 
@@ -161,7 +162,7 @@ def test_a_bad_folder_is_400_and_both_policies_keep_serving(served_ref, tiny_mod
     headers = {"authorization": f"Bearer {TOKEN}"}
     probe = {"requests": [{"input_ids": list(range(30, 70)), "response_start": 9, "return_ref_log_probs": True}]}
     before = httpx.post(f"{served_ref.url}/v1/logprobs", json=probe).json()["results"][0]
-    for folder in ("/no/such/checkpoint", tiny_models["llama_untied"]):
+    for folder in (tiny_models["llama_untied"].parent / "no-such-checkpoint", tiny_models["llama_untied"]):
         refused = httpx.post(f"{served_ref.url}/v1/update_weights_from_disk", json={"model_path": str(folder)},
                              headers=headers)
         assert refused.status_code == 400 and refused.json()["error"]["field"] == "model_path", refused.text

@@ -25,8 +25,9 @@ def _placement_group_names() -> list[str]:
     return sorted(g["name"] for g in ray.util.placement_group_table().values() if g["state"] != "REMOVED")
 
 
-def test_policy_and_reference_on_their_own_ray_replicas(ray_cluster, tiny_model, tiny_models, tmp_path):
-    serving = build_serving(ref_mode_config(tiny_model, f"{SECTION}.runtime=ray"))
+def test_policy_and_reference_on_their_own_ray_replicas(ray_cluster, tiny_model, tiny_models, tmp_path, tmp_path_factory):
+    roots = f"{SECTION}.weight_roots=[{tmp_path_factory.getbasetemp()}]"  # tmp_path and tiny_models are under it
+    serving = build_serving(ref_mode_config(tiny_model, f"{SECTION}.runtime=ray", roots))
     headers = {"authorization": f"Bearer {TOKEN}"}
     requests = with_ref(random_requests(4, 512, seed=91, max_len=100))
     new_weights = save_perturbed(tiny_model, tmp_path / "step1", seed=21)

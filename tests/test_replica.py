@@ -304,7 +304,7 @@ async def test_a_begun_update_nobody_finishes_is_aborted_and_the_next_one_lands(
     await manager.start()
     try:
         await manager.begin_weight_update(1)  # ... and nothing more
-        await wait_until(lambda: manager._update_participants is None, "the deadline aborting the update", deadline_s=30)
+        await wait_until(lambda: not manager.status()["updating_weights"], "the deadline aborting the update", deadline_s=30)
         await manager.update_weights(list(_new_weights(tiny_model, seed=41).items()), 2)
         (outcome,) = await manager.score(random_requests(1, 512, seed=40, max_len=50))
         assert isinstance(outcome, LogProbResult) and outcome.weight_version == 2

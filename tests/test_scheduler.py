@@ -188,25 +188,41 @@ async def test_failed_weight_update_keeps_version_and_refuses_to_serve_until_com
     await server.shutdown()
 
 
-async def test_update_missing_a_tensor_is_incomplete():
+async def test_an_update_that_delivered_nothing_is_refused_and_the_old_weights_serve_on():
     server = make_server(FakeExecutor())
-    with pytest.raises(WeightSyncError, match="missing 1 tensors"):
+    with pytest.raises(WeightSyncError, match="engine is missing 1 of 1 tensors"):
         await server.update_weights([], version=1)
-    assert server.weight_version == 0 and server.status()["weights_incomplete"]
+    status = server.status()
+    assert server.weight_version == 0 and status["weights_incomplete"] is None and not status["updating_weights"]
+    assert (await asyncio.wait_for(server.submit(request(5)), 5.0)).weight_version == 0
+    await server.shutdown()
 
 
-async def test_update_begun_and_never_committed_is_aborted_after_its_timeout():
-    """A publisher that dies between begin and commit must not leave the server drained forever:
-    the update is aborted (weights incomplete, nothing served) and a new sync can begin."""
+async def test_an_update_begun_and_never_committed_is_aborted_after_its_timeout():
+    """A publisher that dies between begin and commit must not leave the server drained forever.
+    Nothing was delivered here, so the old weights serve on under the old version."""
     server = make_server(FakeExecutor(), weight_update_timeout_s=0.1)
     await server.begin_weight_update(1)
+    held = asyncio.ensure_future(server.submit(request(5)))
+    await asyncio.sleep(0.3)
+    assert not server.status()["updating_weights"]
+    assert (await asyncio.wait_for(held, 5.0)).weight_version == 0
+    with pytest.raises(WeightSyncError, match="no weight update is open"):
+        await server.commit_weight_update(1)  # the late publisher's commit cannot resurrect the update
+    await server.shutdown()
+
+
+async def test_an_update_that_timed_out_after_its_stream_began_refuses_to_serve_until_a_complete_one():
+    server = make_server(FakeExecutor(), weight_update_timeout_s=0.1)
+    await server.begin_weight_update(1)
+    server.start_delivery(1)  # a transport began streaming, then its publisher vanished
     held = asyncio.ensure_future(server.submit(request(5)))
     await asyncio.sleep(0.3)
     status = server.status()
     assert not status["updating_weights"] and "not committed within 0.1 s" in status["weights_incomplete"]
     assert not held.done() and server.weight_version == 0
     with pytest.raises(WeightSyncError):
-        server.commit_weight_update(1)  # the late publisher's commit cannot resurrect the update
+        await server.commit_weight_update(1)
     await server.update_weights([("w", torch.tensor(3.0))], version=1)
     assert (await held).weight_version == 1
     await server.shutdown()

@@ -22,6 +22,7 @@ from model_engine_server.errors import WeightSyncError
 from model_engine_server.protocol import LogProbRequest, LogProbResult
 from model_engine_server.scheduler import ModelEngineServer, SchedulerConfig
 from model_engine_server.tiny_model import perturbed_weights
+from tests._tolerances import assert_distinguishable, assert_scores_close
 from tests.helpers import random_requests
 
 BUCKET_BYTES = 16 << 10
@@ -36,6 +37,9 @@ class SyncWorker:
 
     def receive_weights(self, spec: dict[str, Any], version: int) -> dict[str, Any]:
         return worker_receive_weights(self.engine, spec, version)
+
+    def discard_partial_weights(self) -> None:
+        self.engine.discard_partial_weights()
 
     def score(self, requests: Sequence[LogProbRequest]) -> list[Any]:
         return self.adapter.score(list(requests))
@@ -67,6 +71,12 @@ class RoundRobinWorkers:
     async def weight_specs(self):
         return await self.workers[0].weight_specs.remote()
 
+    def participants(self) -> list[str]:
+        return [f"rank-{rank}" for rank in range(len(self.workers))]
+
+    async def discard_partial_weights(self) -> None:
+        await asyncio.gather(*(worker.discard_partial_weights.remote() for worker in self.workers))
+
     async def close(self) -> None:
         pass
 
@@ -83,11 +93,8 @@ class SyncServerHost:
         )
         self.target = RayWorkersTarget(self.server, workers)
 
-    async def receiver_count(self) -> int:
-        return await self.target.receiver_count()
-
-    async def begin_weight_update(self, version: int) -> None:
-        await self.target.begin_weight_update(version)
+    async def begin_weight_update(self, version: int) -> int:
+        return await self.target.begin_weight_update(version)
 
     async def receive_weights(self, spec: dict[str, Any], version: int) -> list[dict[str, Any]]:
         reports = await self.target.receive_weights(TransportSpec.model_validate(spec), version)
@@ -158,6 +165,8 @@ def reference(tiny_model) -> ModelEngineServerAdapter:
 
 
 def expected_log_probs(reference: ModelEngineServerAdapter, weights, requests) -> list[np.ndarray]:
+    """Scored in this process (2 torch threads) while the workers run 1: equal to
+    `CROSS_PROCESS_ATOL`, not bitwise (tests/_tolerances.py)."""
     reference.engine.load_weights(weights.items())
     return [reference.score([request])[0].log_probs for request in requests]
 
@@ -170,20 +179,22 @@ async def next_version(host) -> int:
 async def test_a_trainer_rank_actor_publishes_to_every_worker(backend, ray_cluster, cluster, base_weights, reference):
     host = cluster
     trainer = ray_cluster.remote(num_cpus=0)(TrainerRank).remote(base_weights, host, backend)
-    version, seed = await next_version(host), 40
+    version, seed = await next_version(host), {"gloo": 40, "ray": 41}[backend]  # each run brings new weights
+    requests = random_requests(4, 512, seed=7)
+    held_before = [(await host.score.remote([request]))[0].log_probs for request in requests]
     try:
         report = await trainer.publish.remote(version, seed)
     finally:
         ray_cluster.kill(trainer)
     assert report == {"ok": True, "buckets": report["buckets"], "workers": 2} and report["buckets"] > 1
 
-    requests = random_requests(4, 512, seed=7)
     expected = expected_log_probs(reference, perturbed_weights(base_weights, seed), requests)
+    assert_distinguishable(expected, held_before, "the published vs the workers' previous weights")
     for _ in range(2):  # consecutive calls go to the other worker
         results = [(await host.score.remote([request]))[0] for request in requests]
         for result, want in zip(results, expected):
             assert isinstance(result, LogProbResult) and result.weight_version == version
-            np.testing.assert_array_equal(result.log_probs, want)
+            assert_scores_close(result.log_probs, want, what=result.request_id)
 
 
 @pytest.mark.parametrize("backend", ["gloo", "ray"])
@@ -195,9 +206,12 @@ async def test_a_sender_killed_mid_stream_leaves_the_version_until_a_complete_sy
     trainer = ray_cluster.remote(num_cpus=0)(TrainerRank).remote(base_weights, host, backend)
     before = await next_version(host) - 1
     marker = tmp_path / "stalled"
+    stalled_seed, complete_seed = {"gloo": (50, 51), "ray": (52, 53)}[backend]  # each run brings new weights
+    request = random_requests(1, 512, seed=31)[0]
+    [held_before] = await host.score.remote([request])
 
     def send(spec: TransportSpec, version: int):
-        return trainer.send_then_hang.remote(spec.model_dump(), version, 50, str(marker))
+        return trainer.send_then_hang.remote(spec.model_dump(), version, stalled_seed, str(marker))
 
     sync = asyncio.ensure_future(publisher.update_weights_from(send, before + 1))
     while not marker.exists():
@@ -209,16 +223,21 @@ async def test_a_sender_killed_mid_stream_leaves_the_version_until_a_complete_sy
     status = await host.get_status.remote()
     assert status["weight_version"] == before and status["weights_incomplete"]
 
-    request = random_requests(1, 512, seed=31)[0]
     waiting = host.score.remote([request])
     ready, _ = await asyncio.to_thread(ray_cluster.wait, [waiting], timeout=0.5)
     assert not ready, "a request was scored on incomplete weights"
 
-    complete = perturbed_weights(base_weights, seed=51)
+    complete = perturbed_weights(base_weights, seed=complete_seed)
     assert (await publisher.update_weights(complete, before + 2)).ok
     [result] = await waiting
     assert result.weight_version == before + 2
-    np.testing.assert_array_equal(result.log_probs, expected_log_probs(reference, complete, [request])[0])
+    # the tolerance cannot hide the weights held before, nor the killed stream's 4 tensors mixed in
+    stale_parts = dict(list(perturbed_weights(base_weights, seed=stalled_seed).items())[:4])
+    [mixed] = expected_log_probs(reference, {**complete, **stale_parts}, [request])
+    [want] = expected_log_probs(reference, complete, [request])
+    assert_distinguishable([want], [held_before.log_probs], "the complete vs the workers' previous weights")
+    assert_distinguishable([want], [mixed], "the complete weights vs them mixed with the killed stream's")
+    assert_scores_close(result.log_probs, want, what=result.request_id)
     await publisher.close()
 
 

@@ -4,7 +4,9 @@ Builds the service the config describes (an in-process replica, or Ray replicas)
 FastAPI app with uvicorn and logs where it listens. SIGINT/SIGTERM drain: uvicorn stops
 accepting connections and waits for the calls it accepted, then the app's shutdown finishes
 queued requests and shuts the replicas down; the process then exits 0. With no config at all
-it serves a tiny model made into the cache folder.
+it serves a tiny model made into the cache folder. On a non-loopback host it refuses to start
+(exit 2, before building anything) unless an admin token is set or
+`--allow-unauthenticated-remote` says to serve without one.
 """
 
 from __future__ import annotations
@@ -25,24 +27,37 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     add_config_arguments(parser)
     parser.add_argument("--host", help="overrides model_engine_server.http.host (default 127.0.0.1)")
     parser.add_argument("--port", type=int, help="overrides model_engine_server.http.port (0: any free port)")
+    parser.add_argument(
+        "--allow-unauthenticated-remote", action="store_const", const=True, default=None,
+        help="serve on a non-loopback host with no admin token anyway (model_engine_server.http."
+        "allow_unauthenticated_remote=true); without it, serve refuses to start",
+    )
     parser.set_defaults(func=run)
 
 
 def run(args: argparse.Namespace) -> int:
     from model_engine_server.config import ConfigError
     from model_engine_server.config_loader import load_config
+    from model_engine_server.http.admin_policy import exposure_remedy, unauthenticated_exposure
     from model_engine_server.launch import build_serving
 
+    cli_values = {"http.host": args.host, "http.port": args.port,
+                  "http.allow_unauthenticated_remote": args.allow_unauthenticated_remote}
     try:
-        loaded = load_config(config_file(args), args.overrides, cli_values={"http.host": args.host, "http.port": args.port})
+        loaded = load_config(config_file(args), args.overrides, cli_values=cli_values)
+        # checked before anything is built: a refused start loads no model and starts no Ray
+        exposure = unauthenticated_exposure(loaded.server.http)
+        if exposure is not None and not loaded.server.http.allow_unauthenticated_remote:
+            print(f"error: refusing to start: {exposure}; {exposure_remedy(loaded.server.http)}", file=sys.stderr)
+            return 2
+        if exposure is not None:
+            logger.warning("!!! UNAUTHENTICATED ADMIN ROUTES: %s. Serving anyway, as allow_unauthenticated_remote "
+                           "is set !!!", exposure)
         serving = build_serving(loaded)
     except ConfigError as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
     http = serving.config.http
-    if http.host not in ("127.0.0.1", "localhost", "::1") and serving.app.state.admin_token is None:
-        logger.warning("listening on %s with no admin token: anyone who reaches it can pause the server or load "
-                       "weights; set %s or model_engine_server.http.auth_token", http.host, http.auth_token_env)
     return _serve(serving.app, http.host, http.port, http.graceful_shutdown_s)
 
 

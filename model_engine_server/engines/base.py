@@ -51,6 +51,7 @@ class ModelInfo:
     dtype: str
     device: str
     tied_embeddings: bool
+    model_parallel_size: int = 1  # ranks that run one forward together (TP x PP)
 
 
 @dataclass(frozen=True)
@@ -71,7 +72,14 @@ class Engine(Protocol):
 
     def weight_specs(self) -> dict[str, WeightSpec]: ...
 
-    def load_weights(self, named_tensors: Iterable[tuple[str, torch.Tensor]]) -> list[str]: ...
+    def load_weights(self, named_tensors: Iterable[tuple[str, torch.Tensor]]) -> list[str]:
+        """Copy tensors in by HF name; returns the names now in place (a part of a fused
+        parameter counts only once its whole parameter is written)."""
+        ...
+
+    def discard_partial_weights(self) -> None:
+        """Forget parts of fused parameters still waiting for the rest (an aborted sync's)."""
+        ...
 
     def export_weights(self) -> Iterator[tuple[str, torch.Tensor]]: ...
 

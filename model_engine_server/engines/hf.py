@@ -137,6 +137,9 @@ class HFEngine(HiddenStateEngine):
             loaded.append(name)
         return loaded
 
+    def discard_partial_weights(self) -> None:
+        """Every tensor is written whole here: nothing waits for parts."""
+
     def export_weights(self) -> Iterator[tuple[str, torch.Tensor]]:
         for name, param in self._params.items():
             yield name, param.detach()

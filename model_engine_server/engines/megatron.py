@@ -153,6 +153,7 @@ class MegatronEngine(HiddenStateEngine):
             dtype=spec.dtype,
             device=str(self.device),
             tied_embeddings=self.weights.tied,
+            model_parallel_size=self.layout.tp_size * self.layout.pp_size,
         )
 
     @property
@@ -252,6 +253,9 @@ class MegatronEngine(HiddenStateEngine):
     def load_weights(self, named_tensors: Iterable[tuple[str, torch.Tensor]]) -> list[str]:
         """HF-named tensors, possibly a partial bucket; see `HFWeightMap.load`."""
         return self.weights.load(named_tensors, allow_cast=self.spec.allow_dtype_cast)
+
+    def discard_partial_weights(self) -> None:
+        self.weights.discard_partial_weights()
 
     def export_weights(self) -> Iterator[tuple[str, torch.Tensor]]:
         """The whole model as HF tensors on every rank; all ranks of the group must iterate it."""

@@ -107,24 +107,42 @@ class HFWeightMap:
 
     @torch.no_grad()
     def load(self, named_tensors: Iterable[tuple[str, torch.Tensor]], allow_cast: bool) -> list[str]:
-        """Accept a (partial) stream of HF tensors; returns the names accepted, in order.
+        """Accept a (partial) stream of HF tensors; returns the names now written, in order.
 
         Each tensor is checked (name, shape, dtype) before anything is written. A parameter is
-        written once all its parts have arrived, possibly in a later call.
+        written once all its parts have arrived, possibly in a later call; a part's name is
+        returned only then, so a sync whose fused parameter never completes is seen as missing
+        that part. Names of another pipeline stage's parameters are accepted at once.
         """
-        loaded = []
+        written: list[str] = []
         for name, tensor in named_tensors:
             key = self._check(name, tensor, allow_cast)
-            for slot in self._slots_by_hf.get(key, ()):
+            slots = self._slots_by_hf.get(key, ())
+            completed: list[ParamSlot] = []
+            for slot in slots:
                 parts = self._pending.setdefault(slot.local_name, {})
                 parts[key] = tensor
                 if len(parts) == len(slot.hf_names):
                     del self._pending[slot.local_name]
                     self._write(slot, [parts[hf_name] for hf_name in slot.hf_names])
+                    completed.append(slot)
                 else:  # the caller may reuse its buffer for the next tensor
                     parts[key] = tensor.detach().clone()
-            loaded.append(name)
-        return loaded
+            # another stage's parameter (no slot here) is complete at once; else this name and
+            # the earlier parts of each parameter just written, once none of theirs still waits
+            candidates = dict.fromkeys([part for slot in completed for part in slot.hf_names if part != key])
+            written += [part for part in candidates if not self._waiting(part)]
+            if not self._waiting(key):
+                written.append(name)
+        return written
+
+    def _waiting(self, hf_name: str) -> bool:
+        """Whether some parameter holding `hf_name` still waits for other parts."""
+        return any(hf_name in self._pending.get(slot.local_name, {}) for slot in self._slots_by_hf.get(hf_name, ()))
+
+    def discard_partial_weights(self) -> None:
+        """Forget parts waiting for the rest of their parameter (an aborted sync's leftovers)."""
+        self._pending.clear()
 
     def _write(self, slot: ParamSlot, hf_tensors: list[torch.Tensor]) -> None:
         hf_tensors = [t.to(device=slot.param.device) for t in hf_tensors]
@@ -137,15 +155,6 @@ class HFWeightMap:
                 f"{slot.local_name}, expected {tuple(slot.param.shape)}"
             )
         slot.param.data.copy_(shard)
-
-    def waiting_for(self) -> list[str]:
-        """HF names still missing from parameters whose other parts have arrived."""
-        missing = []
-        for slot in self.slots:
-            parts = self._pending.get(slot.local_name)
-            if parts:
-                missing.extend(name for name in slot.hf_names if name not in parts)
-        return missing
 
     @torch.no_grad()
     def export(self) -> Iterator[tuple[str, torch.Tensor]]:

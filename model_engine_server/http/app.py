@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import logging
 from contextlib import asynccontextmanager
-from typing import Any, AsyncIterator
+from typing import Any, AsyncIterator, Sequence
 
 from fastapi import Depends, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
@@ -20,11 +20,13 @@ from checkpoint_transport.http_routes import weight_sync_router
 from checkpoint_transport.targets import LocalServerTarget, WeightSyncTarget
 from model_engine_server.config import HttpConfig
 from model_engine_server.errors import ModelEngineError
+from model_engine_server.http.admin_policy import transport_spec_guard
 from model_engine_server.http.errors import MalformedEnvelope, error_response
 from model_engine_server.http.auth import require_admin
 from model_engine_server.http.metrics import ServerMetrics
 from model_engine_server.http.routes import router
 from model_engine_server.http.schemas import LogProbCall
+from model_engine_server.http.wire import internal_error_wire
 from model_engine_server.service import LogProbService
 
 logger = logging.getLogger(__name__)
@@ -36,16 +38,21 @@ def create_app(
     service: LogProbService,
     http: HttpConfig | None = None,
     metrics: ServerMetrics | None = None,
-    default_temperature: float = 1.0,
     owns_service: bool = False,
     admin_token: str | None = None,
     weight_sync_target: WeightSyncTarget | None = None,
+    allowed_endpoints: Sequence[str] = (),
+    weight_roots: Sequence[str] | None = None,
 ) -> FastAPI:
     """Build the app. `metrics` should be the one whose observer the service's scheduler
     reports to (see `launch.build_service`); `owns_service` shuts the service down (draining
     accepted requests) when the app stops. `admin_token` overrides `http`'s token.
     `weight_sync_target` (derived from the service when it can receive weights) backs the
-    `/v1/weights/*` admin routes a remote `clients.publisher.HttpSyncTarget` drives."""
+    `/v1/weights/*` admin routes a remote `clients.publisher.HttpSyncTarget` drives.
+    `allowed_endpoints` (hosts, CIDRs) are the transport endpoints `/v1/weights/receive` may
+    join besides loopback and the server's Ray nodes (`admin_policy`). `weight_roots` are the
+    folders `/v1/update_weights_from_disk` may read; None reads anywhere, for embedding
+    callers and tests (`serve` always passes roots: `launch.build_serving`)."""
     http = http or HttpConfig()
     metrics = metrics or ServerMetrics()
 
@@ -69,13 +76,15 @@ def create_app(
     state = app.state
     state.service = service
     state.metrics = metrics
-    state.default_temperature = default_temperature
     state.admin_token = admin_token if admin_token is not None else http.token()
     state.max_body_bytes = int(http.max_body_mb * MB)
     state.max_weights_body_bytes = int(http.max_weights_body_mb * MB)
     state.max_requests_per_call = http.max_requests_per_call
     state.retry_after_s = http.retry_after_s
     state.scoring_in_progress = 0
+    state.allowed_endpoints = tuple(allowed_endpoints)
+    state.transport_spec_guard = transport_spec_guard(state.allowed_endpoints)
+    state.weight_roots = None if weight_roots is None else tuple(str(root) for root in weight_roots)
     app.include_router(router)
     state.weight_sync_target = weight_sync_target or sync_target_for(service)
     if state.weight_sync_target is not None:
@@ -87,11 +96,16 @@ def create_app(
 
 
 def sync_target_for(service: LogProbService) -> WeightSyncTarget | None:
-    """The replica manager receives weights itself; an in-process scheduler through its executor."""
-    if hasattr(service, "receive_weights") and hasattr(service, "receiver_count"):
-        return service  # type: ignore[return-value]
-    if hasattr(service, "executor") and hasattr(service, "begin_weight_update"):
-        return LocalServerTarget(service)
+    """Weights go to the policy only: a replica manager receives them itself, an in-process
+    scheduler through a `LocalServerTarget` over its update session."""
+    from model_engine_server.reference import PolicyWithReference
+    from model_engine_server.scheduler import ModelEngineServer
+
+    policy = service.policy if isinstance(service, PolicyWithReference) else service
+    if isinstance(policy, ModelEngineServer):
+        return LocalServerTarget(policy)
+    if isinstance(policy, WeightSyncTarget):
+        return policy
     return None
 
 
@@ -114,8 +128,8 @@ def _install_error_handlers(app: FastAPI, retry_after_s: float) -> None:
 
     @app.exception_handler(Exception)
     async def unexpected(request: Request, error: Exception) -> JSONResponse:
-        logger.exception("unhandled error on %s %s", request.method, request.url.path)
-        body = {"error": {"code": "internal_error", "message": f"{type(error).__name__}: {error}"}}
+        # the text goes to the log under an id, never to the caller (it can name paths, hosts, values)
+        body = {"error": internal_error_wire(error, f"{request.method} {request.url.path}")}
         return JSONResponse(body, status_code=500)
 
 

@@ -1,9 +1,11 @@
 """HTTP-only failures and the one place every error becomes a JSON response.
 
-Status codes: 400 malformed or invalid input, 401 missing/wrong admin token, 404/405 unknown
-route or method, 409 a rejected weight update, 413 body too large, 415 unsupported content
-type, 422 a body of the wrong shape, 429 queue full and 503 unavailable (both with
-`Retry-After`), 504 deadline. A 500 means a bug in the server, never bad input.
+Status codes: 400 malformed or invalid input, 401 missing/wrong admin token, 403 an admin call
+the configuration does not allow (transport endpoint, weight folder), 404/405 unknown route or
+method, 409 a rejected weight update, 413 body too large, 415 unsupported content type, 422 a
+body of the wrong shape, 429 queue full and 503 unavailable (both with `Retry-After`), 504
+deadline. A 500 means a bug in the server, never bad input: its text goes to the server log
+under an error id, and the caller gets only the id.
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ import math
 from fastapi.responses import JSONResponse
 
 from model_engine_server.errors import InvalidRequest, ModelEngineError, Overloaded
+from model_engine_server.http.wire import public_error_wire
 
 
 class Unauthorized(ModelEngineError):
@@ -46,12 +49,13 @@ def retry_after(error: ModelEngineError, default_s: float) -> float | None:
 
 
 def error_response(error: ModelEngineError, retry_after_default_s: float = 1.0, extra: dict | None = None) -> JSONResponse:
-    """`{"error": {"code", "message", ...}}` with the error's status and its headers."""
+    """`{"error": {"code", "message", ...}}` with the error's status and its headers (a 500:
+    `{"code": "internal_error", "message", "error_id"}`, the text logged, not sent)."""
     headers: dict[str, str] = {}
     wait = retry_after(error, retry_after_default_s)
     if wait is not None:
         headers["Retry-After"] = str(max(0, math.ceil(wait)))
     if isinstance(error, Unauthorized):
         headers["WWW-Authenticate"] = "Bearer"
-    body: dict = {"error": error.to_wire(), **(extra or {})}
+    body: dict = {"error": public_error_wire(error), **(extra or {})}
     return JSONResponse(body, status_code=error.http_status, headers=headers)

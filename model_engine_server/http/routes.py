@@ -47,7 +47,7 @@ from model_engine_server.http.wire import (
     media_type,
     outcome_to_wire,
 )
-from model_engine_server.protocol import LogProbRequest, with_default_temperature
+from model_engine_server.protocol import LogProbRequest
 from model_engine_server.weights_from_disk import update_weights_from_disk as load_checkpoint_folder
 
 INT64_MIN, INT64_MAX = -(2**63), 2**63 - 1
@@ -115,10 +115,9 @@ def _parse_envelope(payload: Any, max_requests: int) -> CallEnvelope:
     return envelope
 
 
-def parse_request(item: Any, index: int, default_temperature: float) -> LogProbRequest:
-    """One request of a call, with the server's default temperature when it names none."""
+def parse_request(item: Any, index: int) -> LogProbRequest:
+    """One request of a call (an unset temperature is resolved by the scheduler at admission)."""
     where = f"requests[{index}]"
-    item = with_default_temperature(item, default_temperature)
     try:
         request = LogProbRequest.parse(item)
     except InvalidRequest as error:
@@ -147,7 +146,7 @@ async def logprobs(request: Request) -> Response:
     valid: list[tuple[int, LogProbRequest]] = []
     for index, item in enumerate(envelope.requests):
         try:
-            valid.append((index, parse_request(item, index, state.default_temperature)))
+            valid.append((index, parse_request(item, index)))
         except InvalidRequest as error:
             outcomes[index] = error
             state.metrics.observer.request_rejected(error)
@@ -215,16 +214,22 @@ async def update_weights(request: Request) -> JSONResponse:
     "/v1/update_weights_from_disk",
     summary="Serve an HF checkpoint folder's weights as the policy's next version",
     response_model=WeightUpdateResponse,
-    responses={400: {"model": ErrorResponse}, **ADMIN_ERRORS, 422: {"model": ErrorResponse}},
+    responses={400: {"model": ErrorResponse}, 403: {"model": ErrorResponse}, **ADMIN_ERRORS, 422: {"model": ErrorResponse}},
     dependencies=[Depends(require_admin)],
 )
 async def update_weights_from_disk(body: UpdateFromDiskBody, request: Request) -> JSONResponse:
+    from model_engine_server.http.admin_policy import resolve_under_roots
+
     service = request.app.state.service
+    roots = getattr(request.app.state, "weight_roots", None)  # None: the embedding caller chose no roots
+    # a folder outside the roots is a 403 before anything is opened (same answer whether it exists);
+    # the resolved path (symlinks and `..` followed) is the folder checked and the folder read
+    model_path = body.model_path if roots is None else str(resolve_under_roots(body.model_path, roots))
     own = getattr(service, "update_weights_from_disk", None)  # serialises concurrent calls
     if own is not None:
-        served = await own(body.model_path, body.weight_version)
+        served = await own(model_path, body.weight_version)
     else:
-        served = await load_checkpoint_folder(service, body.model_path, body.weight_version)
+        served = await load_checkpoint_folder(service, model_path, body.weight_version)
     return JSONResponse({"weight_version": served})
 
 

@@ -9,7 +9,9 @@ dtype checked against a short list.
 from __future__ import annotations
 
 import json
+import logging
 import math
+import secrets
 from typing import Any, Iterable
 
 import numpy as np
@@ -18,6 +20,8 @@ import torch
 from model_engine_server import codec
 from model_engine_server.errors import InvalidRequest, ModelEngineError
 from model_engine_server.protocol import LogProbResult
+
+logger = logging.getLogger(__name__)
 
 MSGPACK = "application/msgpack"
 JSON = "application/json"
@@ -80,10 +84,27 @@ def json_safe(value: Any) -> Any:
 
 
 # ---------------------------------------------------------------- scoring results
+def internal_error_wire(error: BaseException, where: str = "") -> dict[str, str]:
+    """Log `error` with its traceback under a fresh short id and return the only thing the
+    caller learns of it: the id. Exception text can hold paths, hosts or tensor values of the
+    server's, and a 500 is the server's bug, not something the caller can act on."""
+    error_id = secrets.token_hex(6)
+    logger.error("internal error %s%s: %s: %s", error_id, f" on {where}" if where else "",
+                 type(error).__name__, error, exc_info=error)
+    return {"code": "internal_error", "message": f"internal error; see the server log for error id {error_id}",
+            "error_id": error_id}
+
+
+def public_error_wire(error: ModelEngineError) -> dict[str, Any]:
+    """What a caller sees of `error`: its own wire form, except that an internal error (500)
+    is logged and answered with an id instead of its message."""
+    return internal_error_wire(error) if error.http_status == 500 else error.to_wire()
+
+
 def outcome_to_wire(outcome: LogProbResult | ModelEngineError, request_id: str | None) -> dict[str, Any]:
     """One entry of `{"results": [...]}`: a result, or `{"request_id", "error": {...}}`."""
     if isinstance(outcome, ModelEngineError):
-        return {"request_id": request_id, "error": outcome.to_wire()}
+        return {"request_id": request_id, "error": public_error_wire(outcome)}
     return outcome.to_wire(arrays_as_lists=False)
 
 

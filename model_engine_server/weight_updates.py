@@ -1,0 +1,166 @@
+"""The scheduler's side of a weight update: opens the session, gates every delivery, commits.
+
+`ModelEngineServer` owns one `WeightUpdates`. The contract it enforces, whatever calls arrive:
+- `begin(version)` opens a `WeightSession` (participants and expected names from the executor,
+  one deadline), drains in-flight batches, drops half-assembled parameters an earlier aborted
+  sync left in the engines, and returns the receiver count. A second `begin` while one is open
+  is refused at once.
+- Weights reach the engines only inside an open session: `load` (tensors through the executor)
+  and `start_delivery` / `record_delivery` (a transport streaming into the workers, reporting
+  per participant what each loaded). Anything else is refused.
+- `commit(version)` serves the version only if every participant recorded every expected name;
+  otherwise it aborts with a reason naming what is missing and raises.
+- `abort(reason)` (also on the deadline): if any delivery began, the weights are incomplete and
+  nothing serves until a complete sync; if none did, the old weights serve on under the old version.
+
+Imports neither Ray nor HTTP.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import logging
+import time
+from typing import Awaitable, Callable, Iterable, Sequence
+
+import torch
+
+from model_engine_server.errors import ModelEngineError, WeightSyncError
+from model_engine_server.executor import Executor
+from model_engine_server.scheduler_state import WeightState
+from model_engine_server.weight_session import WeightSession
+
+logger = logging.getLogger(__name__)
+
+
+class WeightUpdates:
+    def __init__(
+        self,
+        executor: Executor,
+        timeout_s: float,
+        drain: Callable[[], Awaitable[None]],
+        wake: Callable[[], None],
+        initial_version: int = 0,
+    ) -> None:
+        self.executor = executor
+        self.timeout_s = timeout_s
+        self.state = WeightState(version=initial_version)
+        self._drain = drain
+        self._wake = wake
+        self._timer: asyncio.TimerHandle | None = None
+        self._background: set[asyncio.Task[None]] = set()
+
+    # ---------------------------------------------------------------- open
+    async def begin(self, version: int) -> int:
+        """Open the session for `version` and drain; returns how many processes receive."""
+        expected = frozenset(await self.executor.weight_specs())
+        session = WeightSession(version, tuple(self.executor.participants()), expected, time.monotonic() + self.timeout_s)
+        self.state.begin(session)  # check-and-set in one step: a concurrent begin is refused here
+        self._timer = asyncio.get_running_loop().call_later(self.timeout_s, self._expire, session)
+        try:
+            await self._drain()
+            await self.executor.discard_partial_weights()
+        except BaseException as error:  # the caller gave up, or the engines are gone: nothing was loaded
+            if self.state.session is session:
+                self._close(f"begin of version {version} did not complete: {type(error).__name__}: {error}")
+            raise
+        return session.receivers
+
+    # ---------------------------------------------------------------- deliveries
+    async def load(self, named_tensors: Iterable[tuple[str, torch.Tensor]], version: int | None = None) -> list[str]:
+        """Load tensors through the executor into the open session; returns the names loaded."""
+        session = self.state.current(version)
+        stream = iter(named_tensors)
+        first = next(stream, None)
+        if first is None:  # nothing to deliver: the engines are untouched
+            return []
+        return await self.deliver(lambda: self.executor.load_weights(itertools.chain([first], stream)), version)
+
+    async def deliver(self, load: Callable[[], Awaitable[list[str]]], version: int | None = None) -> list[str]:
+        """Run one delivery that every participant takes (`load` returns the names all of them
+        loaded) inside the open session, and record it."""
+        session = self.state.current(version)
+        session.start_delivery()  # before any byte moves: an abort from here on cannot trust the old weights
+        names = await load()
+        self._check_still_open(session)
+        session.record_everywhere(names)
+        return names
+
+    def start_delivery(self, version: int) -> WeightSession:
+        """A transport is about to stream into the participants of `version`'s session."""
+        session = self.state.current(version)
+        session.start_delivery()
+        return session
+
+    def record_delivery(self, version: int, participant: str, names: Sequence[str]) -> None:
+        """`participant` reports the names it loaded (a transport receiver's report)."""
+        self.state.current(version).record(participant, names)
+
+    def _check_still_open(self, session: WeightSession) -> None:
+        if self.state.session is not session:
+            raise WeightSyncError(
+                f"the weight update to version {session.version} was aborted while its weights were loading "
+                f"({self.state.incomplete_reason or 'closed'})"
+            )
+
+    # ---------------------------------------------------------------- close
+    async def commit(self, version: int) -> None:
+        """Serve `version` if it arrived complete everywhere; else abort, naming what is missing."""
+        session = self.state.current(version)
+        refusal = session.refusal()
+        if refusal is not None:
+            await self.abort(refusal)
+            raise WeightSyncError(refusal)
+        self.state.commit(version)
+        self._clear_timer()
+        self._wake()
+
+    async def abort(self, reason: str) -> None:
+        """Close the open session (if any) and drop the engines' half-assembled parameters."""
+        if self.state.session is None:
+            return
+        self._close(reason)
+        try:
+            await self.executor.discard_partial_weights()
+        except Exception as error:  # a dead executor holds nothing to discard
+            logger.warning("discarding partial weights after an abort failed: %s", error)
+
+    def mark_incomplete(self, reason: str) -> None:
+        """Refuse to score until a complete update lands (e.g. a replica restarted from an older
+        checkpoint than the version its peers serve)."""
+        self.state.incomplete_reason = reason
+        self._wake()
+
+    async def update(self, named_tensors: Iterable[tuple[str, torch.Tensor]], version: int) -> int:
+        """begin -> load -> commit; any failure (or a cancel) aborts."""
+        await self.begin(version)
+        try:
+            await self.load(named_tensors, version)
+            await self.commit(version)
+        except BaseException as error:
+            await asyncio.shield(self.abort(str(error) or type(error).__name__))
+            if isinstance(error, ModelEngineError) or not isinstance(error, Exception):
+                raise
+            raise WeightSyncError(f"{type(error).__name__}: {error}") from error
+        return version
+
+    def _close(self, reason: str) -> None:
+        incomplete = self.state.abort(reason)
+        self._clear_timer()
+        self._wake()
+        if incomplete:
+            logger.warning("weight update aborted, weights incomplete: %s", reason)
+
+    def _expire(self, session: WeightSession) -> None:
+        """A publisher that began an update and vanished must not leave the server drained forever."""
+        if self.state.session is session:
+            reason = f"the weight update to version {session.version} was not committed within {self.timeout_s:g} s"
+            task = asyncio.get_running_loop().create_task(self.abort(reason))
+            self._background.add(task)
+            task.add_done_callback(self._background.discard)
+
+    def _clear_timer(self) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
