@@ -42,6 +42,7 @@ logger = logging.getLogger(__name__)
 Weights = Iterable[tuple[str, torch.Tensor]] | Mapping[str, torch.Tensor] | str | os.PathLike
 RemoteSend = Callable[[TransportSpec, int], Awaitable[SendReport | dict[str, Any]]]
 SenderFactory = Callable[[TransportSpec], WeightSender]
+SENDER_GRACE_AFTER_RECEIVERS_FAILED_S = 10.0
 
 
 @dataclass
@@ -209,14 +210,19 @@ class WeightPublisher:
         except Exception as error:
             report.receives = []
             report.error = f"receiving failed: {getattr(error, 'message', None) or error}"
-        if failure_reason(report.receives) is not None and not sending.done():
+        receivers_failed = failure_reason(report.receives) is not None
+        if receivers_failed and not sending.done():
             session.abort(failure_reason(report.receives) or "receivers failed")  # unblock the sender
         report.transfer_s = time.monotonic() - started
+        # With the receivers gone, a sender still waiting for them to join cannot be woken on
+        # every backend: give it a short grace, then report without it (its thread times out
+        # by itself; the next sync uses a fresh group).
+        sender_bound_s = min(spec.timeout_s + 10, SENDER_GRACE_AFTER_RECEIVERS_FAILED_S) if receivers_failed else spec.timeout_s + 10
         try:
-            async with asyncio.timeout(spec.timeout_s + 10):
+            async with asyncio.timeout(sender_bound_s):
                 report.send = await asyncio.shield(sending)
         except TimeoutError:
-            report.send = SendReport(version=version, error=f"the sender did not finish within {spec.timeout_s + 10:.3g} s")
+            report.send = SendReport(version=version, error=f"the sender did not finish within {sender_bound_s:.3g} s")
         except Exception as error:  # the sending process died, or its call raised
             report.send = SendReport(version=version, error=f"the sender failed: {type(error).__name__}: {error}")
         problems = []

@@ -1,0 +1,498 @@
+"""Property test of the weight-update session on real Ray replicas (issue 16).
+
+Seeded random sequences of operations — begin (a new version, or a stale one), bucket deliveries
+through the manager (complete, partial, the rest of a partial one, outside any update), commit,
+abort, publisher syncs over gloo (complete, or with a trainer export that raises part-way),
+and worker kills with restarts — run against one `ReplicaManager` of two replicas (one worker
+each) while scoring traffic flows continuously. Refusals are expected; the invariants are:
+
+1. Every result is tagged with a version that was committed (the manager's commit returned, or a
+   publisher sync reported ok), and its log-probs and entropies equal a reference computed in
+   this process on exactly that version's weights, one request alone, within
+   `CROSS_PROCESS_ATOL` = 1e-5 absolute (fp32; the workers run 1 torch thread and this process 2,
+   see tests/_tolerances.py). The versions' references differ from each other, and from a
+   half-and-half mix of two versions, by more than 100x that, so a result computed on another
+   version's weights, or on a mix, cannot pass.
+2. Every request ends, within a bound, with a result or a typed `ModelEngineError` with a reason.
+3. The server's refusals hold: a second begin while one is open, a stale version, a load with no
+   update open, a commit with names never delivered, a sync whose sender failed.
+4. After the sequence, one complete update succeeds and every replica serves at that version.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import random
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import pytest
+import pytest_asyncio
+import ray
+import torch
+
+from checkpoint_transport.spec import TransportConfig
+from clients.publisher import WeightPublisher
+from model_engine_server.adapter import ModelEngineServerAdapter
+from model_engine_server.engines.base import EngineSpec, build_engine
+from model_engine_server.errors import ModelEngineError, WeightSyncError
+from model_engine_server.protocol import LogProbRequest, LogProbResult
+from model_engine_server.scheduler import SchedulerConfig
+from model_engine_server.tiny_model import perturbed_weights
+from replica.manager import ReplicaManager
+from tests._tolerances import CROSS_PROCESS_ATOL, assert_distinguishable, max_abs_diff
+from tests.helpers import random_requests
+from tests.test_replica import assert_nothing_left, replica_config
+
+pytestmark = [pytest.mark.slow, pytest.mark.asyncio(loop_scope="module")]
+
+SEEDS = (101, 202, 303)
+OPERATIONS = 20  # per sequence
+MAX_KILLS = 1  # per sequence: a restart costs seconds on 2 cores
+UPDATE_TIMEOUT_S = 5.0  # weight_update_timeout_s: a begun update nobody finishes is aborted
+REQUEST_TIMEOUT_S = 3.0  # longest a request waits in a queue (drained, incomplete weights)
+BATCH_TIMEOUT_S = 20.0  # longest a batch may run
+ANSWER_BOUND_S = 2 * (REQUEST_TIMEOUT_S + BATCH_TIMEOUT_S) + 10  # with one retry elsewhere
+OPERATION_BOUND_S = 90.0
+TRANSPORT = TransportConfig(backend="gloo", bucket_bytes=64 << 10, timeout_s=15)
+VOCAB = 512
+SCALE = 0.05  # weight perturbation per version
+MIN_RESPONSE = 4  # tokens: a gap between versions is the largest of several
+
+
+# ---------------------------------------------------------------------- shared state
+@dataclass
+class Served:
+    """The module's manager and what it has committed, across sequences."""
+
+    manager: ReplicaManager
+    publisher: WeightPublisher
+    base: dict[str, torch.Tensor]
+    committed: dict[int, dict[str, torch.Tensor]]  # version -> the weights it was committed with
+    last_version: int = 0  # every version the tests use is new: never reused, even if refused
+
+    def fresh_version(self) -> int:
+        self.last_version += 1
+        return self.last_version
+
+    def weights_of(self, version: int) -> dict[str, torch.Tensor]:
+        return perturbed_weights(self.base, seed=version, scale=SCALE)
+
+
+@pytest.fixture(scope="module")
+def base_weights(tiny_model) -> dict[str, torch.Tensor]:
+    engine = build_engine("hf", EngineSpec(model_path=str(tiny_model)))
+    return {name: tensor.detach().clone() for name, tensor in engine.export_weights()}
+
+
+@pytest.fixture(scope="module")
+def pool() -> list[LogProbRequest]:
+    """Fixed requests (their references are cached per version), each with >= 4 response tokens."""
+    candidates = random_requests(60, VOCAB, seed=77, min_len=12, max_len=48)
+    chosen = [r for r in candidates if len(r.input_ids) - r.response_start >= MIN_RESPONSE][:12]
+    assert len(chosen) == 12
+    return chosen
+
+
+class References:
+    """Log-probs and entropies of one request alone on given weights, in this process."""
+
+    def __init__(self, model_path: str) -> None:
+        self.adapter = ModelEngineServerAdapter(build_engine("hf", EngineSpec(model_path=model_path)), 8192)
+        self._cache: dict[tuple[Any, int], np.ndarray] = {}
+
+    def of(self, key: Any, weights: dict[str, torch.Tensor], requests: list[LogProbRequest]) -> list[np.ndarray]:
+        """One array per request: its log-probs followed by its entropies."""
+        missing = [i for i in range(len(requests)) if (key, i) not in self._cache]
+        if missing:
+            self.adapter.engine.load_weights(weights.items())
+            for index in missing:
+                [out] = self.adapter.score([requests[index]])
+                self._cache[(key, index)] = np.concatenate([out.log_probs, out.entropy]).astype(np.float64)
+        return [self._cache[(key, i)] for i in range(len(requests))]
+
+
+@pytest.fixture(scope="module")
+def references(tiny_model) -> References:
+    return References(str(tiny_model))
+
+
+@pytest_asyncio.fixture(scope="module", loop_scope="module")
+async def served(ray_cluster, tiny_model, base_weights):
+    scheduler = SchedulerConfig(
+        max_tokens_per_batch=2048, max_wait_ms=2.0, request_timeout_s=REQUEST_TIMEOUT_S,
+        weight_update_timeout_s=UPDATE_TIMEOUT_S,
+    )
+    config = replica_config(
+        tiny_model, num_replicas=2, n_gpus_per_node=1, scheduler=scheduler, auto_restart=False,
+        health_check_interval_s=1.0, batch_timeout_s=BATCH_TIMEOUT_S, health_timeout_s=5.0,
+        weight_bucket_mb=1,
+    )
+    manager = ReplicaManager(config)
+    await manager.start()
+    publisher = WeightPublisher(manager, TRANSPORT)
+    try:
+        yield Served(manager, publisher, base_weights, {0: base_weights})
+    finally:
+        await publisher.close()
+        await manager.shutdown(drain=False, timeout_s=5.0)
+        await assert_nothing_left()
+
+
+# ---------------------------------------------------------------------- one random sequence
+@dataclass
+class Outcome:
+    index: int  # into the pool
+    value: Any  # LogProbResult | ModelEngineError | any other exception | "hang ..."
+    seconds: float
+    during: int  # the operation in progress when it was submitted
+
+
+@dataclass
+class OpenSession:
+    """An update this driver began: its version, the weights it delivers, the names it tried."""
+
+    version: int
+    weights: dict[str, torch.Tensor]
+    attempted: set[str] = field(default_factory=set)
+
+
+class Driver:
+    def __init__(self, served: Served, pool: list[LogProbRequest], seed: int) -> None:
+        self.served = served
+        self.manager = served.manager
+        self.pool = pool
+        self.seed = seed
+        self.rng = random.Random(seed)
+        self.traffic_rng = random.Random(seed + 1)
+        self.names = list(served.base)
+        self.session: OpenSession | None = None
+        self.log: list[str] = []
+        self.outcomes: list[Outcome] = []
+        self.restarts: list[asyncio.Task[None]] = []
+        self.kills = 0
+        self.op = 0
+        self.attempted_versions: dict[int, dict[str, torch.Tensor]] = {}  # for diagnostics
+        self.started_at_version = self.manager.weight_version
+
+    # ---------------------------------------------------------------- traffic
+    async def traffic(self, stop: asyncio.Event) -> None:
+        running: set[asyncio.Task[None]] = set()
+        while not stop.is_set():
+            if len(running) < 4:
+                task = asyncio.ensure_future(self.score_one(self.traffic_rng.randrange(len(self.pool))))
+                running.add(task)
+                task.add_done_callback(running.discard)
+            await asyncio.sleep(self.traffic_rng.uniform(0.005, 0.04))
+        await asyncio.gather(*running)
+
+    async def score_one(self, index: int) -> None:
+        during, started = self.op, time.monotonic()
+        value: Any
+        try:
+            value = await asyncio.wait_for(self.manager.submit(self.pool[index], timeout_s=REQUEST_TIMEOUT_S), ANSWER_BOUND_S)
+        except ModelEngineError as error:
+            value = error
+        except TimeoutError:
+            value = f"hang: no answer within {ANSWER_BOUND_S:g} s"
+        except Exception as error:  # noqa: BLE001 - an untyped failure is a finding, recorded
+            value = error
+        self.outcomes.append(Outcome(index, value, time.monotonic() - started, during))
+
+    # ---------------------------------------------------------------- helpers
+    def updating(self) -> bool:
+        return bool(self.manager.status()["updating_weights"])
+
+    def sync_session(self) -> None:
+        """The manager may have closed our update meanwhile (its deadline, a failed delivery)."""
+        if self.session is not None and not self.updating():
+            self.session = None
+
+    def note(self, text: str) -> None:
+        self.log.append(f"op {self.op}: {text}")
+
+    def buckets(self, names: list[str], weights: dict[str, torch.Tensor]) -> list[list[tuple[str, torch.Tensor]]]:
+        parts = self.rng.randint(1, min(3, len(names)))
+        cuts = sorted(self.rng.sample(range(1, len(names)), parts - 1)) if parts > 1 else []
+        bounds = [0, *cuts, len(names)]
+        return [[(n, weights[n]) for n in names[a:b]] for a, b in zip(bounds, bounds[1:])]
+
+    # ---------------------------------------------------------------- operations
+    async def begin(self) -> None:
+        current = self.manager.weight_version
+        stale = self.rng.random() < 0.15
+        version = self.rng.randint(0, current) if stale else self.served.fresh_version()
+        was_open = self.updating()
+        started = time.monotonic()
+        try:
+            receivers = await self.manager.begin_weight_update(version)
+        except ModelEngineError as error:
+            self.note(f"begin({version}) refused: {error.message[:160]}")
+            if was_open:
+                assert isinstance(error, WeightSyncError) and "already in progress" in error.message, error
+                assert time.monotonic() - started < 1.0, "a second begin was not refused at once"
+            elif stale:
+                assert isinstance(error, WeightSyncError) and "greater than the current" in error.message, error
+            return
+        assert not was_open, f"begin({version}) accepted while another update was open"
+        assert not stale, f"begin({version}) accepted at or below the current version {current}"
+        update = self.manager._update
+        assert update is not None and update.version == version
+        assert receivers == sum(len(r.workers) for r in update.participants), "receiver count != participants' workers"
+        self.session = OpenSession(version, self.served.weights_of(version))
+        self.attempted_versions[version] = self.session.weights
+        self.note(f"begin({version}) -> {receivers} receivers")
+
+    async def deliver(self, which: str) -> None:
+        self.sync_session()
+        session = self.session
+        if session is None or self.rng.random() < 0.1:  # outside any update, or a wrong version
+            version = session.version + 1 if session is not None else self.served.last_version + 1000
+            decoy = perturbed_weights(self.served.base, seed=10_000 + self.op, scale=SCALE)
+            names = self.rng.sample(self.names, self.rng.randint(1, len(self.names)))
+            was_open = self.updating()
+            with pytest.raises(WeightSyncError) as refused:
+                await self.manager.load_weight_bucket([(n, decoy[n]) for n in names], version)
+            self.note(f"load of {len(names)} decoy tensors as v{version} (open: {was_open}) refused: "
+                      f"{refused.value.message[:120]}")
+            return
+        if which == "complete":
+            names = list(self.names)
+            self.rng.shuffle(names)
+        elif which == "rest" and set(self.names) - session.attempted:
+            names = sorted(set(self.names) - session.attempted)
+        else:
+            names = self.rng.sample(self.names, self.rng.randint(1, len(self.names) - 1))
+        loaded = 0
+        for bucket in self.buckets(names, session.weights):
+            session.attempted.update(n for n, _ in bucket)
+            try:
+                loaded += len(await self.manager.load_weight_bucket(bucket, session.version))
+            except ModelEngineError as error:
+                self.note(f"deliver {which} v{session.version}: a bucket failed: {error.message[:160]}")
+                self.sync_session()
+                return
+        self.note(f"deliver {which} v{session.version}: {len(names)} tensors, {loaded} loaded")
+
+    async def commit(self) -> None:
+        self.sync_session()
+        session = self.session
+        wrong = session is not None and self.rng.random() < 0.1
+        version = session.version + (1 if wrong else 0) if session is not None else self.manager.weight_version + 1
+        try:
+            await self.manager.commit_weight_update(version)
+        except ModelEngineError as error:
+            self.note(f"commit({version}) refused: {error.message[:200]}")
+            if wrong:  # refused before anything: our update stays open
+                assert self.updating(), "a commit naming the wrong version closed the open update"
+            self.sync_session()
+            return
+        assert session is not None and not wrong, f"commit({version}) accepted with no update of that version open"
+        missing = set(self.names) - session.attempted
+        assert not missing, f"commit({version}) accepted though {sorted(missing)} were never delivered"
+        self.served.committed[version] = session.weights
+        self.session = None
+        self.note(f"commit({version}) ok")
+
+    async def abort(self) -> None:
+        await self.manager.abort_weight_update(f"property test {self.seed}: abort at op {self.op}")
+        assert not self.updating()
+        self.note(f"abort (open: {self.session.version if self.session else None})")
+        self.session = None
+
+    async def publish(self, failing: bool) -> None:
+        version = self.served.fresh_version()
+        weights = self.served.weights_of(version)
+        self.attempted_versions[version] = weights
+        items = list(weights.items())
+        cut = self.rng.randint(0, len(items) - 1)
+
+        def failing_export():
+            yield from items[:cut]
+            raise RuntimeError(f"the trainer's export failed after {cut} tensors")
+
+        was_open = self.updating()
+        try:
+            report = await self.served.publisher.update_weights(failing_export() if failing else weights, version)
+        except WeightSyncError as error:
+            self.note(f"publish{' failing' if failing else ''}({version}) failed: {error.message[:200]}")
+            if was_open:  # refused at begin: the open update is left alone
+                assert "already in progress" in error.message, error
+                assert self.updating(), "a refused sync closed the update that was open"
+            self.sync_session()
+            return
+        assert not failing, f"a sync whose export raised after {cut} of {len(items)} tensors committed version {version}"
+        assert not was_open and report.ok
+        self.served.committed[version] = weights
+        self.note(f"publish({version}) ok: {report.send.buckets} buckets to {len(report.receives)} workers")
+
+    async def kill(self) -> None:
+        restarting = {i for i, t in enumerate(self.restarts) if not t.done()}
+        candidates = [r for r in self.manager.replicas if r.alive and r.index not in self.manager._joining]
+        if self.kills >= MAX_KILLS or not candidates or restarting:
+            self.note("kill skipped")
+            return
+        self.kills += 1
+        replica = self.rng.choice(candidates)
+        loading = None
+        self.sync_session()
+        if self.session is not None and self.rng.random() < 0.5:  # die in the middle of a delivery
+            loading = asyncio.ensure_future(self.deliver("complete"))
+            await asyncio.sleep(self.rng.uniform(0.0, 0.02))
+        ray.kill(replica.workers[0], no_restart=True)
+        if loading is not None:
+            await loading
+        if self.rng.random() < 0.7:
+            await self.manager.health()
+        self.note(f"killed {replica.name}'s worker{' during a delivery' if loading else ''}; restarting it")
+        self.restarts.append(asyncio.ensure_future(self.manager.restart_replica(replica.index)))
+
+    async def settle_restarts(self) -> None:
+        outcomes = await asyncio.gather(*self.restarts, return_exceptions=True)
+        for outcome in outcomes:
+            if isinstance(outcome, BaseException):
+                self.note(f"a restart failed: {type(outcome).__name__}: {outcome}")
+        self.restarts = [t for t in self.restarts if not t.done()]
+
+    async def step(self) -> None:
+        choice = self.rng.choices(
+            ["begin", "complete", "partial", "rest", "commit", "abort", "publish", "publish_failing", "kill",
+             "settle", "pause"],
+            weights=[18, 12, 10, 6, 14, 6, 10, 8, 6, 4, 6],
+        )[0]
+        if choice == "begin":
+            await self.begin()
+        elif choice in ("complete", "partial", "rest"):
+            await self.deliver(choice)
+        elif choice == "commit":
+            await self.commit()
+        elif choice == "abort":
+            await self.abort()
+        elif choice in ("publish", "publish_failing"):
+            await self.publish(choice == "publish_failing")
+        elif choice == "kill":
+            await self.kill()
+        elif choice == "settle":
+            await self.settle_restarts()
+            self.note("restarts settled")
+        else:
+            await asyncio.sleep(self.rng.uniform(0.1, 0.4))
+            self.note("pause")
+
+    async def run(self) -> None:
+        stop = asyncio.Event()
+        traffic = asyncio.ensure_future(self.traffic(stop))
+        try:
+            for self.op in range(OPERATIONS):
+                try:
+                    await asyncio.wait_for(self.step(), OPERATION_BOUND_S)
+                except TimeoutError:
+                    raise AssertionError(f"operation {self.op} hung\n" + self.history()) from None
+                await asyncio.sleep(self.rng.uniform(0.0, 0.05))
+            self.op = OPERATIONS
+            await asyncio.wait_for(self.settle_restarts(), OPERATION_BOUND_S)
+        finally:
+            stop.set()
+            await asyncio.wait_for(traffic, ANSWER_BOUND_S + 5)
+
+    def history(self) -> str:
+        return f"seed {self.seed}, operations:\n  " + "\n  ".join(self.log)
+
+
+# ---------------------------------------------------------------------- checks
+def check_outcomes(driver: Driver, served: Served, references: References, pool: list[LogProbRequest]) -> dict[str, int]:
+    problems: list[str] = []
+    counts = {"results": 0, "errors": 0}
+    for outcome in driver.outcomes:
+        value, where = outcome.value, f"request {outcome.index} (submitted during op {outcome.during})"
+        if isinstance(value, LogProbResult):
+            counts["results"] += 1
+            version = value.weight_version
+            if version not in served.committed:
+                problems.append(f"{where}: tagged version {version}, which was never committed")
+                continue
+            want = references.of(version, served.committed[version], pool)[outcome.index]
+            got = np.concatenate([value.log_probs, value.entropy]).astype(np.float64)
+            gap = max_abs_diff(got, want)
+            if gap > CROSS_PROCESS_ATOL:
+                closest = min(
+                    ((v, max_abs_diff(got, references.of(v, w, pool)[outcome.index]))
+                     for v, w in {**served.committed, **driver.attempted_versions}.items()),
+                    key=lambda pair: pair[1],
+                )
+                problems.append(f"{where}: tagged version {version} but {gap:.3g} from its reference "
+                                f"(closest: version {closest[0]} at {closest[1]:.3g})")
+        elif isinstance(value, ModelEngineError):
+            counts["errors"] += 1
+            if not value.message:
+                problems.append(f"{where}: failed with {type(value).__name__} and no reason")
+        else:
+            problems.append(f"{where}: {value!r} after {outcome.seconds:.1f} s (neither a result nor a typed error)")
+    assert not problems, "\n".join(problems[:20]) + "\n" + driver.history()
+    return counts
+
+
+def check_distinguishable(versions: list[int], served: Served, references: References, pool: list[LogProbRequest]) -> None:
+    """Each pair of versions (and a half-and-half mix of two) differs by > 100x the tolerance on every request."""
+    refs = {v: references.of(v, served.committed[v], pool) for v in versions}
+    for i, a in enumerate(versions):
+        for b in versions[i + 1:]:
+            assert_distinguishable(refs[a], refs[b], f"versions {a} and {b}")
+    a, b = versions[0], versions[-1]
+    names = list(served.base)
+    mixed = {n: (served.committed[a] if k % 2 else served.committed[b])[n] for k, n in enumerate(names)}
+    mixed_refs = references.of(("mix", a, b), mixed, pool)
+    assert_distinguishable(refs[a], mixed_refs, f"version {a} vs mixed with {b}")
+    assert_distinguishable(refs[b], mixed_refs, f"version {b} vs mixed with {a}")
+
+
+async def final_update(driver: Driver, served: Served, references: References, pool: list[LogProbRequest]) -> int:
+    manager = served.manager
+    for replica in manager.replicas:  # a restart may have failed (its peer died during the copy)
+        if not replica.alive:
+            await asyncio.wait_for(manager.restart_replica(replica.index), OPERATION_BOUND_S)
+    if manager.status()["updating_weights"]:
+        await manager.abort_weight_update("the sequence is over")
+    version = served.fresh_version()
+    weights = served.weights_of(version)
+    if driver.rng.random() < 0.5:
+        assert await asyncio.wait_for(manager.update_weights(list(weights.items()), version), OPERATION_BOUND_S) == version
+    else:
+        report = await asyncio.wait_for(served.publisher.update_weights(weights, version), OPERATION_BOUND_S)
+        assert report.ok
+    served.committed[version] = weights
+    status = manager.status()
+    assert status["weight_version"] == version and status["weights_incomplete"] is None, status
+    assert not status["updating_weights"] and status["live_replicas"] == len(manager.replicas), status
+    want = references.of(version, weights, pool)
+    for replica in manager.replicas:  # each replica alone, so both are seen serving the new version
+        for index in (0, 1):
+            result = await asyncio.wait_for(replica.submit(pool[index], timeout_s=30), ANSWER_BOUND_S)
+            assert result.weight_version == version
+            got = np.concatenate([result.log_probs, result.entropy]).astype(np.float64)
+            assert max_abs_diff(got, want[index]) <= CROSS_PROCESS_ATOL, f"{replica.name}: request {index}"
+    return version
+
+
+@pytest.mark.parametrize("seed", SEEDS)
+async def test_random_update_sequences_never_serve_unloaded_weights_and_answer_every_request(
+    seed, served, references, pool
+):
+    driver = Driver(served, pool, seed)
+    started = time.monotonic()
+    await driver.run()
+    counts = check_outcomes(driver, served, references, pool)
+    final = await final_update(driver, served, references, pool)
+    versions = sorted({driver.started_at_version, final, *(v for v in served.committed if v >= driver.started_at_version)})
+    check_distinguishable(versions, served, references, pool)
+    assert counts["results"] > 0, "no request was served during the sequence\n" + driver.history()
+    print(f"seed {seed}: {OPERATIONS} operations, {counts['results']} results, {counts['errors']} typed errors, "
+          f"versions {versions}, {time.monotonic() - started:.1f} s\n" + driver.history())
+
+
+async def test_nothing_is_left_open_after_the_sequences(served):
+    status = served.manager.status()
+    assert not status["updating_weights"] and status["weights_incomplete"] is None
+    assert not served.manager._weights_lock.locked()
