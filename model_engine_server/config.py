@@ -166,6 +166,9 @@ class ServerConfig(BaseModel):
         default=1.0, gt=0, description="used when a request names none; default: actor_rollout_ref.rollout.temperature"
     )
     initial_weight_version: int = Field(default=0, ge=0)
+    batch_timeout_s: float = Field(
+        default=600.0, gt=0, description="a batch running longer fails (WorkerFailed) and its engine takes no more work"
+    )
 
     nnodes: int = Field(default=1, ge=1)
     n_gpus_per_node: int | None = Field(default=None, ge=1, description="None: what the replicas need, on one node")

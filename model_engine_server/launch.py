@@ -106,7 +106,8 @@ def _build_one(
             raise ConfigError(f"{SECTION}.device={config.device!r}: {error}") from None
         logger.info("building the %s as one in-process replica: backend=%s, model=%s", role, config.backend, model_path)
         return build_local_server(
-            config.engine_spec(model_path), config.backend, config.scheduler, observer, config.initial_weight_version
+            config.engine_spec(model_path), config.backend, config.scheduler, observer, config.initial_weight_version,
+            config.batch_timeout_s,
         )
     return build_replica_service(config, model_path, observer, REPLICA_NAME_PREFIX[role], ray_gpus)
 
@@ -205,6 +206,7 @@ def replica_config_for(config: ServerConfig, model_path: str) -> "ReplicaConfig"
         num_replicas=config.replicas,
         scheduler=config.scheduler,
         initial_weight_version=config.initial_weight_version,
+        batch_timeout_s=config.batch_timeout_s,
         weight_bucket_mb=config.transport.bucket_mb,
         ray_address=config.ray.address,
         health_check_interval_s=config.ray.health_check_interval_s,

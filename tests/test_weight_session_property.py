@@ -22,6 +22,7 @@ each) while scoring traffic flows continuously. Refusals are expected; the invar
 from __future__ import annotations
 
 import asyncio
+import os
 import random
 import time
 from dataclasses import dataclass, field
@@ -48,9 +49,9 @@ from tests.test_replica import assert_nothing_left, replica_config
 
 pytestmark = [pytest.mark.slow, pytest.mark.asyncio(loop_scope="module")]
 
-SEEDS = (101, 202, 303)
-OPERATIONS = 20  # per sequence
-MAX_KILLS = 1  # per sequence: a restart costs seconds on 2 cores
+SEEDS = tuple(int(s) for s in os.environ.get("WEIGHT_SESSION_SEEDS", "101,202,303").split(","))  # more: explore
+OPERATIONS = 24  # per sequence
+MAX_KILLS = 2  # per sequence: a restart costs seconds on 2 cores
 UPDATE_TIMEOUT_S = 5.0  # weight_update_timeout_s: a begun update nobody finishes is aborted
 REQUEST_TIMEOUT_S = 3.0  # longest a request waits in a queue (drained, incomplete weights)
 BATCH_TIMEOUT_S = 20.0  # longest a batch may run
@@ -313,10 +314,10 @@ class Driver:
             yield from items[:cut]
             raise RuntimeError(f"the trainer's export failed after {cut} tensors")
 
-        was_open = self.updating()
+        was_open, started = self.updating(), time.monotonic()
         try:
             report = await self.served.publisher.update_weights(failing_export() if failing else weights, version)
-        except WeightSyncError as error:
+        except ModelEngineError as error:  # refused at begin (WeightSyncError, no live replica), or failed
             self.note(f"publish{' failing' if failing else ''}({version}) failed: {error.message[:200]}")
             if was_open:  # refused at begin: the open update is left alone
                 assert "already in progress" in error.message, error
@@ -326,28 +327,45 @@ class Driver:
         assert not failing, f"a sync whose export raised after {cut} of {len(items)} tensors committed version {version}"
         assert not was_open and report.ok
         self.served.committed[version] = weights
-        self.note(f"publish({version}) ok: {report.send.buckets} buckets to {len(report.receives)} workers")
+        self.note(f"publish({version}) ok: {report.send.buckets} buckets to {len(report.receives)} workers "
+                  f"in {time.monotonic() - started:.2f} s")
 
     async def kill(self) -> None:
-        restarting = {i for i, t in enumerate(self.restarts) if not t.done()}
+        """Kill one live replica's worker — idle, in the middle of a bucket delivery, or while a
+        publisher streams over gloo — then (usually) a health check, and restart it in the
+        background (its weight copy waits for any open update)."""
         candidates = [r for r in self.manager.replicas if r.alive and r.index not in self.manager._joining]
-        if self.kills >= MAX_KILLS or not candidates or restarting:
+        if self.kills >= MAX_KILLS or not candidates:
             self.note("kill skipped")
             return
         self.kills += 1
         replica = self.rng.choice(candidates)
-        loading = None
         self.sync_session()
-        if self.session is not None and self.rng.random() < 0.5:  # die in the middle of a delivery
-            loading = asyncio.ensure_future(self.deliver("complete"))
+        mode = self.rng.choice(["idle", "during a delivery" if self.session is not None else "during a publish"])
+        concurrent = None
+        if mode == "during a delivery":
+            concurrent = asyncio.ensure_future(self.deliver("complete"))
             await asyncio.sleep(self.rng.uniform(0.0, 0.02))
+        elif mode == "during a publish":
+            concurrent = asyncio.ensure_future(self.publish(failing=False))
+            while not concurrent.done() and not (self.manager._update is not None and self.manager._update.ready):
+                await asyncio.sleep(0.002)  # begun: the stream starts now
+            await asyncio.sleep(self.rng.uniform(0.0, 0.05))
         ray.kill(replica.workers[0], no_restart=True)
-        if loading is not None:
-            await loading
+        self.note(f"killed {replica.name}'s worker {mode}")
+        if concurrent is not None:
+            await concurrent
         if self.rng.random() < 0.7:
             await self.manager.health()
-        self.note(f"killed {replica.name}'s worker{' during a delivery' if loading else ''}; restarting it")
-        self.restarts.append(asyncio.ensure_future(self.manager.restart_replica(replica.index)))
+        restart = asyncio.ensure_future(self.manager.restart_replica(replica.index))
+        if self.rng.random() < 0.4:  # waits for an open update to end (commit, abort or its deadline)
+            started = time.monotonic()
+            await asyncio.gather(restart, return_exceptions=True)
+            self.note(f"restarted {replica.name} in {time.monotonic() - started:.1f} s: "
+                      f"{restart.exception() or 'ok'}")
+        else:
+            self.note(f"restarting {replica.name} in the background")
+            self.restarts.append(restart)
 
     async def settle_restarts(self) -> None:
         outcomes = await asyncio.gather(*self.restarts, return_exceptions=True)
@@ -360,7 +378,7 @@ class Driver:
         choice = self.rng.choices(
             ["begin", "complete", "partial", "rest", "commit", "abort", "publish", "publish_failing", "kill",
              "settle", "pause"],
-            weights=[18, 12, 10, 6, 14, 6, 10, 8, 6, 4, 6],
+            weights=[18, 12, 10, 6, 14, 6, 10, 8, 6, 6, 6],
         )[0]
         if choice == "begin":
             await self.begin()
@@ -390,6 +408,8 @@ class Driver:
                     await asyncio.wait_for(self.step(), OPERATION_BOUND_S)
                 except TimeoutError:
                     raise AssertionError(f"operation {self.op} hung\n" + self.history()) from None
+                except Exception as error:
+                    raise AssertionError(f"operation {self.op} raised {error!r}\n" + self.history()) from error
                 await asyncio.sleep(self.rng.uniform(0.0, 0.05))
             self.op = OPERATIONS
             await asyncio.wait_for(self.settle_restarts(), OPERATION_BOUND_S)
