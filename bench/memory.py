@@ -14,8 +14,7 @@ from typing import Any
 import torch
 
 from bench.common import Target, measure_peak_bytes
-from bench.baselines import full_logits_log_probs
-from model_engine_server.logprobs import LMHead, chunk_tokens_for, chunked_log_probs
+from model_engine_server.logprobs import LMHead, chunk_tokens_for, chunked_log_probs, full_logits_log_probs
 
 VOCAB_SIZE = 151_936
 HIDDEN_SIZE = 896  # Qwen2-0.5B's width

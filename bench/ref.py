@@ -28,7 +28,7 @@ from typing import Any
 import numpy as np
 
 from bench.common import Target
-from model_engine_server.config_loader import load_config
+from model_engine_server.config import load_config
 from model_engine_server.launch import build_service
 from model_engine_server.protocol import LogProbRequest, LogProbResult
 from model_engine_server.reference import PolicyWithReference

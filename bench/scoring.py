@@ -21,12 +21,12 @@ from typing import Any
 
 import torch
 
-from bench.baselines import full_logits_log_probs
 from bench.common import Target, timed_best
 from bench.flops import forward_flops, gemm_flops_per_s
 from model_engine_server.adapter import ModelEngineServerAdapter
 from model_engine_server.engines.base import EngineSpec, build_engine
 from model_engine_server.engines.hf import HFEngine
+from model_engine_server.logprobs import full_logits_log_probs
 from model_engine_server.packing import pack_sequences, split_by_token_budget
 from model_engine_server.protocol import LogProbRequest
 from model_engine_server.tiny_model import TinyModelShape, make_tiny_model

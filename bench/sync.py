@@ -24,8 +24,9 @@ import numpy as np
 import torch
 
 from bench.common import Target, flatten, format_table
-from checkpoint_transport.spec import TransportConfig
-from checkpoint_transport.targets import LocalServerTarget
+from checkpoint_transport.receiver import receive_weights
+from checkpoint_transport.spec import ReceiveReport, TransportConfig, TransportSpec
+from checkpoint_transport.threads import run_in_thread
 from clients.publisher import WeightPublisher
 from model_engine_server.engines.base import ModelInfo, WeightSpec
 from model_engine_server.errors import WeightSyncError
@@ -89,6 +90,22 @@ class TensorStoreExecutor:
     def participants(self) -> list[str]:
         return ["engine"]
 
+    async def receive_weights(self, spec: TransportSpec, version: int, first_rank: int) -> list[ReceiveReport]:
+        """One receiver in a daemon thread, copying each bucket into the tensors (on their device)."""
+        device = next(iter(self.tensors.values())).device
+
+        def load_bucket(tensors: list[tuple[str, torch.Tensor]]) -> list[str]:
+            for name, tensor in tensors:
+                self.tensors[name].copy_(tensor)
+            return [name for name, _ in tensors]
+
+        def receive() -> ReceiveReport:
+            if device.type == "cuda":
+                torch.cuda.set_device(device)
+            return receive_weights(spec.for_rank(first_rank), load_bucket, version, set(self.tensors))
+
+        return [await run_in_thread(receive)]
+
     async def discard_partial_weights(self) -> None:
         pass
 
@@ -128,7 +145,7 @@ async def measure_backend(
     executor = TensorStoreExecutor(shapes, torch.device(device))
     server = ModelEngineServer(executor, SchedulerConfig(max_wait_ms=1))
     config = TransportConfig(backend=backend, bucket_bytes=bucket_bytes, timeout_s=300)
-    publisher = WeightPublisher(LocalServerTarget(server, device=device if device != "cpu" else None), config)
+    publisher = WeightPublisher(server, config)
     nbytes = sum(t.numel() * t.element_size() for t in source.values())
     stop, answered = asyncio.Event(), []
     load = asyncio.ensure_future(_client_load(server, stop, answered))

@@ -4,9 +4,9 @@ Publisher side: `get_backend(name).open_session(config)` opens the rendezvous an
 `session.begin(group, receivers)` gives one sync's `TransportSpec`; rank 0 runs
 `WeightSender.from_spec(spec).send(named_tensors, version)`.
 Worker side: `receive_weights(spec.for_rank(r), engine.load_weights, version, expected_names)`
-(or `worker_receive_weights(engine, spec, version)` in a worker actor's method).
+(or `receive_into_engine(spec, engine, version)` in a worker actor's method).
 Backends: "gloo" and "nccl" (a per-sync torch.distributed broadcast group), "ray" (object store).
-`clients.publisher.WeightPublisher` drives a whole sync against a `WeightSyncTarget`.
+`clients.publisher.WeightPublisher` drives a whole sync against a server's weight session.
 """
 
 from checkpoint_transport.bucket import BucketFormatError, BucketHeader, TensorEntry, group_into_buckets, pack_bucket, unpack_bucket
@@ -15,6 +15,7 @@ from checkpoint_transport.checkpoint_files import iter_checkpoint
 from checkpoint_transport.receiver import WeightReceiver, receive_into_engine, receive_weights
 from checkpoint_transport.sender import WeightSender, send_weights
 from checkpoint_transport.spec import (
+    failure_reason,
     DEFAULT_BUCKET_BYTES,
     ReceiveReport,
     SendReport,
@@ -23,25 +24,16 @@ from checkpoint_transport.spec import (
     TransportSpec,
     TransportTimeout,
 )
-from checkpoint_transport.targets import (
-    ActorSyncTarget,
-    LocalServerTarget,
-    RayWorkersTarget,
-    WeightSyncTarget,
-    worker_receive_weights,
-)
 
 __all__ = [
-    "ActorSyncTarget",
+    "failure_reason",
     "BucketFormatError",
     "BucketHeader",
     "DEFAULT_BUCKET_BYTES",
     "get_backend",
     "group_into_buckets",
     "iter_checkpoint",
-    "LocalServerTarget",
     "pack_bucket",
-    "RayWorkersTarget",
     "receive_into_engine",
     "receive_weights",
     "ReceiveReport",
@@ -57,6 +49,4 @@ __all__ = [
     "unpack_bucket",
     "WeightReceiver",
     "WeightSender",
-    "WeightSyncTarget",
-    "worker_receive_weights",
 ]

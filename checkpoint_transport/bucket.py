@@ -18,39 +18,14 @@ from typing import Iterable, Iterator
 import msgpack
 import torch
 
+from checkpoint_transport.dtypes import DTYPES, dtype_name
+
 ALIGN = 64  # bytes; a multiple of every dtype's size, and of the checksum's 8-byte words
 _CHECKSUM_BLOCK_WORDS = 1 << 13  # 64 KiB blocks: position-sensitive at this granularity
 CHECKSUM_KIND = "sum64x2"
 
-DTYPES: dict[str, torch.dtype] = {
-    name: dtype
-    for name, dtype in (
-        ("float32", torch.float32),
-        ("float16", torch.float16),
-        ("bfloat16", torch.bfloat16),
-        ("float64", torch.float64),
-        ("int64", torch.int64),
-        ("int32", torch.int32),
-        ("int16", torch.int16),
-        ("int8", torch.int8),
-        ("uint8", torch.uint8),
-        ("bool", torch.bool),
-        ("float8_e4m3fn", getattr(torch, "float8_e4m3fn", None)),
-        ("float8_e5m2", getattr(torch, "float8_e5m2", None)),
-    )
-    if dtype is not None
-}
-_DTYPE_NAMES = {dtype: name for name, dtype in DTYPES.items()}
-
-
 class BucketFormatError(ValueError):
     """A header or buffer that does not describe a well-formed bucket (corrupt or hostile)."""
-
-
-def dtype_name(dtype: torch.dtype) -> str:
-    if dtype not in _DTYPE_NAMES:
-        raise BucketFormatError(f"dtype {dtype} cannot be sent; supported: {', '.join(DTYPES)}")
-    return _DTYPE_NAMES[dtype]
 
 
 def _aligned(offset: int) -> int:
@@ -135,8 +110,7 @@ class BucketHeader:
                 if size < 0:
                     raise BucketFormatError(f"bucket {self.index}: tensor {entry.name!r} has shape {entry.shape}")
                 numel *= size
-            itemsize = torch.empty((), dtype=DTYPES[entry.dtype]).element_size()
-            if entry.nbytes != numel * itemsize:
+            if entry.nbytes != numel * DTYPES[entry.dtype].itemsize:
                 raise BucketFormatError(
                     f"bucket {self.index}: tensor {entry.name!r} declares {entry.nbytes} bytes for shape {entry.shape}"
                 )
@@ -182,6 +156,20 @@ def group_into_buckets(
         size += nbytes
     if group:
         yield group
+
+
+def group_into_host_buckets(
+    named_tensors: Iterable[tuple[str, torch.Tensor]], bucket_bytes: int
+) -> Iterator[list[tuple[str, torch.Tensor]]]:
+    """`group_into_buckets` over detached, contiguous CPU copies: groups to hand to Ray's
+    object store as they are (one `ray.put` per group, no flat buffer)."""
+    return group_into_buckets(((name, _on_host(tensor)) for name, tensor in named_tensors), bucket_bytes)
+
+
+def _on_host(tensor: torch.Tensor) -> torch.Tensor:
+    if not isinstance(tensor, torch.Tensor):
+        return tensor  # group_into_buckets names what it got instead
+    return tensor.detach().cpu().contiguous()
 
 
 def packed_size(group: list[tuple[str, torch.Tensor]]) -> int:

@@ -1,37 +1,98 @@
-"""Read an HF checkpoint folder as the same `(hf_name, tensor)` stream a trainer's export yields.
+"""Read an HF checkpoint folder of safetensors files: the one reader behind the disk update
+(`model_engine_server.weights_from_disk`), the Megatron engine's start-up load and the
+publisher's `weights="<folder>"`.
 
-Lazy, one tensor at a time (safetensors memory-maps the files), so publishing a checkpoint
-never holds the whole model in memory: only the bucket being packed.
+- `list_tensors(folder)`: every tensor's file, shape and dtype, from the headers only.
+- `read_tensors(listing, names)`: the wanted tensors, lazily, file by file (safetensors
+  memory-maps the files), so a reader holds one tensor at a time, never the model.
+- `iter_checkpoint(folder)`: every tensor, as the same `(hf_name, tensor)` stream a trainer's
+  export yields.
+
+The files are those the folder's `model.safetensors.index.json` lists (each must exist), else
+every `*.safetensors` file, sorted. A folder that is not a readable checkpoint is a
+`CheckpointError` naming what is wrong.
 """
 
 from __future__ import annotations
 
 import json
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator
+from typing import Iterable, Iterator, Mapping
 
 import torch
+
+from checkpoint_transport.dtypes import SAFETENSORS_DTYPES
+
+INDEX = "model.safetensors.index.json"
+EXAMPLES = 3  # names quoted in an error message
+
+
+class CheckpointError(ValueError):
+    """A folder that is not a readable safetensors checkpoint."""
+
+
+@dataclass(frozen=True)
+class StoredTensor:
+    """One tensor of a checkpoint, as its header describes it."""
+
+    file: Path
+    shape: tuple[int, ...]
+    dtype: torch.dtype | None  # None: a safetensors dtype outside `checkpoint_transport.dtypes`
 
 
 def checkpoint_files(folder: str | Path) -> list[Path]:
     """The folder's safetensors files, in the order its index lists them (or sorted)."""
-    path = Path(folder)
+    path = Path(folder).expanduser()
     if not path.is_dir():
-        raise FileNotFoundError(f"checkpoint path {str(folder)!r} is not a folder")
-    index = path / "model.safetensors.index.json"
+        raise CheckpointError(f"{str(folder)!r} is not a folder")
+    index = path / INDEX
     if index.is_file():
-        shards = dict.fromkeys(json.loads(index.read_text())["weight_map"].values())
+        try:
+            shards = dict.fromkeys(json.loads(index.read_text())["weight_map"].values())
+        except (ValueError, KeyError, TypeError, AttributeError) as error:
+            raise CheckpointError(f"{index} is not a safetensors index ({type(error).__name__}: {error})") from None
+        missing = [shard for shard in shards if not (path / shard).is_file()]
+        if missing:
+            raise CheckpointError(f"{index.name} lists shard(s) missing from {path}: {missing[:EXAMPLES]}")
         return [path / shard for shard in shards]
     files = sorted(path.glob("*.safetensors"))
     if not files:
-        raise FileNotFoundError(f"checkpoint folder {str(folder)!r} holds no *.safetensors files")
+        raise CheckpointError(f"{path} holds no *.safetensors files (only safetensors checkpoints are loaded)")
     return files
 
 
-def iter_checkpoint(folder: str | Path) -> Iterator[tuple[str, torch.Tensor]]:
+def list_tensors(folder: str | Path) -> dict[str, StoredTensor]:
+    """Every tensor of the checkpoint by name, from the headers only (no tensor data is read)."""
     from safetensors import safe_open
 
+    tensors: dict[str, StoredTensor] = {}
     for file in checkpoint_files(folder):
+        try:
+            with safe_open(str(file), framework="pt", device="cpu") as reader:
+                for name in reader.keys():
+                    part = reader.get_slice(name)
+                    tensors[name] = StoredTensor(file, tuple(part.get_shape()), SAFETENSORS_DTYPES.get(part.get_dtype()))
+        except Exception as error:  # a truncated or foreign file
+            raise CheckpointError(f"cannot read {file.name}: {type(error).__name__}: {error}") from None
+    return tensors
+
+
+def read_tensors(
+    listing: Mapping[str, StoredTensor], names: Iterable[str] | None = None
+) -> Iterator[tuple[str, torch.Tensor]]:
+    """The tensors `names` (default: all) of `listing`, read lazily file by file, as stored."""
+    from safetensors import safe_open
+
+    by_file: dict[Path, list[str]] = {}
+    for name in listing if names is None else names:
+        by_file.setdefault(listing[name].file, []).append(name)
+    for file, file_names in by_file.items():
         with safe_open(str(file), framework="pt", device="cpu") as reader:
-            for name in reader.keys():
+            for name in file_names:
                 yield name, reader.get_tensor(name)
+
+
+def iter_checkpoint(folder: str | Path) -> Iterator[tuple[str, torch.Tensor]]:
+    """Every tensor of the checkpoint, one at a time (the folder is read on the first `next`)."""
+    yield from read_tensors(list_tensors(folder))

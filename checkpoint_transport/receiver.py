@@ -135,7 +135,7 @@ class WeightReceiver:
         try:
             names = load_bucket(unpack_bucket(flat, header))
         except Exception as error:
-            fail(f"bucket {header.index}: the engine rejected it: {getattr(error, 'message', None) or error}")
+            fail(f"bucket {header.index}: the engine rejected it: {error}")
             return
         finally:
             report.load_s += time.monotonic() - began

@@ -17,7 +17,7 @@ import logging
 import queue
 import threading
 import time
-from typing import Iterable
+from typing import Callable, Iterable
 
 import torch
 
@@ -154,12 +154,18 @@ class WeightSender:
         self.channel.close()
 
 
-def send_weights(spec: TransportSpec, named_tensors: Iterable[tuple[str, torch.Tensor]], version: int) -> SendReport:
-    """Join, send, leave; never raises (a sending Ray actor returns the report as it is)."""
+def send_weights(
+    spec: TransportSpec,
+    named_tensors: Iterable[tuple[str, torch.Tensor]],
+    version: int,
+    sender_factory: Callable[[TransportSpec], WeightSender] = WeightSender.from_spec,
+) -> SendReport:
+    """Join (through `sender_factory`), send, leave; never raises (a sending Ray actor returns
+    the report as it is)."""
     try:
-        sender = WeightSender.from_spec(spec)
+        sender = sender_factory(spec)
     except Exception as error:
-        return SendReport(version=version, error=f"could not join sync {spec.group}: {error}")
+        return SendReport(version=version, error=f"the sender could not join sync {spec.group}: {error}")
     try:
         return sender.send(named_tensors, version)
     finally:

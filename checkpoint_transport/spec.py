@@ -8,7 +8,7 @@ dataclasses with `to_dict`/`from_dict` for the same reason.
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field, fields
-from typing import Any
+from typing import Any, Sequence
 
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -24,7 +24,11 @@ class TransportTimeout(TransportError):
 
 
 class TransportConfig(BaseModel):
-    """The publisher's knobs (the `transport:` part of a deployment config)."""
+    """The publisher's knobs; the one transport config of a deployment.
+
+    The server's `model_engine_server.transport:` section is this class plus the server's
+    endpoint allow-list (`model_engine_server.config.ServerTransportConfig`), so a trainer can
+    build its publisher from the YAML the server starts with."""
 
     model_config = ConfigDict(extra="forbid")
 
@@ -110,3 +114,15 @@ class ReceiveReport(_Report):
     load_s: float = 0.0  # time in the engine's load function
     names_loaded: list[str] = field(default_factory=list)
     missing: list[str] = field(default_factory=list)
+
+
+def failure_reason(reports: Sequence[ReceiveReport]) -> str | None:
+    """The first receiver's error, naming its rank; None when every report is ok."""
+    failed = [r for r in reports if not r.ok]
+    if not reports:
+        return "no worker received the stream"
+    if not failed:
+        return None
+    first = failed[0]
+    more = f" (and {len(failed) - 1} more workers failed)" if len(failed) > 1 else ""
+    return f"rank {first.rank}: {first.error}{more}"

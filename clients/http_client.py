@@ -38,8 +38,8 @@ from model_engine_server.errors import (
     WorkerFailed,
     error_from_wire,
 )
-from model_engine_server.http.wire import JSON, MSGPACK, encode_body, encode_weights, is_msgpack, outcome_from_wire
-from model_engine_server.protocol import LogProbRequest
+from model_engine_server.http.wire import JSON, MSGPACK, encode_body, encode_weights, is_msgpack
+from model_engine_server.protocol import LogProbRequest, outcome_from_wire
 
 RETRYABLE_STATUSES = frozenset({429, 503})
 RETRYABLE_ENTRY_ERRORS = (Overloaded, ServerShuttingDown)

@@ -11,13 +11,13 @@ from typing import Any, Iterable, Sequence
 import torch
 
 from clients.base import BaseLogProbClient, Outcome, RequestLike
+from model_engine_server.reference import front
 from model_engine_server.service import LogProbService
-from model_engine_server.weights_from_disk import update_weights_from_disk
 
 
 class LocalClient(BaseLogProbClient):
     def __init__(self, service: LogProbService) -> None:
-        self.service = service
+        self.service = front(service)  # the composite: disk updates and ref mode like every front end
 
     async def score(self, requests: Sequence[RequestLike], timeout_s: float | None = None) -> list[Outcome]:
         return await self.service.score(requests, timeout_s)
@@ -35,7 +35,4 @@ class LocalClient(BaseLogProbClient):
         return await self.service.update_weights(named_tensors, version)
 
     async def update_weights_from_disk(self, model_path: str, version: int | None = None) -> int:
-        own = getattr(self.service, "update_weights_from_disk", None)
-        if own is not None:
-            return await own(model_path, version)
-        return await update_weights_from_disk(self.service, model_path, version)
+        return await self.service.update_weights_from_disk(model_path, version)

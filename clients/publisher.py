@@ -10,8 +10,9 @@ stream of `(hf_name, tensor)` (or a dict, or an HF checkpoint folder) and:
    (this resumes serving), or aborts with the reason: the version stays, the server refuses
    to score until a complete sync lands, and `WeightSyncError(reason)` is raised here.
 
-Targets: `LocalServerTarget` / `RayWorkersTarget` / `ActorSyncTarget` (checkpoint_transport.targets)
-and `HttpSyncTarget` below (the server's admin routes). From a Ray actor (a trainer rank) use
+Targets: any `LogProbService` in this process (a `ModelEngineServer`, the replica manager, the
+composite `serve` builds), `ActorSyncTarget` (a Ray actor hosting one) and `HttpSyncTarget` (the
+server's admin routes), all below or in `model_engine_server.service`. From a Ray actor (a trainer rank) use
 the same async API, or `update_weights_blocking` in synchronous code. When the sending rank is
 another process than the publisher (a controller drives, trainer rank 0 sends), use
 `update_weights_from(send, version)`: `send(spec, version)` runs `send_weights` over there.
@@ -26,18 +27,43 @@ import time
 import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Awaitable, Callable, Iterable, Mapping
+from typing import Any, Awaitable, Callable, Iterable, Mapping, Protocol, runtime_checkable
 
 import torch
 
 from checkpoint_transport.channel import TransportSession, get_backend
 from checkpoint_transport.checkpoint_files import iter_checkpoint
-from checkpoint_transport.sender import WeightSender
+from checkpoint_transport.sender import WeightSender, send_weights
 from checkpoint_transport.spec import ReceiveReport, SendReport, TransportConfig, TransportSpec
-from checkpoint_transport.targets import WeightSyncTarget, failure_reason, run_in_thread
+from checkpoint_transport.spec import failure_reason
+from checkpoint_transport.threads import run_in_thread
 from model_engine_server.errors import ModelEngineError, WeightSyncError, error_from_wire
 
 logger = logging.getLogger(__name__)
+
+
+@runtime_checkable
+class WeightSyncTarget(Protocol):
+    """What a publisher drives: the weight-update half of `model_engine_server.service.LogProbService`
+    (so any service is a target), or a remote one (`ActorSyncTarget`, `HttpSyncTarget`)."""
+
+    async def begin_weight_update(self, version: int) -> int:
+        """Open the update: drain, and answer how many workers receive each stream (the
+        broadcast group is this + the sender), so the count cannot go stale in between."""
+        ...
+
+    async def receive_weights(self, spec: TransportSpec, version: int) -> list[ReceiveReport]:
+        """Receive one stream on every worker (ranks 1..n of `spec`); one report per worker. A
+        failed receive aborts the update on the server by itself."""
+        ...
+
+    async def commit_weight_update(self, version: int) -> None:
+        """Serve `version` if every worker holds all of it (this is the resume); else refused."""
+        ...
+
+    async def abort_weight_update(self, reason: str) -> None: ...
+
+    async def get_status(self) -> dict[str, Any]: ...
 
 Weights = Iterable[tuple[str, torch.Tensor]] | Mapping[str, torch.Tensor] | str | os.PathLike
 RemoteSend = Callable[[TransportSpec, int], Awaitable[SendReport | dict[str, Any]]]
@@ -98,17 +124,7 @@ class WeightPublisher:
         """Publish `weights` as `version`; raises `WeightSyncError` with the reason on failure."""
         named = as_named_tensors(weights)
 
-        def send_here(spec: TransportSpec, version: int) -> SendReport:
-            try:
-                sender = self.sender_factory(spec)
-            except Exception as error:
-                return SendReport(version=version, error=f"the sender could not join sync {spec.group}: {error}")
-            try:
-                return sender.send(named, version)
-            finally:
-                sender.close()
-
-        return await self._sync(version, lambda spec, v: run_in_thread(send_here, spec, v))
+        return await self._sync(version, lambda spec, v: run_in_thread(send_weights, spec, named, v, self.sender_factory))
 
     async def update_weights_from(self, send: RemoteSend, version: int) -> SyncReport:
         """Publish what another process sends: `send(spec, version)` makes it run
@@ -157,7 +173,7 @@ class WeightPublisher:
                 try:
                     await self.target.commit_weight_update(version)
                 except Exception as error:
-                    report.error = f"commit failed: {getattr(error, 'message', None) or error}"
+                    report.error = f"commit failed: {_message(error)}"
             if report.error is not None:
                 await self._abort(report)
             report.ok = report.error is None
@@ -209,7 +225,7 @@ class WeightPublisher:
             report.receives = await receiving
         except Exception as error:
             report.receives = []
-            report.error = f"receiving failed: {getattr(error, 'message', None) or error}"
+            report.error = f"receiving failed: {_message(error)}"
         receivers_failed = failure_reason(report.receives) is not None
         if receivers_failed and not sending.done():
             session.abort(failure_reason(report.receives) or "receivers failed")  # unblock the sender
@@ -251,6 +267,10 @@ class WeightPublisher:
             await run_in_thread(session.close)
 
 
+def _message(error: BaseException) -> str:
+    return error.message if isinstance(error, ModelEngineError) else str(error)
+
+
 def _send_failed(task: "asyncio.Future[SendReport]") -> bool:
     return task.exception() is not None or not task.result().ok
 
@@ -266,8 +286,32 @@ def _sync_error(report: SyncReport) -> WeightSyncError:
     return error
 
 
+class ActorSyncTarget:
+    """A Ray actor that exposes the `WeightSyncTarget` methods (specs and reports as dicts), e.g.
+    the service actor of `replica.service_actor`, so a trainer rank can publish from another process."""
+
+    def __init__(self, handle: Any) -> None:
+        self.handle = handle
+
+    async def begin_weight_update(self, version: int) -> int:
+        return int(await self.handle.begin_weight_update.remote(version))
+
+    async def receive_weights(self, spec: TransportSpec, version: int) -> list[ReceiveReport]:
+        reports = await self.handle.receive_weights.remote(spec.model_dump(), version)
+        return [ReceiveReport.from_dict(r) if isinstance(r, dict) else r for r in reports]
+
+    async def commit_weight_update(self, version: int) -> None:
+        await self.handle.commit_weight_update.remote(version)
+
+    async def abort_weight_update(self, reason: str) -> None:
+        await self.handle.abort_weight_update.remote(reason)
+
+    async def get_status(self) -> dict[str, Any]:
+        return await self.handle.get_status.remote()
+
+
 class HttpSyncTarget:
-    """The server's admin routes (`checkpoint_transport.http_routes`) as a `WeightSyncTarget`,
+    """The server's admin routes (`model_engine_server.http.weight_routes`) as a `WeightSyncTarget`,
     plus pause/resume/status; the buckets themselves travel over the transport, not HTTP."""
 
     def __init__(self, base_url: str, token: str | None = None, timeout_s: float = 600.0) -> None:

@@ -1,9 +1,9 @@
 """`RayLogProbClient`: the `LogProbClient` over a Ray actor handle of the server
-(`replica.server_actor.ModelEngineServerActor`), usable from any Ray actor or driver.
+(`replica.service_actor.LogProbServiceActor`), usable from any Ray actor or driver.
 
 Requests travel as Ray objects; results come back as wire dicts (numpy arrays, no copies) and
 are rebuilt into `LogProbResult` / typed errors exactly as the HTTP client rebuilds them. A
-server actor that is gone surfaces as `WorkerFailed`; a call that outlives `call_timeout_s`
+service actor that is gone surfaces as `WorkerFailed`; a call that outlives `call_timeout_s`
 as `DeadlineExceeded`.
 """
 
@@ -16,32 +16,28 @@ import ray
 import torch
 from ray.exceptions import RayActorError, RayTaskError
 
+from checkpoint_transport.bucket import group_into_host_buckets
+from checkpoint_transport.spec import DEFAULT_BUCKET_BYTES
+from checkpoint_transport.threads import iterate_in_thread
 from clients.base import BaseLogProbClient, Outcome, RequestLike, SyncLogProbClient
-from model_engine_server.errors import DeadlineExceeded, ModelEngineError, WeightSyncError, WorkerFailed, error_from_wire
-from model_engine_server.protocol import LogProbResult
-from replica.executor import iter_buckets
-from replica.server_actor import DEFAULT_ACTOR_NAME
+from model_engine_server.errors import DeadlineExceeded, ModelEngineError, WeightSyncError, WorkerFailed
+from model_engine_server.protocol import outcome_from_wire
+from replica.service_actor import DEFAULT_ACTOR_NAME
 
 T = TypeVar("T")
 
 
-def outcome_from_wire(payload: dict[str, Any]) -> Outcome:
-    if "error" in payload:
-        return error_from_wire(payload["error"])
-    return LogProbResult.from_wire(payload["result"])
-
-
 class RayLogProbClient(BaseLogProbClient):
-    """Async client over a server actor handle; `.sync()` gives the blocking twin."""
+    """Async client over a service actor handle; `.sync()` gives the blocking twin."""
 
-    def __init__(self, handle: Any, call_timeout_s: float | None = None, weight_bucket_mb: int = 512) -> None:
+    def __init__(self, handle: Any, call_timeout_s: float | None = None, weight_bucket_mb: int = DEFAULT_BUCKET_BYTES >> 20) -> None:
         self.handle = handle
         self.call_timeout_s = call_timeout_s
         self.weight_bucket_bytes = weight_bucket_mb << 20
 
     @classmethod
     def from_name(cls, name: str = DEFAULT_ACTOR_NAME, namespace: str | None = None, **kwargs: Any) -> "RayLogProbClient":
-        """Find the named server actor (started elsewhere, e.g. by `serve`)."""
+        """Find the named service actor (started elsewhere, e.g. by `serve`)."""
         return cls(ray.get_actor(name, namespace=namespace), **kwargs)
 
     def sync(self) -> SyncLogProbClient:
@@ -53,9 +49,9 @@ class RayLogProbClient(BaseLogProbClient):
             async with asyncio.timeout(timeout):
                 return await _await(ref)
         except TimeoutError:
-            raise DeadlineExceeded(f"{what}: no answer from the server actor within {timeout:g} s") from None
+            raise DeadlineExceeded(f"{what}: no answer from the service actor within {timeout:g} s") from None
         except RayActorError as error:
-            raise WorkerFailed(f"{what}: the server actor is gone ({type(error).__name__})") from None
+            raise WorkerFailed(f"{what}: the service actor is gone ({type(error).__name__})") from None
         except RayTaskError as error:
             cause = error.cause
             if isinstance(cause, ModelEngineError):
@@ -89,11 +85,12 @@ class RayLogProbClient(BaseLogProbClient):
             await self._abort_quietly(f"client: begin of version {version} interrupted: {error!r}")
             raise
         try:
-            for bucket in iter_buckets(named_tensors, self.weight_bucket_bytes):
+            buckets = group_into_host_buckets(named_tensors, self.weight_bucket_bytes)
+            async for bucket in iterate_in_thread(buckets):  # the caller's export runs off its event loop
                 # nested in a list so Ray passes the reference on: workers fetch the tensors
-                # from this caller's object store, never through the server actor
-                bucket_ref = ray.put(bucket)
-                await self._call(self.handle.load_weight_bucket_ref.remote([bucket_ref]), "load_weight_bucket")
+                # from this caller's object store, never through the service actor
+                bucket_ref = await asyncio.to_thread(ray.put, bucket)
+                await self._call(self.handle.load_weights.remote([bucket_ref], version), "load_weights")
             await self._call(self.handle.commit_weight_update.remote(version), "commit_weight_update")
         except BaseException as error:
             await self._abort_quietly(f"client: {error}")
@@ -109,7 +106,7 @@ class RayLogProbClient(BaseLogProbClient):
             pass  # the server is gone or already aborted; the original error says why
 
     async def update_weights_from_disk(self, model_path: str, version: int | None = None) -> int:
-        """The server actor reads the folder (a path on ITS node), checks it fits, then loads
+        """The service actor reads the folder (a path on ITS node), checks it fits, then loads
         it into every replica; the tensors never pass through this caller."""
         served = await self._call(self.handle.update_weights_from_disk.remote(str(model_path), version),
                                   "update_weights_from_disk")

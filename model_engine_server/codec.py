@@ -2,7 +2,8 @@
 
 A 4,096-token response as a list of floats costs ~9 bytes per value in msgpack and a Python
 float object per value on each side; as raw little-endian bytes it costs 4 bytes and one copy.
-Only plain numeric dtypes are accepted on decode: nothing from the network is ever unpickled.
+Only the numeric dtypes of `checkpoint_transport.dtypes` are accepted on decode: nothing from
+the network is ever unpickled.
 """
 
 from __future__ import annotations
@@ -12,12 +13,10 @@ from typing import Any
 import msgpack
 import numpy as np
 
+from checkpoint_transport.dtypes import NUMPY_DTYPES
 from model_engine_server.errors import InvalidRequest
 
 ARRAY_EXT_CODE = 1
-ALLOWED_DTYPES = frozenset(
-    {"<f2", "<f4", "<f8", "<i1", "<i2", "<i4", "<i8", "|i1", "|u1", "<u2", "<u4", "<u8", "|b1", "<V2"}
-)
 MAX_ARRAY_DIMS = 8
 
 
@@ -26,7 +25,7 @@ def _encode_array(array: np.ndarray) -> msgpack.ExtType:
     if array.dtype.byteorder == ">":
         array = array.astype(array.dtype.newbyteorder("<"))
     dtype = array.dtype.str
-    if dtype not in ALLOWED_DTYPES:
+    if dtype not in NUMPY_DTYPES:
         raise TypeError(f"cannot send arrays of dtype {array.dtype}")
     header = msgpack.packb([dtype, list(array.shape)])
     return msgpack.ExtType(ARRAY_EXT_CODE, header + array.tobytes())
@@ -50,7 +49,7 @@ def _decode_array(data: bytes) -> np.ndarray:
     if not (isinstance(header, list) and len(header) == 2 and isinstance(header[1], list)):
         raise ValueError("array header must be [dtype, shape]")
     dtype, shape = header
-    if dtype not in ALLOWED_DTYPES:
+    if dtype not in NUMPY_DTYPES:
         raise ValueError(f"array dtype {dtype!r} is not allowed")
     if len(shape) > MAX_ARRAY_DIMS or not all(isinstance(dim, int) and dim >= 0 for dim in shape):
         raise ValueError(f"bad array shape {shape!r}")

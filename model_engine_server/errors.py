@@ -50,13 +50,6 @@ class Overloaded(ModelEngineError):
         return {"code": self.code, "message": self.message, "retry_after_s": self.retry_after_s}
 
 
-class WeightsIncomplete(ModelEngineError):
-    """A weight sync failed part-way; nothing is scored until a complete sync lands."""
-
-    code = "weights_incomplete"
-    http_status = 503
-
-
 class ServerShuttingDown(ModelEngineError):
     """The server stopped accepting requests (drain on shutdown)."""
 
@@ -85,11 +78,6 @@ class WeightSyncError(ModelEngineError):
     http_status = 409
 
 
-class NotFound(ModelEngineError):
-    code = "not_found"
-    http_status = 404
-
-
 class Forbidden(ModelEngineError):
     """The configuration does not allow what an (authenticated) admin call asks for: a transport
     endpoint outside the allow-list, a weight folder outside the weight roots. The message names
@@ -105,12 +93,10 @@ ERROR_TYPES: dict[str, type[ModelEngineError]] = {
         ModelEngineError,
         InvalidRequest,
         Overloaded,
-        WeightsIncomplete,
         ServerShuttingDown,
         DeadlineExceeded,
         WorkerFailed,
         WeightSyncError,
-        NotFound,
         Forbidden,
     )
 }

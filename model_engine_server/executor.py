@@ -14,6 +14,9 @@ from typing import Any, Callable, Iterable, Protocol, Sequence, TypeVar, runtime
 
 import torch
 
+from checkpoint_transport.receiver import receive_weights
+from checkpoint_transport.spec import ReceiveReport, TransportSpec
+from checkpoint_transport.threads import run_in_thread
 from model_engine_server.adapter import ModelEngineServerAdapter, Outcome
 from model_engine_server.engines.base import ModelInfo, WeightSpec
 from model_engine_server.errors import WorkerFailed
@@ -42,6 +45,12 @@ class Executor(Protocol):
 
     def participants(self) -> list[str]:
         """Every process that must hold a new weight version (one name each, in receive-rank order)."""
+        ...
+
+    async def receive_weights(self, spec: TransportSpec, version: int, first_rank: int) -> list[ReceiveReport]:
+        """Every participant joins one transport stream (as ranks `first_rank..`, in participant
+        order) and loads what it receives; one report per participant, never raises for a bad
+        stream (the report says what went wrong)."""
         ...
 
     async def discard_partial_weights(self) -> None:
@@ -95,6 +104,25 @@ class InProcessExecutor:
 
     def participants(self) -> list[str]:
         return [self.PARTICIPANT]
+
+    async def receive_weights(self, spec: TransportSpec, version: int, first_rank: int) -> list[ReceiveReport]:
+        """Join the stream on a daemon thread; each bucket loads on the engine thread (never
+        beside a forward), copied while the receiver's views are valid."""
+        if self.failure is not None:
+            raise WorkerFailed(self.failure)
+        engine = self.adapter.engine
+        expected = set(engine.weight_specs())
+        device = torch.device(engine.info.device)
+
+        def load_bucket(tensors: list[tuple[str, torch.Tensor]]) -> list[str]:
+            return self._pool.submit(engine.load_weights, tensors).result()
+
+        def receive() -> ReceiveReport:
+            if device.type == "cuda":  # nccl: the receiving thread joins the group on the engine's GPU
+                torch.cuda.set_device(device)
+            return receive_weights(spec.for_rank(first_rank), load_bucket, version, expected)
+
+        return [await run_in_thread(receive)]
 
     async def discard_partial_weights(self) -> None:
         await self._run("discarding partial weights", self.adapter.engine.discard_partial_weights)

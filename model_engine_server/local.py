@@ -2,11 +2,17 @@
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 from model_engine_server.adapter import ModelEngineServerAdapter
 from model_engine_server.engines.base import EngineSpec, build_engine
 from model_engine_server.executor import InProcessExecutor
 from model_engine_server.scheduler import ModelEngineServer, SchedulerConfig
+from model_engine_server.runtimes import register_runtime
 from model_engine_server.scheduler_state import SchedulerObserver
+
+if TYPE_CHECKING:
+    from model_engine_server.config import ServerConfig
 
 
 def build_local_server(
@@ -24,3 +30,21 @@ def build_local_server(
     engine = build_engine(backend, spec)
     adapter = ModelEngineServerAdapter(engine, scheduler.max_tokens_per_batch, spec.logprob_chunk_mb)
     return ModelEngineServer(InProcessExecutor(adapter, batch_timeout_s), scheduler, observer, initial_weight_version)
+
+
+@register_runtime("in_process")
+def build_in_process_service(
+    config: "ServerConfig", model_path: str, observer: SchedulerObserver | None, name_prefix: str = "", ray_gpus: int = 0
+) -> ModelEngineServer:
+    """The `in_process` runtime: one engine on this machine's device, no Ray."""
+    from model_engine_server.config import SECTION, ConfigError
+    from model_engine_server.engines.base import resolve_device
+
+    try:
+        resolve_device(config.device)
+    except ValueError as error:
+        raise ConfigError(f"{SECTION}.device={config.device!r}: {error}") from None
+    return build_local_server(
+        config.engine_spec(model_path), config.backend, config.scheduler, observer, config.initial_weight_version,
+        config.batch_timeout_s,
+    )

@@ -166,15 +166,23 @@ def chunked_log_probs(
     return log_probs, entropy
 
 
+@torch.inference_mode()
 def full_logits_log_probs(
-    logits: torch.Tensor, targets: torch.Tensor, temperature: float | torch.Tensor = 1.0
+    hidden: torch.Tensor,
+    lm_head_weight: torch.Tensor,
+    targets: torch.Tensor,
+    temperature: float | torch.Tensor = 1.0,
+    bias: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Reference path: full `log_softmax` over materialised logits `[N, V]` (tests, baselines)."""
-    if isinstance(temperature, torch.Tensor):
-        scaled = logits.float() / temperature.float().unsqueeze(-1)
-    else:
-        scaled = logits.float() / temperature
-    log_softmax = torch.log_softmax(scaled, dim=-1)
+    """Reference path, as a trainer computes it without fused kernels: full-vocab logits
+    `[N, V]` in the head's dtype, then fp32, scaled by the temperature, `log_softmax`, a gather
+    of the targets and the entropy of the same distribution. The tests' truth and the
+    benchmarks' baseline, so written as lean as a careful trainer is (in place where it can):
+    the comparison is not against a straw man."""
+    logits = torch.nn.functional.linear(hidden, lm_head_weight, bias).float()
+    logits.div_(temperature.float().unsqueeze(-1) if isinstance(temperature, torch.Tensor) else temperature)
+    log_softmax = torch.log_softmax(logits, dim=-1)
+    del logits
     log_probs = log_softmax.gather(-1, targets.unsqueeze(-1)).squeeze(-1)
-    entropy = -(log_softmax.exp() * log_softmax).sum(-1)
+    entropy = -(log_softmax.exp().mul_(log_softmax)).sum(-1)
     return log_probs, entropy

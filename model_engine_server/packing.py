@@ -38,10 +38,6 @@ class PackedBatch:
     def max_seqlen(self) -> int:
         return int((self.cu_seqlens[1:] - self.cu_seqlens[:-1]).max().item()) if self.num_sequences else 0
 
-    def split(self, values: torch.Tensor) -> list[torch.Tensor]:
-        """Per-sequence slices of a `[N]` tensor aligned with `score_positions`."""
-        return [values[self.score_offsets[k] : self.score_offsets[k + 1]] for k in range(self.num_sequences)]
-
 
 def pack_sequences(sequences: Sequence[Sequence[int]], response_starts: Sequence[int]) -> PackedBatch:
     """Pack token-id sequences (each of length >= 2, 1 <= response_start < length)."""

@@ -14,12 +14,12 @@ from __future__ import annotations
 import math
 import uuid
 from dataclasses import dataclass, field
-from typing import Annotated, Any
+from typing import Annotated, Any, Callable
 
 import numpy as np
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, model_validator
 
-from model_engine_server.errors import InvalidRequest
+from model_engine_server.errors import InvalidRequest, ModelEngineError, error_from_wire
 
 
 def _array_to_list(value: Any) -> Any:
@@ -174,7 +174,6 @@ class ScoreOutput:
     log_probs: np.ndarray
     entropy: np.ndarray | None = None
     mismatch: MismatchStats | None = None
-    ref_log_probs: np.ndarray | None = None
 
 
 @dataclass
@@ -222,3 +221,26 @@ class LogProbResult:
             mismatch=MismatchStats(**mismatch) if mismatch else None,
             timings=dict(payload.get("timings") or {}),
         )
+
+
+# ---------------------------------------------------------------- one request's outcome on a wire
+def outcome_to_wire(
+    outcome: LogProbResult | ModelEngineError,
+    request_id: str | None = None,
+    arrays_as_lists: bool = False,
+    error_to_wire: Callable[[ModelEngineError], dict[str, Any]] | None = None,
+) -> dict[str, Any]:
+    """One request's answer as every transport sends it (an entry of HTTP's `{"results": [...]}`,
+    an item of the Ray actor's reply): the result's own fields, or `{"request_id", "error": {...}}`.
+    `error_to_wire` lets the HTTP layer log a 500 and send an id in place of its text."""
+    if isinstance(outcome, ModelEngineError):
+        error = outcome.to_wire() if error_to_wire is None else error_to_wire(outcome)
+        return {"request_id": request_id, "error": error}
+    return outcome.to_wire(arrays_as_lists)
+
+
+def outcome_from_wire(entry: dict[str, Any]) -> LogProbResult | ModelEngineError:
+    """Inverse of `outcome_to_wire`: the result, or the typed error the server sent."""
+    if entry.get("error") is not None:
+        return error_from_wire(entry["error"])
+    return LogProbResult.from_wire(entry)

@@ -20,14 +20,15 @@ Contract:
   ref request waits only for its policy half during a sync.
 - Status: the policy's status at the top level (weight version, queue, replicas), the
   reference's under `reference`, and `ref_mode`.
-Anything else (a publisher's `executor`, `replicas`, ...) is the policy's, by delegation.
+It implements `LogProbService` explicitly, so it is what every front end holds (`front()` wraps a
+bare service); a service without a reference is the same composite with `reference=None`.
 """
 
 from __future__ import annotations
 
 import asyncio
 import copy
-from typing import Any, Iterable, Sequence
+from typing import TYPE_CHECKING, Any, Iterable, Sequence
 
 import torch
 
@@ -36,7 +37,10 @@ from model_engine_server.errors import InvalidRequest, ModelEngineError, WorkerF
 from model_engine_server.protocol import LogProbRequest, LogProbResult
 from model_engine_server.scheduler_state import SchedulerObserver
 from model_engine_server.service import LogProbService
-from model_engine_server.weights_from_disk import served_weight_layout, update_weights_from_disk
+from model_engine_server.weights_from_disk import update_weights_from_disk
+
+if TYPE_CHECKING:
+    from checkpoint_transport.spec import ReceiveReport, TransportSpec
 
 REF_MODE_SETTING = "model_engine_server.enable_ref_mode"
 REF_MODE_OFF = f"this server hosts no reference policy; set {REF_MODE_SETTING}=true to serve ref log-probs"
@@ -101,18 +105,11 @@ class PolicyWithReference:
     def _services(self) -> list[LogProbService]:
         return [self.policy] if self.reference is None else [self.policy, self.reference]
 
-    def __getattr__(self, name: str) -> Any:
-        """Everything else is the policy's (an executor, replicas, a publisher's hooks)."""
-        if name in ("policy", "reference", "observer", "_disk_update"):  # not yet set: no recursion
-            raise AttributeError(name)
-        return getattr(self.policy, name)
-
     # ---------------------------------------------------------------- lifecycle
     async def start(self) -> "PolicyWithReference":
         """Start both services at once (replicas reserve devices, load engines); if one cannot
         start, shut the other down and raise its error."""
-        starts = [getattr(service, "start", None) for service in self._services()]
-        outcomes = await asyncio.gather(*(start() for start in starts if start is not None), return_exceptions=True)
+        outcomes = await asyncio.gather(*(service.start() for service in self._services()), return_exceptions=True)
         errors = [outcome for outcome in outcomes if isinstance(outcome, BaseException)]
         if errors:
             await asyncio.gather(*(s.shutdown(drain=False, timeout_s=5.0) for s in self._services()), return_exceptions=True)
@@ -175,23 +172,30 @@ class PolicyWithReference:
     async def update_weights(self, named_tensors: Iterable[tuple[str, torch.Tensor]], version: int) -> int:
         return await self.policy.update_weights(named_tensors, version)
 
-    async def update_weights_from_disk(self, model_path: str, version: int | None = None) -> int:
+    async def update_weights_from_disk(self, model_path: str, version: int | None = None, roots: Sequence[str] | None = None) -> int:
         """Serve an HF checkpoint folder as the policy's next version (see `weights_from_disk`);
-        one at a time, so two calls never race for the same default version."""
+        one at a time, so two calls never race for the same default version. `roots`: the
+        folders it may be read from (None: anywhere)."""
         async with self._disk_update:
-            return await update_weights_from_disk(self.policy, model_path, version)
+            return await update_weights_from_disk(self.policy, model_path, version, roots=roots)
 
     async def weight_layout(self) -> tuple[ModelInfo, dict[str, WeightSpec]]:
-        return await served_weight_layout(self.policy)
+        return await self.policy.weight_layout()
 
     async def begin_weight_update(self, version: int) -> int:
-        return await self.policy.begin_weight_update(version)  # type: ignore[attr-defined]
+        return await self.policy.begin_weight_update(version)
+
+    async def load_weights(self, named_tensors: Iterable[tuple[str, torch.Tensor]], version: int | None = None) -> list[str]:
+        return await self.policy.load_weights(named_tensors, version)
+
+    async def receive_weights(self, spec: "TransportSpec", version: int) -> list["ReceiveReport"]:
+        return await self.policy.receive_weights(spec, version)
 
     async def commit_weight_update(self, version: int) -> None:
-        await self.policy.commit_weight_update(version)  # type: ignore[attr-defined]
+        await self.policy.commit_weight_update(version)
 
     async def abort_weight_update(self, reason: str) -> None:
-        await self.policy.abort_weight_update(reason)  # type: ignore[attr-defined]
+        await self.policy.abort_weight_update(reason)
 
     # ---------------------------------------------------------------- status
     async def get_status(self) -> dict[str, Any]:
@@ -207,3 +211,8 @@ class PolicyWithReference:
         if reference.get("weights_incomplete") and not status.get("weights_incomplete"):
             status["weights_incomplete"] = f"reference policy: {reference['weights_incomplete']}"
         return status
+
+
+def front(service: LogProbService) -> PolicyWithReference:
+    """The composite every front end holds: `service` itself, or a policy-only composite over it."""
+    return service if isinstance(service, PolicyWithReference) else PolicyWithReference(service)

@@ -21,13 +21,11 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections import deque
-from dataclasses import dataclass, field
-from typing import Any, Awaitable, Callable, Iterable, Sequence
+from typing import TYPE_CHECKING, Any, Awaitable, Callable, Iterable, Sequence
 
 import torch
 
-from model_engine_server.engines.base import WeightSpec
+from model_engine_server.engines.base import ModelInfo, WeightSpec
 from model_engine_server.errors import (
     DeadlineExceeded,
     InvalidRequest,
@@ -46,25 +44,17 @@ from model_engine_server.protocol import (
     resolve_temperature,
 )
 from model_engine_server.service import gather_outcomes
-from model_engine_server.scheduler_config import SchedulerConfig
+from model_engine_server.config.scheduler import SchedulerConfig
+from model_engine_server.request_queue import Pending, RequestQueue
 from model_engine_server.scheduler_state import SchedulerObserver
 from model_engine_server.weight_updates import WeightUpdates
+
+if TYPE_CHECKING:
+    from checkpoint_transport.spec import ReceiveReport, TransportSpec
 
 logger = logging.getLogger(__name__)
 
 __all__ = ["ModelEngineServer", "SchedulerConfig"]  # the config is part of this module's API
-
-
-@dataclass(eq=False)
-class _Pending:
-    request: LogProbRequest
-    future: asyncio.Future[LogProbResult]
-    enqueued_at: float
-    expiry: asyncio.TimerHandle | None = None
-    tokens: int = field(init=False)
-
-    def __post_init__(self) -> None:
-        self.tokens = self.request.num_tokens
 
 
 class ModelEngineServer:
@@ -87,8 +77,7 @@ class ModelEngineServer:
         info = executor.model_info()
         max_seq_len = min(self.config.max_seq_len or info.max_position_embeddings, info.max_position_embeddings)
         self.limits = RequestLimits(info.vocab_size, max_seq_len, self.config.max_tokens_per_batch)
-        self._queue: deque[_Pending] = deque()
-        self._queued_tokens = 0
+        self._queue = RequestQueue()
         self._inflight = 0
         self._inflight_tokens = 0
         self._paused_since: float | None = None
@@ -114,17 +103,13 @@ class ModelEngineServer:
             self.counters["rejected"] += 1
             self.observer.request_rejected(error)
             raise
-        loop = asyncio.get_running_loop()
-        pending = _Pending(request, loop.create_future(), time.monotonic())
-        timeout = timeout_s if timeout_s is not None else self.config.request_timeout_s
-        pending.expiry = loop.call_later(timeout, self._expire, pending, timeout)
-        self._queue.append(pending)
-        self._queued_tokens += pending.tokens
+        pending = Pending(request, asyncio.get_running_loop().create_future())
+        self._queue.push(pending, timeout_s if timeout_s is not None else self.config.request_timeout_s, self._expire)
         self._wakeup.set()
         try:
             return await pending.future
         except asyncio.CancelledError:
-            self._remove_queued(pending)  # the caller went away; a running batch just discards it
+            self._queue.remove(pending)  # the caller went away; a running batch just discards it
             raise
 
     async def score(
@@ -142,15 +127,15 @@ class ModelEngineServer:
                 "is served beside it when model_engine_server.enable_ref_mode is set)",
                 "return_ref_log_probs",
             )
-        if self._queued_tokens + request.num_tokens > self.config.max_queued_tokens:
+        if self._queue.tokens + request.num_tokens > self.config.max_queued_tokens:
             raise Overloaded(
-                f"queue holds {self._queued_tokens} tokens; adding {request.num_tokens} would exceed "
+                f"queue holds {self._queue.tokens} tokens; adding {request.num_tokens} would exceed "
                 f"max_queued_tokens={self.config.max_queued_tokens}",
                 retry_after_s=1.0,
             )
 
-    def _expire(self, pending: _Pending, timeout: float) -> None:
-        if self._remove_queued(pending):
+    def _expire(self, pending: Pending, timeout: float) -> None:
+        if self._queue.remove(pending):
             reason = self._waiting_reason(pending.request)
             self._fail(pending, DeadlineExceeded(f"request waited {timeout:.3g} s without being served ({reason})"))
 
@@ -165,17 +150,7 @@ class ModelEngineServer:
             return f"waiting for weight version {request.min_weight_version}, server has {self.weights.version}"
         return "queue backlog"
 
-    def _remove_queued(self, pending: _Pending) -> bool:
-        try:
-            self._queue.remove(pending)
-        except ValueError:
-            return False
-        self._queued_tokens -= pending.tokens
-        if pending.expiry:
-            pending.expiry.cancel()
-        return True
-
-    def _fail(self, pending: _Pending, error: ModelEngineError) -> None:
+    def _fail(self, pending: Pending, error: ModelEngineError) -> None:
         if not pending.future.done():
             pending.future.set_exception(error)
             self.counters["failed"] += 1
@@ -196,13 +171,13 @@ class ModelEngineServer:
             and self._inflight < self.config.max_inflight_batches
         )
 
-    def _select_batch(self) -> tuple[list[_Pending], float | None]:
+    def _select_batch(self) -> tuple[list[Pending], float | None]:
         """The next batch to launch now, or none and how long to wait for it to fill."""
         if not self._can_dispatch():
             return [], None
         budget, max_count = self.config.max_tokens_per_batch, self.config.max_batch_size
         version = self.weights.version
-        chosen: list[_Pending] = []
+        chosen: list[Pending] = []
         tokens, left_out = 0, False
         for pending in self._queue:
             wanted = pending.request.min_weight_version
@@ -246,22 +221,21 @@ class ModelEngineServer:
         the reason, and go on serving what arrives next."""
         logger.exception("the dispatch loop raised; failing the %d queued requests", len(self._queue))
         reason = WorkerFailed(f"the scheduler could not dispatch this request: {type(error).__name__}: {error}")
-        for pending in list(self._queue):
-            self._remove_queued(pending)
+        for pending in self._queue.take_all():
             self._fail(pending, reason)
 
-    def _launch(self, batch: list[_Pending]) -> None:
+    def _launch(self, batch: list[Pending]) -> None:
         # the task first: if it cannot be made, the batch is still queued and nothing is counted
         task = asyncio.get_running_loop().create_task(self._run_batch(batch, self.weights.version))
         for pending in batch:
-            self._remove_queued(pending)
+            self._queue.remove(pending)
         self._inflight += 1
         self._inflight_tokens += sum(p.tokens for p in batch)
         self._idle.clear()
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
 
-    async def _run_batch(self, batch: list[_Pending], version: int) -> None:
+    async def _run_batch(self, batch: list[Pending], version: int) -> None:
         started = time.monotonic()
         outcomes: Sequence[Any] = []
         try:
@@ -278,7 +252,7 @@ class ModelEngineServer:
         finally:
             self._finish_batch(batch, outcomes, version, started)
 
-    def _finish_batch(self, batch: list[_Pending], outcomes: Sequence[Any], version: int, started: float) -> None:
+    def _finish_batch(self, batch: list[Pending], outcomes: Sequence[Any], version: int, started: float) -> None:
         """Resolve every request of the batch and release its slot, whatever went wrong, so no
         caller waits forever and drains (pause, weight update) can complete."""
         finished = time.monotonic()
@@ -299,7 +273,7 @@ class ModelEngineServer:
                 self._idle.set()
             self._wakeup.set()
 
-    def _resolve(self, pending: _Pending, outcome: Any, version: int, started: float, finished: float) -> None:
+    def _resolve(self, pending: Pending, outcome: Any, version: int, started: float, finished: float) -> None:
         if isinstance(outcome, ModelEngineError):
             self._fail(pending, outcome)
             return
@@ -311,7 +285,6 @@ class ModelEngineServer:
             log_probs=outcome.log_probs,
             weight_version=version,
             entropy=outcome.entropy,
-            ref_log_probs=outcome.ref_log_probs,
             mismatch=outcome.mismatch,
             timings={
                 "queue_ms": (started - pending.enqueued_at) * 1000,
@@ -367,18 +340,17 @@ class ModelEngineServer:
         """Run a load every participant takes (e.g. a bucket already in a shared store) in the open update."""
         return await self.updates.deliver(load, version)
 
-    async def weight_specs(self) -> dict[str, WeightSpec]:
-        """The served weight layout: every name a complete update delivers, with shape and dtype."""
-        return await self.executor.weight_specs()
+    async def receive_weights(self, spec: "TransportSpec", version: int, first_rank: int | None = None) -> list["ReceiveReport"]:
+        """Every engine process joins one transport stream (`checkpoint_transport`) into the open
+        update; one report per process. `first_rank`: this server's first rank when it is one part
+        of a larger receiving group (a replica behind a manager)."""
+        return await self.updates.receive(spec, version, first_rank)
 
     def start_delivery(self, version: int) -> None:
         self.updates.start_delivery(version)
 
-    def record_delivery(self, version: int, participant: str, names: Sequence[str]) -> None:
-        self.updates.record_delivery(version, participant, names)
-
-    def participants(self) -> list[str]:
-        return list(self.executor.participants())
+    async def weight_layout(self) -> tuple[ModelInfo, dict[str, WeightSpec]]:
+        return self.executor.model_info(), await self.executor.weight_specs()
 
     def weight_update_refusal(self, version: int) -> str | None:
         """Why `version` could not be committed now (what is missing where); None if it could."""
@@ -409,9 +381,9 @@ class ModelEngineServer:
             "updating_weights": self.weights.updating,
             "weights_incomplete": self.weights.incomplete_reason,
             "queue_depth": len(self._queue),
-            "queued_tokens": self._queued_tokens,
+            "queued_tokens": self._queue.tokens,
             "inflight_batches": self._inflight,
-            "outstanding_tokens": self._queued_tokens + self._inflight_tokens,
+            "outstanding_tokens": self._queue.tokens + self._inflight_tokens,
             "paused_seconds_total": paused_s,
             "accepting": self._accepting,
             **{f"{name}_total": value for name, value in self.counters.items()},
@@ -428,8 +400,7 @@ class ModelEngineServer:
             deadline = time.monotonic() + timeout_s
             while (self._queue or self._inflight) and time.monotonic() < deadline:
                 await asyncio.sleep(0.01)
-        for pending in list(self._queue):
-            self._remove_queued(pending)
+        for pending in self._queue.take_all():
             self._fail(pending, ServerShuttingDown("the server shut down before this request was served"))
         if self._tasks:
             await asyncio.wait(set(self._tasks), timeout=max(0.0, timeout_s))

@@ -1,22 +1,36 @@
 """The seam every front end talks to: one scheduler in this process, or a manager of replicas.
 
-The HTTP app, the Ray-handle client and the trainer-side publisher hold a `LogProbService`
-and never learn which one it is, so a feature written once works for both.
+The HTTP app, the Ray service actor, the in-process client and the trainer-side publisher hold a
+`LogProbService` and never learn which one it is, so a feature written once works for all.
 """
 
 from __future__ import annotations
 
 import asyncio
-from typing import Any, Awaitable, Iterable, Protocol, Sequence, runtime_checkable
+from typing import TYPE_CHECKING, Any, Awaitable, Iterable, Protocol, Sequence, runtime_checkable
 
 import torch
 
+from model_engine_server.engines.base import ModelInfo, WeightSpec
 from model_engine_server.errors import ModelEngineError, WorkerFailed
 from model_engine_server.protocol import LogProbRequest, LogProbResult
+
+if TYPE_CHECKING:
+    from checkpoint_transport.spec import ReceiveReport, TransportSpec
 
 
 @runtime_checkable
 class LogProbService(Protocol):
+    """Scoring, its lifecycle, and the weight-update session of `weight_updates.py`.
+
+    Implemented by `ModelEngineServer` (one engine in this process), `replica.ReplicaManager`
+    (Ray replicas) and `reference.PolicyWithReference` (what every front end holds). Weight
+    methods act on the policy only; every call is a coroutine."""
+
+    async def start(self) -> Any:
+        """Ready to serve (replicas reserve devices and build engines on the serving loop)."""
+        ...
+
     async def score(
         self, requests: Sequence[LogProbRequest | dict[str, Any]], timeout_s: float | None = None
     ) -> list[LogProbResult | ModelEngineError]:
@@ -29,13 +43,37 @@ class LogProbService(Protocol):
 
     async def resume_serving(self) -> None: ...
 
-    async def update_weights(self, named_tensors: Iterable[tuple[str, torch.Tensor]], version: int) -> int:
-        """Load a complete set of weights and serve them as `version`; atomic."""
-        ...
-
     async def get_status(self) -> dict[str, Any]: ...
 
     async def shutdown(self, drain: bool = True, timeout_s: float = 30.0) -> None: ...
+
+    # ---------------------------------------------------------------- the weight session
+    async def begin_weight_update(self, version: int) -> int:
+        """Open the update to `version` and drain; returns how many workers receive a stream.
+        Refused at once while another update is open."""
+        ...
+
+    async def load_weights(self, named_tensors: Iterable[tuple[str, torch.Tensor]], version: int | None = None) -> list[str]:
+        """Deliver tensors (HF names) into the open update; refused when none is open."""
+        ...
+
+    async def receive_weights(self, spec: "TransportSpec", version: int) -> list["ReceiveReport"]:
+        """Every worker receives one `checkpoint_transport` stream into the open update."""
+        ...
+
+    async def commit_weight_update(self, version: int) -> None:
+        """Serve `version` if every worker holds every tensor; else abort and raise the reason."""
+        ...
+
+    async def abort_weight_update(self, reason: str) -> None: ...
+
+    async def weight_layout(self) -> tuple[ModelInfo, dict[str, WeightSpec]]:
+        """The served model and every tensor name (shape, dtype) a complete update delivers."""
+        ...
+
+    async def update_weights(self, named_tensors: Iterable[tuple[str, torch.Tensor]], version: int) -> int:
+        """begin -> load -> commit in one call; atomic."""
+        ...
 
 
 async def gather_outcomes(calls: Iterable[Awaitable[LogProbResult]]) -> list[LogProbResult | ModelEngineError]:

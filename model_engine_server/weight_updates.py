@@ -5,9 +5,9 @@
   one deadline), drains in-flight batches, drops half-assembled parameters an earlier aborted
   sync left in the engines, and returns the receiver count. A second `begin` while one is open
   is refused at once.
-- Weights reach the engines only inside an open session: `load` (tensors through the executor)
-  and `start_delivery` / `record_delivery` (a transport streaming into the workers, reporting
-  per participant what each loaded). Anything else is refused.
+- Weights reach the engines only inside an open session: `load` / `deliver` (tensors through
+  the executor) and `receive` (a transport streaming into every participant, each reporting
+  what it loaded). Anything else is refused.
 - `commit(version)` serves the version only if every participant recorded every expected name;
   otherwise it aborts with a reason naming what is missing and raises.
 - `abort(reason)` (also on the deadline): if any delivery began, the weights are incomplete and
@@ -22,10 +22,12 @@ import asyncio
 import itertools
 import logging
 import time
-from typing import Awaitable, Callable, Iterable, Sequence
+from dataclasses import replace
+from typing import Awaitable, Callable, Iterable
 
 import torch
 
+from checkpoint_transport.spec import ReceiveReport, TransportSpec, failure_reason
 from model_engine_server.errors import ModelEngineError, WeightSyncError
 from model_engine_server.executor import Executor
 from model_engine_server.scheduler_state import WeightState
@@ -70,7 +72,7 @@ class WeightUpdates:
     # ---------------------------------------------------------------- deliveries
     async def load(self, named_tensors: Iterable[tuple[str, torch.Tensor]], version: int | None = None) -> list[str]:
         """Load tensors through the executor into the open session; returns the names loaded."""
-        session = self.state.current(version)
+        self.state.current(version)  # refused before the stream is touched
         stream = iter(named_tensors)
         first = next(stream, None)
         if first is None:  # nothing to deliver: the engines are untouched
@@ -87,15 +89,39 @@ class WeightUpdates:
         session.record_everywhere(names)
         return names
 
+    async def receive(self, spec: TransportSpec, version: int, first_rank: int | None = None) -> list[ReceiveReport]:
+        """Every participant receives one transport stream; what each loaded is recorded.
+
+        `first_rank=None`: this server is the whole receiving side, so the stream must be sized
+        for exactly its participants, and a failed receive aborts the update here. Otherwise it
+        is one part of a larger group (a replica of a manager, which checks and aborts)."""
+        session = self.state.current(version)
+        standalone = first_rank is None
+        first = 1 if first_rank is None else first_rank
+        room = spec.world_size - first
+        if (room != session.receivers) if standalone else (room < session.receivers):
+            raise WeightSyncError(
+                f"the stream is sized for {spec.world_size - 1} receivers, but {session.receivers} take part in the "
+                f"update to version {version} (use the count begin_weight_update returned)"
+            )
+        session.start_delivery()
+        reports = await self.executor.receive_weights(spec, version, first)
+        if self.state.session is not session:
+            reason = f"the update to version {version} closed while its stream was received"
+            reports = [replace(r, ok=False, error=r.error or reason) for r in reports]
+        else:
+            for participant, report in zip(session.participants, reports):
+                session.record(participant, report.names_loaded)
+        reason = failure_reason(reports)
+        if standalone and reason is not None:
+            await self.abort(f"sync to version {version} failed: {reason}")
+        return reports
+
     def start_delivery(self, version: int) -> WeightSession:
         """A transport is about to stream into the participants of `version`'s session."""
         session = self.state.current(version)
         session.start_delivery()
         return session
-
-    def record_delivery(self, version: int, participant: str, names: Sequence[str]) -> None:
-        """`participant` reports the names it loaded (a transport receiver's report)."""
-        self.state.current(version).record(participant, names)
 
     def _check_still_open(self, session: WeightSession) -> None:
         if self.state.session is not session:

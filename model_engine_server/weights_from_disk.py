@@ -13,8 +13,7 @@ Floating-point tensors are cast to the dtype being served (a bf16 checkpoint ser
 loaded exactly as the server's start-up loads it); integer dtypes must match. A tied model's
 `lm_head.weight`, when a checkpoint carries it, is the embedding itself and is skipped.
 
-Works on any service: a `ModelEngineServer`, the replica manager, or a service that describes
-its weights itself (`weight_layout()`, e.g. `PolicyWithReference`). Imports neither Ray nor HTTP.
+Works on any `LogProbService` (its `weight_layout()` says what is served). Imports neither Ray nor HTTP.
 """
 
 from __future__ import annotations
@@ -23,27 +22,18 @@ import asyncio
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterator, Sequence
+from typing import Iterator, Sequence
 
 import torch
 
+from checkpoint_transport.checkpoint_files import CheckpointError, StoredTensor, list_tensors, read_tensors
 from model_engine_server.engines.base import ModelInfo, WeightSpec
-from model_engine_server.errors import InvalidRequest, WorkerFailed
+from model_engine_server.service import LogProbService
+from model_engine_server.errors import InvalidRequest
 
 FIELD = "model_path"
 TIED_ALIAS = "lm_head.weight"
-SAFETENSORS_DTYPES: dict[str, torch.dtype] = {
-    "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
-    "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8, "BOOL": torch.bool,
-}
 EXAMPLES = 3  # names quoted in an error message
-
-
-@dataclass(frozen=True)
-class CheckpointTensor:
-    file: Path
-    shape: tuple[int, ...]
-    dtype: torch.dtype | None  # None: a safetensors dtype torch has no name for here
 
 
 @dataclass
@@ -52,43 +42,17 @@ class CheckpointPlan:
 
     folder: Path
     architecture: str
-    tensors: dict[str, CheckpointTensor]
+    tensors: dict[str, StoredTensor]
     load_as: dict[str, torch.dtype]  # served dtype of each tensor to load
     skipped: list[str] = field(default_factory=list)  # tied aliases
 
     def named_tensors(self) -> Iterator[tuple[str, torch.Tensor]]:
         """The tensors to load, read lazily file by file, each in its served dtype."""
-        from safetensors import safe_open
-
-        by_file: dict[Path, list[str]] = {}
-        for name in self.load_as:
-            by_file.setdefault(self.tensors[name].file, []).append(name)
-        for file, names in by_file.items():
-            with safe_open(str(file), framework="pt", device="cpu") as reader:
-                for name in names:
-                    tensor = reader.get_tensor(name)
-                    target = self.load_as[name]
-                    yield name, tensor if tensor.dtype == target else tensor.to(target)
+        for name, tensor in read_tensors(self.tensors, self.load_as):
+            yield name, tensor.to(self.load_as[name])
 
 
 # ---------------------------------------------------------------- reading the folder
-def _files(folder: Path) -> list[Path]:
-    index = folder / "model.safetensors.index.json"
-    if index.is_file():
-        try:
-            shards = dict.fromkeys(json.loads(index.read_text())["weight_map"].values())
-        except (ValueError, KeyError, TypeError, AttributeError) as error:
-            raise InvalidRequest(f"{index} is not a safetensors index ({type(error).__name__}: {error})", FIELD) from None
-        missing = [shard for shard in shards if not (folder / shard).is_file()]
-        if missing:
-            raise InvalidRequest(f"{index.name} lists shard(s) missing from {folder}: {missing[:EXAMPLES]}", FIELD)
-        return [folder / shard for shard in shards]
-    files = sorted(folder.glob("*.safetensors"))
-    if not files:
-        raise InvalidRequest(f"{folder} holds no *.safetensors files (only safetensors checkpoints are loaded)", FIELD)
-    return files
-
-
 def _architecture(folder: Path) -> str:
     config_file = folder / "config.json"
     if not config_file.is_file():
@@ -103,24 +67,16 @@ def _architecture(folder: Path) -> str:
     return str(architectures[0])
 
 
-def read_checkpoint(model_path: str | Path) -> tuple[str, dict[str, CheckpointTensor]]:
+def read_checkpoint(model_path: str | Path) -> tuple[str, dict[str, StoredTensor]]:
     """(architecture, every tensor's file, shape and dtype) from the folder's headers only."""
-    from safetensors import safe_open
-
     folder = Path(model_path).expanduser()
     if not folder.is_dir():
         raise InvalidRequest(f"{str(model_path)!r} is not a folder on the server's machine", FIELD)
     architecture = _architecture(folder)
-    tensors: dict[str, CheckpointTensor] = {}
-    for file in _files(folder):
-        try:
-            with safe_open(str(file), framework="pt", device="cpu") as reader:
-                for name in reader.keys():
-                    part = reader.get_slice(name)
-                    tensors[name] = CheckpointTensor(file, tuple(part.get_shape()), SAFETENSORS_DTYPES.get(part.get_dtype()))
-        except Exception as error:  # a truncated or foreign file
-            raise InvalidRequest(f"cannot read {file.name}: {type(error).__name__}: {error}", FIELD) from None
-    return architecture, tensors
+    try:
+        return architecture, list_tensors(folder)
+    except CheckpointError as error:
+        raise InvalidRequest(str(error), FIELD) from None
 
 
 # ---------------------------------------------------------------- checking it fits
@@ -166,25 +122,8 @@ def _castable(stored: torch.dtype | None, served: torch.dtype) -> bool:
 
 
 # ---------------------------------------------------------------- the update itself
-async def served_weight_layout(service: Any) -> tuple[ModelInfo, dict[str, WeightSpec]]:
-    """What the service serves: its own `weight_layout()`, else its executor's (a
-    `ModelEngineServer`), else a live replica's (the replica manager)."""
-    layout = getattr(service, "weight_layout", None)
-    if layout is not None:
-        return await layout()
-    executor = getattr(service, "executor", None)
-    if executor is None:
-        for replica in getattr(service, "replicas", ()):
-            if getattr(replica, "alive", False) and getattr(replica, "executor", None) is not None:
-                executor = replica.executor
-                break
-    if executor is None:
-        raise WorkerFailed("cannot check a checkpoint against the served model: no live replica")
-    return executor.model_info(), await executor.weight_specs()
-
-
 async def update_weights_from_disk(
-    service: Any, model_path: str, version: int | None = None, roots: Sequence[str] | None = None
+    service: LogProbService, model_path: str, version: int | None = None, roots: Sequence[str] | None = None
 ) -> int:
     """Check `model_path` fits, then serve its weights as `version` (default: current + 1)
     through `service.update_weights`; returns the version once it serves. With `roots`, a
@@ -199,6 +138,6 @@ async def update_weights_from_disk(
     target = current + 1 if version is None else version
     if target <= current:
         raise InvalidRequest(f"must be greater than the current weight version {current}, got {target}", "weight_version")
-    info, specs = await served_weight_layout(service)
+    info, specs = await service.weight_layout()
     plan = await asyncio.to_thread(plan_load, model_path, info, specs)  # reads headers: off the event loop
     return await service.update_weights(plan.named_tensors(), target)

@@ -1,18 +1,18 @@
 """Serving on Ray: per-GPU `ModelEngineWorker` actors, a `ModelEngineReplica` per
 model-parallel copy, the `ReplicaManager` that routes across replicas, and the
-`ModelEngineServerActor` a Ray-handle client talks to."""
+`LogProbServiceActor` a Ray-handle client talks to, and the `ray` runtime (`runtime.py`)."""
 
 from replica.config import ReplicaConfig
 from replica.executor import RayWorkerExecutor
 from replica.manager import ReplicaManager
 from replica.placement import PlacementTimeout, connect_ray
 from replica.replica import ModelEngineReplica
-from replica.server_actor import ModelEngineServerActor, start_server_actor, stop_server_actor
+from replica.service_actor import LogProbServiceActor, start_service_actor, stop_service_actor
 from replica.worker import ModelEngineWorker, WorkerInfo
 
 __all__ = [
     "ModelEngineReplica",
-    "ModelEngineServerActor",
+    "LogProbServiceActor",
     "ModelEngineWorker",
     "PlacementTimeout",
     "RayWorkerExecutor",
@@ -20,6 +20,6 @@ __all__ = [
     "ReplicaManager",
     "WorkerInfo",
     "connect_ray",
-    "start_server_actor",
-    "stop_server_actor",
+    "start_service_actor",
+    "stop_service_actor",
 ]

@@ -1,7 +1,7 @@
 """`ReplicaConfig`: how many replicas, how each one is laid out on GPUs, and how long to wait.
 
 Plain on purpose: the full `model_engine_server:` section of a training config is parsed
-elsewhere (`model_engine_server/config.py`) and mapped onto this. Field names follow that
+elsewhere (`model_engine_server/config/`) and mapped onto this. Field names follow that
 section where they exist (`nnodes`, `n_gpus_per_node`, `tensor_model_parallel_size`, ...).
 
 Layout of one replica: `nnodes x n_gpus_per_node` workers, one per one-GPU bundle. A
@@ -16,6 +16,7 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
+from checkpoint_transport.spec import DEFAULT_BUCKET_BYTES
 from model_engine_server.engines.base import EngineSpec
 from model_engine_server.scheduler import SchedulerConfig
 
@@ -49,7 +50,9 @@ class ReplicaConfig(BaseModel):
         default=True, description="the health monitor restarts a dead replica (its weights copied from a live peer)"
     )
     max_restarts: int = Field(default=3, ge=0, description="automatic restarts per replica before it is left dead")
-    weight_bucket_mb: int = Field(default=512, gt=0, description="weights are sent to workers in buckets of this size")
+    weight_bucket_mb: int = Field(
+        default=DEFAULT_BUCKET_BYTES >> 20, gt=0, description="weights are sent to workers in buckets of this size"
+    )
     retry_on_worker_failure: bool = Field(
         default=True, description="requests of a batch lost with a dead replica are retried once on another"
     )

@@ -15,12 +15,14 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from typing import Any, Awaitable, Callable, Iterable, Iterator, Sequence
+from typing import Any, Awaitable, Callable, Iterable, Sequence
 
 import ray
 import torch
 from ray.exceptions import RayActorError, RayTaskError
 
+from checkpoint_transport.bucket import group_into_host_buckets
+from checkpoint_transport.spec import ReceiveReport, TransportSpec
 from model_engine_server.adapter import Outcome
 from model_engine_server.engines.base import ModelInfo, WeightSpec
 from model_engine_server.errors import ModelEngineError, ServerShuttingDown, WeightSyncError, WorkerFailed
@@ -42,23 +44,31 @@ def split_by_tokens(token_counts: Sequence[int], parts: int) -> list[list[int]]:
     return [sorted(share) for share in shares]
 
 
-def iter_buckets(named_tensors: Iterable[tuple[str, torch.Tensor]], bucket_bytes: int) -> Iterator[list[tuple[str, torch.Tensor]]]:
-    """Group tensors into lists of at most `bucket_bytes` (a larger tensor travels alone)."""
-    bucket: list[tuple[str, torch.Tensor]] = []
-    size = 0
-    for name, tensor in named_tensors:
-        nbytes = tensor.numel() * tensor.element_size()
-        if bucket and size + nbytes > bucket_bytes:
-            yield bucket
-            bucket, size = [], 0
-        bucket.append((name, tensor.detach().cpu().contiguous()))
-        size += nbytes
-    if bucket:
-        yield bucket
-
-
 def participant_name(rank: int) -> str:
     return f"rank-{rank}"
+
+
+async def receive_on_workers(workers: Sequence[Any], spec: TransportSpec, version: int, first_rank: int) -> list[ReceiveReport]:
+    """Worker actors (`receive_weights(spec: dict, version) -> dict`) receive one stream in
+    parallel as ranks `first_rank..`; one report per worker, a dead or silent one reported failed."""
+    calls = [
+        asyncio.ensure_future(_await(worker.receive_weights.remote(spec.for_rank(rank).model_dump(), version)))
+        for rank, worker in enumerate(workers, start=first_rank)
+    ]
+    # Past the receivers' own no-progress bound a silent worker (stuck in a collective of a
+    # replica that died) is reported as failed instead of holding the sync forever.
+    deadline_s = spec.timeout_s * 4 + 60
+    _, stragglers = await asyncio.wait(calls, timeout=deadline_s) if calls else (set(), set())
+    for call in stragglers:
+        call.cancel()
+    reports = []
+    for rank, call in enumerate(calls, start=first_rank):
+        outcome: Any = TimeoutError(f"no report within {deadline_s:g} s") if call in stragglers else (call.exception() or call.result())
+        if isinstance(outcome, BaseException):  # the worker died, its method raised, or it never answered
+            reports.append(ReceiveReport(rank=rank, version=version, error=f"worker failed: {type(outcome).__name__}: {outcome}"))
+        else:
+            reports.append(ReceiveReport.from_dict(outcome))
+    return reports
 
 
 def unwrap_task_error(error: BaseException) -> BaseException:
@@ -189,7 +199,7 @@ class RayWorkerExecutor:
         """Send tensors in buckets, each put once in Ray's store and loaded by every worker;
         a name counts as loaded only when every worker loaded it."""
         loaded: list[str] = []
-        for bucket in iter_buckets(named_tensors, self.weight_bucket_bytes):
+        for bucket in group_into_host_buckets(named_tensors, self.weight_bucket_bytes):
             loaded += await self.load_weights_ref(ray.put(bucket))
         return loaded
 
@@ -212,19 +222,23 @@ class RayWorkerExecutor:
         """One per worker, in rank order (a transport's receive rank r + 1 is worker r)."""
         return [participant_name(rank) for rank in range(len(self.workers))]
 
+    async def receive_weights(self, spec: TransportSpec, version: int, first_rank: int) -> list[ReceiveReport]:
+        self._check_usable()
+        return await receive_on_workers(self.workers, spec, version, first_rank)
+
     async def discard_partial_weights(self) -> None:
         self._check_usable()
         calls = {rank: worker.discard_partial_weights.remote() for rank, worker in enumerate(self.workers)}
         await self._call_ranks(calls, "discarding partial weights", self.batch_timeout_s)
 
-    async def export_weights_ref(self) -> "ray.ObjectRef":
-        """A reference to the full HF-named weights (for a restarted peer to copy), exported
-        by data-parallel group 0; the tensors move worker to worker, never through here."""
+    async def export_weight_buckets(self) -> list["ray.ObjectRef"]:
+        """References to the full HF-named weights in buckets (for a restarted peer to copy),
+        exported by data-parallel group 0; the tensors move worker to worker, never through here."""
         self._check_usable()
         group = self.groups[0]
-        calls = {rank: self.workers[rank].export_weights.remote() for rank in group}
-        await self._call_ranks(calls, "a weight export", self.batch_timeout_s)
-        return calls[self._returning_rank(group)]
+        calls = {rank: self.workers[rank].export_weight_buckets.remote(self.weight_bucket_bytes) for rank in group}
+        results = await self._call_ranks(calls, "a weight export", self.batch_timeout_s)
+        return list(results[self._returning_rank(group)])
 
     async def close(self) -> None:
         """The replica owns the workers and kills them; the executor only stops taking work."""

@@ -14,46 +14,25 @@ current weights copied from a live peer before it is routed to again.
 from __future__ import annotations
 
 import asyncio
-import itertools
 import logging
-from dataclasses import dataclass, field
 from typing import Any, Iterable, Sequence
 
 import ray
 import torch
 
 from checkpoint_transport.spec import ReceiveReport, TransportSpec
-from checkpoint_transport.targets import failure_reason
-from model_engine_server.errors import ModelEngineError, ServerShuttingDown, WeightSyncError, WorkerFailed
+from model_engine_server.engines.base import ModelInfo, WeightSpec
+from model_engine_server.errors import ModelEngineError, ServerShuttingDown, WorkerFailed
 from model_engine_server.protocol import LogProbRequest, LogProbResult
 from model_engine_server.scheduler_state import SchedulerObserver
 from model_engine_server.service import gather_outcomes
 from replica.config import ReplicaConfig
-from replica.executor import iter_buckets
+from replica.manager_weights import ManagerWeightUpdates
 from replica.replica import ModelEngineReplica
 
 logger = logging.getLogger(__name__)
 
 _RETRYABLE = (WorkerFailed, ServerShuttingDown)
-
-
-@dataclass(eq=False)
-class _OpenUpdate:
-    """The manager's view of one update: which replicas take part and how many receive on each."""
-
-    version: int
-    participants: list[ModelEngineReplica] = field(default_factory=list)
-    receivers: list[int] = field(default_factory=list)  # per participant, from its begin
-    ready: bool = False  # every participant began (drained)
-    holds_lock: bool = False
-    deadline: asyncio.TimerHandle | None = None
-
-    def drop(self, replica: ModelEngineReplica) -> None:
-        """A participant that died leaves the update (it restarts and copies from a peer)."""
-        index = self.participants.index(replica)
-        del self.participants[index]
-        if self.receivers:
-            del self.receivers[index]
 
 
 class ReplicaManager:
@@ -62,14 +41,15 @@ class ReplicaManager:
     def __init__(self, config: ReplicaConfig, observer: SchedulerObserver | None = None) -> None:
         self.config = config
         self.replicas = [ModelEngineReplica(config, index, observer) for index in range(config.num_replicas)]
-        self.weight_version = config.initial_weight_version
+        self.updates = ManagerWeightUpdates(
+            self.replicas, self._routable, self._no_replica_error, config.initial_weight_version,
+            config.scheduler.weight_update_timeout_s, config.weight_bucket_mb << 20,
+        )
         self.outstanding_tokens = [0] * config.num_replicas
         self.routed_requests = [0] * config.num_replicas
         self.retried_requests = 0
         self.paused = False
         self._joining: set[int] = set()  # restarted, weights not yet at the current version
-        self._update: _OpenUpdate | None = None
-        self._weights_lock = asyncio.Lock()
         self._monitor: asyncio.Task[None] | None = None
         self._restarting: dict[int, asyncio.Task[None]] = {}
         self._background: set[asyncio.Task[None]] = set()
@@ -153,7 +133,7 @@ class ReplicaManager:
             except Exception as error:
                 replica.failure = replica.failure or f"restart failed: {type(error).__name__}: {error}"
                 raise
-            async with self._weights_lock:  # no update runs while weights are copied
+            async with self.updates.lock:  # no update runs while weights are copied
                 try:
                     if replica.weight_version != self.weight_version:
                         peer = self._peer_at_current_version(exclude=index)
@@ -240,172 +220,35 @@ class ReplicaManager:
         self.paused = False
         await asyncio.gather(*(r.resume_serving() for r in self._live()))
 
-    # ------------------------------------------------------------------ weights
-    # One update at a time across every replica. Each replica's scheduler owns its own session
-    # (its workers, every expected name); the manager commits only when all of them are complete.
+    # ------------------------------------------------------------------ weights (`manager_weights.py`)
+    @property
+    def weight_version(self) -> int:
+        return self.updates.version
+
     async def begin_weight_update(self, version: int) -> int:
-        """Drain every live replica for `version`; returns how many workers receive each stream.
-        A second begin while one is open is refused at once. Holds the manager's weight lock
-        until commit or abort (a restart's weight copy waits for it)."""
-        if self._update is not None:
-            raise WeightSyncError(
-                f"a weight update to version {self._update.version} is already in progress; commit or abort it first"
-            )
-        update = self._update = _OpenUpdate(version)
-        try:
-            await self._weights_lock.acquire()  # waits only for a restart's weight copy
-        except BaseException:
-            self._update = None
-            raise
-        update.holds_lock = True
-        if self._update is not update:  # aborted while waiting for the lock
-            self._weights_lock.release()
-            raise WeightSyncError(f"the weight update to version {version} was aborted while it began")
-        participants = [r for r in self.replicas if self._routable(r)]
-        problem = (
-            WeightSyncError(f"new weight version must be greater than the current {self.weight_version}, got {version}")
-            if version <= self.weight_version else None if participants else self._no_replica_error()
-        )
-        if problem is not None:
-            self._finish_update(update)
-            raise problem
-        update.participants = participants
-        self._arm_update_deadline(update)
-        try:
-            outcomes = await asyncio.gather(*(r.begin_weight_update(version) for r in participants), return_exceptions=True)
-        except BaseException:  # the caller gave up while replicas drained: do not keep them drained
-            await asyncio.shield(self.abort_weight_update(f"begin of version {version} was interrupted"))
-            raise
-        errors = [o for o in outcomes if isinstance(o, BaseException)]
-        if errors or self._update is not update:
-            await self.abort_weight_update(f"begin failed: {errors[0] if errors else 'aborted meanwhile'}")
-            raise errors[0] if errors else WeightSyncError(f"the weight update to version {version} was aborted while it began")
-        update.receivers = [int(count) for count in outcomes]
-        update.ready = True
-        return sum(update.receivers)
+        return await self.updates.begin(version)
 
-    def _arm_update_deadline(self, update: "_OpenUpdate") -> None:
-        """A publisher that vanishes after begin must not hold the weight lock forever (every later
-        update refused, restarts blocked): past `weight_update_timeout_s` the update is aborted."""
-        timeout_s = self.config.scheduler.weight_update_timeout_s
-        loop = asyncio.get_running_loop()
-
-        def expire() -> None:
-            if self._update is update:
-                reason = f"weight update to version {update.version} not committed within weight_update_timeout_s={timeout_s:g}"
-                logger.warning("%s; aborting it", reason)
-                task = loop.create_task(self.abort_weight_update(reason))
-                self._background.add(task)
-                task.add_done_callback(self._background.discard)
-
-        update.deadline = loop.call_later(timeout_s, expire)
-
-    def _open_update(self, version: int | None = None) -> "_OpenUpdate":
-        update = self._update
-        if update is None or not update.ready:
-            raise WeightSyncError("no weight update is open: begin one (with its version) before sending weights")
-        if version is not None and version != update.version:
-            raise WeightSyncError(f"the weight update in progress is to version {update.version}, not {version}")
-        return update
-
-    async def load_weight_bucket(self, bucket: "ray.ObjectRef | list[tuple[str, torch.Tensor]]", version: int | None = None) -> list[str]:
-        """Put one bucket in Ray's store once and load it into every participating replica. A
-        replica that dies meanwhile drops out of the update (it restarts from a peer later)."""
-        update = self._open_update(version)
-        ref = bucket if isinstance(bucket, ray.ObjectRef) else ray.put(bucket)
-        participants = list(update.participants)
-        outcomes = await asyncio.gather(*(r.load_weight_bucket(ref, version) for r in participants), return_exceptions=True)
-        names: list[str] = []
-        for replica, outcome in zip(participants, outcomes):
-            if isinstance(outcome, BaseException):
-                if isinstance(outcome, WorkerFailed) and not replica.alive:
-                    logger.warning("%s died during a weight update; it leaves the update", replica.name)
-                    update.drop(replica)
-                    continue
-                raise outcome
-            names = outcome
-        if not update.participants:
-            raise self._no_replica_error()
-        return names
+    async def load_weights(self, bucket: "ray.ObjectRef | Iterable[tuple[str, torch.Tensor]]", version: int | None = None) -> list[str]:
+        return await self.updates.load(bucket, version)
 
     async def receive_weights(self, spec: TransportSpec, version: int) -> list[ReceiveReport]:
-        """Stream one sync (`checkpoint_transport`) into every participating worker, as sized at
-        begin; a participant lost since begin, or a failed receive, aborts the update."""
-        update = self._open_update(version)
-        if spec.world_size - 1 != sum(update.receivers):
-            raise WeightSyncError(
-                f"the stream is sized for {spec.world_size - 1} receivers, but {sum(update.receivers)} take part in "
-                f"the update to version {version} (use the count begin_weight_update returned)"
-            )
-        dead = [r.name for r in update.participants if not r.alive]
-        if dead:  # its workers would never join the broadcast group: fail now, not at the timeout
-            reason = f"{', '.join(dead)} died after the update to version {version} began; begin it again"
-            await self.abort_weight_update(reason)
-            raise WeightSyncError(reason)
-        firsts = list(itertools.accumulate([1, *update.receivers[:-1]]))
-        outcomes = await asyncio.gather(
-            *(r.receive_weights(spec, version, first) for r, first in zip(update.participants, firsts)), return_exceptions=True
-        )
-        reports: list[ReceiveReport] = []
-        for replica, first, count, outcome in zip(update.participants, firsts, update.receivers, outcomes):
-            if isinstance(outcome, BaseException):
-                reports += [ReceiveReport(rank=first + i, version=version, error=f"{replica.name}: {outcome}") for i in range(count)]
-            else:
-                reports += outcome
-        reason = failure_reason(reports)
-        if reason is not None:
-            await self.abort_weight_update(f"sync to version {version} failed: {reason}")
-        return reports
+        return await self.updates.receive(spec, version)
 
     async def commit_weight_update(self, version: int) -> None:
-        """Serve `version` on every participant, only if every worker of each holds every
-        tensor; otherwise abort everywhere and raise the reason naming what is missing where."""
-        update = self._open_update(version)
-        live = [r for r in update.participants if r.alive]
-        try:
-            if not live:
-                raise self._no_replica_error()
-            refusals = [refusal for refusal in (r.weight_update_refusal(version) for r in live) if refusal]
-            if refusals:
-                raise WeightSyncError("; ".join(refusals))
-            await asyncio.gather(*(r.commit_weight_update(version) for r in live))
-        except BaseException as error:
-            await asyncio.shield(self.abort_weight_update(str(error) or type(error).__name__))
-            raise
-        self.weight_version = version
-        self._finish_update(update)
+        await self.updates.commit(version)
 
     async def abort_weight_update(self, reason: str) -> None:
-        """Close the open update on every participant: weights partly delivered refuse to score
-        until a complete sync lands (never mixed weights); untouched ones serve on."""
-        update = self._update
-        if update is None:
-            return
-        await asyncio.gather(*(r.abort_weight_update(reason) for r in update.participants), return_exceptions=True)
-        self._finish_update(update)
-
-    def _finish_update(self, update: "_OpenUpdate") -> None:
-        if update.deadline is not None:
-            update.deadline.cancel()
-        if self._update is update:
-            self._update = None
-        if update.holds_lock:
-            update.holds_lock = False
-            self._weights_lock.release()
+        await self.updates.abort(reason)
 
     async def update_weights(self, named_tensors: Iterable[tuple[str, torch.Tensor]], version: int) -> int:
-        """begin -> buckets (each put in Ray's store once for all replicas) -> commit; atomic."""
-        await self.begin_weight_update(version)
-        try:
-            for bucket in iter_buckets(named_tensors, self.config.weight_bucket_mb << 20):
-                await self.load_weight_bucket(bucket, version)
-        except BaseException as error:
-            await asyncio.shield(self.abort_weight_update(f"{type(error).__name__}: {error}"))
-            if isinstance(error, ModelEngineError) or not isinstance(error, Exception):
-                raise
-            raise WeightSyncError(f"{type(error).__name__}: {error}") from error
-        await self.commit_weight_update(version)
-        return version
+        return await self.updates.update(named_tensors, version)
+
+    async def weight_layout(self) -> tuple[ModelInfo, dict[str, WeightSpec]]:
+        """What every replica serves (they are copies): a live replica's layout."""
+        for replica in self.replicas:
+            if self._routable(replica):
+                return await replica.weight_layout()
+        raise WorkerFailed("cannot describe the served weights: no live replica")
 
     # ------------------------------------------------------------------ status
     def status(self) -> dict[str, Any]:
@@ -424,7 +267,7 @@ class ReplicaManager:
             "paused": self.paused,
             "accepting": any(e.get("accepting", False) for e in routable),
             "weights_incomplete": "; ".join(incomplete) or None,
-            "updating_weights": self._update is not None,
+            "updating_weights": self.updates.in_progress,
             "num_replicas": len(self.replicas),
             "live_replicas": sum(1 for r in self.replicas if self._routable(r)),
             "queue_depth": sum(e.get("queue_depth", 0) for e in replicas),

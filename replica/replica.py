@@ -2,9 +2,9 @@
 
 It owns, in order of creation: the placement groups (its GPUs), one `ModelEngineWorker` actor
 per bundle, a `RayWorkerExecutor` over them, and a `ModelEngineServer` (the scheduler) in the
-caller's event loop. It implements the `LogProbService` seam plus the split weight-update
-protocol (`begin` / load buckets / `commit` or `abort`), so a manager or a weight publisher
-drives several replicas the same way it drives one.
+caller's event loop. Scoring and the weight session go through that scheduler (its update
+session's participants are this replica's workers), so a manager drives several replicas the
+way a publisher drives one.
 
 Lifecycle: `start(timeout_s)` -> serving -> (a worker dies: `alive` is False, requests fail
 fast with `WorkerFailed`) -> `restart()` or `shutdown()`. `shutdown()` leaves no actor and no
@@ -21,13 +21,16 @@ from typing import TYPE_CHECKING, Any, Iterable, Sequence
 import ray
 import torch
 
+from checkpoint_transport.bucket import group_into_host_buckets
+from checkpoint_transport.threads import iterate_in_thread
+from model_engine_server.engines.base import ModelInfo, WeightSpec
 from model_engine_server.errors import ModelEngineError, ServerShuttingDown, WeightSyncError, WorkerFailed
 from model_engine_server.protocol import LogProbRequest, LogProbResult
 from model_engine_server.scheduler import ModelEngineServer
 from model_engine_server.scheduler_state import SchedulerObserver
 from model_engine_server.service import gather_outcomes
 from replica.config import ReplicaConfig
-from replica.executor import RayWorkerExecutor, iter_buckets
+from replica.executor import RayWorkerExecutor
 from replica.placement import ReplicaPlacement, reserve_replica_gpus
 from replica.worker import WorkerInfo, worker_actor_class
 
@@ -228,7 +231,7 @@ class ModelEngineReplica:
         """Open the update and drain; returns the number of workers that receive a stream."""
         return await self._server().begin_weight_update(version)
 
-    async def load_weight_bucket(self, bucket: "ray.ObjectRef | list[tuple[str, torch.Tensor]]", version: int | None = None) -> list[str]:
+    async def load_weights(self, bucket: "ray.ObjectRef | list[tuple[str, torch.Tensor]]", version: int | None = None) -> list[str]:
         """Load one bucket (a list of (HF name, tensor), or a reference to one in Ray's store)
         into every worker, inside the open update (refused when none is open)."""
         executor = self._executor()
@@ -241,9 +244,10 @@ class ModelEngineReplica:
     async def receive_weights(self, spec: "TransportSpec", version: int, first_rank: int = 1) -> list["ReceiveReport"]:
         """This replica's workers receive one transport stream as ranks `first_rank..`; what each
         loaded is recorded into the update session (the caller settles failures)."""
-        from checkpoint_transport.targets import receive_on_workers
+        return await self._server().receive_weights(spec, version, first_rank)
 
-        return await receive_on_workers(self._server(), self.workers, spec, version, first_rank)
+    async def weight_layout(self) -> tuple[ModelInfo, dict[str, WeightSpec]]:
+        return await self._server().weight_layout()
 
     def weight_update_refusal(self, version: int) -> str | None:
         """Why `version` cannot be committed here (what is missing on which worker), or None."""
@@ -264,8 +268,9 @@ class ModelEngineReplica:
         """begin -> every bucket -> commit; any failure aborts (weights marked incomplete)."""
         await self.begin_weight_update(version)
         try:
-            for bucket in iter_buckets(named_tensors, self.config.weight_bucket_mb << 20):
-                await self.load_weight_bucket(bucket, version)
+            buckets = group_into_host_buckets(named_tensors, self.config.weight_bucket_mb << 20)
+            async for bucket in iterate_in_thread(buckets):  # reads and copies off the event loop
+                await self.load_weights(await asyncio.to_thread(ray.put, bucket), version)
             await self.commit_weight_update(version)
         except BaseException as error:
             if self.server is not None:
@@ -279,10 +284,11 @@ class ModelEngineReplica:
         """Take `peer`'s current weights as `version` (after a restart): worker to worker through
         Ray's object store, recorded into this replica's update session like any delivery. The
         peer must not be mid-update."""
-        ref = await peer._executor().export_weights_ref()
+        buckets = await peer._executor().export_weight_buckets()
         await self.begin_weight_update(version)
         try:
-            await self.load_weight_bucket(ref, version)
+            for bucket in buckets:
+                await self.load_weights(bucket, version)
             await self.commit_weight_update(version)
         except BaseException as error:
             if self.server is not None:

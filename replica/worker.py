@@ -10,8 +10,8 @@ The actor runs scoring and weight loads in its default concurrency group, one ca
 (a weight load never overlaps a forward), and ping/health/shutdown in a `control` group, so a
 health check is answered even while a long batch runs.
 
-An engine may set two attributes to describe its place in the replica:
-- `returns_results` (default True): whether this rank's outputs are the batch's results
+Two properties of the `Engine` describe its place in the replica:
+- `returns_results`: whether this rank's outputs are the batch's results
   (Megatron: the last pipeline stage, tensor-parallel rank 0). Other ranks return None.
 - `data_parallel_rank`: which share of a batch this rank scores. Default: Megatron's rank
   order (tensor-parallel fastest, then data-parallel, then pipeline), `(rank // tp) % dp`.
@@ -29,6 +29,7 @@ from typing import Any, Iterable, Sequence
 import ray
 import torch
 
+from checkpoint_transport.bucket import group_into_host_buckets
 from model_engine_server.adapter import ModelEngineServerAdapter, Outcome
 from model_engine_server.engines.base import Engine, EngineSpec, ModelInfo, WeightSpec, build_engine
 from model_engine_server.protocol import LogProbRequest
@@ -138,15 +139,16 @@ class ModelEngineWorker:
     def _describe(self, dist_backend: str, tensor_parallel_size: int, data_parallel_size: int) -> WorkerInfo:
         context = ray.get_runtime_context() if ray.is_initialized() else None
         default_dp_rank = default_data_parallel_rank(self.rank, tensor_parallel_size, data_parallel_size)
+        engine = self._ready_engine()
         return WorkerInfo(
             rank=self.rank,
             world_size=self.world_size,
-            data_parallel_rank=int(getattr(self.engine, "data_parallel_rank", default_dp_rank)),
-            returns_results=bool(getattr(self.engine, "returns_results", True)),
+            data_parallel_rank=default_dp_rank if engine.data_parallel_rank is None else engine.data_parallel_rank,
+            returns_results=engine.returns_results,
             node_ip=node_ip_address() if context else "127.0.0.1",
             node_id=context.get_node_id() if context else "",
             pid=os.getpid(),
-            device=self.engine.info.device if self.engine else "none",
+            device=engine.info.device,
             dist_backend=dist_backend,
             gpu_ids=[str(g) for g in ray.get_gpu_ids()] if context else [],
             placement_group_id=context.get_placement_group_id() if context else None,
@@ -176,16 +178,23 @@ class ModelEngineWorker:
     def receive_weights(self, spec: dict[str, Any], version: int) -> dict[str, Any]:
         """Receive one checkpoint-transport stream (this worker's rank in `spec`) into the
         engine; returns the receive report as a dict and never raises."""
-        from checkpoint_transport.targets import worker_receive_weights
+        from checkpoint_transport.receiver import receive_into_engine
+        from checkpoint_transport.spec import TransportSpec
 
-        return worker_receive_weights(self._ready_engine(), spec, version)
+        return receive_into_engine(TransportSpec.model_validate(spec), self._ready_engine(), version).to_dict()
 
-    def export_weights(self) -> list[tuple[str, torch.Tensor]]:
-        """Full HF-named tensors (all ranks of a model-parallel group must call it together;
-        only the rank that returns results keeps the list)."""
-        exported = [(name, tensor.detach().cpu().clone()) for name, tensor in self._ready_engine().export_weights()]
+    def export_weight_buckets(self, bucket_bytes: int) -> list["ray.ObjectRef"]:
+        """The full HF-named weights as buckets of at most `bucket_bytes`, each its own object in
+        Ray's store (a restarted peer loads them one at a time, never one model-sized object).
+        Every rank of a model-parallel group must call it together (the export is collective);
+        only the rank that returns results keeps the buckets."""
         assert self.info is not None
-        return exported if self.info.returns_results else []
+        keep = self.info.returns_results
+        refs = []
+        for bucket in group_into_host_buckets(self._ready_engine().export_weights(), bucket_bytes):
+            if keep:
+                refs.append(ray.put(bucket))  # a copy into the store: the live parameters stay put
+        return refs
 
     def weight_specs(self) -> dict[str, WeightSpec]:
         return self._ready_engine().weight_specs()

@@ -18,8 +18,7 @@ from pydantic import ValidationError
 
 from checkpoint_transport.spec import ReceiveReport, TransportSpec
 from model_engine_server import launch
-from model_engine_server.config import HttpConfig, TransportConfig
-from model_engine_server.config_loader import load_config
+from model_engine_server.config import HttpConfig, ServerTransportConfig, load_config
 from model_engine_server.engines.base import EngineSpec
 from model_engine_server.errors import ERROR_TYPES, Forbidden, ModelEngineError
 from model_engine_server.http import admin_policy
@@ -65,14 +64,12 @@ class FakeService:
         pass
 
 
-class RecordingTarget:
-    """A `WeightSyncTarget` that records the specs its workers would have joined."""
+class RecordingService(FakeService):
+    """A service whose weight session records the specs its workers would have joined."""
 
     def __init__(self) -> None:
+        super().__init__()
         self.joined: list[TransportSpec] = []
-
-    async def receiver_count(self) -> int:
-        return 1
 
     async def receive_weights(self, spec: TransportSpec, version: int) -> list[ReceiveReport]:
         self.joined.append(spec)
@@ -177,17 +174,17 @@ def test_a_spec_naming_a_foreign_host_is_forbidden_naming_host_and_setting():
 
 
 def test_allowed_endpoints_are_checked_when_the_config_is_read():
-    assert TransportConfig(allowed_endpoints=[" 10.0.0.0/8 ", "trainer-0.cluster"]).allowed_endpoints == [
+    assert ServerTransportConfig(allowed_endpoints=[" 10.0.0.0/8 ", "trainer-0.cluster"]).allowed_endpoints == [
         "10.0.0.0/8", "trainer-0.cluster"]
     for bad in (["10.0.0.0/33"], [""], ["not a/cidr"]):
         with pytest.raises(ValidationError):
-            TransportConfig(allowed_endpoints=bad)
+            ServerTransportConfig(allowed_endpoints=bad)
 
 
 @pytest.fixture(scope="module")
 def receiving():
-    target = RecordingTarget()
-    app = create_app(FakeService(), admin_token=TOKEN, weight_sync_target=target, allowed_endpoints=["198.51.100.0/24"])
+    target = RecordingService()
+    app = create_app(target, admin_token=TOKEN, allowed_endpoints=["198.51.100.0/24"])
     with ServerThread(app) as server:
         yield server.url, target
 

@@ -6,10 +6,9 @@ import json
 
 import torch
 
-from bench.baselines import full_logits_log_probs
 from bench.common import Target, measure_peak_bytes
 from bench.report import render
-from model_engine_server.logprobs import LMHead, chunked_log_probs
+from model_engine_server.logprobs import LMHead, chunked_log_probs, full_logits_log_probs
 
 
 def test_full_logits_baseline_equals_chunked_server_path():

@@ -2,14 +2,16 @@
 
 from __future__ import annotations
 
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 import yaml
 
+from checkpoint_transport import TransportConfig
 from model_engine_server.cli import main as cli_main
-from model_engine_server.config import ConfigError, ServerConfig
-from model_engine_server.config_loader import load_config, load_training_config
+from model_engine_server.config import ConfigError, ServerConfig, load_config, load_training_config
 
 FIXTURES = Path(__file__).parent / "fixtures" / "verl"
 SHIPPED = FIXTURES / "fully_async_megatron_shipped.yaml"
@@ -317,6 +319,33 @@ def test_an_interpolation_inside_the_section_that_cannot_resolve_names_the_key(t
 def test_a_missing_config_file_is_a_clear_error(tmp_path):
     with pytest.raises(ConfigError, match="does not exist"):
         load_config(tmp_path / "nope.yaml")
+
+
+# ---------------------------------------------------------------- the transport part and the package
+def test_the_sections_transport_part_is_the_publishers_transport_config():
+    transport = load_config(REPO / "deploy" / "fully-async-megatron-40gpu.yaml").server.transport
+    assert isinstance(transport, TransportConfig)  # a publisher takes it as it is
+    assert (transport.backend, transport.bucket_bytes) == ("nccl", 1 << 30)
+
+
+def test_the_section_and_the_publisher_share_one_set_of_transport_defaults():
+    assert ServerConfig().transport.model_dump(exclude={"allowed_endpoints"}) == TransportConfig().model_dump()
+
+
+def test_a_transport_key_nothing_reads_is_an_unknown_key(base):
+    with pytest.raises(ConfigError, match=r"transport\.bucket_mb: unknown key; did you mean 'bucket_bytes'"):
+        load_config(base, ["model_engine_server.transport.bucket_mb=512"])
+
+
+def test_the_scheduler_config_imports_without_the_scheduler():
+    code = ("import sys; from model_engine_server.config.scheduler import SchedulerConfig; "
+            "from model_engine_server.scheduler import SchedulerConfig as Same; assert Same is SchedulerConfig; "
+            "import model_engine_server.config as c; assert c.SchedulerConfig is SchedulerConfig")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    alone = "import sys, model_engine_server.config; assert 'model_engine_server.scheduler' not in sys.modules"
+    done = subprocess.run([sys.executable, "-c", alone], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
 
 
 # ---------------------------------------------------------------- reference mode keys, secrets, CLI values

@@ -3,17 +3,19 @@
 from __future__ import annotations
 
 import asyncio
+import subprocess
+import sys
 
 import numpy as np
 import pytest
 import torch
 
 from clients.agent_loop import ENTROPY_FIELD, LOG_PROBS_FIELD, MISMATCH_FIELD, VERSION_FIELD, attach_server_log_probs
+from clients.demo.config import DemoConfig, DemoModel
+from clients.demo.loop import DemoLoop
+from clients.demo.message_queue import MessageQueue
+from clients.demo.run import make_policy, run_mode
 from clients.local_client import LocalClient
-from model_engine_server.demo.config import DemoConfig, DemoModel
-from model_engine_server.demo.loop import DemoLoop
-from model_engine_server.demo.message_queue import MessageQueue
-from model_engine_server.demo.run import make_policy, run_mode
 from model_engine_server.engines.base import EngineSpec
 from model_engine_server.local import build_local_server
 from tests.helpers import reference_model
@@ -126,3 +128,12 @@ async def test_message_queue_staleness_policy(policy, expected_groups):
         batch = await queue.get_batch(2, trainer_version=3)
         assert batch.dropped_stale == 0
     assert len(batch.groups) == expected_groups
+
+
+def test_the_cli_imports_the_demo_only_when_it_runs():
+    code = ("import sys; from model_engine_server.cli import build_parser; "
+            "args = build_parser().parse_args(['demo', '--steps', '3']); assert args.steps == 3; "
+            "loaded = [name for name in sys.modules if name == 'clients' or name.startswith('clients.')]; "
+            "assert not loaded, loaded")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr

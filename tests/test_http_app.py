@@ -150,7 +150,7 @@ def test_metrics_parse_as_prometheus_text_and_counters_move(served):
 
 def test_status_health_and_openapi_are_served(served):
     status = httpx.get(f"{served.url}/v1/status").json()
-    for key in ("weight_version", "paused", "queue_depth", "replicas", "num_replicas"):
+    for key in ("weight_version", "paused", "queue_depth", "num_replicas"):
         assert key in status
     assert httpx.get(f"{served.url}/health").json()["status"] == "ok"
     schema = httpx.get(f"{served.url}/openapi.json").json()

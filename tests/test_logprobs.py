@@ -18,8 +18,7 @@ def test_chunked_equals_full_log_softmax(chunk_tokens, with_bias):
     targets = torch.randint(0, 300, (50,), generator=generator)
     temperatures = torch.tensor([0.6, 1.0, 1.3, 2.0, 0.9] * 10)
     log_probs, entropy = chunked_log_probs(hidden, LMHead(weight, bias), targets, temperatures, True, chunk_tokens)
-    logits = hidden @ weight.T + (bias if bias is not None else 0)
-    expected_log_probs, expected_entropy = full_logits_log_probs(logits, targets, temperatures)
+    expected_log_probs, expected_entropy = full_logits_log_probs(hidden, weight, targets, temperatures, bias)
     torch.testing.assert_close(log_probs, expected_log_probs, atol=1e-5, rtol=0)
     torch.testing.assert_close(entropy, expected_entropy, atol=1e-5, rtol=0)
 
@@ -35,8 +34,8 @@ def test_bf16_hidden_scores_its_bf16_logits_in_fp32(with_bias):
     targets = torch.randint(0, 200, (30,), generator=generator)
     temperatures = torch.tensor([0.7, 1.0, 1.5] * 10)
     log_probs, entropy = chunked_log_probs(hidden, LMHead(weight, bias), targets, temperatures, True, 8)
-    bf16_logits = torch.nn.functional.linear(hidden, weight, bias)  # what a bf16 nn.Linear head returns
-    expected_log_probs, expected_entropy = full_logits_log_probs(bf16_logits.float(), targets, temperatures)
+    # the reference rounds its logits to bf16 as a bf16 nn.Linear head does, then runs in fp32
+    expected_log_probs, expected_entropy = full_logits_log_probs(hidden, weight, targets, temperatures, bias)
     torch.testing.assert_close(log_probs, expected_log_probs, atol=1e-5, rtol=0)
     torch.testing.assert_close(entropy, expected_entropy, atol=1e-5, rtol=0)
 
@@ -76,7 +75,7 @@ def test_vocab_parallel_shards_over_gloo_equal_the_unsharded_math():
     generator = torch.Generator().manual_seed(1)
     hidden, weight = torch.randn(10, 8, generator=generator), torch.randn(40, 8, generator=generator)
     targets = torch.randint(0, 40, (10,), generator=generator)
-    expected_log_probs, expected_entropy = full_logits_log_probs(hidden @ weight.T, targets, 0.7)
+    expected_log_probs, expected_entropy = full_logits_log_probs(hidden, weight, targets, 0.7)
     for rank in range(2):
         log_probs, entropy = results[rank]
         torch.testing.assert_close(log_probs, expected_log_probs, atol=1e-5, rtol=0)

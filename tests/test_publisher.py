@@ -14,7 +14,6 @@ import torch
 from checkpoint_transport.channel import get_backend
 from checkpoint_transport.sender import WeightSender
 from checkpoint_transport.spec import TransportConfig
-from checkpoint_transport.targets import LocalServerTarget
 from clients.publisher import WeightPublisher
 from model_engine_server.adapter import ModelEngineServerAdapter
 from model_engine_server.engines.base import EngineSpec, build_engine
@@ -49,7 +48,7 @@ def server(tiny_model):
 
 def publisher_for(server, session, timeout_s: float = 30.0, sender_factory=WeightSender.from_spec) -> WeightPublisher:
     config = transport_config(session.backend, timeout_s)
-    return WeightPublisher(LocalServerTarget(server), config, sender_factory=sender_factory, session=session)
+    return WeightPublisher(server, config, sender_factory=sender_factory, session=session)
 
 
 def current_weights(server) -> dict[str, torch.Tensor]:

@@ -11,7 +11,6 @@ import torch
 import uvicorn
 
 from checkpoint_transport.spec import TransportConfig
-from checkpoint_transport.targets import LocalServerTarget
 from clients.publisher import HttpSyncTarget, WeightPublisher
 from model_engine_server.engines.base import EngineSpec
 from model_engine_server.errors import ModelEngineError, WeightSyncError
@@ -27,7 +26,6 @@ def served(tiny_model):
     """(base URL, the in-process server behind it) on a uvicorn thread with its own loop."""
     server = build_local_server(EngineSpec(model_path=str(tiny_model)))
     app = create_app(server, admin_token=TOKEN, owns_service=True)  # mounts /v1/weights/* itself
-    assert isinstance(app.state.weight_sync_target, LocalServerTarget)
     uv = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=0, log_level="warning", lifespan="on"))
     thread = threading.Thread(target=uv.run, daemon=True)
     thread.start()

@@ -1,4 +1,4 @@
-"""The Ray-handle client over the server actor: 2 replicas x 2 workers on 4 logical GPUs.
+"""The Ray-handle client over the service actor: 2 replicas of 1 worker on logical GPUs.
 
 One deployment serves the whole module (start-up costs seconds on 2 cores); the last test
 kills and restarts a replica, and the module's teardown checks nothing is left behind.
@@ -22,10 +22,11 @@ from model_engine_server.local import build_local_server
 from model_engine_server.protocol import LogProbRequest, LogProbResult
 from model_engine_server.scheduler import SchedulerConfig
 from model_engine_server.tiny_model import perturbed_weights
-from replica.server_actor import start_server_actor, stop_server_actor
+from model_engine_server.config import ServerConfig
+from replica.service_actor import start_service_actor, stop_service_actor
 from tests._tolerances import assert_distinguishable, assert_scores_close
 from tests.helpers import random_requests, reference_log_probs, reference_model
-from tests.test_replica import DEADLINE_S, assert_nothing_left, replica_config
+from tests.test_replica import DEADLINE_S, assert_nothing_left
 
 VOCAB = 512
 SCHEDULER = SchedulerConfig(max_tokens_per_batch=2048, max_wait_ms=2.0, default_temperature=0.7)
@@ -36,10 +37,13 @@ DEFAULT_TEMPERATURE = SCHEDULER.default_temperature  # the config's `temperature
 @pytest_asyncio.fixture(scope="module", loop_scope="module")
 async def server(ray_cluster, tiny_model):
     # auto_restart off: the kill test below drives the restart by hand (test_replica tests the monitor's)
-    config = replica_config(tiny_model, num_replicas=2, n_gpus_per_node=2, scheduler=SCHEDULER, auto_restart=False)
-    handle = await start_server_actor(config, name=SERVER_NAME)
+    config = ServerConfig(
+        model_path=str(tiny_model), runtime="ray", num_replicas=2, n_gpus_per_node=2, scheduler=SCHEDULER,
+        temperature=DEFAULT_TEMPERATURE, batch_timeout_s=60.0, ray={"auto_restart": False},
+    )
+    handle = await start_service_actor(config, name=SERVER_NAME)
     yield handle
-    await stop_server_actor(handle, drain=False, timeout_s=10.0)
+    await stop_service_actor(handle, drain=False, timeout_s=10.0)
     await assert_nothing_left()
 
 
@@ -67,16 +71,16 @@ async def one_at_a_time(score, requests: list[LogProbRequest]) -> list[LogProbRe
     return [(await score([request]))[0] for request in requests]
 
 
-async def test_two_replicas_of_two_workers_each_get_distinct_gpu_bundles(server):
+async def test_two_replicas_get_distinct_gpu_bundles(server):
+    """Intra-replica data parallelism (several workers per replica) is covered in test_replica.py."""
     placements = await server.worker_placements.remote()
-    assert [len(replica) for replica in placements] == [2, 2]
+    assert [len(replica) for replica in placements] == [1, 1]
     workers = [worker for replica in placements for worker in replica]
-    assert sorted(tuple(w["gpu_ids"]) for w in workers) == [("0",), ("1",), ("2",), ("3",)]
+    assert len({tuple(w["gpu_ids"]) for w in workers}) == 2
     assert all(w["bundle_resources"].get("GPU") == 1.0 for w in workers)
     groups = [{w["placement_group_id"] for w in replica} for replica in placements]
     assert all(len(g) == 1 for g in groups) and groups[0] != groups[1]  # one group per replica
-    assert [[w["rank"] for w in replica] for replica in placements] == [[0, 1], [0, 1]]
-    assert len({w["pid"] for w in workers}) == 4
+    assert len({w["pid"] for w in workers}) == 2
     expected_device = "cuda:0" if torch.cuda.is_available() else "cpu"
     assert all(w["device"] == expected_device for w in workers)
 
@@ -221,10 +225,10 @@ async def test_an_incomplete_sync_is_refused_and_nothing_is_scored_until_a_compl
 
 
 async def test_a_trainer_publishes_through_the_checkpoint_transport_into_every_worker(server, client, local_server):
-    """The publisher streams (gloo broadcast) straight into the 4 workers; the server actor is
+    """The publisher streams (gloo broadcast) straight into the 4 workers; the service actor is
     the sync target that drains, and commits only when every worker reports a full stream."""
     from checkpoint_transport.spec import TransportConfig
-    from checkpoint_transport.targets import ActorSyncTarget
+    from clients.publisher import ActorSyncTarget
     from clients.publisher import WeightPublisher
 
     engine = local_server.executor.adapter.engine
@@ -238,7 +242,7 @@ async def test_a_trainer_publishes_through_the_checkpoint_transport_into_every_w
     finally:
         await publisher.close()
     assert report.ok, report.error
-    assert len(report.receives) == 4 and all(r.ok for r in report.receives)
+    assert len(report.receives) == 2 and all(r.ok for r in report.receives)  # one worker per replica
     await local_server.update_weights(new_weights.items(), version)
     status = await client.status()
     assert [r["weight_version"] for r in status["replicas"]] == [version, version]
@@ -264,14 +268,14 @@ async def test_killed_worker_loses_no_request_and_restart_brings_the_replica_bac
             break
         await asyncio.sleep(0.005)
     workers = await server.worker_handles.remote(0)
-    ray_cluster.kill(workers[1], no_restart=True)
+    ray_cluster.kill(workers[0], no_restart=True)
 
     outcomes = await asyncio.wait_for(scoring, DEADLINE_S)
     assert all(isinstance(o, LogProbResult) for o in outcomes), [o for o in outcomes if not isinstance(o, LogProbResult)][:3]
     status = await client.status()
     assert status["retried_requests"] > 0
     assert status["live_replicas"] == 1 and status["replicas"][0]["alive"] is False
-    assert "worker rank 1 died" in status["replicas"][0]["failure"]  # found by the lost batch or the health monitor
+    assert "worker rank 0 died" in status["replicas"][0]["failure"]  # found by the lost batch or the health monitor
 
     routed_to_dead = status["replicas"][0]["routed_requests"]
     more = await client.compute_log_probs(random_requests(6, VOCAB, seed=28, max_len=80))

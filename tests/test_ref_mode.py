@@ -17,8 +17,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from clients.agent_loop import LOG_PROBS_FIELD, REF_LOG_PROBS_FIELD, attach_server_log_probs
 from clients.http_client import HttpLogProbClient
 from clients.local_client import LocalClient
-from model_engine_server.config import ConfigError
-from model_engine_server.config_loader import load_config
+from model_engine_server.config import ConfigError, load_config
 from model_engine_server.errors import InvalidRequest, Overloaded
 from model_engine_server.launch import build_service, build_serving, reference_config_for
 from model_engine_server.protocol import LogProbRequest, LogProbResult

@@ -1,6 +1,6 @@
 """Reference mode and `update_weights_from_disk` on Ray replicas (the session's embedded Ray,
 logical GPUs, engines on CPU): the policy and the reference each on replicas of their own behind
-the HTTP app; the Ray-handle client loading a folder through the server actor."""
+the HTTP app; the Ray-handle client getting the same through the service actor."""
 
 from __future__ import annotations
 
@@ -11,13 +11,14 @@ import pytest
 import ray
 
 from clients.ray_client import RayLogProbClient
-from model_engine_server.errors import InvalidRequest
+from model_engine_server.errors import Forbidden, InvalidRequest
 from model_engine_server.launch import build_serving
-from replica.server_actor import start_server_actor, stop_server_actor
+from model_engine_server.config import ServerConfig
+from replica.service_actor import start_service_actor, stop_service_actor
 from tests.helpers import random_requests
 from tests.test_http_support import ServerThread
 from tests.test_ref_mode import SECTION, TOKEN, ref_mode_config, wire, with_ref
-from tests.test_replica import DEADLINE_S, assert_nothing_left, live_replica_actors, live_replica_placement_groups, replica_config
+from tests.test_replica import DEADLINE_S, assert_nothing_left, live_replica_actors, live_replica_placement_groups
 from tests.test_update_from_disk import assert_log_probs_of, save_perturbed
 
 
@@ -56,18 +57,26 @@ def test_policy_and_reference_on_their_own_ray_replicas(ray_cluster, tiny_model,
 
 
 @pytest.mark.asyncio(loop_scope="function")
-async def test_the_ray_client_loads_a_folder_through_the_server_actor(ray_cluster, tiny_model, tmp_path):
-    handle = await start_server_actor(replica_config(tiny_model), name="model-engine-server-from-disk")
+async def test_the_ray_client_gets_reference_mode_and_disk_updates_like_http(ray_cluster, tiny_model, tmp_path):
+    """The service actor is built by the same composition root as `serve`: ref log-probs from the
+    frozen initial weights, `update_weights_from_disk` under the configured roots."""
+    config = ServerConfig(model_path=str(tiny_model), runtime="ray", enable_ref_mode=True, weight_roots=[str(tmp_path)])
+    handle = await start_service_actor(config, name="model-engine-server-from-disk")
     try:
         client = RayLogProbClient(handle, call_timeout_s=DEADLINE_S)
         new_weights = save_perturbed(tiny_model, tmp_path / "step1", seed=22)
         with pytest.raises(InvalidRequest, match="is not a folder"):
             await client.update_weights_from_disk(str(tmp_path / "absent"))
+        with pytest.raises(Forbidden):
+            await client.update_weights_from_disk(str(tiny_model))  # outside the roots
         assert await client.update_weights_from_disk(str(new_weights)) == 1
-        requests = random_requests(3, 512, seed=92, max_len=80)
+        requests = with_ref(random_requests(3, 512, seed=92, max_len=80))
         results = await client.compute_log_probs(requests)
+        status = await client.status()
     finally:
-        await stop_server_actor(handle, drain=False, timeout_s=10.0)
+        await stop_service_actor(handle, drain=False, timeout_s=10.0)
     assert {r.weight_version for r in results} == {1}
+    assert status["ref_mode"] is True and status["reference"]["weight_version"] == 0
     assert_log_probs_of(new_weights, requests, results)
+    assert_log_probs_of(tiny_model, requests, results, field="ref_log_probs")
     await assert_nothing_left()

@@ -23,14 +23,14 @@ from model_engine_server.scheduler import SchedulerConfig
 from model_engine_server.service import LogProbService
 from model_engine_server.tiny_model import perturbed_weights
 from replica.config import ReplicaConfig
-from replica.executor import RayWorkerExecutor, iter_buckets, split_by_tokens
+from replica.executor import RayWorkerExecutor, split_by_tokens
 from replica.manager import ReplicaManager
 from replica.placement import PlacementTimeout
 from replica.replica import ModelEngineReplica
 from replica.worker import WorkerInfo, default_data_parallel_rank
 from tests.helpers import random_requests
 
-REPLICA_ACTOR_CLASSES = ("ModelEngineWorker", "ModelEngineServerActor")
+REPLICA_ACTOR_CLASSES = ("ModelEngineWorker", "LogProbServiceActor")
 DEADLINE_S = 120.0
 
 
@@ -103,15 +103,6 @@ def test_split_by_tokens_balances_shares_and_keeps_every_request_once():
 
 def test_split_by_tokens_leaves_extra_groups_empty_for_a_single_request():
     assert split_by_tokens([7], 3) == [[0], [], []]
-
-
-def test_iter_buckets_respects_the_byte_budget_and_keeps_order():
-    named = [(f"w{i}", torch.zeros(64)) for i in range(10)]  # 256 bytes each
-    buckets = list(iter_buckets(named, bucket_bytes=600))
-    assert [len(b) for b in buckets] == [2, 2, 2, 2, 2]
-    assert [name for bucket in buckets for name, _ in bucket] == [f"w{i}" for i in range(10)]
-    big = list(iter_buckets([("big", torch.zeros(1000))], bucket_bytes=10))
-    assert [[n for n, _ in b] for b in big] == [["big"]]
 
 
 def test_config_rejects_a_world_size_not_divisible_by_model_parallel_size():

@@ -9,9 +9,9 @@ import httpx
 import pytest
 import torch
 
-from model_engine_server.config import ConfigError
-from model_engine_server.config_loader import load_config
-from model_engine_server.launch import build_serving, replica_config_for
+from model_engine_server.config import ConfigError, load_config
+from model_engine_server.launch import build_serving
+from replica.runtime import replica_config_for
 from model_engine_server.protocol import LogProbRequest
 from tests.helpers import random_requests, reference_log_probs, reference_model
 from tests.test_http_support import ServerThread
@@ -40,6 +40,11 @@ def test_restart_policy_reaches_the_replica_layer():
                                 "model_engine_server.ray.max_restarts=7", "model_engine_server.ray.health_check_interval_s=2.5"]).server
     mapped = replica_config_for(config, "/models/m")
     assert (mapped.auto_restart, mapped.max_restarts, mapped.health_check_interval_s) == (False, 7, 2.5)
+
+
+def test_transport_bucket_size_reaches_the_replica_layer():
+    config = load_config(None, ["model_engine_server.n_gpus_per_node=2", "model_engine_server.transport.bucket_bytes=1073741824"]).server
+    assert replica_config_for(config, "/models/m").weight_bucket_mb == 1024
 
 
 def test_parallelism_the_engine_lacks_is_refused_by_name():

@@ -14,6 +14,7 @@ from checkpoint_transport.bucket import (
     TensorEntry,
     buffer_checksum,
     group_into_buckets,
+    group_into_host_buckets,
     pack_bucket,
     unpack_bucket,
 )
@@ -81,6 +82,18 @@ def test_grouping_pulls_the_export_stream_only_as_far_as_the_next_bucket():
 def test_grouping_rejects_items_that_are_not_name_tensor_pairs():
     with pytest.raises(TypeError, match="expected"):
         list(group_into_buckets([("w", [1.0, 2.0])], bucket_bytes=1024))
+    with pytest.raises(TypeError, match="expected"):
+        list(group_into_host_buckets([("w", [1.0, 2.0])], bucket_bytes=1024))
+
+
+def test_host_buckets_group_the_same_way_and_hold_detached_contiguous_copies():
+    weight = torch.nn.Parameter(torch.randn(8, 8))
+    named = [("t", weight.T), ("w", weight), *((f"z{i}", torch.zeros(64)) for i in range(4))]  # 256 bytes each
+    groups = list(group_into_host_buckets(named, bucket_bytes=600))
+    assert [[n for n, _ in g] for g in groups] == [[n for n, _ in g] for g in group_into_buckets(named, 600)]
+    for name, tensor in (pair for group in groups for pair in group):
+        assert tensor.is_contiguous() and not tensor.requires_grad and tensor.device.type == "cpu"
+    assert torch.equal(groups[0][0][1], weight.T)
 
 
 @settings(max_examples=40, deadline=None)

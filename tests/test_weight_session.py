@@ -19,7 +19,6 @@ import torch
 
 from checkpoint_transport.channel import get_backend
 from checkpoint_transport.spec import TransportConfig
-from checkpoint_transport.targets import LocalServerTarget
 from clients.local_client import LocalClient
 from model_engine_server.adapter import ModelEngineServerAdapter
 from model_engine_server.engines.base import EngineSpec, ModelInfo
@@ -107,7 +106,7 @@ async def test_a_transport_target_refuses_to_receive_with_no_update_begun(tiny_m
     try:
         spec = session.begin("no-begin", 1)
         with pytest.raises(WeightSyncError, match="no weight update is open"):
-            await LocalServerTarget(server).receive_weights(spec, 1)
+            await server.receive_weights(spec, 1)
     finally:
         session.close()
     assert server.status()["weight_version"] == 0 and server.status()["weights_incomplete"] is None

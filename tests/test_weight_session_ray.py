@@ -63,7 +63,7 @@ async def test_an_empty_update_is_refused_on_ray_replicas_and_the_version_stays(
 async def test_a_partial_bucket_load_is_refused_at_commit_naming_what_is_missing(manager, tiny_model):
     weights = list(_new_weights(tiny_model, seed=5).items())
     await manager.begin_weight_update(1)
-    await manager.load_weight_bucket(weights[:2], 1)
+    await manager.load_weights(weights[:2], 1)
     with pytest.raises(WeightSyncError, match=r"replica-\d: weights of version 1 did not arrive complete: rank-0 is missing"):
         await manager.commit_weight_update(1)
     assert manager.weight_version == 0 and manager.status()["weights_incomplete"]
@@ -72,14 +72,14 @@ async def test_a_partial_bucket_load_is_refused_at_commit_naming_what_is_missing
 
 
 async def test_a_second_begin_is_refused_at_once_even_while_the_first_waits_for_the_lock(manager):
-    await manager._weights_lock.acquire()  # a restart's weight copy holds the lock
+    await manager.updates.lock.acquire()  # a restart's weight copy holds the lock
     first = asyncio.ensure_future(manager.begin_weight_update(1))
     await asyncio.sleep(0.05)
     started = time.monotonic()
     with pytest.raises(WeightSyncError, match="already in progress"):
         await manager.begin_weight_update(2)
     assert time.monotonic() - started < 1.0
-    manager._weights_lock.release()
+    manager.updates.lock.release()
     assert await asyncio.wait_for(first, 30) == sum(len(r.workers) for r in manager.replicas)  # every worker receives
     await manager.abort_weight_update("test")
     assert await _served_version(manager) == 0

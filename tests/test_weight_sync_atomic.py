@@ -13,7 +13,6 @@ import numpy as np
 import pytest
 
 from checkpoint_transport.spec import TransportConfig
-from checkpoint_transport.targets import LocalServerTarget
 from clients.publisher import WeightPublisher
 from model_engine_server.adapter import ModelEngineServerAdapter
 from model_engine_server.engines.base import EngineSpec, build_engine
@@ -42,7 +41,7 @@ async def test_every_result_under_twenty_syncs_matches_the_weights_of_its_versio
         scheduler=SchedulerConfig(max_tokens_per_batch=2048, max_wait_ms=2, request_timeout_s=300),
     )
     publisher = WeightPublisher(
-        LocalServerTarget(server), TransportConfig(backend=backend, bucket_bytes=16 << 10, timeout_s=60)
+        server, TransportConfig(backend=backend, bucket_bytes=16 << 10, timeout_s=60)
     )
     base = {name: tensor.clone() for name, tensor in server.executor.adapter.engine.export_weights()}
     weights = {0: base}

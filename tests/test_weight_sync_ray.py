@@ -14,7 +14,9 @@ import torch
 
 from checkpoint_transport.sender import send_weights
 from checkpoint_transport.spec import TransportConfig, TransportSpec
-from checkpoint_transport.targets import ActorSyncTarget, RayWorkersTarget, worker_receive_weights
+from checkpoint_transport.receiver import receive_into_engine
+from clients.publisher import ActorSyncTarget
+from replica.executor import receive_on_workers
 from clients.publisher import WeightPublisher
 from model_engine_server.adapter import ModelEngineServerAdapter
 from model_engine_server.engines.base import EngineSpec, ModelInfo, WeightSpec, build_engine
@@ -36,7 +38,7 @@ class SyncWorker:
         self.adapter = ModelEngineServerAdapter(self.engine, 8192)
 
     def receive_weights(self, spec: dict[str, Any], version: int) -> dict[str, Any]:
-        return worker_receive_weights(self.engine, spec, version)
+        return receive_into_engine(TransportSpec.model_validate(spec), self.engine, version).to_dict()
 
     def discard_partial_weights(self) -> None:
         self.engine.discard_partial_weights()
@@ -77,6 +79,9 @@ class RoundRobinWorkers:
     async def discard_partial_weights(self) -> None:
         await asyncio.gather(*(worker.discard_partial_weights.remote() for worker in self.workers))
 
+    async def receive_weights(self, spec: TransportSpec, version: int, first_rank: int):
+        return await receive_on_workers(self.workers, spec, version, first_rank)
+
     async def close(self) -> None:
         pass
 
@@ -91,20 +96,19 @@ class SyncServerHost:
         self.server = ModelEngineServer(
             RoundRobinWorkers(workers, ray.get(workers[0].model_info.remote())), SchedulerConfig(request_timeout_s=120)
         )
-        self.target = RayWorkersTarget(self.server, workers)
 
     async def begin_weight_update(self, version: int) -> int:
-        return await self.target.begin_weight_update(version)
+        return await self.server.begin_weight_update(version)
 
     async def receive_weights(self, spec: dict[str, Any], version: int) -> list[dict[str, Any]]:
-        reports = await self.target.receive_weights(TransportSpec.model_validate(spec), version)
+        reports = await self.server.receive_weights(TransportSpec.model_validate(spec), version)
         return [report.to_dict() for report in reports]
 
     async def commit_weight_update(self, version: int) -> None:
-        await self.target.commit_weight_update(version)
+        await self.server.commit_weight_update(version)
 
     async def abort_weight_update(self, reason: str) -> None:
-        await self.target.abort_weight_update(reason)
+        await self.server.abort_weight_update(reason)
 
     async def get_status(self) -> dict[str, Any]:
         return self.server.status()

@@ -48,8 +48,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from model_engine_server.config import ConfigError
-    from model_engine_server.config_loader import load_config
+    from model_engine_server.config import ConfigError, load_config
 
     try:
         loaded = load_config(config_file(args), args.overrides)

@@ -1,30 +1,38 @@
-"""`demo`: the main job — a fully-async RL loop scored by the server, then the colocated baseline."""
+"""`demo`: the main job — a fully-async RL loop scored by the server, then the colocated baseline.
+
+The demo is a client of the server (`clients/demo/`), not part of it: it is imported only when
+the command runs, so the CLI and the server core import nothing from `clients`.
+"""
 
 from __future__ import annotations
 
 import argparse
 from pathlib import Path
 
-from model_engine_server.demo.config import DemoConfig
-
 
 def register(subparsers: argparse._SubParsersAction) -> None:
     parser = subparsers.add_parser("demo", help="run the fully-async RL demo against the colocated baseline")
     parser.add_argument("--mode", choices=["both", "server", "baseline"], default="both")
-    parser.add_argument("--steps", type=int, default=DemoConfig().steps)
+    parser.add_argument("--steps", type=int, default=None, help="trainer updates (default: the demo's, 40)")
     parser.add_argument("--output-dir", type=Path, default=Path("demo-output"))
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--stale-policy", choices=["drop", "keep"], default="drop")
-    parser.add_argument("--staleness-limit", type=int, default=DemoConfig().staleness_limit)
+    parser.add_argument(
+        "--staleness-limit", type=int, default=None, help="K: samples more than K versions old are stale (default: 2)"
+    )
     parser.add_argument("--no-progress", action="store_true")
     parser.set_defaults(func=run)
 
 
 def run(args: argparse.Namespace) -> int:
-    from model_engine_server.demo.report import comparison
-    from model_engine_server.demo.run import run_demo
+    from clients.demo.config import DemoConfig
+    from clients.demo.report import comparison
+    from clients.demo.run import run_demo
 
-    config = DemoConfig(steps=args.steps, seed=args.seed, stale_policy=args.stale_policy, staleness_limit=args.staleness_limit)
+    given = {"steps": args.steps, "staleness_limit": args.staleness_limit}
+    config = DemoConfig(
+        seed=args.seed, stale_policy=args.stale_policy, **{key: value for key, value in given.items() if value is not None}
+    )
     modes = ["server", "baseline"] if args.mode == "both" else [args.mode]
     results = run_demo(config, args.output_dir, modes, show_progress=not args.no_progress)  # type: ignore[arg-type]
     print(comparison(results))

@@ -36,8 +36,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from model_engine_server.config import ConfigError
-    from model_engine_server.config_loader import load_config
+    from model_engine_server.config import ConfigError, load_config
     from model_engine_server.http.admin_policy import exposure_remedy, unauthenticated_exposure
     from model_engine_server.launch import build_serving
 

@@ -13,14 +13,9 @@ from typing import Any, Callable, Iterable, Iterator, Protocol, runtime_checkabl
 import torch
 from pydantic import BaseModel, ConfigDict, Field
 
+from checkpoint_transport.dtypes import DTYPES
 from model_engine_server.logprobs import LMHead, chunked_log_probs
 from model_engine_server.packing import PackedBatch
-
-DTYPES: dict[str, torch.dtype] = {
-    "float32": torch.float32,
-    "bfloat16": torch.bfloat16,
-    "float16": torch.float16,
-}
 
 
 class EngineSpec(BaseModel):
@@ -65,6 +60,16 @@ class Engine(Protocol):
     """A forward-only model over packed rows; loads new weights by HuggingFace name."""
 
     info: ModelInfo
+
+    @property
+    def returns_results(self) -> bool:
+        """Whether this rank's outputs are its batch's results (one rank per model-parallel group)."""
+        ...
+
+    @property
+    def data_parallel_rank(self) -> int | None:
+        """Which share of a batch this rank scores; None: the replica's default rank order."""
+        ...
 
     def score_packed(
         self, batch: PackedBatch, temperatures: torch.Tensor, want_entropy: bool, chunk_tokens: int | None

@@ -137,6 +137,9 @@ class HFEngine(HiddenStateEngine):
             loaded.append(name)
         return loaded
 
+    returns_results = True  # one device, one engine: every rank's results are its own
+    data_parallel_rank = None
+
     def discard_partial_weights(self) -> None:
         """Every tensor is written whole here: nothing waits for parts."""
 

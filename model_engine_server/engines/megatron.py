@@ -27,6 +27,7 @@ from typing import Any, Iterable, Iterator
 
 import torch
 
+from checkpoint_transport.checkpoint_files import read_tensors
 from model_engine_server.engines.base import (
     EngineSpec,
     HiddenStateEngine,
@@ -54,12 +55,7 @@ from model_engine_server.engines.megatron_parallel import (
     release_layout,
     send_to_next_stage,
 )
-from model_engine_server.engines.megatron_weights import (
-    TIED_ALIASES,
-    HFWeightMap,
-    checkpoint_names,
-    checkpoint_tensors,
-)
+from model_engine_server.engines.megatron_weights import TIED_ALIASES, HFWeightMap, checkpoint_weights
 from model_engine_server.logprobs import LMHead
 from model_engine_server.packing import PackedBatch
 
@@ -167,9 +163,9 @@ class MegatronEngine(HiddenStateEngine):
         return self.layout.dp_rank
 
     def _load_checkpoint(self, path: str) -> None:
-        stored = checkpoint_names(path)
+        stored = checkpoint_weights(path)
         aliases = set(TIED_ALIASES) if self.weights.tied else set()
-        unmapped = sorted(stored - set(self.weights.specs) - aliases)
+        unmapped = sorted(set(stored) - set(self.weights.specs) - aliases)
         if unmapped:
             raise MegatronConfigError(
                 f"the checkpoint has weights mbridge does not map to the Megatron model, e.g. {unmapped[:5]}; "
@@ -179,10 +175,10 @@ class MegatronEngine(HiddenStateEngine):
         missing = sorted(set(self.weights.specs) - provided)
         if missing:
             raise MegatronConfigError(f"the checkpoint lacks weights the model needs, e.g. {missing[:5]}")
-        wanted = {
+        wanted = [
             name for name in stored if (TIED_ALIASES.get(name, name) if self.weights.tied else name) in self.weights.local_hf_names
-        }
-        self.weights.load(checkpoint_tensors(path, wanted), allow_cast=True)
+        ]
+        self.weights.load(read_tensors(stored, wanted), allow_cast=True)
 
     def _build_lm_head(self) -> LMHead:
         """This TP rank's vocab rows, without padding rows (they would enter the softmax)."""

@@ -21,6 +21,7 @@ from typing import Any, Iterable, Iterator
 import torch
 import torch.distributed as dist
 
+from checkpoint_transport.checkpoint_files import StoredTensor, list_tensors
 from model_engine_server.engines.base import WeightSpec
 from model_engine_server.engines.megatron_bridge import MegatronConfigError
 from model_engine_server.engines.megatron_parallel import ModelParallelLayout
@@ -195,32 +196,7 @@ class HFWeightMap:
         return self.bridge._weight_merge_across_tp(slot.global_name, shards, slot.param).contiguous()
 
 
-def _safetensors_files(model_path: str | Path) -> list[Path]:
-    files = sorted(Path(model_path).glob("*.safetensors"))
-    if not files:
-        raise FileNotFoundError(f"no *.safetensors files in {model_path}: the megatron engine reads safetensors only")
-    return files
-
-
-def checkpoint_names(model_path: str | Path) -> set[str]:
-    """Every tensor name stored in the checkpoint (headers only), less known non-weights."""
-    from safetensors import safe_open
-
-    names: set[str] = set()
-    for file in _safetensors_files(model_path):
-        with safe_open(str(file), framework="pt", device="cpu") as handle:
-            names.update(name for name in handle.keys() if not name.endswith(IGNORED_CHECKPOINT_SUFFIXES))
-    return names
-
-
-def checkpoint_tensors(model_path: str | Path, wanted: set[str]) -> Iterator[tuple[str, torch.Tensor]]:
-    """The `wanted` tensors of a safetensors checkpoint, one at a time."""
-    from safetensors import safe_open
-
-    for file in _safetensors_files(model_path):
-        with safe_open(str(file), framework="pt", device="cpu") as handle:
-            for name in handle.keys():
-                if name.endswith(IGNORED_CHECKPOINT_SUFFIXES):
-                    continue
-                if name in wanted:
-                    yield name, handle.get_tensor(name)
+def checkpoint_weights(model_path: str | Path) -> dict[str, StoredTensor]:
+    """Every weight stored in the checkpoint (headers only), less known non-weights."""
+    stored = list_tensors(model_path)
+    return {name: tensor for name, tensor in stored.items() if not name.endswith(IGNORED_CHECKPOINT_SUFFIXES)}

@@ -25,6 +25,8 @@ import sys
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Iterable, Sequence
 
+from pydantic import BaseModel
+
 from model_engine_server.errors import Forbidden
 
 if TYPE_CHECKING:
@@ -137,7 +139,7 @@ def default_allowed_endpoints(extra: Sequence[str] = ()) -> list[str]:
 
 def spec_hosts(spec: Any) -> list[tuple[str, str]]:
     """(field, host) of every field of a transport spec that names a host to connect to."""
-    values = spec.model_dump() if hasattr(spec, "model_dump") else dict(spec)
+    values = spec.model_dump() if isinstance(spec, BaseModel) else dict(spec)
     return [(name, str(value)) for name, value in values.items() if HOST_FIELD.search(name) and value is not None]
 
 

@@ -16,8 +16,6 @@ from fastapi.openapi.utils import get_openapi
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from checkpoint_transport.http_routes import weight_sync_router
-from checkpoint_transport.targets import LocalServerTarget, WeightSyncTarget
 from model_engine_server.config import HttpConfig
 from model_engine_server.errors import ModelEngineError
 from model_engine_server.http.admin_policy import transport_spec_guard
@@ -25,6 +23,8 @@ from model_engine_server.http.errors import MalformedEnvelope, error_response
 from model_engine_server.http.auth import require_admin
 from model_engine_server.http.metrics import ServerMetrics
 from model_engine_server.http.routes import router
+from model_engine_server.http.weight_routes import weight_sync_router
+from model_engine_server.reference import front
 from model_engine_server.http.schemas import LogProbCall
 from model_engine_server.http.wire import internal_error_wire
 from model_engine_server.service import LogProbService
@@ -40,27 +40,26 @@ def create_app(
     metrics: ServerMetrics | None = None,
     owns_service: bool = False,
     admin_token: str | None = None,
-    weight_sync_target: WeightSyncTarget | None = None,
     allowed_endpoints: Sequence[str] = (),
     weight_roots: Sequence[str] | None = None,
 ) -> FastAPI:
     """Build the app. `metrics` should be the one whose observer the service's scheduler
     reports to (see `launch.build_service`); `owns_service` shuts the service down (draining
     accepted requests) when the app stops. `admin_token` overrides `http`'s token.
-    `weight_sync_target` (derived from the service when it can receive weights) backs the
-    `/v1/weights/*` admin routes a remote `clients.publisher.HttpSyncTarget` drives.
+    The `/v1/weights/*` admin routes (what `clients.publisher.HttpSyncTarget` drives) act on the
+    service's weight session; a bare service is held as a policy-only `PolicyWithReference`.
     `allowed_endpoints` (hosts, CIDRs) are the transport endpoints `/v1/weights/receive` may
     join besides loopback and the server's Ray nodes (`admin_policy`). `weight_roots` are the
     folders `/v1/update_weights_from_disk` may read; None reads anywhere, for embedding
     callers and tests (`serve` always passes roots: `launch.build_serving`)."""
     http = http or HttpConfig()
     metrics = metrics or ServerMetrics()
+    service = front(service)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        start = getattr(service, "start", None)  # replicas start on the serving loop (Ray actors, placement)
-        if owns_service and start is not None:
-            await start()
+        if owns_service:  # replicas start on the serving loop (Ray actors, placement)
+            await service.start()
         yield
         if owns_service:
             logger.info("draining: finishing accepted requests, then shutting the service down")
@@ -86,27 +85,11 @@ def create_app(
     state.transport_spec_guard = transport_spec_guard(state.allowed_endpoints)
     state.weight_roots = None if weight_roots is None else tuple(str(root) for root in weight_roots)
     app.include_router(router)
-    state.weight_sync_target = weight_sync_target or sync_target_for(service)
-    if state.weight_sync_target is not None:
-        app.include_router(weight_sync_router(dependencies=[Depends(require_admin)]))
+    app.include_router(weight_sync_router(dependencies=[Depends(require_admin)]))
     _install_error_handlers(app, http.retry_after_s)
     _install_http_metrics(app, metrics)
     _install_openapi(app)
     return app
-
-
-def sync_target_for(service: LogProbService) -> WeightSyncTarget | None:
-    """Weights go to the policy only: a replica manager receives them itself, an in-process
-    scheduler through a `LocalServerTarget` over its update session."""
-    from model_engine_server.reference import PolicyWithReference
-    from model_engine_server.scheduler import ModelEngineServer
-
-    policy = service.policy if isinstance(service, PolicyWithReference) else service
-    if isinstance(policy, ModelEngineServer):
-        return LocalServerTarget(policy)
-    if isinstance(policy, WeightSyncTarget):
-        return policy
-    return None
 
 
 def _install_error_handlers(app: FastAPI, retry_after_s: float) -> None:

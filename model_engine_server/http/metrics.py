@@ -115,7 +115,7 @@ def _status_gauges(status: dict[str, Any], prefix: str) -> Iterator[Any]:
         "weight_version": ("weight version being served", status.get("weight_version")),
         "paused": ("1 while serving is paused", status.get("paused")),
         "weights_incomplete": ("1 after a failed sync, until a complete one", bool(status.get("weights_incomplete"))),
-        "replicas": ("replicas behind this server", len(status.get("replicas") or []) or None),
+        "replicas": ("replicas behind this server", status.get("num_replicas")),
     }
     for name, (documentation, value) in gauges.items():
         if value is not None:

@@ -12,6 +12,8 @@ served model is a 400 naming the difference, and the old weights go on serving.
 
 from __future__ import annotations
 
+import asyncio
+
 from typing import Any
 
 from fastapi import APIRouter, Depends, Request
@@ -45,10 +47,9 @@ from model_engine_server.http.wire import (
     encode_body,
     is_msgpack,
     media_type,
-    outcome_to_wire,
+    public_error_wire,
 )
-from model_engine_server.protocol import LogProbRequest
-from model_engine_server.weights_from_disk import update_weights_from_disk as load_checkpoint_folder
+from model_engine_server.protocol import LogProbRequest, outcome_to_wire
 
 INT64_MIN, INT64_MAX = -(2**63), 2**63 - 1
 DRAIN_CAP_BYTES = 64 << 20  # an oversized body is read (and dropped) up to this, so the client sees the 413
@@ -158,7 +159,7 @@ async def logprobs(request: Request) -> Response:
     for (index, _), outcome in zip(valid, scored):
         outcomes[index] = _indexed(outcome, index)
     entries = [
-        outcome_to_wire(outcome, _request_id(item))
+        outcome_to_wire(outcome, _request_id(item), error_to_wire=public_error_wire)
         for outcome, item in zip(outcomes, envelope.requests)
     ]
     if outcomes and all(isinstance(o, ModelEngineError) for o in outcomes):
@@ -205,7 +206,8 @@ async def resume(request: Request) -> JSONResponse:
 async def update_weights(request: Request) -> JSONResponse:
     state = request.app.state
     _check_content_type(request, MSGPACK_TYPES)
-    version, named = decode_weights(await read_body(request, state.max_weights_body_bytes))
+    body = await read_body(request, state.max_weights_body_bytes)
+    version, named = await asyncio.to_thread(decode_weights, body)  # up to GiBs: off the event loop
     served = await state.service.update_weights(named, version)
     return JSONResponse({"weight_version": served})
 
@@ -218,26 +220,17 @@ async def update_weights(request: Request) -> JSONResponse:
     dependencies=[Depends(require_admin)],
 )
 async def update_weights_from_disk(body: UpdateFromDiskBody, request: Request) -> JSONResponse:
-    from model_engine_server.http.admin_policy import resolve_under_roots
-
-    service = request.app.state.service
-    roots = getattr(request.app.state, "weight_roots", None)  # None: the embedding caller chose no roots
-    # a folder outside the roots is a 403 before anything is opened (same answer whether it exists);
-    # the resolved path (symlinks and `..` followed) is the folder checked and the folder read
-    model_path = body.model_path if roots is None else str(resolve_under_roots(body.model_path, roots))
-    own = getattr(service, "update_weights_from_disk", None)  # serialises concurrent calls
-    if own is not None:
-        served = await own(model_path, body.weight_version)
-    else:
-        served = await load_checkpoint_folder(service, model_path, body.weight_version)
+    # a folder outside the app's roots is a 403 before anything is opened (the same answer whether
+    # it exists or not); the resolved path (symlinks and `..` followed) is the folder checked and read
+    state = request.app.state
+    served = await state.service.update_weights_from_disk(body.model_path, body.weight_version, roots=state.weight_roots)
     return JSONResponse({"weight_version": served})
 
 
 async def _status(request: Request) -> dict[str, Any]:
     state = request.app.state
     status = dict(await state.service.get_status())
-    status.setdefault("replicas", [{"replica": "local-0", "executor": "in_process"}])
-    status["num_replicas"] = len(status["replicas"])
+    status.setdefault("num_replicas", len(status.get("replicas", ())) or 1)
     status["scoring_calls_in_progress"] = state.scoring_in_progress
     return status
 

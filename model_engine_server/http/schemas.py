@@ -33,7 +33,7 @@ class CallEnvelope(BaseModel):
 
 
 class ErrorBody(BaseModel):
-    code: str = Field(description="stable error code, e.g. invalid_request, overloaded, weights_incomplete")
+    code: str = Field(description="stable error code, e.g. invalid_request, overloaded, worker_failed")
     message: str
     field: str | None = None
     retry_after_s: float | None = None

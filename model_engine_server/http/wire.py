@@ -3,7 +3,8 @@
 Shared by the FastAPI app and the HTTP clients, so it imports neither FastAPI nor httpx.
 Nothing here ever unpickles: msgpack carries plain values and raw-byte arrays
 (`model_engine_server.codec`), and weights travel as (name, dtype, shape, raw bytes) with the
-dtype checked against a short list.
+dtype checked against the one dtype table (`checkpoint_transport.dtypes`). A request's outcome
+is `protocol.outcome_to_wire`, the same on HTTP and on the Ray handle.
 """
 
 from __future__ import annotations
@@ -17,9 +18,9 @@ from typing import Any, Iterable
 import numpy as np
 import torch
 
+from checkpoint_transport.dtypes import DTYPES, dtype_name
 from model_engine_server import codec
 from model_engine_server.errors import InvalidRequest, ModelEngineError
-from model_engine_server.protocol import LogProbResult
 
 logger = logging.getLogger(__name__)
 
@@ -28,20 +29,6 @@ JSON = "application/json"
 MSGPACK_TYPES = frozenset({MSGPACK, "application/x-msgpack", "application/vnd.msgpack"})
 # curl -d sends form-urlencoded unless told otherwise; such a body is read as JSON
 JSON_TYPES = frozenset({JSON, "", "application/x-www-form-urlencoded", "text/plain"})
-
-WEIGHT_DTYPES: dict[str, torch.dtype] = {
-    "float32": torch.float32,
-    "bfloat16": torch.bfloat16,
-    "float16": torch.float16,
-    "float64": torch.float64,
-    "int64": torch.int64,
-    "int32": torch.int32,
-    "int8": torch.int8,
-    "uint8": torch.uint8,
-    "bool": torch.bool,
-}
-_DTYPE_NAMES = {dtype: name for name, dtype in WEIGHT_DTYPES.items()}
-
 
 def media_type(content_type: str | None) -> str:
     """`application/json; charset=utf-8` -> `application/json`."""
@@ -101,31 +88,18 @@ def public_error_wire(error: ModelEngineError) -> dict[str, Any]:
     return internal_error_wire(error) if error.http_status == 500 else error.to_wire()
 
 
-def outcome_to_wire(outcome: LogProbResult | ModelEngineError, request_id: str | None) -> dict[str, Any]:
-    """One entry of `{"results": [...]}`: a result, or `{"request_id", "error": {...}}`."""
-    if isinstance(outcome, ModelEngineError):
-        return {"request_id": request_id, "error": public_error_wire(outcome)}
-    return outcome.to_wire(arrays_as_lists=False)
-
-
-def outcome_from_wire(entry: dict[str, Any]) -> LogProbResult | ModelEngineError:
-    from model_engine_server.errors import error_from_wire
-
-    if entry.get("error") is not None:
-        return error_from_wire(entry["error"])
-    return LogProbResult.from_wire(entry)
-
-
 # ---------------------------------------------------------------- weights
 def encode_weights(named_tensors: Iterable[tuple[str, torch.Tensor]], version: int) -> bytes:
     """A weight update as one msgpack body: `{"version", "tensors": [[name, dtype, shape, bytes]]}`."""
     tensors = []
     for name, tensor in named_tensors:
         tensor = tensor.detach().to("cpu").contiguous()
-        if tensor.dtype not in _DTYPE_NAMES:
-            raise TypeError(f"cannot send tensor {name!r} of dtype {tensor.dtype}")
+        try:
+            dtype = dtype_name(tensor.dtype)
+        except TypeError as error:
+            raise TypeError(f"cannot send tensor {name!r}: {error}") from None
         raw = tensor.reshape(-1).view(torch.uint8).numpy().tobytes() if tensor.numel() else b""
-        tensors.append([name, _DTYPE_NAMES[tensor.dtype], list(tensor.shape), raw])
+        tensors.append([name, dtype, list(tensor.shape), raw])
     return codec.encode({"version": int(version), "tensors": tensors})
 
 
@@ -144,18 +118,16 @@ def decode_weights(body: bytes) -> tuple[int, list[tuple[str, torch.Tensor]]]:
         where = f"tensors[{index}]"
         if not (isinstance(entry, list) and len(entry) == 4):
             raise InvalidRequest("must be [name, dtype, shape, bytes]", where)
-        name, dtype_name, shape, raw = entry
-        if not isinstance(name, str) or dtype_name not in WEIGHT_DTYPES or not isinstance(raw, bytes):
-            raise InvalidRequest(
-                f"needs a str name, a dtype among {', '.join(WEIGHT_DTYPES)} and raw bytes", where
-            )
+        name, dtype_text, shape, raw = entry
+        if not isinstance(name, str) or dtype_text not in DTYPES or not isinstance(raw, bytes):
+            raise InvalidRequest(f"needs a str name, a dtype among {', '.join(DTYPES)} and raw bytes", where)
         if not (isinstance(shape, list) and all(isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in shape)):
             raise InvalidRequest(f"bad shape {shape!r}", where)
-        dtype = WEIGHT_DTYPES[dtype_name]
+        dtype = DTYPES[dtype_text]
         numel = math.prod(shape)
-        expected = numel * torch.empty((), dtype=dtype).element_size()
+        expected = numel * dtype.itemsize
         if len(raw) != expected:
-            raise InvalidRequest(f"{name}: shape {shape} of {dtype_name} needs {expected} bytes, got {len(raw)}", where)
+            raise InvalidRequest(f"{name}: shape {shape} of {dtype_text} needs {expected} bytes, got {len(raw)}", where)
         tensor = torch.frombuffer(bytearray(raw), dtype=dtype).reshape(shape) if numel else torch.empty(shape, dtype=dtype)
         named.append((name, tensor))
     return version, named

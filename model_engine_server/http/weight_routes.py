@@ -1,8 +1,8 @@
-"""Admin routes that expose a `WeightSyncTarget` over HTTP (what `clients.publisher.HttpSyncTarget` calls).
+"""The weight-update session over HTTP (what `clients.publisher.HttpSyncTarget` calls): thin
+translations to the app's `LogProbService`.
 
-Mount with `app.include_router(weight_sync_router(), dependencies=[Depends(require_admin)])` and
-set `app.state.weight_sync_target` and `app.state.transport_spec_guard` (a callable that raises
-to refuse a spec; without one every receive is refused). The buckets never cross HTTP:
+`create_app` mounts them behind the admin token and sets `app.state.transport_spec_guard` (a
+callable that raises to refuse a spec whose endpoint the operator did not allow). The buckets never cross HTTP:
 `/v1/weights/receive` makes the server's workers join the transport group the publisher opened
 (once the guard allowed its endpoint) and returns their reports.
 Errors are `ModelEngineError`s, mapped to status codes by the app's own handler.
@@ -22,7 +22,7 @@ from fastapi import APIRouter, Request
 from pydantic import BaseModel, ConfigDict, Field
 
 from checkpoint_transport.spec import TransportSpec
-from checkpoint_transport.targets import WeightSyncTarget
+from model_engine_server.service import LogProbService
 
 
 class VersionBody(BaseModel):
@@ -41,18 +41,15 @@ class AbortBody(BaseModel):
     reason: str
 
 
-def _target(request: Request) -> WeightSyncTarget:
-    return request.app.state.weight_sync_target
+def _target(request: Request) -> LogProbService:
+    return request.app.state.service
 
 
 async def _check_endpoint(request: Request, spec: TransportSpec) -> None:
     """Run the app's `transport_spec_guard(spec)` (it raises to refuse) off the event loop, as it
     may resolve names and list the Ray cluster's nodes. An app that set no guard refuses every
     spec: the caller would otherwise choose where the server's workers connect."""
-    guard = getattr(request.app.state, "transport_spec_guard", None)
-    if guard is None:
-        raise RuntimeError("app.state.transport_spec_guard is not set: refusing to join an unchecked transport endpoint")
-    await asyncio.to_thread(guard, spec)
+    await asyncio.to_thread(request.app.state.transport_spec_guard, spec)
 
 
 def weight_sync_router(dependencies: Sequence[Any] = ()) -> APIRouter:

@@ -15,7 +15,7 @@ from typing import Any, Iterable
 
 import torch
 
-from model_engine_server.demo.task import TargetTokenTask
+from clients.demo.task import TargetTokenTask
 
 Sample = dict[str, Any]
 

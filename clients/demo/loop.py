@@ -25,11 +25,11 @@ import torch
 from clients.agent_loop import ENTROPY_FIELD, MISMATCH_FIELD, VERSION_FIELD, attach_server_log_probs
 from clients.base import LogProbClient
 from clients.publisher import WeightPublisher
-from model_engine_server.demo.config import DemoConfig
-from model_engine_server.demo.message_queue import Group, MessageQueue
-from model_engine_server.demo.rollouter import Rollouter
-from model_engine_server.demo.task import TargetTokenTask
-from model_engine_server.demo.trainer import Trainer
+from clients.demo.config import DemoConfig
+from clients.demo.message_queue import Group, MessageQueue
+from clients.demo.rollouter import Rollouter
+from clients.demo.task import TargetTokenTask
+from clients.demo.trainer import Trainer
 
 Mode = Literal["server", "baseline"]
 StepCallback = Callable[[dict[str, Any], list[Group]], None]

@@ -4,14 +4,14 @@ Steps, in order:
 1. Read the YAML with OmegaConf (verl's own config library); drop Hydra's `hydra:` and
    `defaults:` directives. `${...}` interpolations stay lazy: a key outside the section is never
    resolved, so a file whose `defaults:` are not composed (verl's shipped YAML) still loads.
-2. Apply the command-line overrides in Hydra's grammar (`config_overrides.py`).
+2. Apply the command-line overrides in Hydra's grammar (`overrides.py`).
 3. Resolve the section's values (interpolations included, e.g. `${oc.select:...}`); keys of the
    reference design that mean nothing here (`profiler`, `router_replay`, Megatron optimizer
    settings, ...) are accepted and listed as ignored.
-4. Map the reference design's other names onto ours (`enable`, `strategy`, `batch_size`,
+4. Map the reference design's other names onto ours (`verl.py`: `enable`, `strategy`, `batch_size`,
    `timeout`, `max_token_len_per_gpu`) and fill unset values from the trainer's keys where verl
    users expect it (model path, rollout temperature, the actor's Megatron parallel sizes).
-5. Validate with the pydantic models of `config.py`; a wrong key or type becomes a `ConfigError`
+5. Validate with the pydantic models of `schema.py`; a wrong key or type becomes a `ConfigError`
    naming the key and the valid choices.
 
 Every resolved value remembers where it came from: default, file, override, command line, or
@@ -32,9 +32,9 @@ import yaml
 from omegaconf import DictConfig, ListConfig, OmegaConf
 from pydantic import BaseModel, SecretStr, ValidationError
 
-from model_engine_server.config import SECTION, ConfigError, ServerConfig
-from model_engine_server.config_overrides import AppliedOverrides, apply_overrides
-from model_engine_server.config_verl import (
+from model_engine_server.config.schema import SECTION, ConfigError, ServerConfig
+from model_engine_server.config.overrides import AppliedOverrides, apply_overrides
+from model_engine_server.config.verl import (
     ALIASES,
     IGNORED_MEGATRON_KEYS,
     IGNORED_SECTION_KEYS,

@@ -2,9 +2,11 @@
 
 Users start the server with the very YAML and override list they launch training with, so the
 section keeps the names users of the reference design already write (`enable_standalone`,
-`nnodes`, `n_gpus_per_node`, `megatron.tensor_model_parallel_size`, ...). Reading the YAML,
-Hydra overrides, aliases and inheritance from the trainer's keys live in `config_loader.py`;
-this module only says what a valid, fully resolved section is.
+`nnodes`, `n_gpus_per_node`, `megatron.tensor_model_parallel_size`, ...). Reading the YAML
+lives in `loader.py`, Hydra overrides in `overrides.py`, the reference design's aliases and
+inheritance from the trainer's keys in `verl.py`; this module only says what a valid, fully
+resolved section is. The `scheduler:` part is `scheduler.py`'s `SchedulerConfig`, the
+`transport:` part the one `checkpoint_transport.TransportConfig` (plus the server's allow-list).
 
 Every model forbids unknown keys: a typo such as `megatron.tensor_parallel_size` is an error
 that names the key and the valid ones, never a silently ignored setting. The defaults serve a
@@ -14,12 +16,15 @@ small model on one CPU machine.
 from __future__ import annotations
 
 import math
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator, model_validator
 
-from model_engine_server.engines.base import EngineSpec
-from model_engine_server.scheduler import SchedulerConfig
+from checkpoint_transport.spec import TransportConfig
+from model_engine_server.config.scheduler import SchedulerConfig
+
+if TYPE_CHECKING:  # the schema needs no engine (torch) module; `engine_spec` imports it when called
+    from model_engine_server.engines.base import EngineSpec
 
 SECTION = "model_engine_server"
 Backend = Literal["hf", "megatron"]
@@ -82,17 +87,17 @@ class HttpConfig(BaseModel):
         return None
 
 
-class TransportConfig(BaseModel):
-    """How weights travel from the trainer to the workers (see `checkpoint_transport/`)."""
+class ServerTransportConfig(TransportConfig):
+    """The section's `transport:` part: the deployment's one transport config, plus the allow-list.
 
-    model_config = ConfigDict(extra="forbid")
+    The fields of `TransportConfig` (backend, bucket_bytes, timeout_s, address, ...) are what the
+    trainer's publisher uses: it reads them from the same YAML the server starts with
+    (`WeightPublisher(target, load_config(path).server.transport)`). The server itself reads
+    `bucket_bytes` (the bucket size of weight copies between its own replicas) and
+    `allowed_endpoints`, which only the server has: the transport endpoints
+    `/v1/weights/receive` may make its workers join.
+    """
 
-    backend: Literal["auto", "nccl", "gloo", "ray"] = Field(
-        default="auto", description="auto: NCCL between GPUs, gloo on CPU, the Ray object store across clusters"
-    )
-    bucket_mb: int = Field(default=512, gt=0, description="size of one bucket of named tensors")
-    overlap: bool = Field(default=False, description="overlap sending the next bucket with loading this one")
-    timeout_s: float = Field(default=600.0, gt=0)
     allowed_endpoints: list[str] = Field(
         default_factory=list,
         description="hosts or CIDRs /v1/weights/receive may make the workers join, besides loopback and "
@@ -180,7 +185,7 @@ class ServerConfig(BaseModel):
 
     scheduler: SchedulerConfig = Field(default_factory=SchedulerConfig)
     http: HttpConfig = Field(default_factory=HttpConfig)
-    transport: TransportConfig = Field(default_factory=TransportConfig)
+    transport: ServerTransportConfig = Field(default_factory=ServerTransportConfig)
     ray: RayConfig = Field(default_factory=RayConfig)
 
     @model_validator(mode="after")
@@ -227,6 +232,8 @@ class ServerConfig(BaseModel):
         return self.replicas == 1 and self.gpus_per_replica == 1 and self.nnodes == 1 and self.ray.address is None
 
     def engine_spec(self, model_path: str | None = None) -> EngineSpec:
+        from model_engine_server.engines.base import EngineSpec
+
         return EngineSpec(
             model_path=model_path or self.model_path,
             dtype=self.dtype,

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import numpy as np
 
-from model_engine_server.demo.loop import RunResult
+from clients.demo.loop import RunResult
 
 
 def plot(results: list[RunResult], path: Path) -> None:

@@ -1,4 +1,6 @@
-"""The scheduler's knobs, apart from its behaviour (`scheduler.py`), so configs import no asyncio."""
+"""The scheduler's knobs, apart from its behaviour (`model_engine_server/scheduler.py`, which
+re-exports `SchedulerConfig`), so the config schema never imports the scheduler: this module
+needs pydantic only."""
 
 from __future__ import annotations
 

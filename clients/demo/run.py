@@ -8,12 +8,12 @@ import logging
 from pathlib import Path
 from typing import Any
 
-from checkpoint_transport import LocalServerTarget, TransportConfig
+from checkpoint_transport import TransportConfig
 from clients.local_client import LocalClient
 from clients.publisher import WeightPublisher
-from model_engine_server.demo.config import DemoConfig
-from model_engine_server.demo.loop import DemoLoop, Mode, RunResult, StepCallback, write_jsonl
-from model_engine_server.demo.report import comparison, plot
+from clients.demo.config import DemoConfig
+from clients.demo.loop import DemoLoop, Mode, RunResult, StepCallback, write_jsonl
+from clients.demo.report import comparison, plot
 from model_engine_server.engines.base import EngineSpec
 from model_engine_server.local import build_local_server
 from model_engine_server.scheduler import SchedulerConfig
@@ -36,7 +36,7 @@ async def run_mode(
         scheduler = SchedulerConfig(max_tokens_per_batch=config.max_tokens_per_batch, max_wait_ms=config.max_wait_ms)
         server = build_local_server(EngineSpec(model_path=str(model_path)), scheduler=scheduler)
         client = LocalClient(server)
-        publisher = WeightPublisher(LocalServerTarget(server), TransportConfig(backend="gloo"))
+        publisher = WeightPublisher(server, TransportConfig(backend="gloo"))
     try:
         return await DemoLoop(config, model_path, mode, client, publisher).run(on_step, progress)
     finally:  # bounded: a teardown that stalls must not keep the demo from reporting

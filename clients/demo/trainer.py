@@ -15,7 +15,7 @@ import numpy as np
 import torch
 
 from clients.agent_loop import ENTROPY_FIELD, LOG_PROBS_FIELD
-from model_engine_server.demo.message_queue import Group
+from clients.demo.message_queue import Group
 
 
 def _stack(groups: list[Group]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, int]:

@@ -21,7 +21,7 @@ from typing import Any, Sequence
 
 from omegaconf import DictConfig, OmegaConf
 
-from model_engine_server.config import SECTION, ConfigError
+from model_engine_server.config.schema import SECTION, ConfigError
 
 logger = logging.getLogger(__name__)
 

@@ -15,8 +15,8 @@ from typing import Any, Callable
 
 from omegaconf import DictConfig, ListConfig, OmegaConf
 
-from model_engine_server.config import SECTION, ConfigError
-from model_engine_server.config_overrides import AppliedOverrides
+from model_engine_server.config.schema import SECTION, ConfigError
+from model_engine_server.config.overrides import AppliedOverrides
 
 logger = logging.getLogger(__name__)
 

@@ -1,1 +1,0 @@
-"""The main job: a small fully-async RL loop scored by the server, against the colocated baseline."""

@@ -1,0 +1,144 @@
+"""`LogProbServiceActor`: the service `serve` builds, inside an async Ray actor, so any Ray actor
+(a rollout agent loop, a trainer rank) reaches it through a handle (`clients.ray_client`).
+
+A thin shell over the one composition root (`model_engine_server.launch.build_service`): the
+same config gives the same product as `serve` (reference mode, disk updates under the same
+roots, the configured temperature, the weight session). Every method translates and returns
+wire-plain values (outcomes as `outcome_to_wire` dicts, reports as dicts), so the Ray-handle
+client rebuilds exactly what the HTTP client does. The actor owns the replicas' placement
+groups and workers; `shutdown()` removes them.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict
+from typing import Any, Sequence
+
+import ray
+import torch
+
+from checkpoint_transport.spec import TransportSpec
+from model_engine_server.config import ServerConfig
+from model_engine_server.launch import build_service, weight_roots_for
+from model_engine_server.protocol import LogProbRequest, outcome_to_wire
+from replica.manager import ReplicaManager
+
+DEFAULT_ACTOR_NAME = "model-engine-server"
+
+
+class LogProbServiceActor:
+    """Holds the service the config describes; created by `start_service_actor`."""
+
+    def __init__(self, config: ServerConfig | dict[str, Any]) -> None:
+        self.config = ServerConfig.model_validate(config)
+        self.service = build_service(self.config)
+        self.weight_roots = weight_roots_for(self.config)
+
+    async def start(self) -> dict[str, Any]:
+        await self.service.start()
+        return await self.service.get_status()
+
+    async def ping(self) -> bool:
+        return True
+
+    async def score(
+        self, requests: Sequence[LogProbRequest | dict[str, Any]], timeout_s: float | None = None
+    ) -> list[dict[str, Any]]:
+        return [outcome_to_wire(o) for o in await self.service.score(requests, timeout_s)]
+
+    async def pause_serving(self) -> None:
+        await self.service.pause_serving()
+
+    async def resume_serving(self) -> None:
+        await self.service.resume_serving()
+
+    async def get_status(self) -> dict[str, Any]:
+        return await self.service.get_status()
+
+    # ---------------------------------------------------------------- the weight session
+    async def begin_weight_update(self, version: int) -> int:
+        return await self.service.begin_weight_update(version)
+
+    async def load_weights(self, bucket_refs: list["ray.ObjectRef"], version: int | None = None) -> list[str]:
+        """Buckets stay in the caller's object store (each nested in a list, so Ray passes the
+        reference on); replica workers fetch them from there."""
+        names: list[str] = []
+        for ref in bucket_refs:
+            names += await self.service.load_weights(await _materialise_unless_ray(self.service, ref), version)
+        return names
+
+    async def receive_weights(self, spec: dict[str, Any], version: int) -> list[dict[str, Any]]:
+        reports = await self.service.receive_weights(TransportSpec.model_validate(spec), version)
+        return [report.to_dict() for report in reports]
+
+    async def commit_weight_update(self, version: int) -> None:
+        await self.service.commit_weight_update(version)
+
+    async def abort_weight_update(self, reason: str) -> None:
+        await self.service.abort_weight_update(reason)
+
+    async def update_weights(self, named_tensors: list[tuple[str, torch.Tensor]], version: int) -> int:
+        return await self.service.update_weights(named_tensors, version)
+
+    async def update_weights_from_disk(self, model_path: str, version: int | None = None) -> int:
+        """Check an HF checkpoint folder on this actor's node fits, then load it as `version`;
+        only folders under the configured weight roots are read (as over HTTP)."""
+        return await self.service.update_weights_from_disk(model_path, version, roots=self.weight_roots)
+
+    # ---------------------------------------------------------------- replica operations (Ray runtime)
+    def _manager(self) -> ReplicaManager:
+        policy = self.service.policy
+        if not isinstance(policy, ReplicaManager):
+            raise TypeError(f"this service runs its policy {type(policy).__name__}, not on Ray replicas")
+        return policy
+
+    async def health(self) -> list[dict[str, Any]]:
+        return await self._manager().health()
+
+    async def restart_replica(self, index: int, timeout_s: float | None = None) -> None:
+        await self._manager().restart_replica(index, timeout_s)
+
+    async def worker_placements(self) -> list[list[dict[str, Any]]]:
+        """Per replica, per rank: where the worker runs (GPU ids, placement group, node)."""
+        return [[asdict(info) for info in replica.worker_infos] for replica in self._manager().replicas]
+
+    async def worker_handles(self, replica_index: int) -> list[Any]:
+        """The worker actor handles of one replica, by rank (operations and fault drills)."""
+        return list(self._manager().replicas[replica_index].workers)
+
+    async def shutdown(self, drain: bool = True, timeout_s: float = 30.0) -> None:
+        await self.service.shutdown(drain, timeout_s)
+
+
+async def _materialise_unless_ray(service: Any, ref: "ray.ObjectRef") -> Any:
+    """Ray replicas take the reference itself (workers fetch from the caller's store); an
+    in-process policy needs the tensors here."""
+    if isinstance(service.policy, ReplicaManager):
+        return ref
+    return await ref
+
+
+async def start_service_actor(
+    config: ServerConfig | dict[str, Any],
+    name: str | None = DEFAULT_ACTOR_NAME,
+    namespace: str | None = None,
+) -> Any:  # -> ray.actor.ActorHandle
+    """Create the service actor (named, so other actors can look it up), start its replicas and
+    return its handle; if start-up fails the actor is killed and the error raised."""
+    actor_class = ray.remote(LogProbServiceActor)
+    config = config.model_dump() if isinstance(config, ServerConfig) else config
+    handle = actor_class.options(name=name, namespace=namespace, num_cpus=0, max_concurrency=10_000).remote(config)
+    try:
+        await handle.start.remote()
+    except BaseException:
+        ray.kill(handle, no_restart=True)
+        raise
+    return handle
+
+
+async def stop_service_actor(handle: Any, drain: bool = True, timeout_s: float = 30.0) -> None:
+    """Shut the replicas down (no actor or placement group left), then end the actor."""
+    try:
+        await handle.shutdown.remote(drain, timeout_s)
+    finally:
+        ray.kill(handle, no_restart=True)
