@@ -11,7 +11,7 @@ configuration. Two ways of receiving failures, both on every client:
   outcomes are attached to the raised error as `error.outcomes`. Use it when any failure means
   the step cannot go on.
 
-A subclass of `BaseLogProbClient` writes `score`, `pause`, `resume`, `status`,
+A subclass of `BaseLogProbClient` writes `score`, `pause_serving`, `resume_serving`, `get_status`,
 `update_weights`, `update_weights_from_disk` and `close`; `compute_log_probs` comes from `score`. `SyncLogProbClient` wraps
 any async client for synchronous code (a plain Ray actor, a script), with the same method names.
 """
@@ -47,13 +47,13 @@ class LogProbClient(Protocol):
         """Results in request order; raises the first failed request's typed error."""
         ...
 
-    async def pause(self) -> None:
+    async def pause_serving(self) -> None:
         """Stop dispatching on the server; returns once in-flight batches have finished."""
         ...
 
-    async def resume(self) -> None: ...
+    async def resume_serving(self) -> None: ...
 
-    async def status(self) -> dict[str, Any]:
+    async def get_status(self) -> dict[str, Any]:
         """The server's status dict (a manager adds a `replicas` list, one entry per replica)."""
         ...
 
@@ -94,13 +94,13 @@ class BaseLogProbClient(ABC):
         return raise_first_error(await self.score(requests, timeout_s))
 
     @abstractmethod
-    async def pause(self) -> None: ...
+    async def pause_serving(self) -> None: ...
 
     @abstractmethod
-    async def resume(self) -> None: ...
+    async def resume_serving(self) -> None: ...
 
     @abstractmethod
-    async def status(self) -> dict[str, Any]: ...
+    async def get_status(self) -> dict[str, Any]: ...
 
     @abstractmethod
     async def update_weights(self, named_tensors: Iterable[tuple[str, torch.Tensor]], version: int) -> int: ...
@@ -145,14 +145,14 @@ class SyncLogProbClient:
     def compute_log_probs(self, requests: Sequence[RequestLike], timeout_s: float | None = None) -> list[LogProbResult]:
         return self._call(self.client.compute_log_probs(requests, timeout_s))
 
-    def pause(self) -> None:
-        self._call(self.client.pause())
+    def pause_serving(self) -> None:
+        self._call(self.client.pause_serving())
 
-    def resume(self) -> None:
-        self._call(self.client.resume())
+    def resume_serving(self) -> None:
+        self._call(self.client.resume_serving())
 
-    def status(self) -> dict[str, Any]:
-        return self._call(self.client.status())
+    def get_status(self) -> dict[str, Any]:
+        return self._call(self.client.get_status())
 
     def update_weights(self, named_tensors: Iterable[tuple[str, torch.Tensor]], version: int) -> int:
         return self._call(self.client.update_weights(named_tensors, version))

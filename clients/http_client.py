@@ -304,10 +304,10 @@ class HttpLogProbClient(BaseLogProbClient):
     async def score(self, requests: Sequence[RequestLike], timeout_s: float | None = None) -> list[Outcome]:
         return await self._run(self._core.score_plan(requests, timeout_s))
 
-    async def pause(self) -> None:
+    async def pause_serving(self) -> None:
         await self._run(self._core.admin_plan("/v1/pause"))
 
-    async def resume(self) -> None:
+    async def resume_serving(self) -> None:
         await self._run(self._core.admin_plan("/v1/resume"))
 
     async def update_weights(self, named_tensors: Iterable[tuple[str, torch.Tensor]], version: int) -> int:
@@ -319,7 +319,7 @@ class HttpLogProbClient(BaseLogProbClient):
         reply = await self._run(self._core.from_disk_plan(model_path, version))
         return int(reply["weight_version"])
 
-    async def status(self) -> dict[str, Any]:
+    async def get_status(self) -> dict[str, Any]:
         return (await self._get("/v1/status")).json()
 
     async def health(self) -> dict[str, Any]:
@@ -392,10 +392,10 @@ class SyncHttpLogProbClient:
     def compute_log_probs(self, requests: Sequence[RequestLike], timeout_s: float | None = None) -> list[Any]:
         return raise_first_error(self.score(requests, timeout_s))
 
-    def pause(self) -> None:
+    def pause_serving(self) -> None:
         self._run(self._core.admin_plan("/v1/pause"))
 
-    def resume(self) -> None:
+    def resume_serving(self) -> None:
         self._run(self._core.admin_plan("/v1/resume"))
 
     def update_weights(self, named_tensors: Iterable[tuple[str, torch.Tensor]], version: int) -> int:
@@ -405,7 +405,7 @@ class SyncHttpLogProbClient:
     def update_weights_from_disk(self, model_path: str, version: int | None = None) -> int:
         return int(self._run(self._core.from_disk_plan(model_path, version))["weight_version"])
 
-    def status(self) -> dict[str, Any]:
+    def get_status(self) -> dict[str, Any]:
         return self._get("/v1/status").json()
 
     def health(self) -> dict[str, Any]:

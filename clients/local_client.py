@@ -22,13 +22,13 @@ class LocalClient(BaseLogProbClient):
     async def score(self, requests: Sequence[RequestLike], timeout_s: float | None = None) -> list[Outcome]:
         return await self.service.score(requests, timeout_s)
 
-    async def pause(self) -> None:
+    async def pause_serving(self) -> None:
         await self.service.pause_serving()
 
-    async def resume(self) -> None:
+    async def resume_serving(self) -> None:
         await self.service.resume_serving()
 
-    async def status(self) -> dict[str, Any]:
+    async def get_status(self) -> dict[str, Any]:
         return await self.service.get_status()
 
     async def update_weights(self, named_tensors: Iterable[tuple[str, torch.Tensor]], version: int) -> int:

@@ -64,13 +64,13 @@ class RayLogProbClient(BaseLogProbClient):
         payloads = await self._call(self.handle.score.remote(list(requests), timeout_s), "score", call_timeout)
         return [outcome_from_wire(p) for p in payloads]
 
-    async def pause(self) -> None:
+    async def pause_serving(self) -> None:
         await self._call(self.handle.pause_serving.remote(), "pause")
 
-    async def resume(self) -> None:
+    async def resume_serving(self) -> None:
         await self._call(self.handle.resume_serving.remote(), "resume")
 
-    async def status(self) -> dict[str, Any]:
+    async def get_status(self) -> dict[str, Any]:
         return await self._call(self.handle.get_status.remote(), "status")
 
     async def update_weights(self, named_tensors: Iterable[tuple[str, torch.Tensor]], version: int) -> int:

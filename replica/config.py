@@ -2,9 +2,10 @@
 
 Plain on purpose: the full `model_engine_server:` section of a training config is parsed
 elsewhere (`model_engine_server/config/`) and mapped onto this. Field names follow that
-section where they exist (`nnodes`, `n_gpus_per_node`, `tensor_model_parallel_size`, ...).
+section where they mean the same (`tensor_model_parallel_size`, ...); the section's `nnodes` /
+`n_gpus_per_node` describe the whole deployment, these fields one replica.
 
-Layout of one replica: `nnodes x n_gpus_per_node` workers, one per one-GPU bundle. A
+Layout of one replica: `nodes_per_replica x gpus_per_replica_node` workers, one per one-GPU bundle. A
 model-parallel group is `tensor_model_parallel_size x pipeline_model_parallel_size` of them;
 the rest is data parallelism inside the replica (a batch is split across the groups by tokens).
 Several replicas are independent copies behind the `ReplicaManager`.
@@ -31,8 +32,8 @@ class ReplicaConfig(BaseModel):
     engine_kwargs: dict[str, Any] = Field(
         default_factory=dict, description="extra keyword arguments for build_engine (besides the parallel sizes)"
     )
-    nnodes: int = Field(default=1, gt=0, description="nodes per replica")
-    n_gpus_per_node: int = Field(default=1, gt=0, description="GPUs (workers) per node of a replica")
+    nodes_per_replica: int = Field(default=1, gt=0, description="nodes one replica spans")
+    gpus_per_replica_node: int = Field(default=1, gt=0, description="GPUs (workers) on each node of one replica")
     tensor_model_parallel_size: int = Field(default=1, gt=0)
     pipeline_model_parallel_size: int = Field(default=1, gt=0)
     num_replicas: int = Field(default=1, gt=0, description="independent copies behind the manager")
@@ -65,7 +66,7 @@ class ReplicaConfig(BaseModel):
     def _check_layout(self) -> "ReplicaConfig":
         if self.world_size % self.model_parallel_size:
             raise ValueError(
-                f"a replica has nnodes x n_gpus_per_node = {self.world_size} workers, not a multiple of "
+                f"a replica has nodes_per_replica x gpus_per_replica_node = {self.world_size} workers, not a multiple of "
                 f"tensor_model_parallel_size x pipeline_model_parallel_size = {self.model_parallel_size}"
             )
         if self.backend == "hf" and self.model_parallel_size != 1:
@@ -75,7 +76,7 @@ class ReplicaConfig(BaseModel):
     @property
     def world_size(self) -> int:
         """Workers (= GPUs) in one replica."""
-        return self.nnodes * self.n_gpus_per_node
+        return self.nodes_per_replica * self.gpus_per_replica_node
 
     @property
     def model_parallel_size(self) -> int:

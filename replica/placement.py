@@ -1,10 +1,10 @@
 """Getting Ray and GPUs: `connect_ray` (embedded or a cluster, one code path) and the
 placement groups that give each replica its dedicated GPUs, with a bounded wait.
 
-A replica of `nnodes x n_gpus_per_node` workers asks for one placement group per node, each
-of `n_gpus_per_node` one-GPU bundles packed onto a single node (STRICT_PACK), so the workers
+A replica of `nodes_per_replica x gpus_per_replica_node` workers asks for one placement group per
+node, each of `gpus_per_replica_node` one-GPU bundles packed onto a single node (STRICT_PACK), so the workers
 of a node can use NVLink/shared memory. Ranks are node-major: bundle `j` of node group `n` is
-rank `n * n_gpus_per_node + j`.
+rank `n * gpus_per_replica_node + j`.
 """
 
 from __future__ import annotations
@@ -115,7 +115,7 @@ async def reserve_replica_gpus(
             f"{name}: asked for {nnodes} node(s) x {gpus_per_node} bundle(s) of {{GPU: 1, CPU: {cpus_per_bundle:g}}} "
             f"({nnodes * gpus_per_node} GPUs, {strategy} per node); not placed within {timeout_s:g} s. "
             f"Cluster total: {_resources_line(total)} on {sum(1 for n in ray.nodes() if n.get('Alive'))} node(s); "
-            f"available now: {_resources_line(available)}. Lower num_replicas / n_gpus_per_node, free GPUs, "
+            f"available now: {_resources_line(available)}. Lower num_replicas / gpus_per_replica_node, free GPUs, "
             "or add nodes."
         ) from None
     except BaseException:

@@ -73,7 +73,7 @@ class ModelEngineReplica:
         config = self.config
         self.failure = None
         self.placement = await reserve_replica_gpus(
-            config.nnodes, config.n_gpus_per_node, config.cpus_per_worker,
+            config.nodes_per_replica, config.gpus_per_replica_node, config.cpus_per_worker,
             timeout_s if timeout_s is not None else config.start_timeout_s, self.name, config.placement_strategy,
         )
         try:

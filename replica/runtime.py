@@ -74,8 +74,8 @@ def replica_config_for(config: ServerConfig, model_path: str) -> ReplicaConfig:
     return ReplicaConfig(
         backend=config.backend,
         engine=config.engine_spec(model_path),
-        nnodes=nnodes,
-        n_gpus_per_node=gpus_per_node,
+        nodes_per_replica=nnodes,
+        gpus_per_replica_node=gpus_per_node,
         tensor_model_parallel_size=megatron.tensor_model_parallel_size if config.backend == "megatron" else 1,
         pipeline_model_parallel_size=megatron.pipeline_model_parallel_size if config.backend == "megatron" else 1,
         num_replicas=config.replicas,

@@ -86,7 +86,7 @@ def test_sync_client_swaps_for_the_local_client_with_the_same_answers(served, ti
     requests = random_requests(4, VOCAB, seed=52, max_len=80)
     with SyncHttpLogProbClient(served.url) as client:
         remote = client.compute_log_probs(requests)
-        assert client.status()["weight_version"] == 0 and client.health()["status"] == "ok"
+        assert client.get_status()["weight_version"] == 0 and client.health()["status"] == "ok"
         assert "model_engine_server_requests_total" in client.metrics()
 
     async def local_answers() -> list[LogProbResult]:
@@ -152,12 +152,12 @@ def test_an_overloaded_call_is_retried_after_retry_after_until_it_is_served(serv
 async def test_admin_calls_without_the_token_are_refused(served):
     async with HttpLogProbClient(served.url) as client:
         with pytest.raises(Exception) as caught:
-            await client.pause()
+            await client.pause_serving()
         assert caught.value.code == "unauthorized" and caught.value.http_status == 401
     async with HttpLogProbClient(served.url, admin_token=TOKEN) as client:
-        await client.pause()
-        assert (await client.status())["paused"] is True
-        await client.resume()
+        await client.pause_serving()
+        assert (await client.get_status())["paused"] is True
+        await client.resume_serving()
 
 
 def test_no_server_is_a_typed_error_after_bounded_retries():

@@ -43,7 +43,7 @@ async def test_transport_update_into_tp2_replica_equals_fresh_tp2_load(ray_clust
     requests = random_requests(5, 512, seed=41, max_len=250)
 
     def tp2(path):
-        return replica_config(path, backend="megatron", n_gpus_per_node=2, tensor_model_parallel_size=2)
+        return replica_config(path, backend="megatron", gpus_per_replica_node=2, tensor_model_parallel_size=2)
 
     manager = await ReplicaManager(tp2(source)).start()
     try:

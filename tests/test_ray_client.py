@@ -121,11 +121,11 @@ async def test_batches_split_over_workers_match_the_plain_transformers_reference
 
 
 async def test_concurrent_requests_are_spread_over_both_replicas(client):
-    before = [r["requests_total"] for r in (await client.status())["replicas"]]
+    before = [r["requests_total"] for r in (await client.get_status())["replicas"]]
     calls = [client.compute_log_probs(random_requests(4, VOCAB, seed=100 + k, max_len=200)) for k in range(8)]
     results = await asyncio.gather(*calls)
     assert sum(len(r) for r in results) == 32
-    after = [r["requests_total"] for r in (await client.status())["replicas"]]
+    after = [r["requests_total"] for r in (await client.get_status())["replicas"]]
     served = [a - b for a, b in zip(after, before)]
     assert sum(served) == 32
     assert all(count > 0 for count in served), f"per-replica share of 32 requests: {served}"
@@ -143,17 +143,17 @@ async def test_a_failed_request_raises_its_typed_error_and_score_returns_it_in_p
 
 
 async def test_request_sent_while_paused_is_answered_after_resume(client):
-    await client.pause()
-    status = await client.status()
+    await client.pause_serving()
+    status = await client.get_status()
     assert status["paused"] and all(r["paused"] for r in status["replicas"])
     pending = asyncio.ensure_future(client.compute_log_probs(random_requests(3, VOCAB, seed=24, max_len=60)))
     end = time.monotonic() + DEADLINE_S
-    while (await client.status())["queue_depth"] < 3 and time.monotonic() < end:
+    while (await client.get_status())["queue_depth"] < 3 and time.monotonic() < end:
         await asyncio.sleep(0.02)
-    assert (await client.status())["queue_depth"] == 3 and not pending.done()
-    await client.resume()
+    assert (await client.get_status())["queue_depth"] == 3 and not pending.done()
+    await client.resume_serving()
     results = await asyncio.wait_for(pending, DEADLINE_S)
-    assert len(results) == 3 and not (await client.status())["paused"]
+    assert len(results) == 3 and not (await client.get_status())["paused"]
 
 
 async def test_sync_client_works_from_inside_another_ray_actor(server, ray_cluster):
@@ -168,7 +168,7 @@ async def test_sync_client_works_from_inside_another_ray_actor(server, ray_clust
             return [r.to_wire() for r in self.client.compute_log_probs(requests)]
 
         def status(self):
-            return self.client.status()
+            return self.client.get_status()
 
     agent = AgentLoop.remote(SERVER_NAME)
     try:
@@ -184,13 +184,13 @@ async def test_sync_client_works_from_inside_another_ray_actor(server, ray_clust
 async def test_weight_update_through_the_client_reaches_every_replica(client, local_server):
     engine = local_server.executor.adapter.engine
     new_weights = list(perturbed_weights(dict(engine.export_weights()), seed=3, scale=0.05).items())
-    version = (await client.status())["weight_version"] + 1
+    version = (await client.get_status())["weight_version"] + 1
     requests = random_requests(8, VOCAB, seed=26, max_len=200)
     on_old_weights = await one_at_a_time(local_server.score, requests)
     assert await client.update_weights(new_weights, version) == version
     await local_server.update_weights(new_weights, version)
 
-    status = await client.status()
+    status = await client.get_status()
     assert status["weight_version"] == version
     assert [r["weight_version"] for r in status["replicas"]] == [version, version]
     through_ray = await asyncio.gather(*(client.compute_log_probs([r]) for r in requests))
@@ -200,17 +200,17 @@ async def test_weight_update_through_the_client_reaches_every_replica(client, lo
     for (remote,), local in zip(through_ray, in_process):
         assert remote.weight_version == version
         assert_scores_close(remote.log_probs, local.log_probs, what=remote.request_id)  # other process, other batches
-    served = [r["requests_total"] for r in (await client.status())["replicas"]]
+    served = [r["requests_total"] for r in (await client.get_status())["replicas"]]
     assert all(count > 0 for count in served)  # both replicas answered with the new weights
 
 
 async def test_an_incomplete_sync_is_refused_and_nothing_is_scored_until_a_complete_one(client, local_server):
     engine = local_server.executor.adapter.engine
     weights = list(perturbed_weights(dict(engine.export_weights()), seed=5, scale=0.05).items())
-    version = (await client.status())["weight_version"] + 1
+    version = (await client.get_status())["weight_version"] + 1
     with pytest.raises(WeightSyncError, match=r"is missing 1 of \d+ tensors"):
         await client.update_weights(weights[:-1], version)
-    status = await client.status()
+    status = await client.get_status()
     assert status["weight_version"] == version - 1 and status["weights_incomplete"]
     waiting = asyncio.ensure_future(client.score(random_requests(2, VOCAB, seed=31, max_len=50), timeout_s=0.5))
     outcomes = await asyncio.wait_for(waiting, DEADLINE_S)
@@ -218,7 +218,7 @@ async def test_an_incomplete_sync_is_refused_and_nothing_is_scored_until_a_compl
 
     assert await client.update_weights(weights, version) == version
     await local_server.update_weights(weights, version)
-    status = await client.status()
+    status = await client.get_status()
     assert status["weight_version"] == version and not status["weights_incomplete"]
     (result,) = await client.compute_log_probs(random_requests(1, VOCAB, seed=32, max_len=50))
     assert result.weight_version == version
@@ -233,7 +233,7 @@ async def test_a_trainer_publishes_through_the_checkpoint_transport_into_every_w
 
     engine = local_server.executor.adapter.engine
     new_weights = perturbed_weights(dict(engine.export_weights()), seed=4, scale=0.05)
-    version = (await client.status())["weight_version"] + 1
+    version = (await client.get_status())["weight_version"] + 1
     requests = random_requests(6, VOCAB, seed=30, max_len=200)
     on_old_weights = await one_at_a_time(local_server.score, requests)
     publisher = WeightPublisher(ActorSyncTarget(server), TransportConfig(backend="gloo", timeout_s=60.0))
@@ -244,7 +244,7 @@ async def test_a_trainer_publishes_through_the_checkpoint_transport_into_every_w
     assert report.ok, report.error
     assert len(report.receives) == 2 and all(r.ok for r in report.receives)  # one worker per replica
     await local_server.update_weights(new_weights.items(), version)
-    status = await client.status()
+    status = await client.get_status()
     assert [r["weight_version"] for r in status["replicas"]] == [version, version]
     through_ray = await asyncio.gather(*(client.compute_log_probs([r]) for r in requests))
     in_process = await one_at_a_time(local_server.score, requests)
@@ -258,12 +258,12 @@ async def test_killed_worker_loses_no_request_and_restart_brings_the_replica_bac
     """Requests in flight on the dead replica are retried once on the live one; the dead one
     gets nothing new; after restart it serves again with the current weights (copied from its
     peer when the update test ran before)."""
-    version = (await client.status())["weight_version"]
+    version = (await client.get_status())["weight_version"]
     requests = random_requests(300, VOCAB, seed=27, min_len=200, max_len=400)
     scoring = asyncio.ensure_future(client.score(requests))
     end = time.monotonic() + DEADLINE_S
     while time.monotonic() < end:
-        first = (await client.status())["replicas"][0]
+        first = (await client.get_status())["replicas"][0]
         if first["batches_total"] >= 1 and first["queue_depth"] > 0:
             break
         await asyncio.sleep(0.005)
@@ -272,7 +272,7 @@ async def test_killed_worker_loses_no_request_and_restart_brings_the_replica_bac
 
     outcomes = await asyncio.wait_for(scoring, DEADLINE_S)
     assert all(isinstance(o, LogProbResult) for o in outcomes), [o for o in outcomes if not isinstance(o, LogProbResult)][:3]
-    status = await client.status()
+    status = await client.get_status()
     assert status["retried_requests"] > 0
     assert status["live_replicas"] == 1 and status["replicas"][0]["alive"] is False
     assert "worker rank 0 died" in status["replicas"][0]["failure"]  # found by the lost batch or the health monitor
@@ -280,19 +280,19 @@ async def test_killed_worker_loses_no_request_and_restart_brings_the_replica_bac
     routed_to_dead = status["replicas"][0]["routed_requests"]
     more = await client.compute_log_probs(random_requests(6, VOCAB, seed=28, max_len=80))
     assert len(more) == 6
-    assert (await client.status())["replicas"][0]["routed_requests"] == routed_to_dead
+    assert (await client.get_status())["replicas"][0]["routed_requests"] == routed_to_dead
 
     health = await server.health.remote()
     assert [h["alive"] for h in health] == [False, True]
 
     await asyncio.wait_for(server.restart_replica.remote(0), DEADLINE_S)
-    status = await client.status()
+    status = await client.get_status()
     assert status["live_replicas"] == 2
     restarted = status["replicas"][0]
     assert restarted["alive"] and restarted["restarts"] == 1 and restarted["weight_version"] == version
     calls = [client.compute_log_probs(random_requests(4, VOCAB, seed=200 + k, max_len=200)) for k in range(8)]
     await asyncio.gather(*calls)
-    assert (await client.status())["replicas"][0]["requests_total"] > 0
+    assert (await client.get_status())["replicas"][0]["requests_total"] > 0
     probe = random_requests(4, VOCAB, seed=29, max_len=150)
     assert [r.weight_version for r in await one_at_a_time(client.compute_log_probs, probe)] == [version] * 4
     # the restarted replica's weights equal the in-process engine's at the same version

@@ -107,16 +107,16 @@ def test_split_by_tokens_leaves_extra_groups_empty_for_a_single_request():
 
 def test_config_rejects_a_world_size_not_divisible_by_model_parallel_size():
     with pytest.raises(ValueError, match="not a multiple"):
-        ReplicaConfig(backend="megatron", n_gpus_per_node=3, tensor_model_parallel_size=2)
+        ReplicaConfig(backend="megatron", gpus_per_replica_node=3, tensor_model_parallel_size=2)
 
 
 def test_config_rejects_model_parallelism_with_the_hf_backend():
     with pytest.raises(ValueError, match="hf backend"):
-        ReplicaConfig(n_gpus_per_node=2, tensor_model_parallel_size=2)
+        ReplicaConfig(gpus_per_replica_node=2, tensor_model_parallel_size=2)
 
 
 def test_config_layout_and_engine_kwargs_for_a_model_parallel_backend():
-    config = ReplicaConfig(backend="megatron", nnodes=2, n_gpus_per_node=4, tensor_model_parallel_size=2,
+    config = ReplicaConfig(backend="megatron", nodes_per_replica=2, gpus_per_replica_node=4, tensor_model_parallel_size=2,
                            pipeline_model_parallel_size=2, num_replicas=3)
     assert (config.world_size, config.model_parallel_size, config.data_parallel_size, config.total_gpus) == (8, 4, 2, 24)
     assert config.build_engine_kwargs() == {"tensor_model_parallel_size": 2, "pipeline_model_parallel_size": 2}
@@ -163,7 +163,7 @@ def test_connect_ray_embedded_declares_the_logical_gpus_asked_for(tmp_path):
 
 # ---------------------------------------------------------------------- Ray: placement
 async def test_more_gpus_than_the_cluster_has_fails_clearly_within_the_timeout(ray_cluster, tiny_model):
-    config = replica_config(tiny_model, n_gpus_per_node=5, start_timeout_s=2.0)
+    config = replica_config(tiny_model, gpus_per_replica_node=5, start_timeout_s=2.0)
     replica = ModelEngineReplica(config)
     started = time.monotonic()
     with pytest.raises(PlacementTimeout) as raised:
@@ -180,7 +180,7 @@ async def test_more_gpus_than_the_cluster_has_fails_clearly_within_the_timeout(r
 async def test_dead_worker_fails_its_batch_with_worker_failed_and_marks_the_replica_dead(ray_cluster, tiny_model):
     import ray
 
-    replica = ModelEngineReplica(replica_config(tiny_model, n_gpus_per_node=1), index=7)
+    replica = ModelEngineReplica(replica_config(tiny_model, gpus_per_replica_node=1), index=7)
     assert isinstance(replica, LogProbService)
     await replica.start()
     try:
@@ -309,7 +309,7 @@ async def test_a_begun_update_nobody_finishes_is_aborted_and_the_next_one_lands(
 async def test_two_workers_on_real_gpus_form_an_nccl_group_and_score(ray_cluster, tiny_model):
     if torch.cuda.device_count() < 2:
         pytest.skip("needs 2 CUDA devices")
-    replica = ModelEngineReplica(replica_config(tiny_model, n_gpus_per_node=2), index=8)
+    replica = ModelEngineReplica(replica_config(tiny_model, gpus_per_replica_node=2), index=8)
     await replica.start()
     try:
         infos = await replica.worker_placements()
@@ -330,7 +330,7 @@ async def test_megatron_pipeline_replica_takes_results_from_its_last_stage(ray_c
     pytest.importorskip("mbridge")
     from tests.helpers import reference_log_probs, reference_model
 
-    config = replica_config(tiny_model, backend="megatron", n_gpus_per_node=2, pipeline_model_parallel_size=2)
+    config = replica_config(tiny_model, backend="megatron", gpus_per_replica_node=2, pipeline_model_parallel_size=2)
     replica = ModelEngineReplica(config, index=9)
     await replica.start()
     try:

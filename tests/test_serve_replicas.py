@@ -29,7 +29,7 @@ from tests.test_replica import live_replica_actors, live_replica_placement_group
 def test_one_replica_per_model_parallel_group(overrides, replicas, nnodes, per_node, tp):
     config = load_config(None, overrides).server
     mapped = replica_config_for(config, "/models/m")
-    assert (mapped.num_replicas, mapped.nnodes, mapped.n_gpus_per_node, mapped.tensor_model_parallel_size) == (
+    assert (mapped.num_replicas, mapped.nodes_per_replica, mapped.gpus_per_replica_node, mapped.tensor_model_parallel_size) == (
         replicas, nnodes, per_node, tp
     )
     assert mapped.total_gpus == config.total_gpus and mapped.engine.model_path == "/models/m"

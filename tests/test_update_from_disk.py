@@ -140,7 +140,7 @@ async def test_clients_load_folders_as_the_next_version_and_serve_them(served, t
     first = save_perturbed(tiny_model, tmp_path / "first", seed=2)
     second = save_perturbed(tiny_model, tmp_path / "second", seed=3)
     with SyncHttpLogProbClient(served.url, admin_token=TOKEN) as client:
-        start = client.status()["weight_version"]
+        start = client.get_status()["weight_version"]
         assert client.update_weights_from_disk(str(first)) == start + 1  # default: current + 1
         results = client.compute_log_probs(requests)
     assert {r.weight_version for r in results} == {start + 1}

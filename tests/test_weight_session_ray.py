@@ -31,7 +31,7 @@ SCHEDULER = SchedulerConfig(max_tokens_per_batch=2048, max_wait_ms=2.0, request_
 
 @pytest.fixture
 async def manager(ray_cluster, tiny_model):
-    manager = ReplicaManager(replica_config(tiny_model, num_replicas=2, n_gpus_per_node=2, scheduler=SCHEDULER,
+    manager = ReplicaManager(replica_config(tiny_model, num_replicas=2, gpus_per_replica_node=2, scheduler=SCHEDULER,
                                             auto_restart=False))
     await manager.start()
     yield manager
