@@ -227,9 +227,12 @@ class RayWorkerExecutor:
         return await receive_on_workers(self.workers, spec, version, first_rank)
 
     async def discard_partial_weights(self) -> None:
+        """Queued on every worker, not awaited: a worker runs its calls from here in order, so
+        the discard happens before any later load of the next update, and a worker still busy
+        in a stream that will time out is not mistaken for a dead one."""
         self._check_usable()
-        calls = {rank: worker.discard_partial_weights.remote() for rank, worker in enumerate(self.workers)}
-        await self._call_ranks(calls, "discarding partial weights", self.batch_timeout_s)
+        for worker in self.workers:
+            worker.discard_partial_weights.remote()
 
     async def export_weight_buckets(self) -> list["ray.ObjectRef"]:
         """References to the full HF-named weights in buckets (for a restarted peer to copy),

@@ -101,11 +101,11 @@ class ManagerWeightUpdates:
         try:
             outcomes = await asyncio.gather(*(r.begin_weight_update(version) for r in participants), return_exceptions=True)
         except BaseException:  # the caller gave up while replicas drained: do not keep them drained
-            await asyncio.shield(self.abort(f"begin of version {version} was interrupted"))
+            await asyncio.shield(self._abort(update, f"begin of version {version} was interrupted"))
             raise
         errors = [o for o in outcomes if isinstance(o, BaseException)]
         if errors or self.update_open is not update:
-            await self.abort(f"begin failed: {errors[0] if errors else 'aborted meanwhile'}")
+            await self._abort(update, f"begin failed: {errors[0] if errors else 'aborted meanwhile'}")
             raise errors[0] if errors else WeightSyncError(f"the weight update to version {version} was aborted while it began")
         update.receivers = [int(count) for count in outcomes]
         update.ready = True
@@ -121,7 +121,7 @@ class ManagerWeightUpdates:
             if self.update_open is update:
                 reason = f"weight update to version {update.version} not committed within weight_update_timeout_s={timeout_s:g}"
                 logger.warning("%s; aborting it", reason)
-                task = loop.create_task(self.abort(reason))
+                task = loop.create_task(self._abort(update, reason))
                 self._background.add(task)
                 task.add_done_callback(self._background.discard)
 
@@ -164,10 +164,13 @@ class ManagerWeightUpdates:
                 f"the stream is sized for {spec.world_size - 1} receivers, but {sum(update.receivers)} take part in "
                 f"the update to version {version} (use the count begin_weight_update returned)"
             )
+        # a participant's worker that died since begin would never join the broadcast group: ping
+        # them all now and fail at once, not at the rendezvous timeout
+        await asyncio.gather(*(r.health() for r in update.participants if r.alive))
         dead = [r.name for r in update.participants if not r.alive]
-        if dead:  # its workers would never join the broadcast group: fail now, not at the timeout
+        if dead:
             reason = f"{', '.join(dead)} died after the update to version {version} began; begin it again"
-            await self.abort(reason)
+            await self._abort(update, reason)
             raise WeightSyncError(reason)
         firsts = list(itertools.accumulate([1, *update.receivers[:-1]]))
         outcomes = await asyncio.gather(
@@ -181,7 +184,7 @@ class ManagerWeightUpdates:
                 reports += outcome
         reason = failure_reason(reports)
         if reason is not None:
-            await self.abort(f"sync to version {version} failed: {reason}")
+            await self._abort(update, f"sync to version {version} failed: {reason}")
         return reports
 
     async def commit(self, version: int) -> None:
@@ -197,7 +200,7 @@ class ManagerWeightUpdates:
                 raise WeightSyncError("; ".join(refusals))
             await asyncio.gather(*(r.commit_weight_update(version) for r in live))
         except BaseException as error:
-            await asyncio.shield(self.abort(str(error) or type(error).__name__))
+            await asyncio.shield(self._abort(update, str(error) or type(error).__name__))
             raise
         self.version = version
         self._finish_update(update)
@@ -205,8 +208,13 @@ class ManagerWeightUpdates:
     async def abort(self, reason: str) -> None:
         """Close the open update on every participant: weights partly delivered refuse to score
         until a complete sync lands (never mixed weights); untouched ones serve on."""
-        update = self.update_open
-        if update is None:
+        if self.update_open is not None:
+            await self._abort(self.update_open, reason)
+
+    async def _abort(self, update: "_OpenUpdate", reason: str) -> None:
+        """Abort `update` only: the late tail of an update the deadline already closed must not
+        abort the next one."""
+        if self.update_open is not update:
             return
         await asyncio.gather(*(r.abort_weight_update(reason) for r in update.participants), return_exceptions=True)
         self._finish_update(update)
