@@ -107,10 +107,10 @@ async def test_after_update_from_disk_log_probs_follow_it_and_ref_log_probs_stay
     requests = with_ref(random_requests(4, 512, seed=83, max_len=120))
     new_weights = save_perturbed(tiny_model, tmp_path / "step1", seed=11)
     async with HttpLogProbClient(served_ref.url, admin_token=TOKEN) as client:
-        version = (await client.status())["weight_version"]
+        version = (await client.get_status())["weight_version"]
         assert await client.update_weights_from_disk(str(new_weights)) == version + 1
         results = await client.compute_log_probs(requests)
-        status = await client.status()
+        status = await client.get_status()
     assert {r.weight_version for r in results} == {version + 1}
     assert_log_probs_of(new_weights, requests, results)
     assert_log_probs_of(tiny_model, requests, results, field="ref_log_probs")
@@ -121,7 +121,7 @@ async def test_weights_sent_by_the_trainer_reach_the_policy_only(served_ref, tin
     requests = with_ref(random_requests(3, 512, seed=84, max_len=90))
     new = perturbed_weights(dict(reference_model(tiny_model).named_parameters()), seed=12)
     async with HttpLogProbClient(served_ref.url, admin_token=TOKEN) as client:
-        version = (await client.status())["weight_version"]
+        version = (await client.get_status())["weight_version"]
         await client.update_weights(((name, t.detach()) for name, t in new.items()), version + 1)
         results = await client.compute_log_probs(requests)
     model = reference_model(tiny_model)

@@ -72,7 +72,7 @@ async def test_the_ray_client_gets_reference_mode_and_disk_updates_like_http(ray
         assert await client.update_weights_from_disk(str(new_weights)) == 1
         requests = with_ref(random_requests(3, 512, seed=92, max_len=80))
         results = await client.compute_log_probs(requests)
-        status = await client.status()
+        status = await client.get_status()
     finally:
         await stop_service_actor(handle, drain=False, timeout_s=10.0)
     assert {r.weight_version for r in results} == {1}
