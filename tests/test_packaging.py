@@ -1,0 +1,61 @@
+"""The package declares version ranges, and the constraints file our runs use sits inside them.
+
+Exact pins in `pyproject.toml` would make `pip install` beside a trainer (verl 0.9.1 needs
+transformers<5.11) fail to resolve or move the trainer's pins; the exact versions belong in
+`deploy/constraints.txt`.
+"""
+
+from __future__ import annotations
+
+import tomllib
+from importlib import metadata
+from pathlib import Path
+
+import pytest
+from packaging.requirements import Requirement
+from packaging.version import Version
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _requirements() -> list[Requirement]:
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+    listed = project["dependencies"] + [r for extra in project["optional-dependencies"].values() for r in extra]
+    return [Requirement(r) for r in listed]
+
+
+def _constraints() -> dict[str, Version]:
+    pins = {}
+    for line in (ROOT / "deploy" / "constraints.txt").read_text().splitlines():
+        line = line.split("#", 1)[0].strip()
+        if line:
+            requirement = Requirement(line)
+            (spec,) = requirement.specifier
+            assert spec.operator == "==", f"constraints pin exactly: {line}"
+            pins[requirement.name.lower()] = Version(spec.version)
+    return pins
+
+
+def test_no_dependency_is_pinned_exactly_in_the_package():
+    exact = [str(r) for r in _requirements() if any(s.operator in ("==", "===") for s in r.specifier)]
+    assert exact == []
+
+
+def test_every_constraint_lies_inside_the_range_the_package_declares():
+    declared = {r.name.lower(): r for r in _requirements()}
+    pins = _constraints()
+    assert {"torch", "transformers"} <= set(pins)
+    for name, version in pins.items():
+        assert name in declared, f"{name} is pinned but not a dependency"
+        assert declared[name].specifier.contains(version), f"{name}=={version} outside {declared[name]}"
+
+
+def test_the_range_admits_the_transformers_verl_0_9_1_installs():
+    (transformers,) = [r for r in _requirements() if r.name == "transformers"]
+    assert transformers.specifier.contains("5.10.4")  # verl 0.9.1: transformers>=5.5.3,<5.11
+
+
+@pytest.mark.parametrize("name", ["torch", "transformers"])
+def test_this_environment_runs_a_version_the_package_declares(name):
+    (requirement,) = [r for r in _requirements() if r.name == name]
+    assert requirement.specifier.contains(Version(metadata.version(name)).base_version)
