@@ -10,20 +10,25 @@ from __future__ import annotations
 from typing import Callable
 
 from model_engine_server.config import ServerConfig
+from model_engine_server.registry import Registry
 from model_engine_server.scheduler_state import SchedulerObserver
 from model_engine_server.service import LogProbService
 
 # (config, model path, observer, name prefix of the replicas, logical GPUs Ray must declare)
 RuntimeFactory = Callable[[ServerConfig, str, "SchedulerObserver | None", str, int], LogProbService]
-_REGISTRY: dict[str, RuntimeFactory] = {}
 
 
-def register_runtime(name: str) -> Callable[[RuntimeFactory], RuntimeFactory]:
-    def decorator(factory: RuntimeFactory) -> RuntimeFactory:
-        _REGISTRY[name] = factory
-        return factory
+def _load_builtin_runtimes() -> None:
+    import model_engine_server.local  # noqa: F401  (registers "in_process")
 
-    return decorator
+    try:
+        import replica.runtime  # noqa: F401  (registers "ray")
+    except ImportError:
+        pass
+
+
+RUNTIMES: Registry[RuntimeFactory] = Registry("runtime", _load_builtin_runtimes)
+register_runtime = RUNTIMES.register
 
 
 def runtime_name(config: ServerConfig) -> str:
@@ -34,17 +39,4 @@ def build_runtime(
     config: ServerConfig, model_path: str, observer: SchedulerObserver | None, name_prefix: str, ray_gpus: int
 ) -> LogProbService:
     """One policy's service on the runtime the config asks for; an unavailable one says why."""
-    _load_builtin_runtimes()
-    name = runtime_name(config)
-    if name not in _REGISTRY:
-        raise ValueError(f"runtime {name!r} is not available here (registered: {', '.join(sorted(_REGISTRY))})")
-    return _REGISTRY[name](config, model_path, observer, name_prefix, ray_gpus)
-
-
-def _load_builtin_runtimes() -> None:
-    import model_engine_server.local  # noqa: F401  (registers "in_process")
-
-    try:
-        import replica.runtime  # noqa: F401  (registers "ray")
-    except ImportError:
-        pass
+    return RUNTIMES.get(runtime_name(config))(config, model_path, observer, name_prefix, ray_gpus)

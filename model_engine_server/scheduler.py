@@ -346,9 +346,6 @@ class ModelEngineServer:
         of a larger receiving group (a replica behind a manager)."""
         return await self.updates.receive(spec, version, first_rank)
 
-    def start_delivery(self, version: int) -> None:
-        self.updates.start_delivery(version)
-
     async def weight_layout(self) -> tuple[ModelInfo, dict[str, WeightSpec]]:
         return self.executor.model_info(), await self.executor.weight_specs()
 

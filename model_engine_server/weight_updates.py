@@ -59,7 +59,7 @@ class WeightUpdates:
         expected = frozenset(await self.executor.weight_specs())
         session = WeightSession(version, tuple(self.executor.participants()), expected, time.monotonic() + self.timeout_s)
         self.state.begin(session)  # check-and-set in one step: a concurrent begin is refused here
-        self._timer = asyncio.get_running_loop().call_later(self.timeout_s, self._expire, session)
+        self._timer = asyncio.get_running_loop().call_later(session.deadline - time.monotonic(), self._expire, session)
         try:
             await self._drain()
             await self.executor.discard_partial_weights()
@@ -117,12 +117,6 @@ class WeightUpdates:
             await self.abort(f"sync to version {version} failed: {reason}")
         return reports
 
-    def start_delivery(self, version: int) -> WeightSession:
-        """A transport is about to stream into the participants of `version`'s session."""
-        session = self.state.current(version)
-        session.start_delivery()
-        return session
-
     def _check_still_open(self, session: WeightSession) -> None:
         if self.state.session is not session:
             raise WeightSyncError(
@@ -133,12 +127,12 @@ class WeightUpdates:
     # ---------------------------------------------------------------- close
     async def commit(self, version: int) -> None:
         """Serve `version` if it arrived complete everywhere; else abort, naming what is missing."""
-        session = self.state.current(version)
-        refusal = session.refusal()
-        if refusal is not None:
-            await self.abort(refusal)
-            raise WeightSyncError(refusal)
-        self.state.commit(version)
+        self.state.current(version)  # no update, or another version: refused, nothing aborted
+        try:
+            self.state.commit(version)  # the one completeness check: refused while anything is missing
+        except WeightSyncError as refusal:
+            await self.abort(refusal.message)
+            raise
         self._clear_timer()
         self._wake()
 

@@ -22,14 +22,14 @@ import asyncio
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterator, Sequence
+from typing import Iterable, Iterator, Sequence
 
 import torch
 
 from checkpoint_transport.checkpoint_files import CheckpointError, StoredTensor, list_tensors, read_tensors
 from model_engine_server.engines.base import ModelInfo, WeightSpec
 from model_engine_server.service import LogProbService
-from model_engine_server.errors import InvalidRequest
+from model_engine_server.errors import Forbidden, InvalidRequest
 
 FIELD = "model_path"
 TIED_ALIAS = "lm_head.weight"
@@ -121,6 +121,31 @@ def _castable(stored: torch.dtype | None, served: torch.dtype) -> bool:
     return stored == served or (stored.is_floating_point and served.is_floating_point)
 
 
+# ---------------------------------------------------------------- where folders may be read
+ROOTS_SETTING = "model_engine_server.weight_roots"
+OUTSIDE_ROOTS = (
+    f"model_path is not under a folder this server loads weights from; "
+    f"list the folder in {ROOTS_SETTING} (default: the parent folder of model_path)"
+)
+
+
+def resolve_under_roots(path: str | Path, roots: Iterable[str | Path]) -> Path:
+    """`path` resolved (`~`, `..` and symlinks followed) when it lies under one of `roots`,
+    else `Forbidden` with one message for every refused path: whether it exists is not told."""
+    try:
+        target = Path(path).expanduser().resolve()
+    except (OSError, RuntimeError, ValueError):  # a symlink loop, a NUL byte
+        raise Forbidden(OUTSIDE_ROOTS) from None
+    for root in roots:
+        try:
+            base = Path(root).expanduser().resolve()
+        except (OSError, RuntimeError, ValueError):
+            continue
+        if target == base or target.is_relative_to(base):
+            return target
+    raise Forbidden(OUTSIDE_ROOTS)
+
+
 # ---------------------------------------------------------------- the update itself
 async def update_weights_from_disk(
     service: LogProbService, model_path: str, version: int | None = None, roots: Sequence[str] | None = None
@@ -131,8 +156,6 @@ async def update_weights_from_disk(
     anything is read, with the same message whether it exists or not (the HTTP route checks
     its app's roots itself, before the service's own serialised method)."""
     if roots is not None:
-        from model_engine_server.http.admin_policy import resolve_under_roots
-
         model_path = str(resolve_under_roots(model_path, roots))
     current = int((await service.get_status())["weight_version"])
     target = current + 1 if version is None else version

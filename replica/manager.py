@@ -52,7 +52,6 @@ class ReplicaManager:
         self._joining: set[int] = set()  # restarted, weights not yet at the current version
         self._monitor: asyncio.Task[None] | None = None
         self._restarting: dict[int, asyncio.Task[None]] = {}
-        self._background: set[asyncio.Task[None]] = set()
 
     # ------------------------------------------------------------------ lifecycle
     async def start(self, timeout_s: float | None = None) -> "ReplicaManager":

@@ -30,6 +30,8 @@ import ray
 import torch
 
 from checkpoint_transport.bucket import group_into_host_buckets
+from checkpoint_transport.receiver import receive_into_engine
+from checkpoint_transport.spec import TransportSpec
 from model_engine_server.adapter import ModelEngineServerAdapter, Outcome
 from model_engine_server.engines.base import Engine, EngineSpec, ModelInfo, WeightSpec, build_engine
 from model_engine_server.protocol import LogProbRequest
@@ -178,9 +180,6 @@ class ModelEngineWorker:
     def receive_weights(self, spec: dict[str, Any], version: int) -> dict[str, Any]:
         """Receive one checkpoint-transport stream (this worker's rank in `spec`) into the
         engine; returns the receive report as a dict and never raises."""
-        from checkpoint_transport.receiver import receive_into_engine
-        from checkpoint_transport.spec import TransportSpec
-
         return receive_into_engine(TransportSpec.model_validate(spec), self._ready_engine(), version).to_dict()
 
     def export_weight_buckets(self, bucket_bytes: int) -> list["ray.ObjectRef"]:

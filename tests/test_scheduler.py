@@ -215,7 +215,7 @@ async def test_an_update_begun_and_never_committed_is_aborted_after_its_timeout(
 async def test_an_update_that_timed_out_after_its_stream_began_refuses_to_serve_until_a_complete_one():
     server = make_server(FakeExecutor(), weight_update_timeout_s=0.1)
     await server.begin_weight_update(1)
-    server.start_delivery(1)  # a transport began streaming, then its publisher vanished
+    server.weights.current(1).start_delivery()  # a transport began streaming, then its publisher vanished
     held = asyncio.ensure_future(server.submit(request(5)))
     await asyncio.sleep(0.3)
     status = server.status()

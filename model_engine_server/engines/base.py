@@ -16,6 +16,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from checkpoint_transport.dtypes import DTYPES
 from model_engine_server.logprobs import LMHead, chunked_log_probs
 from model_engine_server.packing import PackedBatch
+from model_engine_server.registry import Registry
 
 
 class EngineSpec(BaseModel):
@@ -111,28 +112,6 @@ class HiddenStateEngine:
 
 
 EngineFactory = Callable[..., Engine]
-_REGISTRY: dict[str, EngineFactory] = {}
-
-
-def register_engine(name: str) -> Callable[[EngineFactory], EngineFactory]:
-    def decorator(factory: EngineFactory) -> EngineFactory:
-        _REGISTRY[name] = factory
-        return factory
-
-    return decorator
-
-
-def engine_backends() -> list[str]:
-    _load_builtin_backends()
-    return sorted(_REGISTRY)
-
-
-def build_engine(backend: str, spec: EngineSpec, **kwargs: Any) -> Engine:
-    """Build an engine by backend name; an unknown name lists the valid ones."""
-    _load_builtin_backends()
-    if backend not in _REGISTRY:
-        raise ValueError(f"unknown engine backend {backend!r}; valid backends: {', '.join(sorted(_REGISTRY))}")
-    return _REGISTRY[backend](spec, **kwargs)
 
 
 def _load_builtin_backends() -> None:
@@ -142,6 +121,16 @@ def _load_builtin_backends() -> None:
         import model_engine_server.engines.megatron  # noqa: F401  (registers "megatron" when present)
     except ImportError:
         pass
+
+
+ENGINES: Registry[EngineFactory] = Registry("engine backend", _load_builtin_backends)
+register_engine = ENGINES.register
+engine_backends = ENGINES.names
+
+
+def build_engine(backend: str, spec: EngineSpec, **kwargs: Any) -> Engine:
+    """Build an engine by backend name; an unknown name lists the valid ones."""
+    return ENGINES.get(backend)(spec, **kwargs)
 
 
 def resolve_device(device: str) -> torch.device:

@@ -11,8 +11,8 @@ the policy, as pure functions (no FastAPI, and Ray only when this process alread
   unless the operator says so explicitly;
 - `check_transport_spec`: every host a spec names must resolve only to allowed addresses
   (loopback, the nodes of this server's Ray cluster, and what the operator lists);
-- `resolve_under_roots`: a weight folder must resolve (symlinks and `..` followed) under a
-  configured root; the refusal is the same whether the path exists or not.
+- `resolve_under_roots` (from `weights_from_disk`, which applies it): a weight folder must resolve
+  (symlinks and `..` followed) under a configured root; the same refusal whether it exists or not.
 """
 
 from __future__ import annotations
@@ -22,12 +22,12 @@ import logging
 import re
 import socket
 import sys
-from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Iterable, Sequence
 
 from pydantic import BaseModel
 
 from model_engine_server.errors import Forbidden
+from model_engine_server.weights_from_disk import resolve_under_roots
 
 if TYPE_CHECKING:
     from model_engine_server.config import HttpConfig
@@ -43,12 +43,7 @@ TOKEN_SETTING = "model_engine_server.http.auth_token"
 OVERRIDE_SETTING = "model_engine_server.http.allow_unauthenticated_remote"
 OVERRIDE_FLAG = "--allow-unauthenticated-remote"
 ENDPOINTS_SETTING = "model_engine_server.transport.allowed_endpoints"
-ROOTS_SETTING = "model_engine_server.weight_roots"
 HOST_FIELD = re.compile(r"(^|_)(addr|address|host)$")  # spec fields that name a host to connect to
-OUTSIDE_ROOTS = (
-    f"model_path is not under a folder this server loads weights from; "
-    f"list the folder in {ROOTS_SETTING} (default: the parent folder of model_path)"
-)
 
 
 # ---------------------------------------------------------------- addresses
@@ -168,23 +163,6 @@ def transport_spec_guard(extra: Sequence[str] = ()) -> Callable[[Any], None]:
 
 
 # ---------------------------------------------------------------- weight folders
-def resolve_under_roots(path: str | Path, roots: Iterable[str | Path]) -> Path:
-    """`path` resolved (`~`, `..` and symlinks followed) when it lies under one of `roots`,
-    else `Forbidden` with one message for every refused path: whether it exists is not told."""
-    try:
-        target = Path(path).expanduser().resolve()
-    except (OSError, RuntimeError, ValueError):  # a symlink loop, a NUL byte
-        raise Forbidden(OUTSIDE_ROOTS) from None
-    for root in roots:
-        try:
-            base = Path(root).expanduser().resolve()
-        except (OSError, RuntimeError, ValueError):
-            continue
-        if target == base or target.is_relative_to(base):
-            return target
-    raise Forbidden(OUTSIDE_ROOTS)
-
-
 # ---------------------------------------------------------------- listening
 def unauthenticated_exposure(http: "HttpConfig", environ: dict[str, str] | None = None) -> str | None:
     """Why listening as `http` says would expose the admin routes to anyone, or None when it
