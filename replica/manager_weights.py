@@ -89,13 +89,12 @@ class ManagerWeightUpdates:
             self.lock.release()
             raise WeightSyncError(f"the weight update to version {version} was aborted while it began")
         participants = [r for r in self.replicas if self._routable(r)]
-        problem = (
-            WeightSyncError(f"new weight version must be greater than the current {self.version}, got {version}")
-            if version <= self.version else None if participants else self._no_replica_error()
-        )
-        if problem is not None:
+        if version <= self.version:
             self._finish_update(update)
-            raise problem
+            raise WeightSyncError(f"new weight version must be greater than the current {self.version}, got {version}")
+        if not participants:
+            self._finish_update(update)
+            raise self._no_replica_error()
         update.participants = participants
         self._arm_update_deadline(update)
         try:
