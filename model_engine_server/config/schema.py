@@ -22,12 +22,13 @@ from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator, m
 
 from checkpoint_transport.spec import TransportConfig
 from model_engine_server.config.scheduler import SchedulerConfig
+from model_engine_server.config.trainer_side import TrainerSideConfig
 
 if TYPE_CHECKING:  # the schema needs no engine (torch) module; `engine_spec` imports it when called
     from model_engine_server.engines.base import EngineSpec
 
 SECTION = "model_engine_server"
-Backend = Literal["hf", "megatron"]
+Backend = Literal["hf", "megatron", "verl"]
 
 
 class ConfigError(ValueError):
@@ -157,7 +158,7 @@ class ServerConfig(BaseModel):
     ref_model_path: str | None = Field(default=None, description="reference checkpoint; None: model_path")
     ref: RefConfig = Field(default_factory=RefConfig)
 
-    backend: Backend = Field(default="hf", description="hf or megatron (alias: strategy, where fsdp means hf)")
+    backend: Backend = Field(default="hf", description="hf, megatron or verl (the trainer's own engine; alias: strategy, where fsdp means hf)")
     model_path: str | None = Field(default=None, description="HF checkpoint; None: actor_rollout_ref.model.path")
     weight_roots: list[str] = Field(
         default_factory=list,
@@ -187,6 +188,7 @@ class ServerConfig(BaseModel):
     http: HttpConfig = Field(default_factory=HttpConfig)
     transport: ServerTransportConfig = Field(default_factory=ServerTransportConfig)
     ray: RayConfig = Field(default_factory=RayConfig)
+    trainer: TrainerSideConfig = Field(default_factory=TrainerSideConfig)
 
     @model_validator(mode="after")
     def _check_placement(self) -> "ServerConfig":

@@ -1,0 +1,48 @@
+"""The `model_engine_server.trainer:` part: how verl's trainers and agent loops use the server.
+
+These keys are read by the integrations in `clients/verl/` (the trainer subclasses and the
+scoring agent loop), not by the server; they live in the same section so one YAML configures
+both ends. The rules say what happens to a sample the server did not score, or scored under a
+weight version other than the policy the trainer treats as old, so that no such sample is ever
+used silently.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+MissingRule = Literal["recompute", "rescore", "fail"]
+StaleRule = Literal["recompute", "rescore", "accept", "fail"]
+
+
+class TrainerSideConfig(BaseModel):
+    """Where the trainer side finds the server, and its rules for unusable samples."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    address: str | None = Field(
+        default=None,
+        description="the server's HTTP URL (http://host:port); None: the Ray actor named `actor_name`",
+    )
+    actor_name: str = Field(default="model-engine-server", description="the named Ray actor `start_service_actor` runs")
+    ray_namespace: str | None = Field(default=None, description="namespace of that actor; None: the caller's")
+    api_token: str | None = Field(default=None, description="bearer token of a locked-down server")
+    timeout_s: float = Field(default=600.0, gt=0, description="deadline of one scoring call")
+    on_missing: MissingRule = Field(
+        default="recompute",
+        description="a sample without server log-probs: recompute on the trainer (verl's own path), "
+        "rescore on the server now, or fail naming the samples",
+    )
+    on_stale: StaleRule = Field(
+        default="rescore",
+        description="a sample scored under another version than the trainer's old policy: rescore at "
+        "that version (waits for the server to hold it), recompute on the trainer, accept as is, or fail",
+    )
+    max_version_lag: int = Field(
+        default=0, ge=0, description="a sample this many versions behind the old policy still counts as current"
+    )
+    score_ref: bool = Field(
+        default=False, description="also take ref_log_prob from the server (its reference mode must be on)"
+    )
