@@ -59,3 +59,19 @@ def test_the_range_admits_the_transformers_verl_0_9_1_installs():
 def test_this_environment_runs_a_version_the_package_declares(name):
     (requirement,) = [r for r in _requirements() if r.name == name]
     assert requirement.specifier.contains(Version(metadata.version(name)).base_version)
+
+
+def test_our_pins_lie_inside_the_ranges_verl_declares():
+    """What we pin for our own runs must also satisfy verl 0.9.1, or CI would not test the
+    environment a verl user has (pip check covers the installed set; this names the culprit)."""
+    pytest.importorskip("verl")
+    pins = _constraints()
+    clashes = []
+    for line in metadata.requires("verl") or []:
+        requirement = Requirement(line)
+        if requirement.marker is not None and not requirement.marker.evaluate({"extra": ""}):
+            continue
+        pinned = pins.get(requirement.name.lower())
+        if pinned is not None and not requirement.specifier.contains(pinned, prereleases=True):
+            clashes.append(f"{requirement.name}=={pinned} outside verl's {requirement.specifier}")
+    assert clashes == []
