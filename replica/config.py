@@ -27,7 +27,7 @@ class ReplicaConfig(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    backend: str = Field(default="hf", description="engine backend name (engines registry): hf, megatron")
+    backend: str = Field(default="hf", description="engine backend name (engines registry): hf, megatron, verl")
     engine: EngineSpec = Field(default_factory=EngineSpec, description="checkpoint, dtype, device of every worker")
     engine_kwargs: dict[str, Any] = Field(
         default_factory=dict, description="extra keyword arguments for build_engine (besides the parallel sizes)"
@@ -69,8 +69,10 @@ class ReplicaConfig(BaseModel):
                 f"a replica has nodes_per_replica x gpus_per_replica_node = {self.world_size} workers, not a multiple of "
                 f"tensor_model_parallel_size x pipeline_model_parallel_size = {self.model_parallel_size}"
             )
-        if self.backend == "hf" and self.model_parallel_size != 1:
-            raise ValueError("the hf backend has no model parallelism; use tensor/pipeline sizes 1 or backend megatron")
+        if self.backend in ("hf", "verl") and self.model_parallel_size != 1:
+            raise ValueError(
+                f"the {self.backend} backend has no model parallelism; use tensor/pipeline sizes 1 or backend megatron"
+            )
         return self
 
     @property

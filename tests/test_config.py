@@ -81,6 +81,14 @@ def test_every_deploy_yaml_loads(path):
     if any(isinstance(d, dict) and "apiVersion" in d for d in documents):
         assert {d["kind"] for d in documents} >= {"RayCluster"}  # a Kubernetes manifest, not a server config
         return
+    if isinstance(documents[0], list):  # verl's agent_loop_config_path format: entries naming their class
+        pytest.importorskip("verl")
+        from hydra.utils import get_class
+        from verl.experimental.agent_loop.agent_loop import AgentLoopBase
+
+        for entry in documents[0]:
+            assert issubclass(get_class(entry["_target_"]), AgentLoopBase), entry
+        return
     assert isinstance(load_config(path).server, ServerConfig)
 
 
@@ -278,7 +286,7 @@ def test_unknown_top_level_key_lists_our_keys_and_the_reference_names(tmp_path):
 
 @pytest.mark.parametrize("override,names", [
     ("model_engine_server.nnodes=two", ["model_engine_server.nnodes", "integer"]),
-    ("model_engine_server.backend=vllm", ["model_engine_server.backend", "'hf' or 'megatron'"]),
+    ("model_engine_server.backend=vllm", ["model_engine_server.backend", "'hf', 'megatron' or 'verl'"]),
     ("model_engine_server.strategy=vllm", ["model_engine_server.strategy", "megatron, fsdp, fsdp2, hf"]),
     ("model_engine_server.dtype=fp8", ["model_engine_server.dtype", "'float32'"]),
     ("model_engine_server.scheduler.max_tokens_per_batch=-5", ["model_engine_server.scheduler.max_tokens_per_batch", "greater than 0"]),

@@ -9,6 +9,8 @@
 - `overrides.py`: command-line overrides in Hydra's grammar.
 - `verl.py`: the reference design's vocabulary: keys accepted without effect, other names for
   ours, and the trainer keys unset values follow.
+- `verl_engine.py`: `VerlEngineConfig`, the trainer's model and engine settings `backend: verl`
+  builds verl's own worker from (copied from `actor_rollout_ref` by `verl.py`).
 
 The `transport:` part is the one `checkpoint_transport.TransportConfig` (the publisher's knobs),
 extended by `ServerTransportConfig` with the server's endpoint allow-list.

@@ -10,7 +10,8 @@ Steps, in order:
    settings, ...) are accepted and listed as ignored.
 4. Map the reference design's other names onto ours (`verl.py`: `enable`, `strategy`, `batch_size`,
    `timeout`, `max_token_len_per_gpu`) and fill unset values from the trainer's keys where verl
-   users expect it (model path, rollout temperature, the actor's Megatron parallel sizes).
+   users expect it (model path, rollout temperature, the actor's Megatron parallel sizes; with
+   `backend: verl`, the trainer's model and actor engine settings).
 5. Validate with the pydantic models of `schema.py`; a wrong key or type becomes a `ConfigError`
    naming the key and the valid choices.
 

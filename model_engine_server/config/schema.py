@@ -23,6 +23,7 @@ from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator, m
 from checkpoint_transport.spec import TransportConfig
 from model_engine_server.config.scheduler import SchedulerConfig
 from model_engine_server.config.trainer_side import TrainerSideConfig
+from model_engine_server.config.verl_engine import VerlEngineConfig
 
 if TYPE_CHECKING:  # the schema needs no engine (torch) module; `engine_spec` imports it when called
     from model_engine_server.engines.base import EngineSpec
@@ -183,6 +184,10 @@ class ServerConfig(BaseModel):
         default="auto", description="auto: in this process for one single-device replica, else Ray replicas"
     )
     megatron: MegatronParallelConfig = Field(default_factory=MegatronParallelConfig)
+    verl_engine: VerlEngineConfig = Field(
+        default_factory=VerlEngineConfig,
+        description="backend verl: the trainer's model and engine settings (inherited from actor_rollout_ref)",
+    )
 
     scheduler: SchedulerConfig = Field(default_factory=SchedulerConfig)
     http: HttpConfig = Field(default_factory=HttpConfig)
@@ -193,6 +198,16 @@ class ServerConfig(BaseModel):
     @model_validator(mode="after")
     def _check_placement(self) -> "ServerConfig":
         check_placement(self)
+        return self
+
+    @model_validator(mode="after")
+    def _verl_engine_needs_backend_verl(self) -> "ServerConfig":
+        """verl's engine settings mean nothing to the other backends: setting them there is a
+        mistake (which backend was meant?), never silently ignored."""
+        if self.backend != "verl" and not self.verl_engine.is_default:
+            raise ConfigError(
+                f"{_key('verl_engine')} is set, but {_key('backend')}={self.backend}; it configures backend verl only"
+            )
         return self
 
     @model_validator(mode="after")
@@ -242,6 +257,7 @@ class ServerConfig(BaseModel):
             device=self.device,
             attn_implementation=self.attn_implementation,
             logprob_chunk_mb=self.logprob_chunk_mb,
+            verl_engine=self.verl_engine,
         )
 
 
@@ -276,7 +292,7 @@ def check_placement(config: ServerConfig) -> None:
                 f"{megatron.virtual_pipeline_model_parallel_size} needs pipeline_model_parallel_size > 1, got 1"
             )
     else:
-        layout = f"{_key('backend')}=hf: 1 device per replica"
+        layout = f"{_key('backend')}={config.backend}: 1 device per replica"
     per_replica = config.gpus_per_replica
     per_node = config.gpus_per_node
     total = config.total_gpus

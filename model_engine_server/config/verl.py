@@ -17,6 +17,7 @@ from omegaconf import DictConfig, ListConfig, OmegaConf
 
 from model_engine_server.config.schema import SECTION, ConfigError
 from model_engine_server.config.overrides import AppliedOverrides
+from model_engine_server.config.verl_engine import ENGINE_SECTION_OF_STRATEGY
 
 logger = logging.getLogger(__name__)
 
@@ -60,6 +61,8 @@ TRAINER_MODEL_PATH = "actor_rollout_ref.model.path"
 TRAINER_TEMPERATURE = "actor_rollout_ref.rollout.temperature"
 TRAINER_STRATEGY = "actor_rollout_ref.actor.strategy"
 TRAINER_MEGATRON = "actor_rollout_ref.actor.megatron"
+TRAINER_ACTOR = "actor_rollout_ref.actor"
+TRAINER_MODEL = "actor_rollout_ref.model"
 TRAINER_LOG_PROB_TOKENS = "actor_rollout_ref.rollout.log_prob_max_token_len_per_gpu"
 # verl builds a reference policy when either KL term is on; the server then serves it too
 TRAINER_KL_KEYS = ("actor_rollout_ref.actor.use_kl_loss", "algorithm.use_kl_in_reward")
@@ -162,6 +165,13 @@ def inherit_from_trainer(
     if get_dotted(raw, "backend") == "megatron":
         for name in MEGATRON_PARALLEL_KEYS:
             inherit(f"megatron.{name}", f"{TRAINER_MEGATRON}.{name}")
+    if get_dotted(raw, "backend") == "verl":  # verl's own worker, built from the trainer's own settings
+        inherit("verl_engine.strategy", TRAINER_STRATEGY)
+        inherit("verl_engine.model", TRAINER_MODEL)
+        strategy = get_dotted(raw, "verl_engine.strategy")
+        section = ENGINE_SECTION_OF_STRATEGY.get(strategy if isinstance(strategy, str) else "fsdp2")
+        if section is not None:  # another strategy is refused by the schema, naming it
+            inherit("verl_engine.engine", f"{TRAINER_ACTOR}.{section}")
 
 
 def inherit_backend_from_defaults(raw: dict[str, Any], sources: dict[str, str], defaults: list[Any]) -> None:
@@ -190,8 +200,12 @@ def _backend_of_trainer_strategy(value: Any) -> str | None:
 
 
 def select_trainer_key(cfg: DictConfig, key: str) -> Any:
-    """A trainer key's resolved value, or None when absent or unresolvable (never fatal)."""
+    """A trainer key's resolved value, or None when absent or unresolvable. A mapping is resolved
+    whole; an interpolation inside it that fails is an error naming the key."""
     value = OmegaConf.select(cfg, key, default=None, throw_on_resolution_failure=False)
     if isinstance(value, (DictConfig, ListConfig)):
-        return OmegaConf.to_container(value, resolve=True)
+        try:
+            return OmegaConf.to_container(value, resolve=True)
+        except Exception as error:
+            raise ConfigError(f"{key}: cannot resolve it: {str(error).splitlines()[0]}") from None
     return value

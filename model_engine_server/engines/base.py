@@ -7,6 +7,7 @@ outputs live elsewhere (the last pipeline stage) override `score_packed`.
 
 from __future__ import annotations
 
+import importlib.util
 from dataclasses import dataclass
 from typing import Any, Callable, Iterable, Iterator, Protocol, runtime_checkable
 
@@ -14,6 +15,7 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field
 
 from checkpoint_transport.dtypes import DTYPES
+from model_engine_server.config.verl_engine import VerlEngineConfig
 from model_engine_server.logprobs import LMHead, chunked_log_probs
 from model_engine_server.packing import PackedBatch
 from model_engine_server.registry import Registry
@@ -30,6 +32,9 @@ class EngineSpec(BaseModel):
     attn_implementation: str | None = Field(default=None, description="None picks flash-attn/sdpa")
     logprob_chunk_mb: int = Field(default=128, gt=0, description="memory for the log-prob step's two fp32 [chunk, vocab] buffers")
     allow_dtype_cast: bool = Field(default=False, description="cast weight updates of another float dtype")
+    verl_engine: VerlEngineConfig = Field(
+        default_factory=VerlEngineConfig, description="backend verl only: the trainer's model and engine settings"
+    )
 
     def torch_dtype(self) -> torch.dtype:
         return DTYPES[self.dtype]
@@ -121,6 +126,8 @@ def _load_builtin_backends() -> None:
         import model_engine_server.engines.megatron  # noqa: F401  (registers "megatron" when present)
     except ImportError:
         pass
+    if importlib.util.find_spec("verl") is not None:  # with verl installed, a broken import must show
+        import model_engine_server.engines.verl_backend.engine  # noqa: F401  (registers "verl")
 
 
 ENGINES: Registry[EngineFactory] = Registry("engine backend", _load_builtin_backends)
