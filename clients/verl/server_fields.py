@@ -22,7 +22,7 @@ import numpy as np
 import torch
 
 from model_engine_server.config.trainer_side import TrainerSideConfig
-from model_engine_server.protocol import LogProbResult
+from model_engine_server.protocol import LogProbRequest, LogProbResult
 
 LOG_PROBS = "model_engine_server_log_probs"
 ENTROPY = "model_engine_server_entropy"
@@ -219,3 +219,76 @@ def batch_metrics(
             (rollout_log_probs.exp() - server_log_probs.exp())[mask].abs().mean()
         )
     return metrics
+
+
+# ---------------------------------------------------------------- added for the trainers' I/O
+TRAINER_SECTION = "model_engine_server.trainer"
+
+
+def trainer_side_config(training_config: Any) -> TrainerSideConfig:
+    """The `model_engine_server.trainer:` rules of a whole training config (an OmegaConf
+    DictConfig or a plain mapping); absent: the defaults. The trainers read them from the same
+    YAML the server starts with, so a typo fails the trainer at start-up, naming the key."""
+    from omegaconf import DictConfig, OmegaConf
+
+    config = training_config if isinstance(training_config, DictConfig) else OmegaConf.create(dict(training_config))
+    section = OmegaConf.select(config, TRAINER_SECTION, default=None)
+    if section is None:
+        return TrainerSideConfig()
+    values = OmegaConf.to_container(section, resolve=True) if isinstance(section, DictConfig) else section
+    try:
+        return TrainerSideConfig.model_validate(values)
+    except ValueError as error:  # pydantic's ValidationError is a ValueError
+        raise ValueError(f"{TRAINER_SECTION}: {error}") from None
+
+
+def rescore_requests(
+    names: Sequence[str],
+    prompts: Sequence[Sequence[int]],
+    responses: Sequence[Sequence[int]],
+    temperature: float,
+    min_weight_version: int | None,
+    want_ref: bool = False,
+) -> list[LogProbRequest]:
+    """One request per sample to score again on the server, named after the sample (its key),
+    at the rollout temperature, waiting for `min_weight_version` (the old policy's)."""
+    requests = []
+    for name, prompt, response in zip(names, prompts, responses, strict=True):
+        prompt, response = [int(t) for t in prompt], [int(t) for t in response]
+        requests.append(LogProbRequest(
+            request_id=str(name), input_ids=prompt + response, response_start=len(prompt),
+            temperature=float(temperature), return_entropy=True, return_ref_log_probs=want_ref,
+            min_weight_version=min_weight_version,
+        ))
+    return requests
+
+
+def rescored_results(
+    outcomes: Sequence[Any],
+    names: Sequence[str],
+    old_version: int | None,
+    config: TrainerSideConfig,
+    need_ref: bool = False,
+) -> list[LogProbResult]:
+    """The rescored samples' results; raises `ServerLogProbsUnusable` naming every sample the
+    server failed, or answered under a version outside `max_version_lag` of the old policy
+    (a server ahead of the trainer no longer holds the old policy), or without reference log-probs."""
+    results: list[LogProbResult] = []
+    reasons: dict[int, str] = {}
+    for row, outcome in enumerate(outcomes):
+        if not isinstance(outcome, LogProbResult):
+            reasons[row] = f"rescoring failed: {type(outcome).__name__}: {outcome}"
+        elif old_version is not None and abs(int(outcome.weight_version) - old_version) > config.max_version_lag:
+            reasons[row] = (f"rescored under weight version {outcome.weight_version}, "
+                            f"the old policy is version {old_version}")
+        elif need_ref and outcome.ref_log_probs is None:
+            reasons[row] = "rescored without reference log-probs (is the server's ref mode on?)"
+        else:
+            results.append(outcome)
+    if reasons:
+        failed = sorted(reasons)
+        raise ServerLogProbsUnusable(
+            f"{len(failed)} of {len(outcomes)} samples could not be rescored on the server "
+            f"(model_engine_server.trainer.timeout_s={config.timeout_s:g}): " + _describe(failed, reasons, names)
+        )
+    return results

@@ -1,0 +1,504 @@
+"""verl's V1 trainer mode `model_engine_server` on real verl objects, on CPU.
+
+Real throughout: verl's shipped Hydra config composed with overrides; the trainer built by its own
+`__init__` (what `init()` adds needs a GPU cluster: the tests set `global_steps`, the one piece of
+its state the old-log-prob step reads that `init()`'s checkpoint loading would set); TransferQueue
+on this session's embedded Ray with verl's `transfer_queue` config; samples put the way
+`AgentLoopWorkerTQ._agent_loop_postprocess` puts them (real `AgentLoopOutput(...).as_dict()` whose
+`extra_fields` hold real server results); a real uvicorn server (HF backend, tiny model, reference
+mode); verl's own `TrainingWorker` recompute as the reference (`tests/verl_reference.py`).
+
+The one stand-in is the actor's Ray worker group, for the `recompute` rule: a real one needs GPUs.
+It runs verl's `TrainingWorker.infer_batch` through verl's TransferQueue bridge (which reads the
+batch from TransferQueue and writes `log_probs`/`entropy` back, as on a worker) and records the
+save/restore calls of verl's version-aware path (with one set of weights they are identities).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import subprocess
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+import torch
+
+from model_engine_server.engines.verl_backend.cpu_platform import accelerator_present, use_cpu_platform
+
+if not accelerator_present():
+    use_cpu_platform()  # before anything imports verl's trainer: verl resolves its platform once per process
+
+from clients.http_client import SyncHttpLogProbClient  # noqa: E402
+from clients.verl import server_fields as sf  # noqa: E402
+from model_engine_server.config import load_config  # noqa: E402
+from model_engine_server.launch import build_serving  # noqa: E402
+from model_engine_server.protocol import LogProbRequest, LogProbResult  # noqa: E402
+from model_engine_server.tiny_model import perturbed_weights  # noqa: E402
+from tests.helpers import reference_log_probs, reference_model  # noqa: E402
+from tests.test_http_support import ServerThread  # noqa: E402
+from tests.verl_reference import left_right_batch, model_path_str, recompute, training_worker  # noqa: E402
+
+TOLERANCE = 1e-5
+SECTION = "model_engine_server"
+TOKEN = "trainer-v1-admin"
+VOCAB = 512
+PARTITION = "train"
+ROOT = Path(__file__).resolve().parents[1]
+
+
+# ---------------------------------------------------------------- fixtures
+def server_config(model: Path):
+    return load_config(None, [
+        f"{SECTION}.model_path={model}", f"{SECTION}.enable_ref_mode=true", f"{SECTION}.device=cpu",
+        f"{SECTION}.scheduler.max_wait_ms=1", f"{SECTION}.http.auth_token={TOKEN}",
+    ])
+
+
+@pytest.fixture(scope="module")
+def server(tiny_model):
+    """The server the scoring agent loop would have used: policy and (frozen) reference, version 0."""
+    with ServerThread(build_serving(server_config(tiny_model)).app) as running:
+        yield running
+
+
+@pytest.fixture(scope="module")
+def verl_config(tiny_model):
+    """verl's shipped `ppo_trainer` config, composed by Hydra with the overrides a user sets."""
+    import verl
+    from hydra import compose, initialize_config_dir
+
+    config_dir = os.path.join(os.path.dirname(verl.__file__), "trainer", "config")
+    overrides = [
+        "trainer.v1.trainer_mode=model_engine_server", "algorithm.rollout_correction.bypass_mode=False",
+        f"actor_rollout_ref.model.path={tiny_model}", "actor_rollout_ref.rollout.calculate_log_probs=True",
+        # what PPOTrainerSeparateAsync.__init__ checks: a standalone rollout pool and a real sync backend
+        "actor_rollout_ref.rollout.nnodes=1", "actor_rollout_ref.rollout.n_gpus_per_node=1",
+        "actor_rollout_ref.rollout.checkpoint_engine.backend=nccl",
+        "data.train_batch_size=8", "actor_rollout_ref.actor.ppo_mini_batch_size=2", "algorithm.adv_estimator=grpo",
+    ]
+    with initialize_config_dir(config_dir=config_dir, version_base=None):
+        return compose(config_name="ppo_trainer", overrides=overrides)
+
+
+@pytest.fixture(scope="module")
+def transfer_queue(ray_cluster, verl_config):
+    """TransferQueue as verl's TaskRunner starts it (`tq.init(config.transfer_queue)`), with one
+    storage unit instead of 8: each is a Ray actor process, and this machine has 2 cores."""
+    import transfer_queue as tq
+    from omegaconf import OmegaConf
+
+    conf = OmegaConf.create(OmegaConf.to_container(verl_config.transfer_queue))
+    conf.backend.SimpleStorage.num_data_storage_units = 1
+    tq.init(conf)
+    yield tq
+    tq.close()
+
+
+@pytest.fixture(scope="module")
+def worker(tiny_model):
+    return training_worker(model_path_str(tiny_model))
+
+
+def trainer_for(verl_config, server_url: str, temperature: float = 1.0, global_steps: int = 1, **rules: Any):
+    """Our trainer from a copy of the composed config, built by its own `__init__`."""
+    from omegaconf import OmegaConf, open_dict
+
+    from clients.verl.trainer_v1 import PPOTrainerModelEngineServer
+
+    config = OmegaConf.create(OmegaConf.to_container(verl_config))
+    OmegaConf.set_struct(config, True)
+    with open_dict(config):
+        config.actor_rollout_ref.rollout.temperature = temperature
+        config[SECTION] = {"trainer": {"address": server_url, **rules}}
+    trainer = PPOTrainerModelEngineServer(config)
+    trainer.global_steps = global_steps  # set by init()'s checkpoint loading (0 from scratch, +1 in fit)
+    return trainer
+
+
+# ---------------------------------------------------------------- samples, as the agent loop makes them
+@dataclass
+class Sample:
+    key: str
+    prompt: list[int]
+    response: list[int]
+    response_mask: list[int]  # 0: tool tokens, which are scored all the same and masked by the loss
+
+    def request(self, temperature: float) -> LogProbRequest:
+        return LogProbRequest(input_ids=self.prompt + self.response, response_start=len(self.prompt),
+                              temperature=temperature, return_entropy=True, return_ref_log_probs=True)
+
+
+SHAPES = [(6, 9, None), (11, 3, None), (4, 14, (4, 8)), (8, 1, None), (5, 6, None)]  # prompt, response, tool span
+
+
+def make_samples(tag: str, seed: int) -> list[Sample]:
+    generator = torch.Generator().manual_seed(seed)
+    samples = []
+    for row, (prompt_len, response_len, tool) in enumerate(SHAPES):
+        ids = torch.randint(1, VOCAB, (prompt_len + response_len,), generator=generator).tolist()
+        mask = [1] * response_len
+        if tool:
+            mask[tool[0]:tool[1]] = [0] * (tool[1] - tool[0])
+        samples.append(Sample(f"{tag}{row}x_0_0", ids[:prompt_len], ids[prompt_len:], mask))
+    return samples
+
+
+def score(url: str, samples: list[Sample], temperature: float) -> list[LogProbResult]:
+    with SyncHttpLogProbClient(url) as client:
+        return client.compute_log_probs([s.request(temperature) for s in samples])
+
+
+def rollout_log_probs(results: list[LogProbResult]) -> list[list[float]]:
+    """A rollout engine's numbers: near the server's, not equal (for verl's debug metrics)."""
+    return [(np.asarray(r.log_probs) - 0.01 * (1 + np.arange(len(r.log_probs)) % 3)).tolist() for r in results]
+
+
+def put_like_agent_loop(tq, samples: list[Sample], extra: list[dict], rollout: list[list[float]], version: int = 0):
+    """The fields and tags `AgentLoopWorkerTQ._agent_loop_postprocess` puts for each trajectory,
+    then the batch the replay buffer would hand out for them (keys with their listed tags)."""
+    from transfer_queue import KVBatchMeta
+    from verl.experimental.agent_loop import AgentLoopOutput
+    from verl.experimental.agent_loop.agent_loop import AgentLoopMetrics
+    from verl.utils.model import compute_position_id_with_mask
+    from verl.utils.tensordict_utils import list_of_dict_to_tensordict
+
+    fields, tags = [], []
+    for row, (sample, server_fields, rollout_row) in enumerate(zip(samples, extra, rollout, strict=True)):
+        output = AgentLoopOutput(
+            prompt_ids=sample.prompt, response_ids=sample.response, response_mask=sample.response_mask,
+            response_logprobs=rollout_row, reward_score=float(row % 2), num_turns=2, metrics=AgentLoopMetrics(),
+            extra_fields={"min_global_steps": version, "max_global_steps": version, "reward_extra_info": {},
+                          **server_fields},
+        )
+        field = output.as_dict()
+        field.update(uid=sample.key.split("_")[0], session_id=0, global_steps=version + 1, index=row)
+        input_ids = torch.cat([field["prompts"], field["responses"]])
+        field.update(loss_mask=field["response_mask"], input_ids=input_ids, multi_modal_inputs={},
+                     position_ids=compute_position_id_with_mask(torch.ones_like(input_ids)[None])[0])
+        fields.append(field)
+        tags.append({"status": "success", "prompt_len": len(sample.prompt), "response_len": len(sample.response),
+                     "seq_len": len(input_ids), "global_steps": version + 1,
+                     "min_global_steps": version, "max_global_steps": version})
+    keys = [s.key for s in samples]
+    asyncio.run(tq.async_kv_batch_put(keys=keys, fields=list_of_dict_to_tensordict(fields), tags=tags,
+                                      partition_id=PARTITION))
+    listed = tq.kv_list(PARTITION)[PARTITION]
+    return KVBatchMeta(partition_id=PARTITION, keys=keys, tags=[listed[k] for k in keys])
+
+
+def scored_batch(tq, url: str, samples: list[Sample], temperature: float):
+    results = score(url, samples, temperature)
+    batch = put_like_agent_loop(tq, samples, [sf.result_fields(r) for r in results], rollout_log_probs(results))
+    return batch, results
+
+
+def written(tq, batch, *names: str) -> dict[str, torch.Tensor]:
+    """What the step wrote, as verl's later steps read it: nested, then padded with zeros."""
+    data = tq.kv_batch_get(keys=batch.keys, partition_id=batch.partition_id, select_fields=list(names))
+    for name in names:
+        assert data[name].is_nested and data[name].dtype == torch.float32, name
+    return {name: data[name].to_padded_tensor(0) for name in names}
+
+
+def verl_recompute(worker, samples: list[Sample], temperature: float) -> tuple[torch.Tensor, torch.Tensor]:
+    return recompute(worker, left_right_batch([s.prompt for s in samples], [s.response for s in samples]), temperature)
+
+
+def assert_zero_past_responses(values: torch.Tensor, samples: list[Sample]) -> None:
+    for row, sample in enumerate(samples):
+        assert torch.count_nonzero(values[row, len(sample.response):]) == 0
+
+
+def max_diff(got: torch.Tensor, expected: torch.Tensor, rows: int) -> float:
+    width = expected.shape[1]
+    return float((got[:rows, :width] - expected).abs().max())
+
+
+class InProcessActorGroup:
+    """The actor worker group's calls that verl's recompute makes, on one in-process verl
+    `TrainingWorker` (see the module docstring)."""
+
+    def __init__(self, worker) -> None:
+        self.worker = worker
+        self.calls: list[tuple[str, int]] = []
+
+    def compute_log_prob(self, batch):
+        return self.worker.infer_batch(batch)  # verl's @register wraps it in the TransferQueue bridge
+
+    def save_model_to_cpu(self, n: int) -> None:
+        self.calls.append(("save_model_to_cpu", n))
+
+    def restore_model_from_cpu(self, n: int) -> None:
+        self.calls.append(("restore_model_from_cpu", n))
+
+    def clear_cpu_model(self, n: int) -> None:
+        self.calls.append(("clear_cpu_model", n))
+
+
+# ---------------------------------------------------------------- exactness
+@pytest.mark.parametrize("temperature", [1.0, 0.7])
+def test_old_log_probs_and_entropy_equal_verls_own_recompute(transfer_queue, server, verl_config, worker, temperature):
+    from verl.trainer.ppo.core_algos import agg_loss
+    from verl.trainer.ppo.padding_utils import upsample_batch_to_divisible_size
+
+    samples = make_samples(f"exact{int(temperature * 10)}", seed=int(temperature * 10))
+    batch, _ = scored_batch(transfer_queue, server.url, samples, temperature)
+    # what _balance_batch does first: verl's synthetic padding samples up to a multiple of 4
+    batch = upsample_batch_to_divisible_size(batch, 4, eos_token_id=2)
+    assert len(batch) == 8
+    trainer = trainer_for(verl_config, server.url, temperature, on_missing="fail", on_stale="fail")
+    metrics: dict[str, Any] = {}
+    trainer._compute_old_log_prob(batch, metrics)
+
+    got = written(transfer_queue, batch, "old_log_probs", "entropy")
+    expected_log_probs, expected_entropy = verl_recompute(worker, samples, temperature)
+    n = len(samples)
+    diffs = max_diff(got["old_log_probs"], expected_log_probs, n), max_diff(got["entropy"], expected_entropy, n)
+    print(f"T={temperature}: max |server - verl TrainingWorker| log-probs {diffs[0]:.2e}, entropy {diffs[1]:.2e}")
+    assert max(diffs) <= TOLERANCE
+    assert_zero_past_responses(got["old_log_probs"], samples)
+    assert_zero_past_responses(got["entropy"], samples)
+    assert torch.count_nonzero(got["old_log_probs"][n:]) == 0 and torch.count_nonzero(got["entropy"][n:]) == 0
+
+    mask = left_right_batch([s.prompt for s in samples], [s.response for s in samples])["response_mask"]
+    mask[2, 4:8] = 0  # the tool span of sample 2
+    expected_agg = agg_loss(loss_mat=expected_entropy, loss_mask=mask, loss_agg_mode="token-mean").item()
+    assert metrics["actor/entropy"] == pytest.approx(expected_agg, abs=TOLERANCE)
+    assert metrics["training/rollout_probs_diff_valid"] == 1
+    assert metrics["model_engine_server/samples_from_server"] == n
+    assert metrics["model_engine_server/fraction_from_server"] == 1.0
+    assert metrics["model_engine_server/weight_version_lag_max"] == 0
+    assert metrics["model_engine_server/rollout_vs_server/log_prob_abs_diff_max"] == pytest.approx(0.03, abs=1e-6)
+
+    # verl's next step consumes what was written: rollout correction (decoupled) and advantages
+    trainer._compute_advantage(batch, metrics)
+    assert written(transfer_queue, batch, "advantages")["advantages"].shape == (8, max(len(s.response) for s in samples))
+    assert "rollout_corr/log_ppl_diff" in metrics
+
+
+def test_ref_log_prob_from_the_servers_reference_equals_verls_recompute(transfer_queue, server, verl_config, worker):
+    samples = make_samples("ref", seed=3)
+    batch, _ = scored_batch(transfer_queue, server.url, samples, 1.0)
+    trainer = trainer_for(verl_config, server.url, score_ref=True, on_missing="fail")
+    metrics: dict[str, Any] = {}
+    trainer._compute_ref_log_prob(batch, metrics)
+    got = written(transfer_queue, batch, "ref_log_prob")["ref_log_prob"]
+    expected, _ = verl_recompute(worker, samples, 1.0)  # the reference is the initial checkpoint
+    assert max_diff(got, expected, len(samples)) <= TOLERANCE
+    assert_zero_past_responses(got, samples)
+    assert metrics["model_engine_server/ref/samples_from_server"] == len(samples)
+
+
+# ---------------------------------------------------------------- rules
+def test_a_missing_sample_fails_naming_it(transfer_queue, server, verl_config):
+    samples = make_samples("missing", seed=4)
+    results = score(server.url, samples, 1.0)
+    extra = [sf.result_fields(r) for r in results]
+    extra[1] = sf.error_fields("WorkerFailed: the server was restarting")
+    batch = put_like_agent_loop(transfer_queue, samples, extra, rollout_log_probs(results))
+    trainer = trainer_for(verl_config, server.url, on_missing="fail")
+    with pytest.raises(sf.ServerLogProbsUnusable, match=rf"{samples[1].key}: not scored \(WorkerFailed: the server was restarting\)"):
+        trainer._compute_old_log_prob(batch, {})
+
+
+def test_a_missing_reference_fails_naming_it(transfer_queue, server, verl_config):
+    samples = make_samples("noref", seed=5)
+    results = score(server.url, samples, 1.0)
+    extra = [sf.result_fields(r) for r in results]
+    extra[3][sf.REF_LOG_PROBS] = None
+    batch = put_like_agent_loop(transfer_queue, samples, extra, rollout_log_probs(results))
+    trainer = trainer_for(verl_config, server.url, score_ref=True, on_missing="fail")
+    with pytest.raises(sf.ServerLogProbsUnusable, match=rf"{samples[3].key}: no server reference log-probs"):
+        trainer._compute_ref_log_prob(batch, {})
+
+
+def test_a_missing_sample_is_recomputed_by_verls_own_path(transfer_queue, server, verl_config, worker):
+    samples = make_samples("recompute", seed=6)
+    results = score(server.url, samples, 1.0)
+    extra = [sf.result_fields(r) for r in results]
+    extra[2] = sf.error_fields("DeadlineExceeded: no answer within 600 s")
+    batch = put_like_agent_loop(transfer_queue, samples, extra, rollout_log_probs(results))
+    trainer = trainer_for(verl_config, server.url, on_missing="recompute")
+    trainer.actor_rollout_wg = InProcessActorGroup(worker)
+    trainer.local_trigger_step = 0
+    metrics: dict[str, Any] = {}
+    trainer._compute_old_log_prob(batch, metrics)
+
+    got = written(transfer_queue, batch, "old_log_probs", "entropy")
+    expected_log_probs, expected_entropy = verl_recompute(worker, samples, 1.0)
+    assert max_diff(got["old_log_probs"], expected_log_probs, len(samples)) <= TOLERANCE
+    assert max_diff(got["entropy"], expected_entropy, len(samples)) <= TOLERANCE
+    for row in (0, 1, 3, 4):  # the server's numbers, unchanged, for every row it scored
+        assert torch.equal(got["old_log_probs"][row, : len(samples[row].response)], torch.from_numpy(results[row].log_probs))
+    assert trainer.actor_rollout_wg.calls == [("save_model_to_cpu", 0)]  # π_old is the current weights at step 0
+    assert metrics["model_engine_server/samples_recomputed"] == 1
+    assert metrics["model_engine_server/samples_from_server"] == 4
+
+
+def test_a_missing_sample_is_rescored_on_the_server(transfer_queue, server, verl_config, worker):
+    samples = make_samples("rescore", seed=7)
+    results = score(server.url, samples, 0.7)
+    extra = [sf.result_fields(r) for r in results]
+    extra[0] = sf.error_fields("Overloaded: queue full")
+    batch = put_like_agent_loop(transfer_queue, samples, extra, rollout_log_probs(results))
+    trainer = trainer_for(verl_config, server.url, temperature=0.7, on_missing="rescore")
+    metrics: dict[str, Any] = {}
+    trainer._compute_old_log_prob(batch, metrics)
+    got = written(transfer_queue, batch, "old_log_probs", "entropy")
+    expected_log_probs, expected_entropy = verl_recompute(worker, samples, 0.7)
+    assert max_diff(got["old_log_probs"], expected_log_probs, len(samples)) <= TOLERANCE
+    assert max_diff(got["entropy"], expected_entropy, len(samples)) <= TOLERANCE
+    assert metrics["model_engine_server/samples_rescored"] == 1
+
+
+def test_stale_samples_are_accepted_or_fail_as_configured(transfer_queue, server, verl_config):
+    samples = make_samples("stale", seed=8)
+    batch, results = scored_batch(transfer_queue, server.url, samples, 1.0)  # scored under version 0
+    # step 2: π_old is the weights verl synced after step 1, version 1
+    with pytest.raises(sf.ServerLogProbsUnusable, match=rf"{samples[0].key}: scored under weight version 0, the old policy is version 1"):
+        trainer_for(verl_config, server.url, global_steps=2, on_stale="fail")._compute_old_log_prob(batch, {})
+
+    metrics: dict[str, Any] = {}
+    trainer_for(verl_config, server.url, global_steps=2, on_stale="accept")._compute_old_log_prob(batch, metrics)
+    got = written(transfer_queue, batch, "old_log_probs")["old_log_probs"]
+    for row, result in enumerate(results):
+        assert torch.equal(got[row, : len(result.log_probs)], torch.from_numpy(result.log_probs))
+    assert metrics["model_engine_server/samples_accepted_stale"] == len(samples)
+    assert metrics["model_engine_server/weight_version_lag_max"] == 1
+
+    metrics = {}  # within max_version_lag a sample counts as current
+    trainer_for(verl_config, server.url, global_steps=2, on_stale="fail", max_version_lag=1)._compute_old_log_prob(batch, metrics)
+    assert metrics["model_engine_server/samples_from_server"] == len(samples)
+
+
+def test_stale_samples_are_rescored_at_the_old_policys_version(transfer_queue, verl_config, tiny_model):
+    """The server moves to version 1 (the weights after step 1); samples scored at version 0 are
+    rescored there, and what the trainer writes is the new weights' log-probs."""
+    samples = make_samples("stalerescore", seed=9)
+    new_weights = perturbed_weights(dict(reference_model(tiny_model).named_parameters()), seed=21, scale=0.05)
+    with ServerThread(build_serving(server_config(tiny_model)).app) as fresh:
+        batch, stale = scored_batch(transfer_queue, fresh.url, samples, 1.0)
+        with SyncHttpLogProbClient(fresh.url, admin_token=TOKEN) as admin:
+            admin.update_weights(((name, t.detach()) for name, t in new_weights.items()), version=1)
+        metrics: dict[str, Any] = {}
+        trainer_for(verl_config, fresh.url, global_steps=2, on_stale="rescore")._compute_old_log_prob(batch, metrics)
+    got = written(transfer_queue, batch, "old_log_probs", "entropy")
+    model = reference_model(tiny_model)
+    model.load_state_dict({**model.state_dict(), **new_weights})
+    for row, sample in enumerate(samples):
+        expected, expected_entropy = reference_log_probs(model, sample.request(1.0))
+        n = len(sample.response)
+        torch.testing.assert_close(got["old_log_probs"][row, :n], expected, atol=TOLERANCE, rtol=0)
+        torch.testing.assert_close(got["entropy"][row, :n], expected_entropy, atol=TOLERANCE, rtol=0)
+    assert float((got["old_log_probs"][0, :9] - torch.from_numpy(stale[0].log_probs)).abs().max()) > 1e-3
+    assert metrics["model_engine_server/samples_rescored"] == len(samples)
+    assert metrics["model_engine_server/weight_version_lag_max"] == 0
+
+
+def test_a_rescore_the_server_cannot_answer_in_time_fails_naming_the_samples(transfer_queue, server, verl_config):
+    samples = make_samples("never", seed=10)
+    batch, _ = scored_batch(transfer_queue, server.url, samples, 1.0)
+    # step 6: π_old is version 5, which this server never reaches
+    trainer = trainer_for(verl_config, server.url, global_steps=6, on_stale="rescore", timeout_s=1.0)
+    with pytest.raises(sf.ServerLogProbsUnusable, match=rf"{samples[0].key}: rescoring failed: DeadlineExceeded"):
+        trainer._compute_old_log_prob(batch, {})
+
+    unreachable = trainer_for(verl_config, "http://127.0.0.1:9", global_steps=6, on_stale="rescore", timeout_s=1.0)
+    with pytest.raises(sf.ServerLogProbsUnusable, match=rf"could not rescore 5 samples.*{samples[4].key}"):
+        unreachable._compute_old_log_prob(batch, {})
+
+
+# ---------------------------------------------------------------- configuration
+def test_bypass_mode_is_refused_and_an_instance_in_bypass_keeps_verls_path(transfer_queue, server, verl_config):
+    from omegaconf import OmegaConf, open_dict
+
+    from clients.verl.trainer_v1 import PPOTrainerModelEngineServer
+
+    bypass = OmegaConf.create(OmegaConf.to_container(verl_config))
+    bypass.algorithm.rollout_correction.bypass_mode = True
+    with pytest.raises(ValueError, match="bypass_mode=False"):
+        PPOTrainerModelEngineServer(bypass)
+
+    samples = make_samples("bypass", seed=11)
+    batch, results = scored_batch(transfer_queue, server.url, samples, 1.0)
+    trainer = trainer_for(verl_config, server.url)
+    with open_dict(trainer.config):
+        trainer.config.algorithm.rollout_correction.bypass_mode = True
+    trainer._compute_old_log_prob(batch, {})
+    got = written(transfer_queue, batch, "old_log_probs")["old_log_probs"]
+    for row, rollout in enumerate(rollout_log_probs(results)):  # verl's bypass: π_old = the rollout's numbers
+        assert torch.equal(got[row, : len(rollout)], torch.tensor(rollout, dtype=torch.float32))
+
+
+def test_the_mode_reads_its_settings_from_separate_async(verl_config):
+    from omegaconf import OmegaConf, open_dict
+
+    from clients.verl.trainer_v1 import PPOTrainerModelEngineServer
+
+    from model_engine_server.config.trainer_side import TrainerSideConfig
+
+    assert sf.trainer_side_config(verl_config) == TrainerSideConfig()  # no section: the defaults
+    trainer = trainer_for(verl_config, "http://127.0.0.1:9")
+    assert trainer.server_rules.address == "http://127.0.0.1:9"
+    assert trainer.parameter_sync_step == verl_config.trainer.v1.separate_async.parameter_sync_step == 4
+    assert trainer.config.trainer.v1.model_engine_server == verl_config.trainer.v1.separate_async
+
+    conflicting = OmegaConf.create(OmegaConf.to_container(verl_config))
+    with open_dict(conflicting):
+        conflicting.trainer.v1.model_engine_server = {"parameter_sync_step": 2}
+    with pytest.raises(ValueError, match="trainer.v1.separate_async"):
+        PPOTrainerModelEngineServer(conflicting)
+
+    typo = OmegaConf.create(OmegaConf.to_container(verl_config))
+    with open_dict(typo):
+        typo[SECTION] = {"trainer": {"on_stale": "ignore"}}
+    with pytest.raises(ValueError, match="model_engine_server.trainer"):
+        PPOTrainerModelEngineServer(typo)
+
+
+# ---------------------------------------------------------------- the plugin, in fresh interpreters
+PLUGIN_CHECK = """
+import sys
+import verl
+assert "clients.verl.plugin" in sys.modules, "the plugin was not loaded by import verl"
+assert "clients.verl.trainer_v1" not in sys.modules, "the trainer was imported eagerly"
+from verl.plugin.platform.platform_manager import PlatformRegistry
+assert PlatformRegistry.get("cpu") is not None
+from verl.trainer.ppo.v1 import get_trainer_cls
+from clients.verl.trainer_v1 import PPOTrainerModelEngineServer
+assert get_trainer_cls("model_engine_server") is PPOTrainerModelEngineServer
+import verl.trainer.ppo.v1 as v1
+assert type(v1.__loader__).__name__ == "SourceFileLoader"
+print("registered")
+"""
+
+
+def test_import_verl_registers_the_trainer_mode_through_the_plugin(tmp_path):
+    """Through the installed entry point, and through VERL_USE_EXTERNAL_MODULES with entry
+    points off; in both, from a folder outside the repository, as a Ray worker would."""
+    base = {**os.environ, "VERL_PLATFORM": "cpu", "PYTHONPATH": ""}
+    envs = {
+        "entry point": base,
+        "VERL_USE_EXTERNAL_MODULES": {**base, "VERL_USE_EXTERNAL_PLUGINS": "none",
+                                      "VERL_USE_EXTERNAL_MODULES": "clients.verl.plugin"},
+    }
+    runs = {name: subprocess.Popen([sys.executable, "-c", PLUGIN_CHECK], env=env, cwd=tmp_path, text=True,
+                                   stdout=subprocess.PIPE, stderr=subprocess.PIPE) for name, env in envs.items()}
+    agent_loop_present = (ROOT / "clients" / "verl" / "agent_loop.py").is_file()
+    for name, run in runs.items():
+        stdout, stderr = run.communicate(timeout=240)
+        assert run.returncode == 0 and "registered" in stdout, f"{name}:\n{stderr[-3000:]}"
+        # our agent loop registers once verl's agent-loop package loads (the trainer imports it);
+        # when it cannot, the plugin says so itself
+        warned = "clients.verl.agent_loop was not registered" in stderr
+        assert warned != agent_loop_present, f"{name}:\n{stderr[-3000:]}"
+
+    off = subprocess.run([sys.executable, "-c", "import sys, verl; print('clients.verl.plugin' in sys.modules)"],
+                         env={**base, "VERL_USE_EXTERNAL_PLUGINS": "none"}, cwd=tmp_path, text=True,
+                         capture_output=True, timeout=240)
+    assert off.stdout.strip() == "False", off.stderr[-3000:]
