@@ -10,7 +10,8 @@ what cannot run on this machine, each the smallest thing verl's code calls:
 - `InProcessWorkerGroup`: a one-rank `RayWorkerGroup` (a Ray cluster with GPU bundles and a
   worker process per rank cannot start here). It forwards the trainer's calls to a real
   `DetachActorWorker` (verl's fully-async actor worker) built in this process on our CPU
-  platform, as a one-rank group's dispatch would.
+  platform, as a one-rank group's dispatch would (copying what `save_model_to_cpu` keeps, which on
+  a CPU machine would otherwise alias the live weights).
 
 The tokenizer: verl pads with the model's tokenizer and builds prompts with its chat template,
 so a byte-level tokenizer with a Qwen-style chat template is saved next to the tiny model.
@@ -164,7 +165,11 @@ class InProcessWorkerGroup:
         return self._call("compute_ref_log_prob", data)
 
     def save_model_to_cpu(self, n: int) -> None:
+        """On a CPU machine the FSDP2 save's `.cpu()` returns the live shard itself, so the saved
+        copy would follow every later update; copy it, as the device-to-host move does on a GPU."""
         self._call("save_model_to_cpu", n)
+        state, spec = self.worker.cpu_saved_models[n]
+        self.worker.cpu_saved_models[n] = ({name: (t.clone(), s) for name, (t, s) in state.items()}, spec)
 
     def restore_model_from_cpu(self, n: int) -> None:
         self._call("restore_model_from_cpu", n)

@@ -28,7 +28,9 @@ when verl resumes from `global_step_N`). A sample scored under another version (
 
 Rules (`model_engine_server.trainer:`, via `server_fields.plan_batch`): `recompute` runs verl's
 own path (its save/restore recompute) over the batch and takes its values for the flagged rows
-only; `rescore` scores the flagged rows again on the server with
+only (that path needs the cycle's old weights saved at local step 1: while a rule can say
+`recompute` and `trigger_parameter_sync_step > 1`, they are saved once per cycle, at step 1;
+`on_missing: rescore` with `on_stale` other than `recompute` copies no weights at all); `rescore` scores the flagged rows again on the server with
 `min_weight_version=old_version` (the server waits until it holds that version, bounded by
 `timeout_s`), and any failure raises naming the samples; `accept` keeps a stale sample's
 numbers; `fail` raises `ServerLogProbsUnusable` naming the samples (uid and row).
@@ -113,6 +115,7 @@ class ServerLogProbFullyAsyncTrainer(VerlFullyAsyncTrainer):
         old_version = self.old_policy_version
         plan = sf.plan_batch(columns.samples, columns.response_lengths, old_version, self.server_rules, columns.names)
         self._warn_if_nothing_scored(plan, columns)
+        self._keep_old_policy_for_later_recomputes(plan)
         log_probs = columns.padded("log_probs", plan.use_server)
         entropy = columns.padded("entropy", plan.use_server)
         versions = {row: columns.samples[row].version for row in plan.use_server}
@@ -128,6 +131,17 @@ class ServerLogProbFullyAsyncTrainer(VerlFullyAsyncTrainer):
             entropy = sf.overlay_rows(entropy, recomputed.batch["entropys"], plan.recompute)
         self.metrics.update(self._metrics(batch, plan, versions, old_version, log_probs, entropy))
         return DataProto.from_dict(tensors={"old_log_probs": log_probs, "entropys": entropy}), mfu
+
+    def _keep_old_policy_for_later_recomputes(self, plan: sf.Plan) -> None:
+        """verl's recompute at local step k > 1 restores the weights saved at step 1 of the sync
+        cycle (`save_model_to_cpu(1)`), which its own path saves only when step 1 recomputes. When
+        step 1 needs no recompute but a later step of the cycle may (the rules can say
+        `recompute`), save them here as verl would have: once per cycle, where verl copies at
+        every step. Without it a later recompute would silently use the updated weights (or the
+        snapshot of an earlier cycle)."""
+        may_recompute = "recompute" in (self.server_rules.on_missing, self.server_rules.on_stale)
+        if self.local_trigger_step == 1 and self.trigger_parameter_sync_step > 1 and may_recompute and not plan.recompute:
+            self.actor_rollout_wg.save_model_to_cpu(1)
 
     # ---------------------------------------------------------------- reference
     def _compute_ref_log_prob(self, batch: DataProto) -> DataProto:
