@@ -140,6 +140,8 @@ class ModelEngineWorker:
 
     def _describe(self, dist_backend: str, tensor_parallel_size: int, data_parallel_size: int) -> WorkerInfo:
         context = ray.get_runtime_context() if ray.is_initialized() else None
+        if context is not None and context.get_actor_id() is None:
+            context = None  # a worker object in the driver (tests): no actor, no assigned resources
         default_dp_rank = default_data_parallel_rank(self.rank, tensor_parallel_size, data_parallel_size)
         engine = self._ready_engine()
         return WorkerInfo(
