@@ -70,16 +70,10 @@ VerlFullyAsyncTrainer = FullyAsyncTrainer.__ray_actor_class__
 TRAINER_ACTOR_OPTIONS = {"num_cpus": 10}  # what verl's @ray.remote asks for its trainer
 
 
-def bypass_mode(config: DictConfig) -> bool:
-    """verl's own test of `algorithm.rollout_correction.bypass_mode` (π_old = rollout log-probs)."""
-    rollout_correction = config.algorithm.get("rollout_correction", None)
-    return bool(rollout_correction and rollout_correction.get("bypass_mode", False))
-
-
 def check_trainer_config(config: DictConfig) -> TrainerSideConfig:
     """Refuse settings under which the server's numbers would be ignored or not enough; returns
     the `model_engine_server.trainer` rules."""
-    if bypass_mode(config):
+    if sf.bypass_mode(config):
         raise ValueError(
             "this trainer takes π_old from the server, which only decoupled PPO computes; "
             "algorithm.rollout_correction.bypass_mode=True trains on the rollout log-probs and never asks for it. "

@@ -292,3 +292,10 @@ def rescored_results(
             f"(model_engine_server.trainer.timeout_s={config.timeout_s:g}): " + _describe(failed, reasons, names)
         )
     return results
+
+
+def bypass_mode(training_config: Any) -> bool:
+    """verl's test of `algorithm.rollout_correction.bypass_mode`: π_old = the rollout's own
+    log-probs, so verl never asks for π_old and our trainers refuse to start."""
+    rollout_correction = training_config.algorithm.get("rollout_correction", None)
+    return bool(rollout_correction and rollout_correction.get("bypass_mode", False))

@@ -67,15 +67,9 @@ SETTINGS_MODE = "separate_async"  # where the parent class reads this mode's sch
 
 
 # ---------------------------------------------------------------- configuration
-def bypass_mode(config: DictConfig) -> bool:
-    """verl's own test of `algorithm.rollout_correction.bypass_mode` (π_old = rollout log-probs)."""
-    rollout_correction = config.algorithm.get("rollout_correction", None)
-    return bool(rollout_correction and rollout_correction.get("bypass_mode", False))
-
-
 def check_mode_config(config: DictConfig) -> TrainerSideConfig:
     """Refuse what this mode cannot mean; returns the parsed `model_engine_server.trainer` rules."""
-    if bypass_mode(config):
+    if sf.bypass_mode(config):
         raise ValueError(
             f"trainer.v1.trainer_mode={TRAINER_MODE} takes π_old from the server, which only decoupled PPO uses; "
             "algorithm.rollout_correction.bypass_mode=True trains on the rollout log-probs and would ignore the "
@@ -250,7 +244,7 @@ class PPOTrainerModelEngineServer(PPOTrainerSeparateAsync):
     # ------------------------------------------------------------ old log-probs
     def _compute_old_log_prob(self, batch: KVBatchMeta, metrics: dict) -> KVBatchMeta:
         """π_old from the server; rows without usable numbers follow the configured rule."""
-        if bypass_mode(self.config):
+        if sf.bypass_mode(self.config):
             return super()._compute_old_log_prob(batch, metrics)
         rules, old_version = self.server_rules, self.old_policy_version
         with_rollout = bool(self.config.actor_rollout_ref.rollout.calculate_log_probs)
