@@ -6,8 +6,9 @@
   sync left in the engines, and returns the receiver count. A second `begin` while one is open
   is refused at once.
 - Weights reach the engines only inside an open session: `load` / `deliver` (tensors through
-  the executor) and `receive` (a transport streaming into every participant, each reporting
-  what it loaded). Anything else is refused.
+  the executor), `receive` (a transport streaming into every participant, each reporting
+  what it loaded) and `admit` / `record` (a stream someone else drives into each participant,
+  which reports what it loaded). Anything else is refused.
 - `commit(version)` serves the version only if every participant recorded every expected name;
   otherwise it aborts with a reason naming what is missing and raises.
 - `abort(reason)` (also on the deadline): if any delivery began, the weights are incomplete and
@@ -116,6 +117,16 @@ class WeightUpdates:
         if standalone and reason is not None:
             await self.abort(f"sync to version {version} failed: {reason}")
         return reports
+
+    def admit(self, version: int) -> None:
+        """A participant is about to receive a stream this server does not drive (verl's
+        checkpoint engine calls each worker itself): from here on an abort cannot trust the old
+        weights. Refused when no update to `version` is open."""
+        self.state.current(version).start_delivery()
+
+    def record(self, participant: str, names: Iterable[str], version: int) -> None:
+        """What `participant` loaded of such a stream; commit decides completeness from it."""
+        self.state.current(version).record(participant, names)
 
     def _check_still_open(self, session: WeightSession) -> None:
         if self.state.session is not session:

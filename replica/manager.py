@@ -29,6 +29,7 @@ from model_engine_server.service import gather_outcomes
 from replica.config import ReplicaConfig
 from replica.manager_weights import ManagerWeightUpdates
 from replica.replica import ModelEngineReplica
+from replica.worker_driven import WorkerDrivenUpdates
 
 logger = logging.getLogger(__name__)
 
@@ -45,6 +46,7 @@ class ReplicaManager:
             self.replicas, self._routable, self._no_replica_error, config.initial_weight_version,
             config.scheduler.weight_update_timeout_s, config.weight_bucket_mb << 20,
         )
+        self.worker_driven = WorkerDrivenUpdates(self.updates, self.replicas, self._routable, self)
         self.outstanding_tokens = [0] * config.num_replicas
         self.routed_requests = [0] * config.num_replicas
         self.retried_requests = 0
@@ -241,6 +243,23 @@ class ReplicaManager:
 
     async def update_weights(self, named_tensors: Iterable[tuple[str, torch.Tensor]], version: int) -> int:
         return await self.updates.update(named_tensors, version)
+
+    async def hold_for_worker_update(self) -> None:
+        """verl's `abort_all_requests`: pause for its sync (`worker_driven.py`)."""
+        await self.worker_driven.hold()
+
+    async def release_after_worker_update(self) -> None:
+        """verl's `resume_generation`: resume, if the sync's hold paused serving."""
+        await self.worker_driven.release()
+
+    async def join_worker_update(self, version: int, replica_index: int, rank: int) -> bool:
+        """A worker handed a stream by verl's checkpoint engine waits for the update to open
+        (`worker_driven.py`); False: `version` is already served, it loads nothing."""
+        return await self.worker_driven.join(version, replica_index, rank)
+
+    async def report_worker_update(self, version: int, replica_index: int, rank: int, report: ReceiveReport) -> None:
+        """What that worker loaded; returns once the update committed, else raises why not."""
+        await self.worker_driven.report(version, replica_index, rank, report)
 
     async def weight_layout(self) -> tuple[ModelInfo, dict[str, WeightSpec]]:
         """What every replica serves (they are copies): a live replica's layout."""

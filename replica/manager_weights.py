@@ -28,7 +28,7 @@ logger = logging.getLogger(__name__)
 
 
 @dataclass(eq=False)
-class _OpenUpdate:
+class OpenUpdate:
     """The manager's view of one update: which replicas take part and how many receive on each."""
 
     version: int
@@ -37,6 +37,9 @@ class _OpenUpdate:
     ready: bool = False  # every participant began (drained)
     holds_lock: bool = False
     deadline: asyncio.TimerHandle | None = None
+    committed: bool = False
+    reason: str | None = None  # why it aborted
+    closed: asyncio.Event = field(default_factory=asyncio.Event)  # set once committed or aborted
 
     def drop(self, replica: ModelEngineReplica) -> None:
         """A participant that died leaves the update (it restarts and copies from a peer)."""
@@ -63,7 +66,7 @@ class ManagerWeightUpdates:
         self.timeout_s = timeout_s
         self.bucket_bytes = bucket_bytes
         self.lock = asyncio.Lock()  # held by an open update, and by a restart's weight copy
-        self.update_open: _OpenUpdate | None = None
+        self.update_open: OpenUpdate | None = None
         self._background: set[asyncio.Task[None]] = set()
 
     @property
@@ -78,7 +81,7 @@ class ManagerWeightUpdates:
             raise WeightSyncError(
                 f"a weight update to version {self.update_open.version} is already in progress; commit or abort it first"
             )
-        update = self.update_open = _OpenUpdate(version)
+        update = self.update_open = OpenUpdate(version)
         try:
             await self.lock.acquire()  # waits only for a restart's weight copy
         except BaseException:
@@ -110,7 +113,7 @@ class ManagerWeightUpdates:
         update.ready = True
         return sum(update.receivers)
 
-    def _arm_update_deadline(self, update: "_OpenUpdate") -> None:
+    def _arm_update_deadline(self, update: "OpenUpdate") -> None:
         """A publisher that vanishes after begin must not hold the weight lock forever (every later
         update refused, restarts blocked): past `weight_update_timeout_s` the update is aborted."""
         timeout_s = self.timeout_s
@@ -126,7 +129,7 @@ class ManagerWeightUpdates:
 
         update.deadline = loop.call_later(timeout_s, expire)
 
-    def _open_update(self, version: int | None = None) -> "_OpenUpdate":
+    def _open_update(self, version: int | None = None) -> "OpenUpdate":
         update = self.update_open
         if update is None or not update.ready:
             raise WeightSyncError("no weight update is open: begin one (with its version) before sending weights")
@@ -202,6 +205,7 @@ class ManagerWeightUpdates:
             await asyncio.shield(self._abort(update, str(error) or type(error).__name__))
             raise
         self.version = version
+        update.committed = True
         self._finish_update(update)
 
     async def abort(self, reason: str) -> None:
@@ -210,15 +214,17 @@ class ManagerWeightUpdates:
         if self.update_open is not None:
             await self._abort(self.update_open, reason)
 
-    async def _abort(self, update: "_OpenUpdate", reason: str) -> None:
+    async def _abort(self, update: "OpenUpdate", reason: str) -> None:
         """Abort `update` only: the late tail of an update the deadline already closed must not
         abort the next one."""
         if self.update_open is not update:
             return
+        update.reason = reason
         await asyncio.gather(*(r.abort_weight_update(reason) for r in update.participants), return_exceptions=True)
         self._finish_update(update)
 
-    def _finish_update(self, update: "_OpenUpdate") -> None:
+    def _finish_update(self, update: "OpenUpdate") -> None:
+        update.closed.set()
         if update.deadline is not None:
             update.deadline.cancel()
         if self.update_open is update:

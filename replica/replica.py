@@ -30,7 +30,7 @@ from model_engine_server.scheduler import ModelEngineServer
 from model_engine_server.scheduler_state import SchedulerObserver
 from model_engine_server.service import gather_outcomes
 from replica.config import ReplicaConfig
-from replica.executor import RayWorkerExecutor
+from replica.executor import RayWorkerExecutor, participant_name
 from replica.placement import ReplicaPlacement, reserve_replica_gpus
 from replica.worker import WorkerInfo, worker_actor_class
 
@@ -245,6 +245,15 @@ class ModelEngineReplica:
         """This replica's workers receive one transport stream as ranks `first_rank..`; what each
         loaded is recorded into the update session (the caller settles failures)."""
         return await self._server().receive_weights(spec, version, first_rank)
+
+    def admit_worker_delivery(self, version: int) -> None:
+        """This replica's workers are about to load a stream someone else drives into them
+        (verl's checkpoint engine, `replica.worker_driven`): the open update counts as touched."""
+        self._server().updates.admit(version)
+
+    def record_worker_delivery(self, rank: int, names: Sequence[str], version: int) -> None:
+        """What worker `rank` loaded of such a stream, recorded as that participant's."""
+        self._server().updates.record(participant_name(rank), names, version)
 
     async def weight_layout(self) -> tuple[ModelInfo, dict[str, WeightSpec]]:
         return await self._server().weight_layout()

@@ -17,7 +17,7 @@ from typing import Any, Sequence
 import ray
 import torch
 
-from checkpoint_transport.spec import TransportSpec
+from checkpoint_transport.spec import ReceiveReport, TransportSpec
 from model_engine_server.config import ServerConfig
 from model_engine_server.launch import build_service, weight_roots_for
 from model_engine_server.protocol import LogProbRequest, outcome_to_wire
@@ -105,6 +105,24 @@ class LogProbServiceActor:
     async def worker_handles(self, replica_index: int) -> list[Any]:
         """The worker actor handles of one replica, by rank (operations and fault drills)."""
         return list(self._manager().replicas[replica_index].workers)
+
+    # ---------------------------------------------------------------- syncs the workers are handed (`replica.worker_driven`)
+    async def hold_for_worker_update(self) -> None:
+        """Pause for a sync verl's checkpoint engine drives (running batches finish, new requests wait)."""
+        await self._manager().hold_for_worker_update()
+
+    async def release_after_worker_update(self) -> None:
+        """Resume after it (a failed one resumes by itself)."""
+        await self._manager().release_after_worker_update()
+
+    async def join_worker_update(self, version: int, replica_index: int, rank: int) -> bool:
+        """Called by a replica worker that verl's checkpoint engine is about to stream `version`
+        into: waits until the update is open; False means the version is already served."""
+        return await self._manager().join_worker_update(version, replica_index, rank)
+
+    async def report_worker_update(self, version: int, replica_index: int, rank: int, report: dict[str, Any]) -> None:
+        """That worker's receive report; returns once the update committed, else raises why not."""
+        await self._manager().report_worker_update(version, replica_index, rank, ReceiveReport.from_dict(report))
 
     async def shutdown(self, drain: bool = True, timeout_s: float = 30.0) -> None:
         await self.service.shutdown(drain, timeout_s)

@@ -8,7 +8,8 @@ process group initialised with world size = tp x pp x dp and plugs in unchanged.
 
 The actor runs scoring and weight loads in its default concurrency group, one call at a time
 (a weight load never overlaps a forward), and ping/health/shutdown in a `control` group, so a
-health check is answered even while a long batch runs.
+health check is answered even while a long batch runs. The calls verl's checkpoint engine makes
+on a rollout worker (`execute_checkpoint_engine`, `update_weights`) run in the default group too.
 
 Two properties of the `Engine` describe its place in the replica:
 - `returns_results`: whether this rank's outputs are the batch's results
@@ -24,7 +25,7 @@ import os
 import socket
 from dataclasses import dataclass, field
 from datetime import timedelta
-from typing import Any, Iterable, Sequence
+from typing import Any, Callable, Iterable, Sequence
 
 import ray
 import torch
@@ -34,7 +35,9 @@ from checkpoint_transport.receiver import receive_into_engine
 from checkpoint_transport.spec import TransportSpec
 from model_engine_server.adapter import ModelEngineServerAdapter, Outcome
 from model_engine_server.engines.base import Engine, EngineSpec, ModelInfo, WeightSpec, build_engine
+from model_engine_server.errors import WeightSyncError
 from model_engine_server.protocol import LogProbRequest
+from replica.worker_stream import coordinator_call, load_stream
 
 logger = logging.getLogger(__name__)
 
@@ -82,6 +85,9 @@ class ModelEngineWorker:
         self.engine: Engine | None = None
         self.adapter: ModelEngineServerAdapter | None = None
         self.info: WorkerInfo | None = None
+        self.checkpoint_engine: Any = None  # verl's, once attached (`attach_checkpoint_engine`)
+        self.coordinator: Any = None  # the service actor that owns the update session
+        self.replica_index = -1
 
     # ------------------------------------------------------------------ start-up
     def rendezvous_address(self) -> tuple[str, int]:
@@ -196,6 +202,45 @@ class ModelEngineWorker:
             if keep:
                 refs.append(ray.put(bucket))  # a copy into the store: the live parameters stay put
         return refs
+
+    # ------------------------------------------------------------------ syncs driven from outside (verl)
+    # verl's `CheckpointEngineManager` calls these on every worker of a rollout replica (the names
+    # and signatures are its rollout worker's); `worker_stream.py` and `worker_driven.py` explain.
+    def attach_checkpoint_engine(self, factory: Callable[[], Any], coordinator: Any, replica_index: int) -> None:
+        """Take part in syncs that verl's checkpoint engine drives worker by worker: `factory()`
+        builds this worker's checkpoint engine, once (it may keep a process group across syncs);
+        `coordinator` (the service actor) opens, records and commits the update session."""
+        if self.checkpoint_engine is None:
+            self.checkpoint_engine = factory()
+        self.coordinator = coordinator
+        self.replica_index = replica_index
+
+    def _attached_engine(self) -> Any:
+        if self.checkpoint_engine is None or self.coordinator is None:
+            raise RuntimeError(f"worker {self.rank} of {self.replica_name} has no checkpoint engine (attach one first)")
+        return self.checkpoint_engine
+
+    def execute_checkpoint_engine(self, method: str, *args: Any, **kwargs: Any) -> Any:
+        """verl's protocol: its manager names the checkpoint-engine step to run on every worker
+        (`prepare`, `init_process_group`, `finalize`)."""
+        return getattr(self._attached_engine(), method)(*args, **kwargs)
+
+    def update_weights(self, global_steps: int | None = None) -> None:
+        """Receive one sync from the checkpoint engine into the engine, inside the update
+        session to version `global_steps`; returns once that version is committed, else raises
+        why not. The stream is consumed to its end in every case (`worker_stream.py`)."""
+        stream = self._attached_engine().receive_weights(global_steps=global_steps)
+        try:
+            if global_steps is None:
+                raise WeightSyncError("a weight sync into the log-prob server needs global_steps: the version it serves")
+            load = coordinator_call(self.coordinator.join_worker_update.remote(global_steps, self.replica_index, self.rank))
+        except BaseException:
+            load_stream(stream, None, self.rank, -1)  # let the sender and the other receivers finish
+            raise
+        report = load_stream(stream, self._ready_engine().load_weights if load else None, self.rank, global_steps)
+        if load:
+            coordinator_call(self.coordinator.report_worker_update.remote(global_steps, self.replica_index, self.rank,
+                                                                           report.to_dict()))
 
     def weight_specs(self) -> dict[str, WeightSpec]:
         return self._ready_engine().weight_specs()

@@ -37,11 +37,11 @@ import torch
 from verl.checkpoint_engine.base import CheckpointEngine, CheckpointEngineRegistry
 
 from checkpoint_transport.channel import TransportSession, get_backend
+from checkpoint_transport.handoff import BucketHandoff
 from checkpoint_transport.receiver import WeightReceiver
 from checkpoint_transport.sender import WeightSender
 from checkpoint_transport.spec import TransportConfig, TransportError, TransportSpec
 from checkpoint_transport.threads import run_in_thread
-from clients.verl.stream_handoff import BucketHandoff
 
 logger = logging.getLogger(__name__)
 
