@@ -13,6 +13,7 @@ tests share one deployment and run in order: the service serves version 1, then 
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import os
 import re
 import time
@@ -23,6 +24,7 @@ import pytest
 import pytest_asyncio
 import ray
 import torch
+from omegaconf import OmegaConf
 from ray.exceptions import RayActorError
 from verl.checkpoint_engine import CheckpointEngineManager, CheckpointEngineRegistry, CheckpointEngineWorker
 from verl.single_controller.base import Worker
@@ -34,7 +36,8 @@ from verl.workers.rollout import BaseRollout, RolloutReplica
 
 from clients.ray_client import RayLogProbClient
 from clients.verl.checkpoint_engine import BACKEND, TransportCheckpointEngine
-from clients.verl.scoring_replica import ModelEngineServerReplica, scoring_replicas, scoring_rollout_config
+from clients.verl.scoring_replica import ModelEngineServerReplica, join_scoring_pool, scoring_replicas, scoring_rollout_config
+from model_engine_server.config.trainer_side import TrainerSideConfig
 from model_engine_server.config import ServerConfig
 from model_engine_server.engines.base import EngineSpec, build_engine
 from model_engine_server.engines.verl_backend.cpu_platform import accelerator_present, use_cpu_platform
@@ -412,6 +415,30 @@ async def test_a_sender_killed_part_way_leaves_the_old_version_unserved_until_a_
     assert_served_like(await client.score(requests, timeout_s=WAIT_S), reference, version, "after the repair sync")
     print("\nmeasured:", {k: f"{v:.3g}" for k, v in MEASURED.items()})
 
+
+
+async def test_the_trainers_join_hook_adds_every_replica_to_verls_manager_with_the_trainers_settings(
+    service, trainer, other_replica, client, model_dir, base_weights, model_config
+):
+    """What our trainer subclasses call once verl's manager exists (`join_weight_sync`): the
+    trainer's own checkpoint-engine section (as verl's YAML holds it) and model section."""
+    training_config = OmegaConf.create({"actor_rollout_ref": {
+        "rollout": {"checkpoint_engine": {**dataclasses.asdict(CHECKPOINT_ENGINE),
+                                          "_target_": "verl.workers.config.CheckpointEngineConfig"}},
+        "model": {"path": str(model_dir)},
+    }})
+    rules = TrainerSideConfig(actor_name=SERVICE_NAME, join_weight_sync=True)
+    manager = CheckpointEngineManager(CHECKPOINT_ENGINE, trainer, [other_replica])
+    joined = await join_scoring_pool(manager, training_config, rules)
+    assert [type(r) for r in manager.replicas] == [RecordingReplica, ModelEngineServerReplica, ModelEngineServerReplica]
+    assert manager.replicas[1:] == joined
+    version = 3
+    trainer.plan_next_sync(seed=13)
+    await asyncio.wait_for(sync(manager, version), WAIT_S)
+    assert served_versions(await service.get_status.remote()) == [version, version]
+    requests = random_requests(4, VOCAB, seed=46, max_len=80)
+    reference = await fresh_server_scores(model_dir, new_weights(base_weights, 13), version, requests)
+    assert_served_like(await client.score(requests, timeout_s=WAIT_S), reference, version, "after the trainer's sync")
 
 @pytest.mark.gpu
 @pytest.mark.skipif(torch.cuda.device_count() < 2, reason="NCCL needs the trainer and the replica on 2 GPUs")

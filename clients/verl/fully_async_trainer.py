@@ -103,6 +103,15 @@ class ServerLogProbFullyAsyncTrainer(VerlFullyAsyncTrainer):
         """The weight version verl's own path would compute π_old with (module docstring)."""
         return int(self.current_param_version)
 
+    async def _setup_checkpoint_manager(self) -> None:
+        """verl's manager of the rollout replicas, joined by the server's replicas when
+        `join_weight_sync`: every sync then labels the server's weights as verl labels its own."""
+        await super()._setup_checkpoint_manager()
+        if self.server_rules.join_weight_sync:
+            from clients.verl.scoring_replica import join_scoring_pool
+
+            await join_scoring_pool(self.checkpoint_manager, self.config, self.server_rules)
+
     # ---------------------------------------------------------------- π_old
     def _compute_old_log_prob(self, batch: DataProto) -> tuple[DataProto, float]:
         columns = ServerColumns.of(batch)

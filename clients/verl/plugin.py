@@ -35,6 +35,9 @@ REGISTRATIONS: dict[str, str] = {
     "verl.plugin.platform.platform_manager": "model_engine_server.engines.verl_backend.cpu_platform",
     "verl.trainer.ppo.v1": "clients.verl.trainer_v1",
     "verl.experimental.agent_loop": "clients.verl.agent_loop",
+    "verl.workers.rollout.replica": "clients.verl.rollout_replica",
+    # the gloo checkpoint-engine backend, also without `custom_backend_module`
+    "verl.checkpoint_engine.base": "clients.verl.checkpoint_engine",
 }
 
 

@@ -47,13 +47,14 @@ from typing import Any
 import ray
 from omegaconf import DictConfig
 from pydantic import BaseModel, ConfigDict, Field
-from verl.checkpoint_engine.base import CheckpointEngine, CheckpointEngineRegistry
+from verl.checkpoint_engine.base import CheckpointEngine, CheckpointEngineManager, CheckpointEngineRegistry
 from verl.utils.config import omega_conf_to_dataclass
 from verl.utils.import_utils import import_external_libs
 from verl.workers.config import CheckpointEngineConfig, HFModelConfig, RolloutConfig
 from verl.workers.rollout.replica import RolloutReplica, RolloutReplicaRegistry
 
 from clients.verl.rollout_replica import ROLLOUT_NAME
+from model_engine_server.config.trainer_side import TrainerSideConfig
 from replica.service_actor import DEFAULT_ACTOR_NAME
 
 logger = logging.getLogger(__name__)
@@ -182,3 +183,17 @@ async def scoring_replicas(config: RolloutConfig | DictConfig, model_config: HFM
     replicas = [replica_class(rank, rollout_config, model_config) for rank in range(count)]
     await asyncio.gather(*(replica.init_standalone() for replica in replicas))
     return replicas
+
+
+async def join_scoring_pool(manager: CheckpointEngineManager, training_config: DictConfig,
+                            rules: TrainerSideConfig) -> list[RolloutReplica]:
+    """Add every replica of the server named by `rules` to a trainer's checkpoint manager, with
+    the trainer's own checkpoint-engine settings; what our trainer subclasses call once their
+    manager exists (`model_engine_server.trainer.join_weight_sync=true`)."""
+    checkpoint_engine = omega_conf_to_dataclass(training_config.actor_rollout_ref.rollout.checkpoint_engine)
+    rollout_config = scoring_rollout_config(checkpoint_engine, rules.actor_name, rules.ray_namespace)
+    pool = await scoring_replicas(rollout_config, training_config.actor_rollout_ref.model)
+    manager.add_replicas(pool)
+    logger.info("model-engine-server: %d scoring replicas of %r join the trainer's weight sync",
+                len(pool), rules.actor_name)
+    return pool

@@ -38,6 +38,7 @@ them up by mode name, so both see one value.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from dataclasses import dataclass, field
 from typing import Any, Sequence
@@ -225,6 +226,16 @@ class PPOTrainerModelEngineServer(PPOTrainerSeparateAsync):
         check_mode_config(config)
         mirror_mode_settings(config)
         super().__init__(config)
+
+    def _setup(self) -> None:
+        """verl's set-up; with `join_weight_sync` the server's replicas join the standalone
+        rollout's checkpoint manager, so each `update_weights(global_steps)` reaches them too."""
+        super()._setup()
+        rules = self.server_rules
+        if rules.join_weight_sync:
+            from clients.verl.scoring_replica import join_scoring_pool
+
+            asyncio.run(join_scoring_pool(self.standalone_checkpoint_manager, self.config, rules))
 
     # ------------------------------------------------------------ what the rules read
     @property

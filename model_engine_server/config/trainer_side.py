@@ -43,6 +43,11 @@ class TrainerSideConfig(BaseModel):
     max_version_lag: int = Field(
         default=0, ge=0, description="a sample this many versions behind the old policy still counts as current"
     )
+    join_weight_sync: bool = Field(
+        default=False,
+        description="add the server's replicas (on Ray) to the trainer's own checkpoint-engine sync, so "
+        "every `update_weights(global_steps)` also reaches them; off: the server gets weights another way",
+    )
     score_ref: bool = Field(
         default=False, description="also take ref_log_prob from the server (its reference mode must be on)"
     )
