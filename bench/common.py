@@ -113,6 +113,18 @@ def timed_best(step: Callable[[], Any], repeats: int, warmup: int = 1) -> tuple[
     return min(times), result
 
 
+def alternating_best(steps: dict[str, Callable[[], Any]], repeats: int) -> dict[str, tuple[float, Any]]:
+    """`timed_best` for several paths at once, one run of each per round, rounds repeated: a
+    burst of load from another job then slows every path of that round, not one path's runs."""
+    times: dict[str, float] = {}
+    results: dict[str, Any] = {}
+    for _ in range(repeats):
+        for name, step in steps.items():
+            seconds, results[name] = timed_best(step, 1, warmup=0)  # outputs of the latest timed run
+            times[name] = min(seconds, times.get(name, float("inf")))
+    return {name: (times[name], results[name]) for name in steps}
+
+
 def best_time(step: Callable[[], Any], repeats: int, warmup: int = 1) -> float:
     return timed_best(step, repeats, warmup)[0]
 

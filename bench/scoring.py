@@ -5,9 +5,13 @@ body, as in real small policies), on an RL-like length mix, timed side by side i
 
 - server: packed token-budget batches, LM head on response positions only, chunked log-probs;
 - packed full logits: the same packing, full-vocab logits for every position, `log_softmax`, gather;
-- padded: micro-batches of a fixed number of sequences, right-padded, full logits.
+- padded: micro-batches of a fixed number of sequences, right-padded, full logits;
+- verl: verl's own `TrainingWorker.infer_batch` (remove-padding, dynamic batch size with the same
+  token budget, same dtype), fed as its trainer feeds it (`bench/scoring_verl.py`): the baseline
+  a verl user compares against. Skipped, with a note, where verl is not installed.
 
-All three must give the same log-probs. Model FLOP/s counts the forward from the architecture
+All paths must give the same log-probs; each round times every path once, rounds repeated,
+least of each kept. Model FLOP/s counts the forward from the architecture
 (response-only LM head counted as such) over the dense GEMM FLOP/s measured in the same run.
 """
 
@@ -16,12 +20,14 @@ from __future__ import annotations
 import math
 import random
 import tempfile
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from bench.common import Target, timed_best
+from bench import scoring_verl
+from bench.common import Target, alternating_best
 from bench.flops import forward_flops, gemm_flops_per_s
 from model_engine_server.adapter import ModelEngineServerAdapter
 from model_engine_server.engines.base import EngineSpec, build_engine
@@ -38,22 +44,43 @@ MODEL = TinyModelShape(
 TOKEN_BUDGET = 8192
 PADDED_SEQUENCES_PER_BATCH = 2
 TARGETS = [
+    Target("speedup_vs_verl", ">=", 1.5),
+    Target("max_abs_diff_vs_verl", "<=", 1e-5),
     Target("speedup_vs_padded", ">=", 2.0),
     Target("speedup_vs_packed", ">=", 1.1),
     Target("mfu", ">=", 0.5),
     Target("bf16_speedup_vs_padded", ">=", 2.0),
     Target("bf16_speedup_vs_packed", ">=", 1.1),
     Target("bf16_mfu", ">=", 0.5),
+    Target("bf16_speedup_vs_verl", ">=", 1.5),
 ]
 
 
-def rl_length_mix(count: int, vocab_size: int, seed: int = 0) -> list[LogProbRequest]:
-    """Prompts of 64-512 tokens, responses log-uniform between 16 and 4,096 tokens."""
+@dataclass(frozen=True)
+class Size:
+    """How much one run scores. The model stays the benchmark's own for full and quick runs;
+    `TEST_SIZE` exists only so the test suite can run the whole benchmark in seconds."""
+
+    model: TinyModelShape
+    requests: int
+    repeats: int
+    max_response: int = 4096
+    dtypes: tuple[str, ...] = ("float32", "bfloat16")
+
+
+FULL = Size(MODEL, requests=40, repeats=2)
+QUICK = Size(MODEL, requests=10, repeats=1)
+TEST_SIZE = Size(TinyModelShape(vocab_size=512, hidden_size=64, intermediate_size=128, num_layers=2),
+                 requests=3, repeats=1, max_response=64, dtypes=("float32",))
+
+
+def rl_length_mix(count: int, vocab_size: int, seed: int = 0, max_response: int = 4096) -> list[LogProbRequest]:
+    """Prompts of 64-512 tokens, responses log-uniform between 16 and `max_response` tokens."""
     rng = random.Random(seed)
     requests = []
     for index in range(count):
         prompt = rng.randint(64, 512)
-        response = int(round(math.exp(rng.uniform(math.log(16), math.log(4096)))))
+        response = int(round(math.exp(rng.uniform(math.log(16), math.log(max_response)))))
         ids = [rng.randrange(vocab_size) for _ in range(prompt + response)]
         requests.append(LogProbRequest(request_id=str(index), input_ids=ids, response_start=prompt, temperature=0.9))
     return requests
@@ -112,49 +139,69 @@ def _padded_full_logits(engine: HFEngine, requests: list[LogProbRequest]) -> lis
     return outputs
 
 
-def _measure(engine: HFEngine, requests: list[LogProbRequest], repeats: int, prefix: str) -> dict[str, Any]:
+def _measure(
+    engine: HFEngine, verl: "scoring_verl.VerlEngine | None", requests: list[LogProbRequest], repeats: int, prefix: str
+) -> dict[str, Any]:
     adapter = ModelEngineServerAdapter(engine, TOKEN_BUDGET)
     total_tokens = sum(r.num_tokens for r in requests)
     adapter.score(requests[:2])  # warm-up: first-call allocations and thread pools
-    server_s, outcomes = timed_best(lambda: adapter.score(requests), repeats, warmup=0)
-    packed_s, packed = timed_best(lambda: packed_full_logits(engine, requests), repeats, warmup=0)
-    padded_s, padded = timed_best(lambda: padded_full_logits(engine, requests), repeats, warmup=0)
-    server = [torch.from_numpy(o.log_probs) for o in outcomes]
-    agreement = max(
-        max((a - b).abs().max().item() for a, b in zip(server, packed)),
-        max((a - b).abs().max().item() for a, b in zip(server, padded)),
-    )
+    steps = {
+        "server": lambda: [torch.from_numpy(o.log_probs) for o in adapter.score(requests)],
+        "packed": lambda: packed_full_logits(engine, requests),
+        "padded": lambda: padded_full_logits(engine, requests),
+    }
+    if verl is not None:
+        scoring_verl.verl_recompute(verl, requests[:2])  # the same warm-up for verl's worker
+        steps["verl"] = lambda: scoring_verl.verl_recompute(verl, requests)
+    timed = alternating_best(steps, repeats)
+    server_s, server = timed["server"]
+    agreement = max(scoring_verl.agreement(server, timed[name][1]) for name in ("packed", "padded"))
     flops = forward_flops(engine.model.config, [(r.num_tokens - 1, r.num_response_tokens) for r in requests])
     gemm = gemm_flops_per_s(engine.spec.torch_dtype())
-    figures = {
+    figures: dict[str, Any] = {
         "tokens_per_s": total_tokens / server_s,
-        "packed_full_logits_tokens_per_s": total_tokens / packed_s,
-        "padded_tokens_per_s": total_tokens / padded_s,
-        "speedup_vs_packed": packed_s / server_s,
-        "speedup_vs_padded": padded_s / server_s,
+        "packed_full_logits_tokens_per_s": total_tokens / timed["packed"][0],
+        "padded_tokens_per_s": total_tokens / timed["padded"][0],
+        "speedup_vs_packed": timed["packed"][0] / server_s,
+        "speedup_vs_padded": timed["padded"][0] / server_s,
         "padding_fraction": 1 - total_tokens / padded_full_logits.padded_tokens,  # type: ignore[attr-defined]
         "model_flops_per_s": flops / server_s,
         "gemm_flops_per_s": gemm,
         "mfu": flops / server_s / gemm,
         "max_abs_diff_between_paths": agreement,
     }
+    if verl is None:
+        figures.update(scoring_verl.skipped_figures(""))
+    else:
+        verl_s, verl_log_probs = timed["verl"]
+        figures["verl_tokens_per_s"] = total_tokens / verl_s
+        figures["speedup_vs_verl"] = verl_s / server_s
+        figures["max_abs_diff_vs_verl"] = scoring_verl.agreement(server, verl_log_probs)
     return {f"{prefix}{key}": value for key, value in figures.items()}
 
 
 def run(quick: bool = False) -> dict[str, Any]:
+    """Every dtype of the run's size; sizes are module attributes so a test can swap in `TEST_SIZE`."""
+    size = QUICK if quick else FULL
     torch.manual_seed(0)
-    requests = rl_length_mix(10 if quick else 40, MODEL.vocab_size)
-    repeats = 1 if quick else 2
+    requests = rl_length_mix(size.requests, size.model.vocab_size, max_response=size.max_response)
     figures: dict[str, Any] = {
         "requests": len(requests),
         "tokens": sum(r.num_tokens for r in requests),
         "response_tokens": sum(r.num_response_tokens for r in requests),
+        "torch_threads": torch.get_num_threads(),  # every path, verl's included, runs in this process
     }
     with tempfile.TemporaryDirectory() as folder:
-        path = make_tiny_model(Path(folder) / "model", MODEL, seed=0)
-        for dtype, prefix in (("float32", ""), ("bfloat16", "bf16_")):
+        path = make_tiny_model(Path(folder) / "model", size.model, seed=0)
+        for dtype in size.dtypes:
+            prefix = "" if dtype == "float32" else "bf16_"
             engine = build_engine("hf", EngineSpec(model_path=str(path), dtype=dtype))
-            figures["parameters"] = engine.info.num_parameters
-            figures.update(_measure(engine, requests, repeats, prefix))  # type: ignore[arg-type]
-            del engine
+            verl = scoring_verl.build_verl(str(path), dtype, TOKEN_BUDGET) if scoring_verl.verl_available() else None
+            try:
+                figures["parameters"] = engine.info.num_parameters
+                figures.update(_measure(engine, verl, requests, size.repeats, prefix))  # type: ignore[arg-type]
+            finally:
+                if verl is not None:
+                    verl.close()
+            del engine, verl
     return figures

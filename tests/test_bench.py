@@ -89,3 +89,26 @@ def test_forward_flops_count_matches_hand_count():
     # projections: q 8x8, o 8x8, k 8x4, v 8x4 = 192; mlp 3 x 8 x 16 = 384; per token 2 x 576 = 1152
     # attention, L=3: 2 x 2 x 6 x 8 = 192; LM head on 2 scored tokens: 2 x 2 x 8 x 100 = 3200
     assert forward_flops(config, [(3, 2)]) == 1152 * 3 + 192 + 3200
+
+
+def test_quick_scoring_json_carries_the_verl_baseline(monkeypatch, tmp_path):
+    """The whole `python -m bench scoring --quick --json F` path, on the test-only size (a tiny
+    model, three short requests, fp32): the JSON names verl's figures, and verl's log-probs
+    agree with the server's; without verl it says the baseline was skipped. No timing asserted."""
+    from bench import scoring, scoring_verl
+    from bench.__main__ import main
+
+    monkeypatch.setattr(scoring, "QUICK", scoring.TEST_SIZE)
+    output = tmp_path / "scoring.json"
+    assert main(["scoring", "--quick", "--json", str(output)]) == 0
+    record = json.loads(output.read_text())
+    figures = record["figures"]
+    targets = {target["target"]: target for target in record["targets"]}
+    assert "speedup_vs_verl >= 1.5" in targets  # reported, met or missed
+    if not scoring_verl.verl_available():
+        assert "verl not installed" in figures["verl_baseline"]
+        assert targets["speedup_vs_verl >= 1.5"]["measured"] is None
+        return
+    assert figures["speedup_vs_verl"] > 0 and figures["verl_tokens_per_s"] > 0
+    assert figures["max_abs_diff_vs_verl"] <= 1e-5
+    assert targets["max_abs_diff_vs_verl <= 1e-05"]["met"]
