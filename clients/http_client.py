@@ -222,6 +222,12 @@ def _nulls_to_nan(entry: dict[str, Any]) -> dict[str, Any]:
             entry[key] = [float("nan") if v is None else v for v in value]
         elif isinstance(value, np.ndarray) and not value.flags.writeable:
             entry[key] = value.copy()
+    for key in ("top_k_ids", "top_k_log_probs", "target_ranks"):  # ids and ranks are never null
+        value = entry.get(key)
+        if key == "top_k_log_probs" and isinstance(value, list):  # [response_len, k]
+            entry[key] = [[float("nan") if v is None else v for v in row] for row in value]
+        elif isinstance(value, np.ndarray) and not value.flags.writeable:
+            entry[key] = value.copy()
     return entry
 
 

@@ -15,7 +15,7 @@ from typing import Sequence
 import numpy as np
 import torch
 
-from model_engine_server.engines.base import Engine
+from model_engine_server.engines.base import Engine, TopKEngine
 from model_engine_server.errors import InvalidRequest, ModelEngineError, WorkerFailed
 from model_engine_server.logprobs import chunk_tokens_for
 from model_engine_server.packing import pack_sequences, split_by_token_budget
@@ -54,11 +54,26 @@ class ModelEngineServerAdapter:
 
     def score(self, requests: Sequence[LogProbRequest]) -> list[Outcome]:
         outcomes: list[Outcome | None] = [None] * len(requests)
-        groups = split_by_token_budget([r.num_tokens for r in requests], self.max_tokens_per_micro_batch)
+        refusal = self._top_k_refusal()
+        scorable = []
+        for index, request in enumerate(requests):
+            if request.top_k is not None and refusal is not None:
+                outcomes[index] = InvalidRequest(refusal, "top_k")
+            else:
+                scorable.append(index)
+        groups = split_by_token_budget([requests[i].num_tokens for i in scorable], self.max_tokens_per_micro_batch)
         for group in groups:
-            for index, outcome in zip(group, self._score_group([requests[i] for i in group])):
+            indices = [scorable[i] for i in group]
+            for index, outcome in zip(indices, self._score_group([requests[i] for i in indices])):
                 outcomes[index] = outcome
         return outcomes  # type: ignore[return-value]
+
+    def _top_k_refusal(self) -> str | None:
+        """Why this engine cannot answer `top_k` (decided per engine, before any forward, so
+        every model-parallel rank refuses alike), or None."""
+        if not isinstance(self.engine, TopKEngine):
+            return f"this server's engine ({type(self.engine).__name__}) does not compute top-k log-probs"
+        return self.engine.top_k_unsupported()
 
     def _score_group(self, requests: list[LogProbRequest]) -> list[Outcome]:
         try:
@@ -83,13 +98,25 @@ class ModelEngineServerAdapter:
                 torch.tensor([r.num_response_tokens for r in requests]),
             )
         want_entropy = any(r.return_entropy for r in requests)
-        log_probs, entropy = self.engine.score_packed(batch, temperatures, want_entropy, self.chunk_tokens)
+        top_k = max((r.top_k or 0) for r in requests)
+        top_ids_np = top_log_probs_np = ranks_np = None
+        if top_k > 0:  # the batch's largest k; each request gets its own first k columns
+            assert isinstance(self.engine, TopKEngine)  # `score` refused top_k otherwise
+            scores = self.engine.score_packed_top_k(batch, temperatures, want_entropy, self.chunk_tokens, top_k)
+            log_probs, entropy = scores.log_probs, scores.entropy
+            assert scores.top_k_ids is not None and scores.top_k_log_probs is not None and scores.target_ranks is not None
+            top_ids_np = scores.top_k_ids.cpu().numpy()
+            ranks_np = scores.target_ranks.cpu().numpy()
+            top_log_probs_np = scores.top_k_log_probs.float().cpu().numpy()
+        else:
+            log_probs, entropy = self.engine.score_packed(batch, temperatures, want_entropy, self.chunk_tokens)
         log_probs_np = log_probs.float().cpu().numpy()
         entropy_np = entropy.float().cpu().numpy() if entropy is not None else None
         outputs = []
         for k, request in enumerate(requests):
             start, stop = batch.score_offsets[k], batch.score_offsets[k + 1]
             request_log_probs = log_probs_np[start:stop].copy()
+            wants_top = request.top_k is not None and top_ids_np is not None and top_log_probs_np is not None and ranks_np is not None
             outputs.append(
                 ScoreOutput(
                     log_probs=request_log_probs,
@@ -97,6 +124,9 @@ class ModelEngineServerAdapter:
                     mismatch=mismatch_stats(request.rollout_log_probs, request_log_probs)
                     if request.rollout_log_probs is not None
                     else None,
+                    top_k_ids=top_ids_np[start:stop, : request.top_k].copy() if wants_top else None,  # type: ignore[index]
+                    top_k_log_probs=top_log_probs_np[start:stop, : request.top_k].copy() if wants_top else None,  # type: ignore[index]
+                    target_ranks=ranks_np[start:stop].copy() if wants_top else None,  # type: ignore[index]
                 )
             )
         return outputs

@@ -166,5 +166,6 @@ def build_serving(loaded: "LoadedConfig") -> Serving:
     metrics = ServerMetrics()
     service = build_service(config, metrics.observer, metrics.reference_observer)
     app = create_app(service, config.http, metrics, owns_service=True,
-                     allowed_endpoints=config.transport.allowed_endpoints, weight_roots=weight_roots_for(config))
+                     allowed_endpoints=config.transport.allowed_endpoints, weight_roots=weight_roots_for(config),
+                     model_path=ensure_model_path(config))
     return Serving(app, service, metrics, config)

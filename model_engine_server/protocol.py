@@ -3,7 +3,9 @@
 Semantics of one result, for a request with ids `x[0..L-1]` and `response_start = s`:
 `log_probs[j] = log softmax(logits[s + j - 1] / temperature)[x[s + j]]` for `j = 0 .. L-s-1`,
 where `logits[i]` is the model's output after reading `x[0..i]`. `entropy[j]` is the entropy of
-that same tempered distribution. This is exactly what a PPO/GRPO trainer needs as old log-probs.
+that same tempered distribution; with `top_k = k`, `top_k_ids[j]` / `top_k_log_probs[j]` are that
+distribution's k most likely tokens (most likely first) and their log-probs, and `target_ranks[j]`
+is `1 +` the number of tokens strictly more likely than `x[s + j]`. This is exactly what a PPO/GRPO trainer needs as old log-probs.
 
 Checks that need only the request live here (pydantic). Checks that need the server's limits
 (vocab size, maximum length, token budget) live in `check_against_limits`.
@@ -20,6 +22,8 @@ import numpy as np
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, model_validator
 
 from model_engine_server.errors import InvalidRequest, ModelEngineError, error_from_wire
+
+MAX_TOP_K = 1000  # a request's bound: [response_len, k] ids and log-probs come back per request
 
 
 def _array_to_list(value: Any) -> Any:
@@ -47,6 +51,11 @@ class LogProbRequest(BaseModel):
         default=None, description="the rollout's sampling temperature; unset: the server's configured one"
     )
     return_entropy: bool = False
+    top_k: int | None = Field(
+        default=None,
+        description=f"also return each response position's top_k most likely tokens and their log-probs "
+        f"(1..{MAX_TOP_K}; capped at the vocabulary size)",
+    )
     return_ref_log_probs: bool = Field(
         default=False, description="also score with the frozen reference policy (ref mode)"
     )
@@ -75,6 +84,8 @@ class LogProbRequest(BaseModel):
                 f"rollout_log_probs must have one value per response token "
                 f"({length - self.response_start}), got {len(self.rollout_log_probs)}"
             )
+        if self.top_k is not None and not 1 <= self.top_k <= MAX_TOP_K:
+            raise ValueError(f"top_k must be between 1 and {MAX_TOP_K}, got {self.top_k}")
         if self.min_weight_version is not None and self.min_weight_version < 0:
             raise ValueError(f"min_weight_version must be >= 0, got {self.min_weight_version}")
         return self
@@ -174,6 +185,9 @@ class ScoreOutput:
     log_probs: np.ndarray
     entropy: np.ndarray | None = None
     mismatch: MismatchStats | None = None
+    top_k_ids: np.ndarray | None = None  # [response_len, k] int64
+    top_k_log_probs: np.ndarray | None = None  # [response_len, k] float32
+    target_ranks: np.ndarray | None = None  # [response_len] int64, with top_k: 1 + tokens more likely
 
 
 @dataclass
@@ -187,6 +201,9 @@ class LogProbResult:
     ref_log_probs: np.ndarray | None = None
     mismatch: MismatchStats | None = None
     timings: dict[str, float] = field(default_factory=dict)
+    top_k_ids: np.ndarray | None = None  # [response_len, k] int64, most likely first
+    top_k_log_probs: np.ndarray | None = None  # [response_len, k] float32
+    target_ranks: np.ndarray | None = None  # [response_len] int64, with top_k: 1 + tokens more likely
 
     def to_wire(self, arrays_as_lists: bool = False) -> dict[str, Any]:
         """A plain dict; arrays stay numpy (raw bytes in msgpack) unless JSON needs lists."""
@@ -204,6 +221,12 @@ class LogProbResult:
             "weight_version": self.weight_version,
             "mismatch": self.mismatch.to_wire() if self.mismatch else None,
             "timings": dict(self.timings),
+            **(
+                {"top_k_ids": arr(self.top_k_ids), "top_k_log_probs": arr(self.top_k_log_probs),
+                 "target_ranks": arr(self.target_ranks)}
+                if self.top_k_ids is not None
+                else {}  # absent unless asked for: old clients see the old shape
+            ),
         }
 
     @classmethod
@@ -220,6 +243,9 @@ class LogProbResult:
             ref_log_probs=arr(payload.get("ref_log_probs")),
             mismatch=MismatchStats(**mismatch) if mismatch else None,
             timings=dict(payload.get("timings") or {}),
+            top_k_ids=None if payload.get("top_k_ids") is None else np.asarray(payload["top_k_ids"], dtype=np.int64),
+            top_k_log_probs=arr(payload.get("top_k_log_probs")),
+            target_ranks=None if payload.get("target_ranks") is None else np.asarray(payload["target_ranks"], dtype=np.int64),
         )
 
 

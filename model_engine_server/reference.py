@@ -58,6 +58,7 @@ def reference_part(request: LogProbRequest) -> LogProbRequest:
     entropy, no mismatch, no version wait: those belong to the policy)."""
     return request.model_copy(update={
         "return_ref_log_probs": False, "return_entropy": False, "rollout_log_probs": None, "min_weight_version": None,
+        "top_k": None,
     })
 
 
@@ -76,6 +77,9 @@ def merge(policy: Outcome, reference: Outcome) -> Outcome:
         ref_log_probs=reference.log_probs,
         mismatch=policy.mismatch,
         timings=timings,
+        top_k_ids=policy.top_k_ids,
+        top_k_log_probs=policy.top_k_log_probs,
+        target_ranks=policy.target_ranks,
     )
 
 

@@ -286,6 +286,9 @@ class ModelEngineServer:
             weight_version=version,
             entropy=outcome.entropy,
             mismatch=outcome.mismatch,
+            top_k_ids=outcome.top_k_ids,
+            top_k_log_probs=outcome.top_k_log_probs,
+            target_ranks=outcome.target_ranks,
             timings={
                 "queue_ms": (started - pending.enqueued_at) * 1000,
                 "compute_ms": (finished - started) * 1000,

@@ -47,3 +47,13 @@ def random_requests(
             )
         )
     return requests
+
+
+@torch.no_grad()
+def reference_top_k(model: torch.nn.Module, request: LogProbRequest, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The `k` most likely tokens `[response_len, k]` and their log-probs, from the same full-vocab
+    `log_softmax(logits / T)` as `reference_log_probs` and `torch.topk`."""
+    logits = model(torch.tensor([request.input_ids])).logits[0].float() / request.temperature
+    predicting = torch.log_softmax(logits, dim=-1)[request.response_start - 1 : -1]
+    values, ids = predicting.topk(min(k, predicting.shape[-1]), dim=-1)
+    return ids, values

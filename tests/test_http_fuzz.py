@@ -25,7 +25,7 @@ from model_engine_server.local import build_local_server
 from model_engine_server.scheduler import SchedulerConfig
 from tests.test_http_support import ServerThread
 
-SCORING_EXAMPLES = 40  # per mode and media type of POST /v1/logprobs
+SCORING_EXAMPLES = 40  # per mode and media type of POST /v1/logprobs (and of POST /v1/completions)
 OTHER_EXAMPLES = 8  # per mode, for each of the other operations (few inputs to vary)
 
 
@@ -82,14 +82,15 @@ def _operations(url: str) -> list:
 def test_no_input_makes_the_server_answer_5xx(fuzzed_server, mode):
     operations = _operations(fuzzed_server.url)
     calls: list[tuple[int, str]] = []
-    assert {op.path for op in operations} >= {"/v1/logprobs", "/v1/pause", "/v1/update_weights", "/v1/status"}
+    assert {op.path for op in operations} >= {"/v1/logprobs", "/v1/completions", "/v1/models", "/v1/pause",
+                                              "/v1/update_weights", "/v1/status"}
     for operation in operations:
         media_types = [None]
         if operation.path == "/v1/logprobs" and operation.method.upper() == "POST":
             media_types = ["application/json", "application/msgpack"]
         for media_type in media_types:
 
-            examples = SCORING_EXAMPLES if operation.path == "/v1/logprobs" else OTHER_EXAMPLES
+            examples = SCORING_EXAMPLES if operation.path in ("/v1/logprobs", "/v1/completions") else OTHER_EXAMPLES
 
             @given(case=operation.as_strategy(mode, media_type=media_type))
             @settings(max_examples=examples, deadline=None, database=None, print_blob=False,

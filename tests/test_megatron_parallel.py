@@ -24,6 +24,7 @@ pytest.importorskip("mbridge")
 pytestmark = pytest.mark.timeout(600)  # the module's one spawn is paid by its first test
 
 from model_engine_server.adapter import ModelEngineServerAdapter  # noqa: E402
+from model_engine_server.protocol import ScoreOutput  # noqa: E402
 from model_engine_server.engines.base import EngineSpec, build_engine  # noqa: E402
 from model_engine_server.tiny_model import perturbed_weights  # noqa: E402
 from tests.helpers import random_requests  # noqa: E402
@@ -48,6 +49,14 @@ def _score(engine) -> list[tuple[np.ndarray, np.ndarray]]:  # noqa: ANN001
         if not hasattr(output, "log_probs"):
             raise AssertionError(f"scoring failed: {output}")
     return [(output.log_probs, output.entropy) for output in outputs]
+
+
+def _score_top_k(engine) -> list[object]:  # noqa: ANN001
+    """Top-k outcomes: (ids, log-probs, ranks) per request, or the refusal's message."""
+    adapter = ModelEngineServerAdapter(engine, max_tokens_per_micro_batch=1024, logprob_chunk_mb=1)
+    requests = [r.model_copy(update={"top_k": 10}) for r in _requests()[:4]]
+    return [(o.top_k_ids, o.top_k_log_probs, o.target_ranks) if isinstance(o, ScoreOutput) else str(o)
+            for o in adapter.score(requests)]
 
 
 def _stream_through_buckets(engine, checkpoint: Path) -> list[str]:  # noqa: ANN001
@@ -83,6 +92,8 @@ def _run_rank(rank: int, port: int, models: dict[str, str], updated: str, out_di
             engine = build(models[name], tp, pp)
             seen[f"score/{name}/{tp}x{pp}"] = _score(engine)
             seen[f"returns_results/{name}/{tp}x{pp}"] = engine.returns_results
+            if name == "qwen2_tied":
+                seen[f"top_k/{tp}x{pp}"] = _score_top_k(engine)
             if (tp, pp) == (2, 2):
                 seen[f"export/{name}"] = {key: value.clone() for key, value in engine.export_weights()}
             engine.close()
@@ -200,3 +211,16 @@ def test_layout_not_matching_the_replica_is_a_clear_error_on_every_rank(ranks):
         assert "x data_parallel_size (2) = 8" in seen["layout_error/2x2"]
         assert "tensor_model_parallel_size (3)" in seen["layout_error/3x1"]
         assert "a multiple of 3" in seen["layout_error/3x1"]
+
+
+def test_top_k_is_vocab_parallel_under_tp_and_refused_under_pp(ranks, tiny_models):
+    """TP=2: each rank's half of the head merges to HF's top-k (values 1e-5, ranks exact) on every
+    rank; PP>1: every rank refuses top_k alike, with a message naming pipeline parallelism."""
+    expected = _score_top_k(build_engine("hf", EngineSpec(model_path=str(tiny_models["qwen2_tied"]))))
+    for rank in ranks:
+        for got, want in zip(rank["top_k/2x1"], expected, strict=True):
+            assert not isinstance(got, str), got
+            np.testing.assert_allclose(got[1], want[1], atol=TOLERANCE, rtol=0)
+            np.testing.assert_array_equal(got[2], want[2])
+        for layout in ("1x2", "2x2"):
+            assert all(isinstance(o, str) and "pipeline parallelism" in o for o in rank[f"top_k/{layout}"])

@@ -16,7 +16,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from checkpoint_transport.dtypes import DTYPES
 from model_engine_server.config.verl_engine import VerlEngineConfig
-from model_engine_server.logprobs import LMHead, chunked_log_probs
+from model_engine_server.logprobs import ChunkedScores, LMHead, chunked_log_probs, chunked_scores
 from model_engine_server.packing import PackedBatch
 from model_engine_server.registry import Registry
 
@@ -114,6 +114,38 @@ class HiddenStateEngine:
         return chunked_log_probs(
             response_hidden, self.lm_head(), batch.targets, temperatures, want_entropy, chunk_tokens
         )
+
+
+    def top_k_unsupported(self) -> str | None:
+        """Why this engine cannot return top-k log-probs now, or None when it can. Engines
+        whose scores are not on this rank's hidden states (pipeline stages) override it."""
+        return None
+
+    @torch.inference_mode()
+    def score_packed_top_k(
+        self, batch: PackedBatch, temperatures: torch.Tensor, want_entropy: bool, chunk_tokens: int | None, top_k: int
+    ) -> ChunkedScores:
+        """`score_packed` plus each scored position's `top_k` most likely tokens, from the same
+        chunked pass (vocab-parallel heads merge their shards' top-k over the group)."""
+        hidden = self.hidden_states(batch)
+        response_hidden = hidden.index_select(0, batch.score_positions.to(hidden.device))
+        del hidden
+        return chunked_scores(
+            response_hidden, self.lm_head(), batch.targets, temperatures, want_entropy, top_k, chunk_tokens
+        )
+
+
+@runtime_checkable
+class TopKEngine(Protocol):
+    """An engine that can also return top-k log-probs (`HiddenStateEngine`s can); the adapter
+    refuses `top_k` with an `InvalidRequest` on any other (the verl backend, whose model code
+    returns log-probs and entropy only)."""
+
+    def top_k_unsupported(self) -> str | None: ...
+
+    def score_packed_top_k(
+        self, batch: PackedBatch, temperatures: torch.Tensor, want_entropy: bool, chunk_tokens: int | None, top_k: int
+    ) -> ChunkedScores: ...
 
 
 EngineFactory = Callable[..., Engine]

@@ -242,6 +242,13 @@ class MegatronEngine(HiddenStateEngine):
         results = broadcast_from_last_stage(self.layout, results.contiguous())
         return results[0], (results[1] if want_entropy else None)
 
+    def top_k_unsupported(self) -> str | None:
+        """Pipeline stages broadcast only log-probs and entropy from the last stage; top-k there
+        is not wired up yet (tensor parallelism alone is: the head merges its shards' top-k)."""
+        if self.layout.pp_size > 1:
+            return f"top_k is not supported with pipeline parallelism (pp_size={self.layout.pp_size}) yet"
+        return None
+
     def weight_specs(self) -> dict[str, WeightSpec]:
         """Every HF tensor of the whole model (all stages), full unsharded shapes."""
         return dict(self.weights.specs)

@@ -7,6 +7,7 @@ replica manager. It translates and delegates; every error becomes JSON in `error
 from __future__ import annotations
 
 import logging
+import time
 from contextlib import asynccontextmanager
 from typing import Any, AsyncIterator, Sequence
 
@@ -21,6 +22,9 @@ from model_engine_server.errors import ModelEngineError
 from model_engine_server.http.admin_policy import transport_spec_guard
 from model_engine_server.http.errors import MalformedEnvelope, error_response
 from model_engine_server.http.auth import require_admin
+from model_engine_server.http.completions_routes import completions_router
+from model_engine_server.http.completions_schema import CompletionsBody
+from model_engine_server.http.tokens import TokenText
 from model_engine_server.http.metrics import ServerMetrics
 from model_engine_server.http.routes import router
 from model_engine_server.http.weight_routes import weight_sync_router
@@ -42,6 +46,8 @@ def create_app(
     admin_token: str | None = None,
     allowed_endpoints: Sequence[str] = (),
     weight_roots: Sequence[str] | None = None,
+    model_path: str | None = None,
+    served_model_name: str | None = None,
 ) -> FastAPI:
     """Build the app. `metrics` should be the one whose observer the service's scheduler
     reports to (see `launch.build_service`); `owns_service` shuts the service down (draining
@@ -51,7 +57,10 @@ def create_app(
     `allowed_endpoints` (hosts, CIDRs) are the transport endpoints `/v1/weights/receive` may
     join besides loopback and the server's Ray nodes (`admin_policy`). `weight_roots` are the
     folders `/v1/update_weights_from_disk` may read; None reads anywhere, for embedding
-    callers and tests (`serve` always passes roots: `launch.build_serving`)."""
+    callers and tests (`serve` always passes roots: `launch.build_serving`). `model_path` (the
+    served checkpoint folder) lends its tokenizer, if it has one, to the OpenAI-compatible
+    `/v1/completions`, and names the model in `/v1/models` unless `served_model_name` does (as
+    vLLM: the path as given); with neither, the model is called "model-engine-server"."""
     http = http or HttpConfig()
     metrics = metrics or ServerMetrics()
     service = front(service)
@@ -84,7 +93,12 @@ def create_app(
     state.allowed_endpoints = tuple(allowed_endpoints)
     state.transport_spec_guard = transport_spec_guard(state.allowed_endpoints)
     state.weight_roots = None if weight_roots is None else tuple(str(root) for root in weight_roots)
+    state.model_name = served_model_name or model_path or "model-engine-server"
+    state.model_root = model_path or state.model_name
+    state.token_text = TokenText(model_path)
+    state.created = int(time.time())
     app.include_router(router)
+    app.include_router(completions_router)
     app.include_router(weight_sync_router(dependencies=[Depends(require_admin)]))
     _install_error_handlers(app, http.retry_after_s)
     _install_http_metrics(app, metrics)
@@ -142,6 +156,9 @@ def _install_openapi(app: FastAPI) -> None:
         components = schema.setdefault("components", {}).setdefault("schemas", {})
         components.update(call_schema.pop("$defs", {}))
         components["LogProbCall"] = call_schema
+        completions_schema = CompletionsBody.model_json_schema(ref_template="#/components/schemas/{model}")
+        components.update(completions_schema.pop("$defs", {}))
+        components["CompletionsBody"] = completions_schema
         app.openapi_schema = schema
         return schema
 

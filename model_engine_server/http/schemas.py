@@ -58,6 +58,9 @@ class LogProbResultWire(BaseModel):
     weight_version: int
     mismatch: MismatchWire | None = None
     timings: dict[str, float] = Field(default_factory=dict)
+    top_k_ids: list[list[int]] | None = Field(default=None, description="[response_len, k], when top_k was asked")
+    top_k_log_probs: list[list[float | None]] | None = Field(default=None, description="[response_len, k]")
+    target_ranks: list[int] | None = Field(default=None, description="with top_k: 1 + tokens more likely than the actual one")
 
 
 class ErrorEntry(BaseModel):

@@ -60,6 +60,8 @@ def json_safe(value: Any) -> Any:
     if isinstance(value, float):
         return value if math.isfinite(value) else None
     if isinstance(value, np.ndarray):
+        if value.ndim > 1:  # e.g. top-k log-probs [response_len, k]
+            return [json_safe(row) for row in value]
         if value.dtype.kind == "f" and not np.isfinite(value).all():
             return [float(x) if math.isfinite(x) else None for x in value.tolist()]
         return value.tolist()

@@ -1,0 +1,60 @@
+"""Token ids <-> text for the OpenAI-compatible routes, from the checkpoint folder's tokenizer.
+
+The server scores token ids and needs no tokenizer. When the served checkpoint folder holds one
+(`tokenizer.json` or `tokenizer_config.json`, as `save_pretrained` writes them), text prompts are
+encoded with it and `decoded_token` / `tokens` are its decodings; without one, text prompts are
+refused and a token's text is its id as a decimal string ("1234"), which keeps the legacy
+`top_logprobs` maps (keyed by token text) unambiguous.
+"""
+
+from __future__ import annotations
+
+from functools import lru_cache
+from pathlib import Path
+from typing import Any
+
+from model_engine_server.errors import InvalidRequest
+
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json")
+
+
+class TokenText:
+    """Decoding (and encoding, with a tokenizer) for one served model."""
+
+    def __init__(self, model_path: str | None) -> None:
+        self.tokenizer: Any = None
+        folder = Path(model_path).expanduser() if model_path else None
+        if folder is not None and (folder / "tokenizer.json").is_file():
+            # the folder's own tokenizer.json, as saved: AutoTokenizer (transformers 5) picks the
+            # class from config.json's model type and may rebuild it from files this one lacks
+            from transformers import PreTrainedTokenizerFast
+
+            self.tokenizer = PreTrainedTokenizerFast.from_pretrained(str(folder))
+        elif folder is not None and any((folder / name).is_file() for name in TOKENIZER_FILES):
+            from transformers import AutoTokenizer
+
+            self.tokenizer = AutoTokenizer.from_pretrained(str(folder))
+        self._decode = lru_cache(maxsize=1 << 16)(self._decode_uncached)
+
+    @property
+    def has_tokenizer(self) -> bool:
+        return self.tokenizer is not None
+
+    def decode(self, token_id: int) -> str:
+        """One token's text (cached: a top-100 answer decodes the same ids many times)."""
+        return self._decode(int(token_id))
+
+    def _decode_uncached(self, token_id: int) -> str:
+        if self.tokenizer is None:
+            return str(token_id)
+        return str(self.tokenizer.decode([token_id]))
+
+    def encode(self, text: str, where: str) -> list[int]:
+        """A text prompt's ids, as the tokenizer encodes it (with its special tokens, as vLLM)."""
+        if self.tokenizer is None:
+            raise InvalidRequest("text prompts need a tokenizer in the checkpoint folder, which has none; "
+                                 "send token ids", where)
+        ids = list(self.tokenizer.encode(text))
+        if not ids:
+            raise InvalidRequest("the text encodes to no tokens", where)
+        return ids
