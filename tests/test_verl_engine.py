@@ -30,7 +30,7 @@ from model_engine_server.cli import main as cli_main
 from model_engine_server.config import ConfigError, ServerConfig, load_config
 from model_engine_server.config.verl_engine import VerlEngineConfig
 from model_engine_server.engines.base import EngineSpec, build_engine
-from model_engine_server.errors import WeightSyncError
+from model_engine_server.errors import InvalidRequest, WeightSyncError
 from model_engine_server.local import build_local_server
 from model_engine_server.protocol import LogProbRequest
 from model_engine_server.scheduler import ModelEngineServer, SchedulerConfig
@@ -187,6 +187,19 @@ async def test_an_incomplete_sync_is_refused_at_commit_and_the_old_weights_keep_
     assert server.weight_version == 0 and server.status()["weights_incomplete"]
     await server.shutdown()
 
+
+
+@cpu_only
+async def test_top_k_is_refused_by_the_verl_engine_and_the_rest_of_the_batch_is_scored(verl_config, reference):
+    """verl's engine computes no top-k: a request asking for it fails naming `top_k`, its
+    neighbours in the same call are answered as verl computes them."""
+    server = local_verl_server(verl_config)
+    plain = requests_at(1.0)
+    asking = plain[0].model_copy(update={"request_id": "wants-top-k", "top_k": 5})
+    outcomes = await LocalClient(server).score([asking, *plain])
+    assert isinstance(outcomes[0], InvalidRequest) and "top_k" in outcomes[0].message, outcomes[0]
+    assert_matches(outcomes[1:], verl_scores(reference, 1.0), VERL_ATOL, "the batch beside a refused top_k")
+    await server.shutdown()
 
 @cpu_only
 def test_the_engine_refuses_unknown_names_and_wrong_shapes_and_leaves_the_weights_alone(verl_config):
