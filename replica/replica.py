@@ -313,7 +313,8 @@ class ModelEngineReplica:
     def status(self) -> dict[str, Any]:
         base: dict[str, Any] = {"replica": self.index, "name": self.name, "alive": self.alive,
                                 "failure": self.failure, "restarts": self.restarts,
-                                "workers": len(self.workers)}
+                                "workers": len(self.workers),
+                                "nodes": [info.node_id for info in self.worker_infos]}  # Ray node of each rank
         if self.server is not None:
             base.update(self.server.status())
         return base

@@ -44,6 +44,24 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
             item.add_marker(skip_gpu)
 
 
+EMBEDDED_RAY_ARGS = dict(
+    num_cpus=16,
+    num_gpus=4,
+    include_dashboard=False,
+    log_to_driver=False,
+    namespace="model-engine-server-tests",
+    runtime_env={"env_vars": {"RAY_AUTH_MODE": "disabled", "TOKENIZERS_PARALLELISM": "false", "OMP_NUM_THREADS": "1"}},
+)
+
+
+def start_embedded_ray() -> None:
+    """The session's embedded Ray; also restarted by `tests/multinode.py` after its own cluster."""
+    import ray
+
+    if not ray.is_initialized():
+        ray.init(**EMBEDDED_RAY_ARGS)
+
+
 @pytest.fixture(scope="session")
 def ray_cluster():  # -> the `ray` module, initialised once for the whole test run
     """One embedded Ray for every test that needs it (start-up costs seconds on 2 cores).
@@ -51,17 +69,10 @@ def ray_cluster():  # -> the `ray` module, initialised once for the whole test r
     It declares 4 logical GPUs and more logical CPUs than the machine has, so placement of
     replicas onto GPU bundles is exercised exactly as on a cluster while engines run on CPU.
     Tests must leave no actors or placement groups behind; each Ray test checks that itself.
+    The multi-node tests stop it while their own cluster runs and start it again after.
     """
     import ray
 
-    if not ray.is_initialized():
-        ray.init(
-            num_cpus=16,
-            num_gpus=4,
-            include_dashboard=False,
-            log_to_driver=False,
-            namespace="model-engine-server-tests",
-            runtime_env={"env_vars": {"RAY_AUTH_MODE": "disabled", "TOKENIZERS_PARALLELISM": "false", "OMP_NUM_THREADS": "1"}},
-        )
+    start_embedded_ray()
     yield ray
     ray.shutdown()
