@@ -41,9 +41,19 @@ class GpuNodes:
         return node.node_id
 
     def remove(self, node_id: str) -> None:
-        """Kill every process of that node at once (raylet, object store, its workers): a machine lost."""
+        """Kill every process of that node at once (raylet, object store, its workers): a machine
+        lost. Ray's `remove_node` kills the node's own processes; its workers would notice the
+        dead raylet only a moment later (and could finish a call meanwhile), so they are killed
+        too, and this returns once all of them are gone."""
+        import psutil
+
         node = self.nodes.pop(node_id)
+        raylet = psutil.Process(node.all_processes["raylet"][0].process.pid)
+        workers = raylet.children(recursive=True)
+        for worker in workers:
+            worker.kill()
         self.cluster.remove_node(node, allow_graceful=False)
+        psutil.wait_procs(workers, timeout=30)
         self.removed.append(node_id)
 
     def alive_node_ids(self) -> set[str]:

@@ -116,13 +116,30 @@ def _status_gauges(status: dict[str, Any], prefix: str) -> Iterator[Any]:
         "paused": ("1 while serving is paused", status.get("paused")),
         "weights_incomplete": ("1 after a failed sync, until a complete one", bool(status.get("weights_incomplete"))),
         "replicas": ("replicas behind this server", status.get("num_replicas")),
+        "live_replicas": ("replicas being routed to (alive, not joining)", status.get("live_replicas")),
     }
     for name, (documentation, value) in gauges.items():
         if value is not None:
             yield GaugeMetricFamily(f"{prefix}_{name}", documentation, value=float(value))
+    yield from _replica_gauges(status.get("replicas"), prefix)
     paused = status.get("paused_seconds_total")
     if paused is not None:
         yield CounterMetricFamily(f"{prefix}_paused_seconds", "time spent paused (weight syncs, admin)", value=float(paused))
+
+
+def _replica_gauges(replicas: Any, prefix: str) -> Iterator[Any]:
+    """Per replica, labelled by name: whether it serves, and how often it was restarted — a
+    replica lost with its node and not (yet) placed again shows as up 0."""
+    if not isinstance(replicas, list) or not replicas:
+        return
+    up = GaugeMetricFamily(f"{prefix}_replica_up", "1 while the replica is alive and routed to", labels=["replica"])
+    restarts = GaugeMetricFamily(f"{prefix}_replica_restarts", "restarts of the replica so far", labels=["replica"])
+    for entry in replicas:
+        name = str(entry.get("name", entry.get("replica")))
+        up.add_metric([name], float(bool(entry.get("alive")) and not entry.get("joining", False)))
+        restarts.add_metric([name], float(entry.get("restarts", 0)))
+    yield up
+    yield restarts
 
 
 class ServerMetrics:
