@@ -53,6 +53,7 @@ def _run(args: list[str], env: dict[str, str], timeout_s: float = 120) -> subpro
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(600)
 def test_start_head_and_join_worker_form_a_token_cluster_that_serve_joins(tiny_model, tmp_path):
     port = _free_port()
     temp_dir = tempfile.mkdtemp(prefix="mes-ray-", dir="/tmp")  # short: Ray's socket paths have a length limit

@@ -29,6 +29,7 @@ from tests.test_replica import assert_nothing_left, replica_config
 GPU_NODES = 4
 DEADLINE_S = 180.0
 
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(600)]  # a cluster start is in the first test's time
 
 @pytest.fixture(scope="module")
 def nodes():

@@ -39,6 +39,7 @@ from tests.test_replica import _new_weights, replica_config
 ADMIN = "multinode-admin"
 CALL_TIMEOUT_S = 120.0
 
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(600)]  # a cluster start is in the first test's time
 
 @pytest.fixture(scope="module")
 def nodes():
