@@ -57,3 +57,15 @@ def reference_top_k(model: torch.nn.Module, request: LogProbRequest, k: int) -> 
     predicting = torch.log_softmax(logits, dim=-1)[request.response_start - 1 : -1]
     values, ids = predicting.topk(min(k, predicting.shape[-1]), dim=-1)
     return ids, values
+
+
+def assert_matches_reference(model_path: Path | str, requests: list[LogProbRequest], outcomes: list) -> None:
+    """Every outcome is a result whose log-probs and entropy equal `reference_log_probs` within 1e-5."""
+    from model_engine_server.protocol import LogProbResult
+
+    reference = reference_model(model_path)
+    for request, outcome in zip(requests, outcomes, strict=True):
+        assert isinstance(outcome, LogProbResult), outcome
+        expected, expected_entropy = reference_log_probs(reference, request)
+        torch.testing.assert_close(torch.from_numpy(outcome.log_probs.copy()), expected, atol=1e-5, rtol=0)
+        torch.testing.assert_close(torch.from_numpy(outcome.entropy.copy()), expected_entropy, atol=1e-5, rtol=0)

@@ -12,9 +12,12 @@ time) and restores it afterwards; `shutdown` checks that every node process is g
 
 from __future__ import annotations
 
+import socket
+import subprocess
 import time
 from dataclasses import dataclass, field
-from typing import Any
+from pathlib import Path
+from typing import Any, Iterator
 
 NODE_OBJECT_STORE_BYTES = 80 << 20
 WORKER_ENV = {"RAY_AUTH_MODE": "disabled", "TOKENIZERS_PARALLELISM": "false", "OMP_NUM_THREADS": "1",
@@ -109,3 +112,45 @@ def _running(psutil, pid: int) -> bool:
         return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
     except psutil.NoSuchProcess:
         return False
+
+
+def cluster_for_module(gpu_nodes: int, namespace: str) -> Iterator[GpuNodes]:
+    """Body of a module-scoped fixture: the cluster for the module's tests, then the session's
+    embedded Ray back (if it ran), and a failure if any node process outlived the cluster."""
+    import ray
+
+    from tests.conftest import start_embedded_ray
+
+    embedded = ray.is_initialized()
+    cluster = start_cluster(gpu_nodes, namespace)
+    try:
+        yield cluster
+    finally:
+        leftovers = stop_cluster(cluster)
+        if embedded:
+            start_embedded_ray()
+    assert leftovers == []
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def wait_healthy(url: str, server: subprocess.Popen, log: Path, deadline_s: float = 300.0) -> None:
+    """Until `serve` (started as `server`, writing `log`) answers /health; its log on failure."""
+    import httpx
+    import pytest
+
+    end = time.monotonic() + deadline_s
+    while time.monotonic() < end:
+        if server.poll() is not None:
+            pytest.fail(f"serve exited with {server.returncode}:\n{log.read_text()[-4000:]}")
+        try:
+            if httpx.get(f"{url}/health", timeout=2).status_code == 200:
+                return
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.5)
+    pytest.fail(f"serve not healthy within {deadline_s:g} s:\n{log.read_text()[-4000:]}")

@@ -7,11 +7,9 @@ from __future__ import annotations
 
 import os
 import shutil
-import socket
 import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 import httpx
@@ -23,15 +21,10 @@ import yaml
 from model_engine_server.config import load_config
 from model_engine_server.protocol import LogProbResult
 from tests.helpers import random_requests, reference_log_probs, reference_model
+from tests.multinode import free_port, wait_healthy
 
 ROOT = Path(__file__).resolve().parents[1]
 DEPLOY = ROOT / "deploy"
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def _kill_tree(marker: str) -> None:
@@ -55,7 +48,7 @@ def _run(args: list[str], env: dict[str, str], timeout_s: float = 120) -> subpro
 @pytest.mark.slow
 @pytest.mark.timeout(600)
 def test_start_head_and_join_worker_form_a_token_cluster_that_serve_joins(tiny_model, tmp_path):
-    port = _free_port()
+    port = free_port()
     temp_dir = tempfile.mkdtemp(prefix="mes-ray-", dir="/tmp")  # short: Ray's socket paths have a length limit
     env = {k: v for k, v in os.environ.items() if k not in ("RAY_AUTH_MODE", "RAY_AUTH_TOKEN", "RAY_ADDRESS")}
     env.update(HOME=str(tmp_path / "home"), RAY_PORT=str(port), PATH=f"{Path(sys.executable).parent}:{env['PATH']}")
@@ -74,7 +67,7 @@ def test_start_head_and_join_worker_form_a_token_cluster_that_serve_joins(tiny_m
                       dict(env, RAY_AUTH_TOKEN=token, RAY_START_ARGS=f"--num-cpus=2 --num-gpus=2 --temp-dir={temp_dir}"))
         assert worker.returncode == 0, worker.stderr[-3000:]
 
-        http_port = _free_port()
+        http_port = free_port()
         overrides = [f"model_engine_server.model_path={tiny_model}", "model_engine_server.num_replicas=2",
                      "model_engine_server.device=cpu", f"model_engine_server.ray.address=127.0.0.1:{port}",
                      "model_engine_server.scheduler.max_wait_ms=1"]
@@ -87,7 +80,7 @@ def test_start_head_and_join_worker_form_a_token_cluster_that_serve_joins(tiny_m
                 env=dict(env, RAY_AUTH_MODE="token", RAY_AUTH_TOKEN=token, OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1"),
             )
         url = f"http://127.0.0.1:{http_port}"
-        _wait_healthy(url, server, log)
+        wait_healthy(url, server, log)
         requests = random_requests(6, 512, seed=90, max_len=150)
         response = httpx.post(f"{url}/v1/logprobs", json={"requests": [r.model_dump() for r in requests]}, timeout=120)
         assert response.status_code == 200, response.text
@@ -109,20 +102,6 @@ def test_start_head_and_join_worker_form_a_token_cluster_that_serve_joins(tiny_m
                 server.kill()
         _kill_tree(temp_dir)
         shutil.rmtree(temp_dir, ignore_errors=True)
-
-
-def _wait_healthy(url: str, server: subprocess.Popen, log: Path, deadline_s: float = 300.0) -> None:
-    end = time.monotonic() + deadline_s
-    while time.monotonic() < end:
-        if server.poll() is not None:
-            pytest.fail(f"serve exited with {server.returncode}:\n{log.read_text()[-4000:]}")
-        try:
-            if httpx.get(f"{url}/health", timeout=2).status_code == 200:
-                return
-        except httpx.HTTPError:
-            pass
-        time.sleep(0.5)
-    pytest.fail(f"serve not healthy within {deadline_s:g} s:\n{log.read_text()[-4000:]}")
 
 
 # ---------------------------------------------------------------------- KubeRay

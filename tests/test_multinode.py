@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import asyncio
 import os
-import socket
 import subprocess
 import sys
 import time
@@ -18,12 +17,11 @@ import httpx
 import pytest
 import torch
 
-from model_engine_server.protocol import LogProbRequest, LogProbResult
+from model_engine_server.protocol import LogProbResult
 from replica.manager import ReplicaManager
 from replica.replica import ModelEngineReplica
-from tests.conftest import start_embedded_ray
-from tests.helpers import random_requests, reference_log_probs, reference_model
-from tests.multinode import GpuNodes, start_cluster, stop_cluster
+from tests.helpers import assert_matches_reference, random_requests
+from tests.multinode import GpuNodes, cluster_for_module, free_port, wait_healthy
 from tests.test_replica import assert_nothing_left, replica_config
 
 GPU_NODES = 4
@@ -33,26 +31,7 @@ pytestmark = [pytest.mark.slow, pytest.mark.timeout(600)]  # a cluster start is 
 
 @pytest.fixture(scope="module")
 def nodes():
-    import ray
-
-    embedded = ray.is_initialized()
-    cluster = start_cluster(GPU_NODES, namespace="multinode-tests")
-    try:
-        yield cluster
-    finally:
-        leftovers = stop_cluster(cluster)
-        if embedded:
-            start_embedded_ray()
-    assert leftovers == []
-
-
-def assert_exact(model_path, requests: list[LogProbRequest], outcomes: list) -> None:
-    reference = reference_model(model_path)
-    for request, outcome in zip(requests, outcomes):
-        assert isinstance(outcome, LogProbResult), outcome
-        expected, expected_entropy = reference_log_probs(reference, request)
-        torch.testing.assert_close(torch.from_numpy(outcome.log_probs.copy()), expected, atol=1e-5, rtol=0)
-        torch.testing.assert_close(torch.from_numpy(outcome.entropy.copy()), expected_entropy, atol=1e-5, rtol=0)
+    yield from cluster_for_module(GPU_NODES, namespace="multinode-tests")
 
 
 def assert_one_group_per_node(nodes: GpuNodes, infos) -> None:
@@ -84,7 +63,7 @@ async def test_a_replica_spans_two_nodes_with_one_process_group_and_scores_exact
         assert replica.executor is not None and replica.executor.groups == expected_groups
         requests = random_requests(10, 512, seed=70, max_len=300)
         outcomes = await asyncio.wait_for(replica.score(requests), DEADLINE_S)
-        assert_exact(tiny_model, requests, outcomes)
+        assert_matches_reference(tiny_model, requests, outcomes)
         assert {node for node in replica.status()["nodes"]} == {i.node_id for i in infos}
     finally:
         await replica.shutdown()
@@ -104,7 +83,7 @@ async def test_two_two_node_replicas_are_routed_by_least_outstanding_tokens(node
         # replica 1 (fewer outstanding tokens) until replica 1 holds as many as replica 0
         outcomes = await asyncio.wait_for(manager.score(long + short), DEADLINE_S)
         assert manager.routed_requests == [1, 6]
-        assert_exact(tiny_model, long + short, outcomes)
+        assert_matches_reference(tiny_model, long + short, outcomes)
         balanced = random_requests(8, 512, seed=73, min_len=100, max_len=100)
         await asyncio.wait_for(manager.score(balanced), DEADLINE_S)
         assert manager.routed_requests == [1 + 4, 6 + 4]
@@ -114,18 +93,12 @@ async def test_two_two_node_replicas_are_routed_by_least_outstanding_tokens(node
     await assert_nothing_left()
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 def test_the_server_joins_a_running_cluster_by_address_and_spans_two_nodes(nodes, tiny_model, tmp_path):
     """`serve` in its own process with `ray.address` set, as a user joins the cluster their
     training job runs on: a Megatron replica of TP 2 over two one-GPU nodes, scored over HTTP."""
     pytest.importorskip("megatron.core")
     pytest.importorskip("mbridge")
-    port = _free_port()
+    port = free_port()
     overrides = [
         f"model_engine_server.model_path={tiny_model}", "model_engine_server.backend=megatron",
         "model_engine_server.megatron.tensor_model_parallel_size=2", "model_engine_server.nnodes=2",
@@ -141,7 +114,7 @@ def test_the_server_joins_a_running_cluster_by_address_and_spans_two_nodes(nodes
     )
     url = f"http://127.0.0.1:{port}"
     try:
-        _wait_healthy(url, server, tmp_path / "serve.log")
+        wait_healthy(url, server, tmp_path / "serve.log")
         requests = random_requests(6, 512, seed=74, max_len=200)
         response = httpx.post(f"{url}/v1/logprobs", json={"requests": [r.model_dump() for r in requests]}, timeout=120)
         assert response.status_code == 200, response.text
@@ -149,7 +122,7 @@ def test_the_server_joins_a_running_cluster_by_address_and_spans_two_nodes(nodes
         (replica,) = status["replicas"]
         assert len(set(replica["nodes"])) == 2 and set(replica["nodes"]) <= set(nodes.nodes)
         outcomes = [LogProbResult.from_wire(result) for result in response.json()["results"]]
-        assert_exact(tiny_model, requests, outcomes)
+        assert_matches_reference(tiny_model, requests, outcomes)
     finally:
         server.terminate()
         try:
@@ -159,20 +132,6 @@ def test_the_server_joins_a_running_cluster_by_address_and_spans_two_nodes(nodes
         log.close()
     assert server.returncode is not None
     _assert_cluster_released(nodes)
-
-
-def _wait_healthy(url: str, server: subprocess.Popen, log_path, deadline_s: float = 300.0) -> None:
-    end = time.monotonic() + deadline_s
-    while time.monotonic() < end:
-        if server.poll() is not None:
-            pytest.fail(f"serve exited with {server.returncode}:\n{log_path.read_text()[-4000:]}")
-        try:
-            if httpx.get(f"{url}/health", timeout=2).status_code == 200:
-                return
-        except httpx.HTTPError:
-            pass
-        time.sleep(0.5)
-    pytest.fail(f"serve not healthy within {deadline_s:g} s:\n{log_path.read_text()[-4000:]}")
 
 
 def _assert_cluster_released(nodes: GpuNodes, deadline_s: float = 60.0) -> None:

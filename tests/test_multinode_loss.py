@@ -30,9 +30,8 @@ from model_engine_server.http.app import create_app
 from model_engine_server.http.metrics import ServerMetrics
 from model_engine_server.protocol import LogProbRequest, LogProbResult
 from replica.manager import ReplicaManager
-from tests.conftest import start_embedded_ray
 from tests.helpers import random_requests, reference_log_probs, reference_model
-from tests.multinode import GpuNodes, start_cluster, stop_cluster
+from tests.multinode import GpuNodes, cluster_for_module
 from tests.test_http_support import ServerThread
 from tests.test_replica import _new_weights, replica_config
 
@@ -43,17 +42,7 @@ pytestmark = [pytest.mark.slow, pytest.mark.timeout(600)]  # a cluster start is 
 
 @pytest.fixture(scope="module")
 def nodes():
-    import ray
-
-    embedded = ray.is_initialized()
-    cluster = start_cluster(5, namespace="multinode-loss-tests")  # 2 replicas x 2 nodes + 1 spare
-    try:
-        yield cluster
-    finally:
-        leftovers = stop_cluster(cluster)
-        if embedded:
-            start_embedded_ray()
-    assert leftovers == []
+    yield from cluster_for_module(5, namespace="multinode-loss-tests")  # 2 replicas x 2 nodes + 1 spare
 
 
 @dataclass

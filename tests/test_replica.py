@@ -328,7 +328,7 @@ async def test_megatron_pipeline_replica_takes_results_from_its_last_stage(ray_c
     only the last stage (rank 1) returns results, and they match plain transformers."""
     pytest.importorskip("megatron.core")
     pytest.importorskip("mbridge")
-    from tests.helpers import reference_log_probs, reference_model
+    from tests.helpers import assert_matches_reference
 
     config = replica_config(tiny_model, backend="megatron", gpus_per_replica_node=2, pipeline_model_parallel_size=2)
     replica = ModelEngineReplica(config, index=9)
@@ -339,12 +339,7 @@ async def test_megatron_pipeline_replica_takes_results_from_its_last_stage(ray_c
         assert replica.executor is not None and replica.executor.groups == [[0, 1]]
         requests = random_requests(8, 512, seed=11, max_len=300)
         outcomes = await asyncio.wait_for(replica.score(requests), DEADLINE_S)
-        reference = reference_model(tiny_model)
-        for request, outcome in zip(requests, outcomes):
-            assert isinstance(outcome, LogProbResult), outcome
-            expected, expected_entropy = reference_log_probs(reference, request)
-            torch.testing.assert_close(torch.from_numpy(outcome.log_probs.copy()), expected, atol=1e-5, rtol=0)
-            torch.testing.assert_close(torch.from_numpy(outcome.entropy.copy()), expected_entropy, atol=1e-5, rtol=0)
+        assert_matches_reference(tiny_model, requests, outcomes)
     finally:
         await replica.shutdown()
     await assert_nothing_left()
