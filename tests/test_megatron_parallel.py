@@ -213,14 +213,14 @@ def test_layout_not_matching_the_replica_is_a_clear_error_on_every_rank(ranks):
         assert "a multiple of 3" in seen["layout_error/3x1"]
 
 
-def test_top_k_is_vocab_parallel_under_tp_and_refused_under_pp(ranks, tiny_models):
-    """TP=2: each rank's half of the head merges to HF's top-k (values 1e-5, ranks exact) on every
-    rank; PP>1: every rank refuses top_k alike, with a message naming pipeline parallelism."""
+def test_top_k_equals_hf_under_tp_pp_and_tp_x_pp_on_every_rank(ranks, tiny_models):
+    """TP=2: each rank's half of the head merges to HF's top-k; PP=2 and TP=2 x PP=2: the last
+    stage computes it and every stage receives the same (ids and ranks exact, values 1e-5)."""
     expected = _score_top_k(build_engine("hf", EngineSpec(model_path=str(tiny_models["qwen2_tied"]))))
     for rank in ranks:
-        for got, want in zip(rank["top_k/2x1"], expected, strict=True):
-            assert not isinstance(got, str), got
-            np.testing.assert_allclose(got[1], want[1], atol=TOLERANCE, rtol=0)
-            np.testing.assert_array_equal(got[2], want[2])
-        for layout in ("1x2", "2x2"):
-            assert all(isinstance(o, str) and "pipeline parallelism" in o for o in rank[f"top_k/{layout}"])
+        for layout in ("2x1", "1x2", "2x2"):
+            for got, want in zip(rank[f"top_k/{layout}"], expected, strict=True):
+                assert not isinstance(got, str), got
+                assert (got[0] == want[0]).mean() > 0.99  # ids: the same, but for near-ties within 1e-5
+                np.testing.assert_allclose(got[1], want[1], atol=TOLERANCE, rtol=0)
+                np.testing.assert_array_equal(got[2], want[2])

@@ -50,13 +50,14 @@ from model_engine_server.engines.megatron_packing import PerSequenceRotary, atte
 from model_engine_server.engines.megatron_parallel import (
     acquire_layout,
     broadcast_from_last_stage,
+    broadcast_scores_from_last_stage,
     ensure_process_group,
     receive_from_previous_stage,
     release_layout,
     send_to_next_stage,
 )
 from model_engine_server.engines.megatron_weights import TIED_ALIASES, HFWeightMap, checkpoint_weights
-from model_engine_server.logprobs import LMHead
+from model_engine_server.logprobs import ChunkedScores, LMHead
 from model_engine_server.packing import PackedBatch
 
 logger = logging.getLogger(__name__)
@@ -242,12 +243,23 @@ class MegatronEngine(HiddenStateEngine):
         results = broadcast_from_last_stage(self.layout, results.contiguous())
         return results[0], (results[1] if want_entropy else None)
 
-    def top_k_unsupported(self) -> str | None:
-        """Pipeline stages broadcast only log-probs and entropy from the last stage; top-k there
-        is not wired up yet (tensor parallelism alone is: the head merges its shards' top-k)."""
-        if self.layout.pp_size > 1:
-            return f"top_k is not supported with pipeline parallelism (pp_size={self.layout.pp_size}) yet"
-        return None
+    @torch.inference_mode()
+    def score_packed_top_k(
+        self, batch: PackedBatch, temperatures: torch.Tensor, want_entropy: bool, chunk_tokens: int | None, top_k: int
+    ) -> ChunkedScores:
+        """Under pipeline parallelism only the last stage holds the head: it computes the top-k
+        (vocab-parallel over its TP group) and every stage receives the same results."""
+        if self.layout.pp_size == 1:
+            return super().score_packed_top_k(batch, temperatures, want_entropy, chunk_tokens, top_k)
+        scores = None
+        if self.layout.is_last_stage:
+            scores = super().score_packed_top_k(batch, temperatures, want_entropy, chunk_tokens, top_k)
+        else:
+            self.hidden_states(batch)
+        k = min(top_k, int(self.bridge.hf_config.vocab_size))
+        return broadcast_scores_from_last_stage(
+            self.layout, scores, int(batch.targets.shape[0]), k, want_entropy, self.device
+        )
 
     def weight_specs(self) -> dict[str, WeightSpec]:
         """Every HF tensor of the whole model (all stages), full unsharded shapes."""

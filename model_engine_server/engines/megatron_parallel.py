@@ -20,6 +20,7 @@ import torch
 import torch.distributed as dist
 
 from model_engine_server.engines.megatron_bridge import MegatronConfigError
+from model_engine_server.logprobs import ChunkedScores
 
 _lock = threading.Lock()
 _users = 0
@@ -174,3 +175,27 @@ def broadcast_from_last_stage(layout: ModelParallelLayout, tensor: torch.Tensor)
     """Give every stage the last stage's results (a few floats per token), in place."""
     dist.broadcast(tensor, src=layout.last_stage_rank, group=layout.pp_group)
     return tensor
+
+
+def broadcast_scores_from_last_stage(
+    layout: ModelParallelLayout, scores: ChunkedScores | None, num_scored: int, top_k: int, want_entropy: bool,
+    device: torch.device,
+) -> ChunkedScores:
+    """Top-k results of the last stage on every stage (`scores` is None elsewhere): one float
+    tensor (log-prob, entropy, k log-probs per position) and one int64 tensor (target rank, k ids),
+    so two broadcasts per batch whatever k is."""
+    floats = torch.empty(num_scored, 2 + top_k, dtype=torch.float32, device=device)
+    ints = torch.empty(num_scored, 1 + top_k, dtype=torch.int64, device=device)
+    if scores is not None:
+        assert scores.top_k_ids is not None and scores.top_k_log_probs is not None and scores.target_ranks is not None
+        floats[:, 0] = scores.log_probs
+        floats[:, 1] = scores.entropy if scores.entropy is not None else 0.0
+        floats[:, 2:] = scores.top_k_log_probs
+        ints[:, 0] = scores.target_ranks
+        ints[:, 1:] = scores.top_k_ids
+    dist.broadcast(floats, src=layout.last_stage_rank, group=layout.pp_group)
+    dist.broadcast(ints, src=layout.last_stage_rank, group=layout.pp_group)
+    return ChunkedScores(
+        log_probs=floats[:, 0], entropy=floats[:, 1] if want_entropy else None,
+        top_k_ids=ints[:, 1:], top_k_log_probs=floats[:, 2:], target_ranks=ints[:, 0],
+    )
