@@ -4,6 +4,10 @@
 trainer-style `log_softmax` allocates a second tensor of that size. The chunked path holds
 one chunk of logits at a time (`logprob_chunk_mb`, default 128 MB). Both compute the log-prob
 of every target and the entropy; their results must agree within 1e-5.
+
+Top-k (k = 20 and 100, what vLLM clients ask for as `prompt_logprobs`) runs in the same chunks:
+each chunk's top-k is taken from its logits buffer and the target's rank is counted in the
+second buffer, so the extra memory is the `[tokens, k]` result, not a `[tokens, vocab]` tensor.
 """
 
 from __future__ import annotations
@@ -14,14 +18,24 @@ from typing import Any
 import torch
 
 from bench.common import Target, measure_peak_bytes
-from model_engine_server.logprobs import LMHead, chunk_tokens_for, chunked_log_probs, full_logits_log_probs
+from model_engine_server.logprobs import (
+    ChunkedScores,
+    LMHead,
+    chunk_tokens_for,
+    chunked_log_probs,
+    chunked_scores,
+    full_logits_log_probs,
+)
 
 VOCAB_SIZE = 151_936
 HIDDEN_SIZE = 896  # Qwen2-0.5B's width
+TOP_KS = (20, 100)
 TARGETS = [
     Target("memory_ratio", ">=", 8.0),
     Target("max_abs_diff", "<=", 1e-5),
     Target("chunked_vs_float64_entropy", "<=", 1e-5),
+    Target("top_100_vs_full_logits", ">=", 8.0),
+    Target("top_k_max_abs_diff", "<=", 1e-5),
 ]
 
 
@@ -33,6 +47,28 @@ def _inputs(num_tokens: int, seed: int = 0) -> tuple[torch.Tensor, LMHead, torch
     targets = torch.randint(0, VOCAB_SIZE, (num_tokens,), generator=generator).to(device)
     temperatures = torch.full((num_tokens,), 0.7, device=device)
     return hidden, LMHead(weight), targets, temperatures
+
+
+def top_k_peak(
+    hidden: torch.Tensor, head: LMHead, targets: torch.Tensor, temperatures: torch.Tensor, top_k: int,
+    chunk_tokens: int | None = None,
+) -> tuple[ChunkedScores, int]:
+    """The server's chunked step with `top_k` (log-probs, entropy, top-k, ranks) and its peak extra
+    memory in bytes (`measure_peak_bytes`); shared with the test that bounds it."""
+    gc.collect()
+    return measure_peak_bytes(
+        lambda: chunked_scores(hidden, head, targets, temperatures, True, top_k, chunk_tokens))
+
+
+def _top_k_check(
+    hidden: torch.Tensor, head: LMHead, temperatures: torch.Tensor, scores: ChunkedScores, rows: int = 512
+) -> float:
+    """Largest distance of the chunked top-k log-probs from `torch.topk` of the full fp32
+    `log_softmax` on the first `rows` tokens (values, not ids: exact ties may order freely)."""
+    assert scores.top_k_log_probs is not None
+    logits = (hidden[:rows] @ head.weight.T) / temperatures[:rows].unsqueeze(1)
+    expected = torch.log_softmax(logits, dim=-1).topk(scores.top_k_log_probs.shape[1], dim=-1).values
+    return (scores.top_k_log_probs[:rows] - expected).abs().max().item()
 
 
 def _float64_check(
@@ -75,17 +111,28 @@ def run(quick: bool = False) -> dict[str, Any]:
     gc.collect()
     (full_lp, full_entropy), full_peak = measure_peak_bytes(full)
     precision = _float64_check(hidden[:512], head, targets[:512], temperatures[:512], chunk_tokens)
+    full_logits_bytes = num_tokens * VOCAB_SIZE * 4
+    top_k: dict[str, Any] = {}
+    diffs = []
+    for k in TOP_KS:
+        scores, peak = top_k_peak(hidden, head, targets, temperatures, k, chunk_tokens)
+        top_k[f"top_{k}_peak_bytes"] = peak
+        top_k[f"top_{k}_vs_full_logits"] = full_logits_bytes / max(1, peak)
+        diffs.append(_top_k_check(hidden, head, temperatures, scores))
+        del scores
     return {
         "num_tokens": num_tokens,
         "vocab_size": VOCAB_SIZE,
         "hidden_size": HIDDEN_SIZE,
         "chunk_tokens": chunk_tokens,
-        "full_logits_bytes": num_tokens * VOCAB_SIZE * 4,
+        "full_logits_bytes": full_logits_bytes,
         "chunked_peak_bytes": chunked_peak,
         "full_peak_bytes": full_peak,
         "memory_ratio": full_peak / max(1, chunked_peak),
         "max_abs_diff": (chunked_lp - full_lp).abs().max().item(),  # log-probs, chunked vs full
         "entropy_max_abs_diff": (chunked_entropy - full_entropy).abs().max().item(),
         **precision,
+        **top_k,
+        "top_k_max_abs_diff": max(diffs),  # over k = 20 and 100, against torch.topk of full logits
         "method": "torch.cuda.max_memory_allocated" if torch.cuda.is_available() else "peak RSS (VmHWM) reset via /proc/self/clear_refs",
     }

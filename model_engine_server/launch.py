@@ -57,7 +57,7 @@ def ensure_model_path(config: ServerConfig) -> str:
 
     target.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{TINY_MODEL_NAME}-", dir=target.parent))
-    make_tiny_model(staging, seed=0)
+    make_tiny_model(staging, seed=0, tokenizer=True)  # text prompts on /v1/completions work too
     try:
         staging.rename(target)  # atomic: a concurrent `serve` sees a whole checkpoint or none
     except OSError:

@@ -136,9 +136,11 @@ def _chunk_stats(
     if shifted_top is not None:
         top_values, top_ids = shifted_top
         # the target's exact rank, as vLLM reports it: 1 + how many tokens are strictly more
-        # likely (one compare over the chunk's logits, summed over the shards; its bool
-        # `[chunk, vocab_shard]` temporary is an eighth of one fp32 buffer)
-        greater = (logits > target_logit.unsqueeze(1)).sum(dim=1)
+        # likely (one compare over the chunk's logits, summed over the shards). The compare
+        # writes 0/1 into the second buffer, free once its sums are taken: a bool tensor's `.sum`
+        # first copies it to int64 (8 bytes x [chunk, vocab_shard], twice the buffer; `bench
+        # memory` saw the top-k peak double). fp32 counts are exact below 2**24 per shard.
+        greater = torch.gt(logits, target_logit.unsqueeze(1), out=exp_shifted).sum(dim=1).to(torch.int64)
         ranks = _all_reduce(greater, "sum", head.group).add_(1)
         top = (top_ids, top_values - log_sum_exp.unsqueeze(1), ranks)
     return log_probs, entropy, top

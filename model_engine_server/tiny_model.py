@@ -2,7 +2,8 @@
 
 The same seed gives the same weights, so tests, demos and benchmarks agree on what they load.
 Sizes are flags: the defaults make a ~1M-parameter model that scores in milliseconds on CPU;
-the benchmarks ask for ~100M parameters with a 151,936-token vocabulary.
+the benchmarks ask for ~100M parameters with a 151,936-token vocabulary. With `tokenizer=True` the
+folder also gets a small byte-level tokenizer trained here (`tiny_tokenizer`), for text prompts.
 """
 
 from __future__ import annotations
@@ -59,8 +60,14 @@ def _config(shape: TinyModelShape):  # -> transformers.PretrainedConfig
     return LlamaConfig(**common)
 
 
-def make_tiny_model(output_dir: str | Path, shape: TinyModelShape | None = None, seed: int = 0) -> Path:
-    """Write a random-init checkpoint (config.json + model.safetensors) and return its folder."""
+def make_tiny_model(
+    output_dir: str | Path, shape: TinyModelShape | None = None, seed: int = 0, tokenizer: bool = False
+) -> Path:
+    """Write a random-init checkpoint (config.json + model.safetensors) and return its folder.
+
+    `tokenizer=True` also saves a tokenizer whose ids fit the vocabulary (`tokenizer.json`,
+    `tokenizer_config.json`). It is off by default: a folder without one is how the server is told
+    to score token ids only, and the tests of that rely on it."""
     from transformers import AutoModelForCausalLM
     from transformers.utils import logging as hf_logging
 
@@ -73,6 +80,10 @@ def make_tiny_model(output_dir: str | Path, shape: TinyModelShape | None = None,
     output = Path(output_dir)
     output.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(output, safe_serialization=True)
+    if tokenizer:
+        from model_engine_server.tiny_tokenizer import save_tiny_tokenizer
+
+        save_tiny_tokenizer(output, shape.vocab_size, model_max_length=shape.max_position_embeddings)
     return output
 
 

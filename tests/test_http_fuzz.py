@@ -86,7 +86,7 @@ def test_no_input_makes_the_server_answer_5xx(fuzzed_server, mode):
                                               "/v1/update_weights", "/v1/status"}
     for operation in operations:
         media_types = [None]
-        if operation.path == "/v1/logprobs" and operation.method.upper() == "POST":
+        if operation.path in ("/v1/logprobs", "/v1/completions") and operation.method.upper() == "POST":
             media_types = ["application/json", "application/msgpack"]
         for media_type in media_types:
 

@@ -1,4 +1,4 @@
-"""`make-tiny-model DIR`: write a small random HF checkpoint (nothing can be downloaded)."""
+"""`make-tiny-model DIR`: write a small random HF checkpoint and tokenizer (nothing can be downloaded)."""
 
 from __future__ import annotations
 
@@ -6,6 +6,7 @@ import argparse
 import json
 
 from model_engine_server.tiny_model import ARCHITECTURES, TinyModelShape, make_tiny_model
+from model_engine_server.tiny_tokenizer import MIN_VOCAB_SIZE
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -23,6 +24,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     tied.add_argument("--tied", dest="tie_word_embeddings", action="store_true", default=None)
     tied.add_argument("--untied", dest="tie_word_embeddings", action="store_false")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--tokenizer", action=argparse.BooleanOptionalAction, default=None,
+                        help="write a byte-level tokenizer trained here (default: when the vocabulary "
+                             f"holds one, {MIN_VOCAB_SIZE}+ tokens)")
     parser.set_defaults(func=run)
 
 
@@ -37,8 +41,16 @@ def run(args: argparse.Namespace) -> int:
         num_kv_heads=args.num_kv_heads,
         tie_word_embeddings=args.tie_word_embeddings,
     )
-    path = make_tiny_model(args.output_dir, shape, seed=args.seed)
+    fits = shape.vocab_size >= MIN_VOCAB_SIZE
+    if args.tokenizer and not fits:
+        print(f"--tokenizer needs --vocab-size {MIN_VOCAB_SIZE} or more (256 bytes + bos/eos), "
+              f"not {shape.vocab_size}")
+        return 2
+    tokenizer = fits if args.tokenizer is None else args.tokenizer
+    path = make_tiny_model(args.output_dir, shape, seed=args.seed, tokenizer=tokenizer)
     config = json.loads((path / "config.json").read_text())
+    tokenizer_note = "with a tokenizer" if tokenizer else (
+        "no tokenizer" if args.tokenizer is False else f"no tokenizer: vocab below {MIN_VOCAB_SIZE}")
     print(f"wrote {config['architectures'][0]} ({config['vocab_size']} vocab, "
-          f"tied={config.get('tie_word_embeddings')}) to {path}")
+          f"tied={config.get('tie_word_embeddings')}, {tokenizer_note}) to {path}")
     return 0

@@ -24,6 +24,8 @@ one the single returned token of `max_tokens: 1` comes from. One forward per pro
   folder has one, else the id in decimal (`tokens.TokenText`).
 - Every choice carries `weight_version` (the weights that scored it); the response's own
   `weight_version` is the oldest of them. Log-probs below -9999 are sent as -9999.0, as vLLM.
+- Bodies: JSON, or msgpack as on `/v1/logprobs` (`wire.py`: a msgpack request gets a msgpack
+  answer unless `accept` asks for JSON; token-id prompts may be the codec's integer arrays).
 """
 
 from __future__ import annotations
@@ -35,15 +37,22 @@ from typing import Any
 
 import numpy as np
 from fastapi import APIRouter, Request
-from fastapi.responses import JSONResponse
+from fastapi.responses import JSONResponse, Response
 
 from model_engine_server.errors import InvalidRequest, ModelEngineError
 from model_engine_server.http.completions_schema import CompletionsBody, parse_completions_body
 from model_engine_server.http.errors import error_response
-from model_engine_server.http.routes import ERRORS, INT64_MAX, _check_content_type, _schema_body, read_body
+from model_engine_server.http.routes import (
+    ERRORS,
+    INT64_MAX,
+    _check_content_type,
+    _schema_body,
+    _wants_msgpack,
+    read_body,
+)
 from model_engine_server.http.schemas import ErrorResponse
 from model_engine_server.http.tokens import TokenText
-from model_engine_server.http.wire import JSON_TYPES, decode_body
+from model_engine_server.http.wire import JSON, JSON_TYPES, MSGPACK, MSGPACK_TYPES, decode_body, encode_body
 from model_engine_server.protocol import MAX_TOP_K, LogProbRequest, LogProbResult
 
 MIN_LOGPROB = -9999.0  # vLLM's floor for -inf in JSON
@@ -171,12 +180,14 @@ def _choice(index: int, scored: ScoredPrompt, body: CompletionsBody, text: Token
 
 
 @completions_router.post("/v1/completions", summary="OpenAI/vLLM completions, scoring subset (max_tokens 0 or 1)",
-                         responses={**ERRORS, 404: {"model": ErrorResponse}},
-                         openapi_extra=_schema_body("CompletionsBody", ("application/json",)))
-async def completions(request: Request) -> JSONResponse:
+                         response_model=None,
+                         responses={200: {"content": {MSGPACK: {}}}, **ERRORS, 404: {"model": ErrorResponse}},
+                         openapi_extra=_schema_body("CompletionsBody", (JSON, MSGPACK)))
+async def completions(request: Request) -> Response:
     state = request.app.state
-    _check_content_type(request, JSON_TYPES)
-    body = parse_completions_body(decode_body(await read_body(request, state.max_body_bytes), "application/json"))
+    _check_content_type(request, MSGPACK_TYPES | JSON_TYPES)
+    payload = decode_body(await read_body(request, state.max_body_bytes), request.headers.get("content-type"))
+    body = parse_completions_body(_array_prompts_as_lists(payload))
     if body.model is not None and body.model != state.model_name:
         return JSONResponse({"error": {"code": "not_found", "message": f"the model {body.model!r} is not served here; "
                                        f"this server serves {state.model_name!r}", "field": "model"}}, status_code=404)
@@ -202,7 +213,7 @@ async def completions(request: Request) -> JSONResponse:
     scored = [ScoredPrompt(ids, outcome) for ids, outcome in zip(prompts, outcomes)]
     choices = [_choice(index, item, body, text) for index, item in enumerate(scored)]
     prompt_tokens = sum(len(ids) for ids in prompts)
-    return JSONResponse({
+    answer = {
         "id": f"cmpl-{secrets.token_hex(16)}",
         "object": "text_completion",
         "created": int(time.time()),
@@ -211,7 +222,28 @@ async def completions(request: Request) -> JSONResponse:
         "usage": {"prompt_tokens": prompt_tokens, "completion_tokens": body.max_tokens * len(prompts),
                   "total_tokens": prompt_tokens + body.max_tokens * len(prompts)},
         "weight_version": min(item.result.weight_version for item in scored),
-    })
+    }
+    if _wants_msgpack(request):
+        return Response(encode_body(answer, as_msgpack=True), media_type=MSGPACK)
+    return JSONResponse(answer)
+
+
+def _array_prompts_as_lists(payload: Any) -> Any:
+    """A msgpack body's token ids may be the codec's 1-D integer arrays (one prompt, a list of
+    them, or one 2-D array of equal-length prompts): as lists, they validate like JSON ones.
+    Any other array is left as it is, for validation to refuse naming `prompt`."""
+    if not isinstance(payload, dict):
+        return payload
+    prompt = payload.get("prompt")
+    if _is_id_array(prompt, (1, 2)):
+        return {**payload, "prompt": prompt.tolist()}
+    if isinstance(prompt, list) and prompt and all(_is_id_array(item, (1,)) for item in prompt):
+        return {**payload, "prompt": [item.tolist() for item in prompt]}
+    return payload
+
+
+def _is_id_array(value: Any, dims: tuple[int, ...]) -> bool:
+    return isinstance(value, np.ndarray) and value.dtype.kind in "iu" and value.ndim in dims
 
 
 @completions_router.get("/v1/models", summary="The served model, in OpenAI's list shape")
