@@ -18,22 +18,34 @@ from pathlib import Path
 from typing import Any
 
 from bench.common import flatten, format_table, machine_info
+from bench.shapes import MEASURED
 
 BENCHMARKS: dict[str, str] = {
     "scoring": "bench.scoring",
     "memory": "bench.memory",
     "serving": "bench.serving",
     "sync": "bench.sync",
+    "sync_multinode": "bench.sync_multinode",
     "ref": "bench.ref",
     "profile": "bench.profile",
+    "trainer_savings": "bench.trainer_savings",
 }
 
 
-def run_benchmark(name: str, quick: bool) -> dict[str, Any]:
+def module_targets(module: Any, figures: dict[str, Any]) -> list[Any] | None:
+    """A benchmark's targets for these figures: `targets(figures)` where the set depends on what
+    ran (the scoring shapes), else its `TARGETS` list (None if it has neither)."""
+    if hasattr(module, "targets"):
+        return module.targets(figures)
+    return getattr(module, "TARGETS", None)
+
+
+def run_benchmark(name: str, quick: bool, **options: Any) -> dict[str, Any]:
+    """`options` (e.g. `shape`, `max_tokens`) go to the benchmark's `run` where given."""
     module = importlib.import_module(BENCHMARKS[name])
     started = time.time()
-    figures = module.run(quick=quick)
-    targets = [target.check(figures) for target in getattr(module, "TARGETS", [])]
+    figures = module.run(quick=quick, **{key: value for key, value in options.items() if value is not None})
+    targets = [target.check(figures) for target in module_targets(module, figures) or []]
     return {
         "benchmark": name,
         "command": "python -m bench " + " ".join(shlex.quote(arg) for arg in sys.argv[1:]),
@@ -60,12 +72,18 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("name", choices=[*BENCHMARKS, "all"])
     parser.add_argument("--quick", action="store_true", help="fewer requests, same model: minutes on 2 cores")
     parser.add_argument("--json", type=Path, help="write the figures here (for `all`: one file per benchmark, NAME inserted)")
+    parser.add_argument("--shape", action="append", choices=list(MEASURED),
+                        help="scoring only, repeatable: model shapes to run (default: toy)")
+    parser.add_argument("--max-tokens", type=int, help="scoring only: scale the real shapes' length mix to ~this many tokens")
     args = parser.parse_args(argv)
+    options = {"shape": args.shape, "max_tokens": args.max_tokens}
+    if args.name != "scoring" and any(value is not None for value in options.values()):
+        parser.error("--shape and --max-tokens apply to the scoring benchmark only")
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")
     names = list(BENCHMARKS) if args.name == "all" else [args.name]
     for name in names:
-        record = run_benchmark(name, args.quick)
+        record = run_benchmark(name, args.quick, **options)
         print_record(record)
         if args.json:
             path = args.json if len(names) == 1 else args.json.with_name(f"{args.json.stem}-{name}{args.json.suffix}")

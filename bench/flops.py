@@ -15,8 +15,9 @@ import torch
 from bench.common import best_time
 
 
-def forward_flops(config: Any, sequences: Sequence[tuple[int, int]]) -> float:
-    """FLOPs of one forward over `(input_tokens, scored_tokens)` per sequence."""
+def forward_flops_split(config: Any, sequences: Sequence[tuple[int, int]]) -> tuple[float, float]:
+    """(body FLOPs, LM-head FLOPs) of one forward over `(input_tokens, scored_tokens)` per
+    sequence: the split that decides how much scoring response positions only can save."""
     hidden = config.hidden_size
     heads = config.num_attention_heads
     head_dim = getattr(config, "head_dim", None) or hidden // heads
@@ -25,11 +26,18 @@ def forward_flops(config: Any, sequences: Sequence[tuple[int, int]]) -> float:
     projections = hidden * heads * head_dim * 2 + hidden * kv_heads * head_dim * 2  # q, o, k, v
     mlp = 3 * hidden * config.intermediate_size  # gate, up, down
     per_token = 2 * layers * (projections + mlp)
-    total = 0.0
+    body = head = 0.0
     for length, scored in sequences:
         attention = layers * 2 * 2 * (length * (length + 1) / 2) * heads * head_dim
-        total += per_token * length + attention + 2 * hidden * config.vocab_size * scored
-    return total
+        body += per_token * length + attention
+        head += 2 * hidden * config.vocab_size * scored
+    return body, head
+
+
+def forward_flops(config: Any, sequences: Sequence[tuple[int, int]]) -> float:
+    """FLOPs of one forward over `(input_tokens, scored_tokens)` per sequence."""
+    body, head = forward_flops_split(config, sequences)
+    return body + head
 
 
 def gemm_flops_per_s(dtype: torch.dtype, size: int = 2048, repeats: int = 5) -> float:

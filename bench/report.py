@@ -18,7 +18,7 @@ from typing import Any
 from bench.common import flatten
 
 BENCH_DIR = Path(__file__).resolve().parent
-ORDER = ["scoring", "memory", "serving", "sync", "profile"]
+ORDER = ["scoring", "trainer_savings", "memory", "serving", "sync", "profile"]
 
 
 def _value(value: Any) -> str:
@@ -30,12 +30,12 @@ def _value(value: Any) -> str:
 def current_targets(record: dict[str, Any]) -> list[dict[str, Any]]:
     """Verdicts from the benchmark's targets as the code states them now, checked against the
     recorded figures, so a target added later is reported (met or missed) without a rerun."""
-    from bench.__main__ import BENCHMARKS
+    from bench.__main__ import BENCHMARKS, module_targets
 
     module_name = BENCHMARKS.get(record["benchmark"])
     if module_name is None:
         return record["targets"]
-    targets = getattr(importlib.import_module(module_name), "TARGETS", None)
+    targets = module_targets(importlib.import_module(module_name), record["figures"])
     return record["targets"] if targets is None else [target.check(record["figures"]) for target in targets]
 
 

@@ -13,6 +13,13 @@ body, as in real small policies), on an RL-like length mix, timed side by side i
 All paths must give the same log-probs; each round times every path once, rounds repeated,
 least of each kept. Model FLOP/s counts the forward from the architecture
 (response-only LM head counted as such) over the dense GEMM FLOP/s measured in the same run.
+
+`--shape` adds real model shapes (`bench/shapes.py`: Qwen2.5-0.5B, -1.5B, full configs, random
+weights, fp32 only), each nested under its key in the JSON; the toy stays at the top level.
+`--max-tokens` scales those shapes' length mix down to about that many tokens (same requests,
+shorter: fewer tokens, not a smaller model). Every shape also reports its FLOP split, the
+causes of its ratio to verl (`bench/scoring_causes.py`), and the run ends with predictions -
+labelled as such - for the 7B and 32B shapes (`bench/scoring_predict.py`).
 """
 
 from __future__ import annotations
@@ -26,7 +33,7 @@ from typing import Any
 
 import torch
 
-from bench import scoring_verl
+from bench import scoring_causes, scoring_predict, scoring_verl, shapes
 from bench.common import Target, alternating_best
 from bench.flops import forward_flops, gemm_flops_per_s
 from model_engine_server.adapter import ModelEngineServerAdapter
@@ -35,12 +42,9 @@ from model_engine_server.engines.hf import HFEngine
 from model_engine_server.logprobs import full_logits_log_probs
 from model_engine_server.packing import pack_sequences, split_by_token_budget
 from model_engine_server.protocol import LogProbRequest
-from model_engine_server.tiny_model import TinyModelShape, make_tiny_model
+from model_engine_server.tiny_model import TinyModelShape
 
-MODEL = TinyModelShape(
-    arch="qwen2", vocab_size=151_936, hidden_size=512, intermediate_size=1536, num_layers=6,
-    num_heads=8, num_kv_heads=2, max_position_embeddings=8192, tie_word_embeddings=True,
-)
+MODEL = shapes.TOY
 TOKEN_BUDGET = 8192
 PADDED_SEQUENCES_PER_BATCH = 2
 TARGETS = [
@@ -48,12 +52,14 @@ TARGETS = [
     Target("max_abs_diff_vs_verl", "<=", 1e-5),
     Target("speedup_vs_padded", ">=", 2.0),
     Target("speedup_vs_packed", ">=", 1.1),
-    Target("mfu", ">=", 0.5),
+    Target("mfu", ">=", 0.6),
     Target("bf16_speedup_vs_padded", ">=", 2.0),
     Target("bf16_speedup_vs_packed", ">=", 1.1),
     Target("bf16_mfu", ">=", 0.5),
     Target("bf16_speedup_vs_verl", ">=", 1.5),
 ]
+SHAPE_TARGETS = [Target("speedup_vs_verl", ">=", 1.5), Target("max_abs_diff_vs_verl", "<=", 1e-5),
+                 Target("mfu", ">=", 0.6)]  # for every measured shape, under its key
 
 
 @dataclass(frozen=True)
@@ -180,28 +186,104 @@ def _measure(
     return {f"{prefix}{key}": value for key, value in figures.items()}
 
 
-def run(quick: bool = False) -> dict[str, Any]:
-    """Every dtype of the run's size; sizes are module attributes so a test can swap in `TEST_SIZE`."""
+def scale_to_tokens(requests: list[LogProbRequest], max_tokens: int | None) -> list[LogProbRequest]:
+    """The same requests with prompt and response each shortened by one factor, so the set has
+    about `max_tokens` tokens (at least 4 of each per request); unchanged when it fits already."""
+    total = sum(r.num_tokens for r in requests)
+    if max_tokens is None or total <= max_tokens:
+        return requests
+    factor = max_tokens / total
+    scaled = []
+    for r in requests:
+        prompt = max(4, round(r.response_start * factor))
+        response = max(4, round(r.num_response_tokens * factor))
+        ids = r.input_ids[:prompt] + r.input_ids[r.response_start : r.response_start + response]
+        scaled.append(r.model_copy(update={"input_ids": ids, "response_start": prompt}))
+    return scaled
+
+
+def _request_figures(requests: list[LogProbRequest]) -> dict[str, Any]:
+    return {"requests": len(requests), "tokens": sum(r.num_tokens for r in requests),
+            "response_tokens": sum(r.num_response_tokens for r in requests)}
+
+
+def _measure_dtype(path: Path, dtype: str, requests: list[LogProbRequest], repeats: int,
+                   with_causes: bool) -> dict[str, Any]:
+    """Every path in one dtype on freshly loaded engines; the causes of the ratio in fp32."""
+    prefix = "" if dtype == "float32" else "bf16_"
+    engine = build_engine("hf", EngineSpec(model_path=str(path), dtype=dtype))
+    verl = scoring_verl.build_verl(str(path), dtype, TOKEN_BUDGET) if scoring_verl.verl_available() else None
+    try:
+        figures: dict[str, Any] = {"parameters": engine.info.num_parameters}
+        figures.update(_measure(engine, verl, requests, repeats, prefix))  # type: ignore[arg-type]
+        if with_causes:
+            figures.update(scoring_causes.measure_causes(engine, requests, TOKEN_BUDGET, repeats))  # type: ignore[arg-type]
+    finally:
+        if verl is not None:
+            verl.close()
+    return figures
+
+
+def measure_shape(name: str, size: Size, max_tokens: int | None, folder: Path) -> dict[str, Any]:
+    """One shape's figures: the toy in every dtype of the size on its own mix, a real shape in
+    fp32 on the mix scaled to `max_tokens`."""
+    real = shapes.MEASURED[name]
+    toy = real is None
+    vocab_size = size.model.vocab_size if real is None else real.vocab_size
+    requests = rl_length_mix(size.requests, vocab_size, max_response=size.max_response)
+    requests = requests if toy else scale_to_tokens(requests, max_tokens)
+    path = shapes.make_model(name, folder, toy=size.model)
+    figures: dict[str, Any] = {"shape": name, **_request_figures(requests)}
+    figures.update(scoring_predict.flop_figures(_hf_config(path), requests))
+    for dtype in size.dtypes if toy else ("float32",):
+        figures.update(_measure_dtype(path, dtype, requests, size.repeats, with_causes=dtype == "float32"))
+    rest = scoring_causes.rest_factor(figures)
+    if rest is not None:
+        figures["factor_rest"] = rest
+    return figures
+
+
+def _hf_config(path: Path) -> Any:
+    from transformers import AutoConfig
+
+    return AutoConfig.from_pretrained(path, local_files_only=True)
+
+
+def targets(figures: dict[str, Any]) -> list[Target]:
+    """The toy's targets where the toy ran, and `SHAPE_TARGETS` under every measured shape's key."""
+    chosen = list(TARGETS) if "tokens_per_s" in figures else []
+    for name in shapes.MEASURED:
+        key = shapes.shape_key(name)
+        if key and key in figures:
+            chosen += [Target(f"{key}.{t.key}", t.op, t.threshold, t.factor) for t in SHAPE_TARGETS]
+    return chosen
+
+
+def _prediction_source(figures: dict[str, Any]) -> tuple[dict[str, Any] | None, str | None]:
+    """The largest measured shape with verl's figures (its component rates feed the predictions)."""
+    for name in reversed(list(shapes.MEASURED)):
+        key = shapes.shape_key(name)
+        measured = figures.get(key) if key else figures
+        if measured and "verl_tokens_per_s" in measured:
+            return measured, name
+    return None, None
+
+
+def run(quick: bool = False, shape: list[str] | None = None, max_tokens: int | None = None) -> dict[str, Any]:
+    """Every requested shape (default: the toy) at the run's size; sizes are module attributes
+    so a test can swap in `TEST_SIZE`."""
     size = QUICK if quick else FULL
     torch.manual_seed(0)
-    requests = rl_length_mix(size.requests, size.model.vocab_size, max_response=size.max_response)
-    figures: dict[str, Any] = {
-        "requests": len(requests),
-        "tokens": sum(r.num_tokens for r in requests),
-        "response_tokens": sum(r.num_response_tokens for r in requests),
-        "torch_threads": torch.get_num_threads(),  # every path, verl's included, runs in this process
-    }
-    with tempfile.TemporaryDirectory() as folder:
-        path = make_tiny_model(Path(folder) / "model", size.model, seed=0)
-        for dtype in size.dtypes:
-            prefix = "" if dtype == "float32" else "bf16_"
-            engine = build_engine("hf", EngineSpec(model_path=str(path), dtype=dtype))
-            verl = scoring_verl.build_verl(str(path), dtype, TOKEN_BUDGET) if scoring_verl.verl_available() else None
-            try:
-                figures["parameters"] = engine.info.num_parameters
-                figures.update(_measure(engine, verl, requests, size.repeats, prefix))  # type: ignore[arg-type]
-            finally:
-                if verl is not None:
-                    verl.close()
-            del engine, verl
+    figures: dict[str, Any] = {"torch_threads": torch.get_num_threads()}  # every path, verl's included, in-process
+    for name in shape or ["toy"]:
+        with tempfile.TemporaryDirectory(prefix="bench-scoring-") as folder:  # a 1.5B checkpoint is 6 GB
+            measured = measure_shape(name, size, max_tokens, Path(folder))
+        key = shapes.shape_key(name)
+        if key:
+            figures[key] = measured
+        else:
+            figures.update(measured)
+    measured, source = _prediction_source(figures)
+    full_mix = rl_length_mix(FULL.requests, 151_936, max_response=FULL.max_response)
+    figures.update(scoring_predict.predictions(full_mix, measured, source))
     return figures

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 
+import pytest
 import torch
 
 from bench.common import Target, measure_peak_bytes
@@ -112,3 +113,100 @@ def test_quick_scoring_json_carries_the_verl_baseline(monkeypatch, tmp_path):
     assert figures["speedup_vs_verl"] > 0 and figures["verl_tokens_per_s"] > 0
     assert figures["max_abs_diff_vs_verl"] <= 1e-5
     assert targets["max_abs_diff_vs_verl <= 1e-05"]["met"]
+
+
+def test_forward_flops_split_separates_body_from_lm_head():
+    from types import SimpleNamespace
+
+    from bench.flops import forward_flops, forward_flops_split
+
+    config = SimpleNamespace(hidden_size=8, num_attention_heads=2, num_key_value_heads=1, num_hidden_layers=1,
+                             intermediate_size=16, vocab_size=100, head_dim=4)
+    body, head = forward_flops_split(config, [(3, 2)])
+    assert (body, head) == (1152 * 3 + 192, 3200)  # the hand count of the test above
+    assert forward_flops(config, [(3, 2)]) == body + head
+
+
+def test_length_mix_scales_to_a_token_count_keeping_every_request():
+    from bench.scoring import rl_length_mix, scale_to_tokens
+
+    requests = rl_length_mix(10, 512)
+    scaled = scale_to_tokens(requests, 1000)
+    assert len(scaled) == len(requests)
+    assert 900 <= sum(r.num_tokens for r in scaled) <= 1100
+    for before, after in zip(requests, scaled):
+        assert after.input_ids[: after.response_start] == before.input_ids[: after.response_start]
+        assert after.input_ids[after.response_start :] == before.input_ids[before.response_start :][: after.num_response_tokens]
+    assert scale_to_tokens(requests, 10**9) is requests
+
+
+def test_lm_head_only_prediction_is_the_flop_ratio_of_all_positions_to_responses():
+    from bench.scoring import rl_length_mix
+    from bench.scoring_predict import flop_figures, lm_head_only_ratio, predictions
+    from bench.shapes import QWEN25_7B
+
+    requests = rl_length_mix(4, 512)
+    flops = flop_figures(QWEN25_7B.hf_config(), requests)
+    expected = (flops["body_flops"] + flops["lm_head_flops_all_positions"]) / (
+        flops["body_flops"] + flops["lm_head_flops_response_only"])
+    assert lm_head_only_ratio(flops) == expected and expected > 1
+    assert 0 < flops["lm_head_flop_share_response_only"] < flops["lm_head_flop_share_all_positions"] < 1
+    predicted = predictions(requests, measured=None, measured_name=None)
+    assert set(predicted) == {"prediction_qwen2_5_7b", "prediction_qwen2_5_32b"}
+    assert "predicted_speedup_vs_verl_cpu_rates" not in predicted["prediction_qwen2_5_7b"]  # no measured rates
+
+
+def _tiny_qwen():
+    from bench.shapes import QwenShape
+
+    return QwenShape("tiny-qwen", "tiny_qwen", 64, 2, 4, 2, 128, 512, True)
+
+
+def test_quick_scoring_json_nests_each_shape_with_its_causes(monkeypatch, tmp_path):
+    """`python -m bench scoring --quick --shape S --max-tokens N` on a tiny stand-in shape: the
+    shape's figures sit under its key with the cause split and FLOP shares, its targets are
+    reported, and the 7B/32B predictions are there. No timing asserted."""
+    from bench import scoring, scoring_verl, shapes
+    from bench.__main__ import main
+
+    monkeypatch.setitem(shapes.MEASURED, "tiny-qwen", _tiny_qwen())
+    monkeypatch.setattr(scoring, "QUICK", scoring.TEST_SIZE)
+    output = tmp_path / "scoring.json"
+    assert main(["scoring", "--quick", "--shape", "tiny-qwen", "--max-tokens", "300", "--json", str(output)]) == 0
+    record = json.loads(output.read_text())
+    figures = record["figures"]
+    shape = figures["tiny_qwen"]
+    assert "tokens_per_s" not in figures  # the toy did not run
+    assert shape["tokens"] <= 330 and shape["requests"] == scoring.TEST_SIZE.requests
+    for key in ("tokens_per_s", "packed_full_logits_tokens_per_s", "padded_tokens_per_s", "mfu",
+                "lm_head_flop_share_all_positions", "factor_attention", "factor_lm_head_response_only",
+                "factor_chunked_log_softmax"):
+        assert shape[key] > 0, key
+    assert shape["body_sdpa_mask_max_abs_diff"] <= 1e-5 and shape["head_paths_max_abs_diff"] <= 1e-5
+    assert "predicted_speedup_vs_verl_lm_head_only" in figures["prediction_qwen2_5_32b"]
+    targets = {target["target"] for target in record["targets"]}
+    assert "tiny_qwen.speedup_vs_verl >= 1.5" in targets and "speedup_vs_verl >= 1.5" not in targets
+    if scoring_verl.verl_available():
+        assert shape["max_abs_diff_vs_verl"] <= 1e-5 and shape["factor_rest"] > 0
+        assert figures["prediction_qwen2_5_7b"]["cpu_rates_from"] == "tiny-qwen"
+
+
+def test_quick_trainer_savings_times_each_part_of_the_decoupled_step(monkeypatch, tmp_path):
+    """`python -m bench trainer_savings --quick` on a tiny stand-in for the 0.5B shape: every part
+    verl's decoupled mode runs is timed, and the ratios to the update are formed. No timing asserted."""
+    from bench import scoring_verl, trainer_savings
+    from bench.__main__ import main
+
+    monkeypatch.setattr(trainer_savings, "QUICK", trainer_savings.Size(_tiny_qwen(), requests=4, max_tokens=300, rounds=1))
+    output = tmp_path / "savings.json"
+    assert main(["trainer_savings", "--quick", "--json", str(output)]) == 0
+    figures = json.loads(output.read_text())["figures"]
+    if not scoring_verl.verl_available():
+        assert "verl not installed" in figures["verl_baseline"]
+        return
+    for key in ("save_s", "restore_old_s", "recompute_s", "restore_current_s", "update_s"):
+        assert figures[key] > 0, key
+    assert figures["removed_per_step_s"] == pytest.approx(
+        figures["save_s"] + figures["restore_old_s"] + figures["recompute_s"] + figures["restore_current_s"])
+    assert figures["removed_over_update"] == pytest.approx(figures["removed_per_step_s"] / figures["update_s"])
+    assert figures["copy_bytes_per_step"] == 3 * figures["parameter_bytes"]

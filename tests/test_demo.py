@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import subprocess
 import sys
 
@@ -12,7 +13,8 @@ import torch
 
 from clients.agent_loop import ENTROPY_FIELD, LOG_PROBS_FIELD, MISMATCH_FIELD, VERSION_FIELD, attach_server_log_probs
 from clients.demo.config import DemoConfig, DemoModel
-from clients.demo.loop import DemoLoop
+from clients.demo.loop import DemoLoop, write_jsonl
+from clients.demo.report import comparison, plot
 from clients.demo.message_queue import MessageQueue
 from clients.demo.run import make_policy, run_mode
 from clients.local_client import LocalClient
@@ -32,7 +34,7 @@ def policy_path(tmp_path_factory):
     return make_policy(SMALL, tmp_path_factory.mktemp("demo") / "policy")
 
 
-def test_reward_rises_with_server_log_probs(policy_path):
+def test_reward_rises_with_server_log_probs(policy_path, tmp_path):
     result = asyncio.run(run_mode(SMALL, policy_path, "server"))
     rewards = [m["reward"] for m in result.steps]
     assert len(rewards) == SMALL.steps
@@ -43,6 +45,26 @@ def test_reward_rises_with_server_log_probs(policy_path):
     # every update went through the transport publisher, each sync inside its pause window
     assert all(0 < m["transfer_s"] <= m["pause_window_s"] for m in result.steps)
     assert result.steps[-1]["version"] == SMALL.steps
+    _assert_proximal_approximation_reported(result, tmp_path)
+
+
+def _assert_proximal_approximation_reported(result, folder):
+    """Every step carries the loglinear approximation's error beside the exact values, by
+    staleness; the log, the plot and the printed comparison show it."""
+    for metrics in result.steps:
+        assert {"prox_approx_mean_abs", "prox_approx_p99_abs", "prox_approx_max_abs",
+                "prox_approx_clip_flip_fraction"} <= metrics.keys()
+        assert 0 <= metrics["prox_approx_mean_abs"] <= metrics["prox_approx_max_abs"]
+        staleness = {str(s) for s in range(metrics["staleness_max"] + 1)}
+        assert set(metrics["prox_approx_by_staleness"]) - {"interior"} <= staleness
+    # first step: sampled, scored and trained under version 0, so the approximation is exact
+    assert result.steps[0]["prox_approx_max_abs"] < 1e-4
+    write_jsonl(folder / "metrics.jsonl", result)
+    logged = [json.loads(line) for line in (folder / "metrics.jsonl").read_text().splitlines()]
+    assert all("prox_approx_by_staleness" in line for line in logged)
+    plot([result], folder / "demo.png")
+    assert (folder / "demo.png").stat().st_size > 0
+    assert "loglinear proximal approximation" in comparison({"server": result})
 
 
 def test_old_log_probs_equal_reference_of_their_version(policy_path):

@@ -39,3 +39,13 @@ class DemoConfig(BaseModel):
     max_wait_ms: float = Field(default=10.0, ge=0)
     seed: int = 0
     model: DemoModel = Field(default_factory=DemoModel)
+
+
+def rollout_ahead(**overrides: object) -> DemoConfig:
+    """A loop whose rollout outpaces training: long prompts and short responses (cheap to sample,
+    dear to train on) and a deep queue that keeps stale groups. Samples then reach staleness 2, where
+    the server's version can lie strictly between the rollout's and the trainer's, so the loglinear
+    proximal approximation really interpolates (`clients/demo/proximal_approx.py`)."""
+    values: dict[str, object] = dict(steps=30, prompt_len=128, response_len=8, queue_groups=48, stale_policy="keep",
+                                     staleness_limit=16)
+    return DemoConfig(**{**values, **overrides})

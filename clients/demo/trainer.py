@@ -14,8 +14,9 @@ from typing import Any
 import numpy as np
 import torch
 
-from clients.agent_loop import ENTROPY_FIELD, LOG_PROBS_FIELD
+from clients.agent_loop import ENTROPY_FIELD, LOG_PROBS_FIELD, VERSION_FIELD
 from clients.demo.message_queue import Group
+from clients.demo.proximal_approx import SampleLogProbs, step_metrics
 
 
 def _stack(groups: list[Group]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, int]:
@@ -25,6 +26,16 @@ def _stack(groups: list[Group]) -> tuple[torch.Tensor, torch.Tensor, torch.Tenso
     advantages = (rewards - rewards.mean(1, keepdim=True)) / (rewards.std(1, keepdim=True) + 1e-4)
     prompt_len = len(samples[0]["prompt_ids"])
     return sequences, advantages.reshape(-1), rewards.reshape(-1), prompt_len
+
+
+def proximal_samples(samples: list[dict[str, Any]], theta_logp: np.ndarray, version: int) -> list[SampleLogProbs]:
+    """What the loglinear approximation needs of each sample: rollout (behaviour) log-probs, the
+    old log-probs as exact proximal values at their version, the trainer's current log-probs."""
+    return [
+        SampleLogProbs(np.asarray(s["rollout_log_probs"], dtype=np.float64), np.asarray(s[LOG_PROBS_FIELD], dtype=np.float64),
+                       theta_logp[index].astype(np.float64), int(s["rollout_version"]), int(s[VERSION_FIELD]), version)
+        for index, s in enumerate(samples)
+    ]
 
 
 class Trainer:
@@ -73,12 +84,17 @@ class Trainer:
         with torch.no_grad():
             clip_fraction = ((ratio - clipped).abs() > 0).float().mean().item()
             ratio_mean = ratio.mean().item()
+        update_s = time.perf_counter() - started
+        # beside the update, not in its time: what AReaL's loglinear approximation would have used
+        approximation = step_metrics(proximal_samples(samples, log_probs.detach().numpy(), self.version - 1),
+                                     self.clip_ratio)
         return {
             "loss": loss.item(),
             "reward": rewards.mean().item(),
             "ratio_mean": ratio_mean,
             "clip_fraction": clip_fraction,
-            "update_s": time.perf_counter() - started,
+            "update_s": update_s,
+            **approximation,
         }
 
     def export_weights(self) -> list[tuple[str, torch.Tensor]]:

@@ -1,0 +1,132 @@
+"""Where the server's lead over verl's recompute comes from, one cause switched at a time.
+
+On the same packed token-budget batches (the server's), timed alternately, least of each kept:
+
+- `body_s`: the model body (no LM head) with our per-sequence packed attention;
+- `body_sdpa_mask_s`: the same body with transformers' SDPA over the whole packed row and the
+  block-diagonal mask transformers builds from reset position ids: the attention verl's
+  remove-padding path runs without flash-attn (on a GPU verl runs flash-attn varlen, which does
+  what our packed attention does, so this cause does not carry over);
+- `head_response_chunked_s`: our log-prob step, LM head on response positions only, in chunks;
+- `head_all_chunked_s`: the same chunked step on every position (what a trainer's forward scores);
+- `head_all_full_s`: full `[tokens, vocab]` logits, fp32, `log_softmax`, gather, on every position
+  (verl's path without fused kernels; no entropy, as the benchmark asks none).
+
+From these the ratio to verl splits into factors that multiply to it, one cause added at a
+time on the way from the server's path to a trainer's: lm_head_response_only = (body +
+head_all_chunked) / (body + head_response_chunked); chunked_log_softmax = (body + head_all_full)
+/ (body + head_all_chunked); attention = (body_sdpa_mask + head_all_full) / (body +
+head_all_full); and `rest`, what the three leave of the measured `speedup_vs_verl` (verl's
+batching, padding conversions, its own Python, and our sums standing in for whole paths).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Callable
+
+import torch
+
+from bench.common import alternating_best
+from model_engine_server.engines.hf import HFEngine
+from model_engine_server.logprobs import chunked_log_probs
+from model_engine_server.packing import PackedBatch, pack_sequences, split_by_token_budget
+from model_engine_server.protocol import LogProbRequest
+
+
+@dataclass(frozen=True)
+class Packed:
+    """One token-budget batch as the server packs it, plus every position's target."""
+
+    batch: PackedBatch
+    all_targets: torch.Tensor  # [T] the next token of every row position
+    temperature: float
+
+
+def pack_groups(requests: list[LogProbRequest], token_budget: int) -> list[Packed]:
+    groups = split_by_token_budget([r.num_tokens for r in requests], token_budget)
+    packed = []
+    for group in groups:
+        chosen = [requests[i] for i in group]
+        batch = pack_sequences([r.input_ids for r in chosen], [r.response_start for r in chosen])
+        targets = torch.cat([torch.tensor(r.input_ids[1:]) for r in chosen])
+        packed.append(Packed(batch, targets, chosen[0].temperature))
+    return packed
+
+
+@torch.inference_mode()
+def full_logits_no_entropy(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
+                           temperature: float) -> torch.Tensor:
+    """A trainer's log-probs without fused kernels: whole logits, fp32, log-softmax, gather."""
+    logits = torch.nn.functional.linear(hidden, weight).float().div_(temperature)
+    return torch.log_softmax(logits, dim=-1).gather(-1, targets.unsqueeze(-1)).squeeze(-1)
+
+
+def _with_attention(engine: HFEngine, name: str, step: Callable[[], Any]) -> Callable[[], Any]:
+    def run() -> Any:
+        packed_attention = engine.model.config._attn_implementation
+        engine.model.set_attn_implementation(name)
+        try:
+            return step()
+        finally:
+            engine.model.set_attn_implementation(packed_attention)
+    return run
+
+
+def component_steps(engine: HFEngine, groups: list[Packed]) -> dict[str, Callable[[], Any]]:
+    """The five timed components; the heads run on hidden states computed once here."""
+    with torch.inference_mode():
+        hiddens = [engine.hidden_states(g.batch) for g in groups]
+    head = engine.lm_head()
+
+    def body() -> list[torch.Tensor]:
+        with torch.inference_mode():
+            return [engine.hidden_states(g.batch) for g in groups]
+
+    def head_response() -> list[torch.Tensor]:
+        return [chunked_log_probs(h.index_select(0, g.batch.score_positions), head, g.batch.targets,
+                                  torch.full((g.batch.targets.numel(),), g.temperature))[0]
+                for h, g in zip(hiddens, groups)]
+
+    def head_all_chunked() -> list[torch.Tensor]:
+        return [chunked_log_probs(h, head, g.all_targets, torch.full((g.all_targets.numel(),), g.temperature))[0]
+                for h, g in zip(hiddens, groups)]
+
+    def head_all_full() -> list[torch.Tensor]:
+        return [full_logits_no_entropy(h, head.weight, g.all_targets, g.temperature) for h, g in zip(hiddens, groups)]
+
+    return {"body": body, "body_sdpa_mask": _with_attention(engine, "sdpa", body),
+            "head_response_chunked": head_response, "head_all_chunked": head_all_chunked,
+            "head_all_full": head_all_full}
+
+
+def _max_diff(a: list[torch.Tensor], b: list[torch.Tensor]) -> float:
+    return max((x.float() - y.float()).abs().max().item() for x, y in zip(a, b, strict=True))
+
+
+def measure_causes(engine: HFEngine, requests: list[LogProbRequest], token_budget: int, repeats: int) -> dict[str, Any]:
+    """Component times and the factors they give (see the module docstring)."""
+    groups = pack_groups(requests, token_budget)
+    timed = alternating_best(component_steps(engine, groups), repeats)
+    t = {name: seconds for name, (seconds, _) in timed.items()}
+    response_from_all = [lp.index_select(0, g.batch.score_positions)
+                         for lp, g in zip(timed["head_all_full"][1], groups)]
+    body, head_resp, head_all_c, head_all_f = (t["body"], t["head_response_chunked"], t["head_all_chunked"],
+                                               t["head_all_full"])
+    return {
+        **{f"{name}_s": seconds for name, seconds in t.items()},
+        "attention_body_ratio": t["body_sdpa_mask"] / body,
+        "factor_lm_head_response_only": (body + head_all_c) / (body + head_resp),
+        "factor_chunked_log_softmax": (body + head_all_f) / (body + head_all_c),
+        "factor_attention": (t["body_sdpa_mask"] + head_all_f) / (body + head_all_f),
+        "body_sdpa_mask_max_abs_diff": _max_diff(timed["body"][1], timed["body_sdpa_mask"][1]),
+        "head_paths_max_abs_diff": _max_diff(timed["head_response_chunked"][1], response_from_all),
+    }
+
+
+def rest_factor(figures: dict[str, Any]) -> float | None:
+    """What the three measured causes leave of `speedup_vs_verl` (None without verl)."""
+    if "speedup_vs_verl" not in figures:
+        return None
+    explained = figures["factor_attention"] * figures["factor_lm_head_response_only"] * figures["factor_chunked_log_softmax"]
+    return figures["speedup_vs_verl"] / explained

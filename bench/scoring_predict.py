@@ -1,0 +1,86 @@
+"""FLOP shares of a shape, and a *prediction* (not a measurement) of the ratio to verl for 7B and 32B.
+
+Shapes too large for this machine are not run. Their ratio is predicted from FLOP counts
+(`bench/flops.py`) over the benchmark's full RL length mix (40 requests, unscaled), two ways:
+
+- `lm_head_only`: both paths run the body equally well and differ only in where the LM head
+  runs (all positions for a trainer's forward, response positions for the server). This is
+  what remains on a GPU, where verl runs flash-attn varlen (our packed attention's equal) and
+  the log-softmax is a small part of the time;
+- `cpu_rates`: the FLOP rates each component reached in this run on the largest measured shape
+  (server body, chunked response-only head, full-logits head; verl's body as verl's total less
+  a full-logits head), applied to the larger shape's FLOPs: what this CPU would show.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Sequence
+
+from bench.flops import forward_flops_split
+from bench.shapes import PREDICTED, QwenShape
+from model_engine_server.protocol import LogProbRequest
+
+
+def sequences(requests: Sequence[LogProbRequest], all_positions: bool) -> list[tuple[int, int]]:
+    """`(input_tokens, scored_tokens)` per request: the server scores the response, a trainer's
+    forward puts the LM head on every input position."""
+    return [(r.num_tokens - 1, r.num_tokens - 1 if all_positions else r.num_response_tokens) for r in requests]
+
+
+def flop_figures(config: Any, requests: Sequence[LogProbRequest]) -> dict[str, float]:
+    """Body and LM-head FLOPs of the request set, and the LM head's share of the forward."""
+    body, head_response = forward_flops_split(config, sequences(requests, all_positions=False))
+    _, head_all = forward_flops_split(config, sequences(requests, all_positions=True))
+    return {
+        "body_flops": body,
+        "lm_head_flops_response_only": head_response,
+        "lm_head_flops_all_positions": head_all,
+        "lm_head_flop_share_response_only": head_response / (body + head_response),
+        "lm_head_flop_share_all_positions": head_all / (body + head_all),
+    }
+
+
+def lm_head_only_ratio(flops: dict[str, float]) -> float:
+    return (flops["body_flops"] + flops["lm_head_flops_all_positions"]) / (
+        flops["body_flops"] + flops["lm_head_flops_response_only"])
+
+
+def cpu_rates(measured: dict[str, Any]) -> dict[str, float] | None:
+    """FLOP/s of each component in a measured shape's figures (None without verl's time)."""
+    if "verl_tokens_per_s" not in measured:
+        return None
+    verl_s = measured["tokens"] / measured["verl_tokens_per_s"]
+    verl_body_s = verl_s - measured["head_all_full_s"]
+    if verl_body_s <= 0:
+        return None
+    return {
+        "body": measured["body_flops"] / measured["body_s"],
+        "head_chunked": measured["lm_head_flops_response_only"] / measured["head_response_chunked_s"],
+        "head_full": measured["lm_head_flops_all_positions"] / measured["head_all_full_s"],
+        "verl_body": measured["body_flops"] / verl_body_s,
+    }
+
+
+def cpu_rates_ratio(flops: dict[str, float], rates: dict[str, float]) -> float:
+    server = flops["body_flops"] / rates["body"] + flops["lm_head_flops_response_only"] / rates["head_chunked"]
+    verl = flops["body_flops"] / rates["verl_body"] + flops["lm_head_flops_all_positions"] / rates["head_full"]
+    return verl / server
+
+
+def predictions(requests: Sequence[LogProbRequest], measured: dict[str, Any] | None,
+                measured_name: str | None, shapes: Sequence[QwenShape] = PREDICTED) -> dict[str, Any]:
+    """Per predicted shape: FLOP shares and the predicted `speedup_vs_verl`, labelled as such."""
+    rates = cpu_rates(measured) if measured else None
+    out: dict[str, Any] = {}
+    for shape in shapes:
+        flops = flop_figures(shape.hf_config(), requests)
+        figures: dict[str, Any] = {
+            "lm_head_flop_share_all_positions": flops["lm_head_flop_share_all_positions"],
+            "lm_head_flop_share_response_only": flops["lm_head_flop_share_response_only"],
+            "predicted_speedup_vs_verl_lm_head_only": lm_head_only_ratio(flops),
+        }
+        if rates is not None:
+            figures["predicted_speedup_vs_verl_cpu_rates"] = cpu_rates_ratio(flops, rates)
+            figures["cpu_rates_from"] = measured_name
+        out[f"prediction_{shape.key}"] = figures
+    return out
