@@ -102,10 +102,11 @@ def packed_full_logits(
         chosen = [requests[i] for i in group]
         batch = pack_sequences([r.input_ids for r in chosen], [r.response_start for r in chosen])
         hidden = engine.hidden_states(batch)  # every position, as a trainer's forward returns
-        row_targets = torch.cat([torch.tensor(r.input_ids[1:]) for r in chosen])
-        temperatures = torch.full((hidden.shape[0],), chosen[0].temperature)
+        row_targets = torch.cat([torch.tensor(r.input_ids[1:]) for r in chosen]).to(hidden.device)
+        temperatures = torch.full((hidden.shape[0],), chosen[0].temperature, device=hidden.device)
         log_probs, _ = full_logits_log_probs(hidden, engine.lm_head().weight, row_targets, temperatures)
-        scored = log_probs.index_select(0, batch.score_positions).split([r.num_response_tokens for r in chosen])
+        scored = log_probs.index_select(0, batch.score_positions.to(hidden.device)).split(
+            [r.num_response_tokens for r in chosen])
         for index, values in zip(group, scored):
             outputs[index] = values
     return outputs
@@ -134,10 +135,11 @@ def _padded_full_logits(engine: HFEngine, requests: list[LogProbRequest]) -> lis
             ids[row, : request.num_tokens] = torch.tensor(request.input_ids)
             mask[row, : request.num_tokens] = 1
         padded_tokens += ids.numel()
+        ids, mask = ids.to(engine.device), mask.to(engine.device)
         hidden = engine.model.base_model(input_ids=ids, attention_mask=mask, use_cache=False).last_hidden_state
         flat_hidden = hidden[:, :-1].reshape(-1, hidden.shape[-1])
         targets = ids[:, 1:].reshape(-1)
-        temperatures = torch.full((targets.shape[0],), chosen[0].temperature)
+        temperatures = torch.full((targets.shape[0],), chosen[0].temperature, device=engine.device)
         log_probs, _ = full_logits_log_probs(flat_hidden, engine.lm_head().weight, targets, temperatures)
         log_probs = log_probs.view(len(chosen), width - 1)
         outputs.extend(log_probs[row, r.response_start - 1 : r.num_tokens - 1] for row, r in enumerate(chosen))
