@@ -159,3 +159,21 @@ def test_the_cli_imports_the_demo_only_when_it_runs():
             "assert not loaded, loaded")
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr
+
+
+def test_demo_command_preset_rollout_ahead_builds_that_loop(monkeypatch, tmp_path):
+    """`demo --preset rollout-ahead` runs `rollout_ahead()`'s loop (stale samples kept), with the
+    flags given on top; the default preset keeps the plain config."""
+    import clients.demo.report
+    import clients.demo.run
+    from clients.demo.config import DemoConfig, rollout_ahead
+    from model_engine_server.cli import main
+
+    seen: list[DemoConfig] = []
+    monkeypatch.setattr(clients.demo.run, "run_demo", lambda config, *args, **kwargs: seen.append(config) or {})
+    monkeypatch.setattr(clients.demo.report, "comparison", lambda results: "")
+    assert main(["demo", "--preset", "rollout-ahead", "--steps", "3", "--output-dir", str(tmp_path)]) == 0
+    assert main(["demo", "--steps", "3", "--output-dir", str(tmp_path)]) == 0
+    assert seen[0] == rollout_ahead(steps=3, seed=0)
+    assert seen[0].stale_policy == "keep" and seen[1].stale_policy == "drop"
+    assert seen[1] == DemoConfig(steps=3, seed=0)

@@ -20,19 +20,26 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument(
         "--staleness-limit", type=int, default=None, help="K: samples more than K versions old are stale (default: 2)"
     )
+    parser.add_argument(
+        "--preset", choices=["default", "rollout-ahead"], default="default",
+        help="rollout-ahead: rollout outpaces training (samples reach staleness 2+), where the loglinear "
+        "proximal approximation really interpolates and its error shows",
+    )
     parser.add_argument("--no-progress", action="store_true")
     parser.set_defaults(func=run)
 
 
 def run(args: argparse.Namespace) -> int:
-    from clients.demo.config import DemoConfig
+    from clients.demo.config import DemoConfig, rollout_ahead
     from clients.demo.report import comparison
     from clients.demo.run import run_demo
 
     given = {"steps": args.steps, "staleness_limit": args.staleness_limit}
-    config = DemoConfig(
-        seed=args.seed, stale_policy=args.stale_policy, **{key: value for key, value in given.items() if value is not None}
-    )
+    chosen = {key: value for key, value in given.items() if value is not None}
+    if args.preset == "rollout-ahead":  # the preset keeps stale samples unless told otherwise
+        config = rollout_ahead(seed=args.seed, **chosen)
+    else:
+        config = DemoConfig(seed=args.seed, stale_policy=args.stale_policy, **chosen)
     modes = ["server", "baseline"] if args.mode == "both" else [args.mode]
     results = run_demo(config, args.output_dir, modes, show_progress=not args.no_progress)  # type: ignore[arg-type]
     print(comparison(results))
