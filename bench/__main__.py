@@ -32,20 +32,12 @@ BENCHMARKS: dict[str, str] = {
 }
 
 
-def module_targets(module: Any, figures: dict[str, Any]) -> list[Any] | None:
-    """A benchmark's targets for these figures: `targets(figures)` where the set depends on what
-    ran (the scoring shapes), else its `TARGETS` list (None if it has neither)."""
-    if hasattr(module, "targets"):
-        return module.targets(figures)
-    return getattr(module, "TARGETS", None)
-
-
 def run_benchmark(name: str, quick: bool, **options: Any) -> dict[str, Any]:
     """`options` (e.g. `shape`, `max_tokens`) go to the benchmark's `run` where given."""
     module = importlib.import_module(BENCHMARKS[name])
     started = time.time()
     figures = module.run(quick=quick, **{key: value for key, value in options.items() if value is not None})
-    targets = [target.check(figures) for target in module_targets(module, figures) or []]
+    targets = [target.check(figures) for target in module.targets(figures)]
     return {
         "benchmark": name,
         "command": "python -m bench " + " ".join(shlex.quote(arg) for arg in sys.argv[1:]),

@@ -69,6 +69,12 @@ class Target:
         return {"target": self.describe(), "measured": measured, "bound": bound, "met": met}
 
 
+def fixed_targets(targets: list[Target]) -> Callable[[dict[str, Any]], list[Target]]:
+    """A benchmark's `targets(figures)` when its targets do not depend on what ran. Every
+    benchmark module exposes `run(quick, ...)` and `targets(figures)` (`bench/__main__.py`)."""
+    return lambda figures: list(targets)
+
+
 def _proc_status_bytes(field: str) -> int:
     match = re.search(rf"{field}:\s+(\d+) kB", open("/proc/self/status").read())
     if not match:

@@ -17,7 +17,7 @@ from typing import Any
 
 import torch
 
-from bench.common import Target, measure_peak_bytes
+from bench.common import Target, measure_peak_bytes, fixed_targets
 from model_engine_server.logprobs import (
     ChunkedScores,
     LMHead,
@@ -37,6 +37,7 @@ TARGETS = [
     Target("top_100_vs_full_logits", ">=", 8.0),
     Target("top_k_max_abs_diff", "<=", 1e-5),
 ]
+targets = fixed_targets(TARGETS)
 
 
 def _inputs(num_tokens: int, seed: int = 0) -> tuple[torch.Tensor, LMHead, torch.Tensor, torch.Tensor]:

@@ -36,6 +36,7 @@ from typing import Any, Iterable, Sequence
 import torch
 from torch.profiler import ProfilerActivity, profile, record_function
 
+from bench.common import fixed_targets
 from bench.scoring import MODEL, TOKEN_BUDGET, rl_length_mix
 from model_engine_server.adapter import ModelEngineServerAdapter
 from model_engine_server.engines.base import EngineSpec, build_engine
@@ -52,6 +53,7 @@ CATEGORIES = ("matmul", "attention", "logprob", "packing", "other")
 TOP_OPS = 12
 REQUESTS_DRAWN = 40  # the scoring benchmark's full request set; its first batch is profiled
 TARGETS: list[Any] = []  # a profile informs; it promises nothing
+targets = fixed_targets(TARGETS)
 
 
 @dataclass(frozen=True)

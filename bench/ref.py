@@ -27,7 +27,7 @@ from typing import Any
 
 import numpy as np
 
-from bench.common import Target
+from bench.common import Target, fixed_targets
 from model_engine_server.config import load_config
 from model_engine_server.launch import build_service
 from model_engine_server.protocol import LogProbRequest, LogProbResult
@@ -45,6 +45,7 @@ TARGETS = [
     Target("max_abs_diff_log_probs", "<=", 1e-5),
     Target("max_abs_diff_ref_log_probs", "<=", 1e-5),
 ]
+targets = fixed_targets(TARGETS)
 
 
 def trajectories(count: int, length: int, vocab_size: int, seed: int = 0) -> list[LogProbRequest]:

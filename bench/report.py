@@ -30,13 +30,13 @@ def _value(value: Any) -> str:
 def current_targets(record: dict[str, Any]) -> list[dict[str, Any]]:
     """Verdicts from the benchmark's targets as the code states them now, checked against the
     recorded figures, so a target added later is reported (met or missed) without a rerun."""
-    from bench.__main__ import BENCHMARKS, module_targets
+    from bench.__main__ import BENCHMARKS
 
     module_name = BENCHMARKS.get(record["benchmark"])
     if module_name is None:
         return record["targets"]
-    targets = module_targets(importlib.import_module(module_name), record["figures"])
-    return record["targets"] if targets is None else [target.check(record["figures"]) for target in targets]
+    targets = importlib.import_module(module_name).targets(record["figures"])
+    return [target.check(record["figures"]) for target in targets]
 
 
 def render_record(record: dict[str, Any]) -> str:

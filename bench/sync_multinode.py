@@ -24,6 +24,9 @@ import time
 from pathlib import Path
 from typing import Any
 
+from bench.common import fixed_targets
+
+targets = fixed_targets([])  # figures only: two placements side by side, no threshold
 REPLICAS = {"one_node": (1, 2), "two_nodes": (2, 1)}  # nodes_per_replica, gpus_per_replica_node
 
 

@@ -34,12 +34,13 @@ from typing import Any, Callable
 import torch
 
 from bench import scoring_verl
-from bench.common import Target
+from bench.common import Target, fixed_targets
 from bench.scoring import TOKEN_BUDGET, rl_length_mix, scale_to_tokens
 from bench.shapes import QWEN25_0_5B, QwenShape
 from model_engine_server.protocol import LogProbRequest
 
 TARGETS: list[Target] = []  # it measures what the server removes; it promises nothing
+targets = fixed_targets(TARGETS)
 
 
 @dataclass(frozen=True)
