@@ -17,6 +17,10 @@ from typing import Any, Callable
 import torch
 
 
+# the CPU flags that decide fp32/bf16 GEMM speed (why two CPUs of this project differ)
+MATRIX_FLAGS = ("avx2", "avx512f", "avx512_bf16", "amx_tile", "amx_bf16")
+
+
 def machine_info() -> dict[str, Any]:
     info: dict[str, Any] = {
         "cpu_cores": os.cpu_count(),
@@ -28,8 +32,12 @@ def machine_info() -> dict[str, Any]:
         "gpu": None,
     }
     try:
-        cpu_model = re.search(r"model name\s*:\s*(.+)", open("/proc/cpuinfo").read())
+        cpuinfo = open("/proc/cpuinfo").read()
+        cpu_model = re.search(r"model name\s*:\s*(.+)", cpuinfo)
         info["cpu_model"] = cpu_model.group(1).strip() if cpu_model else platform.processor()
+        flags = re.search(r"^flags\s*:\s*(.+)$", cpuinfo, re.M)
+        present = set(flags.group(1).split()) if flags else set()
+        info["cpu_flags"] = [flag for flag in MATRIX_FLAGS if flag in present]
     except OSError:
         info["cpu_model"] = platform.processor()
     if torch.cuda.is_available():

@@ -18,7 +18,7 @@ from typing import Any
 from bench.common import flatten
 
 BENCH_DIR = Path(__file__).resolve().parent
-ORDER = ["scoring", "trainer_savings", "memory", "serving", "sync", "profile"]
+ORDER = ["scoring", "trainer_savings", "memory", "serving", "sync", "sync_multinode", "profile"]
 
 
 def _value(value: Any) -> str:
@@ -39,14 +39,23 @@ def current_targets(record: dict[str, Any]) -> list[dict[str, Any]]:
     return [target.check(record["figures"]) for target in targets]
 
 
+def _flags(machine: dict[str, Any]) -> str:
+    """The matrix-unit CPU flags the run saw (records before they were recorded say so)."""
+    flags = machine.get("cpu_flags")
+    if flags is None:
+        return "CPU flags not recorded"
+    return "flags: " + (", ".join(flags) or "none of avx2/avx512/amx")
+
+
 def render_record(record: dict[str, Any]) -> str:
     machine = record["machine"]
     lines = [
-        f"## {record['benchmark']}{' (quick)' if record.get('quick') else ''}",
+        f"## {record['benchmark']}{' (quick)' if record.get('quick') else ''}"
+        + ("" if record.get("source", record["benchmark"]) == record["benchmark"] else f": `{record['source']}.json`"),
         "",
         f"Command: `{record['command']}`  ",
-        f"Machine: {machine.get('cpu_cores')} cores ({machine.get('cpu_model')}), {machine.get('memory_gib')} GiB, "
-        f"GPU: {machine.get('gpu') or 'none'}; torch {machine.get('torch')}  ",
+        f"Machine: {machine.get('cpu_cores')} cores ({machine.get('cpu_model')}; {_flags(machine)}), "
+        f"{machine.get('memory_gib')} GiB, GPU: {machine.get('gpu') or 'none'}; torch {machine.get('torch')}  ",
         f"Run: {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime(record['started_unix']))}, {record['wall_s']:.0f} s",
         "",
         "| figure | value |",
@@ -59,14 +68,15 @@ def render_record(record: dict[str, Any]) -> str:
         for target in targets:
             measured = "not measured" if target["measured"] is None else _value(target["measured"])
             lines.append(f"| `{target['target']}` | {measured} | {'met' if target['met'] else '**missed**'} |")
-    notes = BENCH_DIR / "notes" / f"{record['benchmark']}.md"
+    notes = BENCH_DIR / "notes" / f"{record.get('source', record['benchmark'])}.md"  # per JSON file
     if notes.exists():
         lines += ["", notes.read_text().strip()]
     return "\n".join(lines)
 
 
 def render(records: list[dict[str, Any]]) -> str:
-    records = sorted(records, key=lambda r: (ORDER.index(r["benchmark"]) if r["benchmark"] in ORDER else 99, r["benchmark"]))
+    records = sorted(records, key=lambda r: (ORDER.index(r["benchmark"]) if r["benchmark"] in ORDER else 99, r["benchmark"],
+                                             r.get("source", "")))
     header = [
         "# Benchmark results",
         "",
@@ -83,7 +93,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--output", type=Path, default=BENCH_DIR / "RESULTS.md")
     args = parser.parse_args(argv)
     files = args.json_files or sorted((BENCH_DIR / "results").glob("*.json"))
-    records = [json.loads(path.read_text()) for path in files]
+    records = [{**json.loads(path.read_text()), "source": path.stem} for path in files]
     args.output.write_text(render(records))
     print(f"wrote {args.output} from {len(records)} records")
     return 0
