@@ -11,23 +11,15 @@ import numpy as np
 import pytest
 import torch
 
-from model_engine_server.config import HttpConfig
-from model_engine_server.engines.base import EngineSpec
-from model_engine_server.http.app import create_app
-from model_engine_server.http.metrics import ServerMetrics
-from model_engine_server.local import build_local_server
-from model_engine_server.scheduler import SchedulerConfig
 from tests.helpers import reference_model
-from tests.test_http_support import ServerThread
+from tests.test_http_support import local_http_server
 
 TOLERANCE = 1e-5
 VOCAB = 512
 
 
 def _serve(model_path: str):
-    service = build_local_server(EngineSpec(model_path=model_path), scheduler=SchedulerConfig(
-        max_tokens_per_batch=2048, max_queued_tokens=8192, request_timeout_s=60, default_temperature=0.5))
-    return ServerThread(create_app(service, HttpConfig(), ServerMetrics(), owns_service=True, model_path=model_path))
+    return local_http_server(model_path, default_temperature=0.5)
 
 
 @pytest.fixture(scope="module")

@@ -9,13 +9,7 @@ import numpy as np
 import pytest
 
 from model_engine_server import codec
-from model_engine_server.config import HttpConfig
-from model_engine_server.engines.base import EngineSpec
-from model_engine_server.http.app import create_app
-from model_engine_server.http.metrics import ServerMetrics
-from model_engine_server.local import build_local_server
-from model_engine_server.scheduler import SchedulerConfig
-from tests.test_http_support import ServerThread
+from tests.test_http_support import local_http_server
 
 MSGPACK = "application/msgpack"
 PROMPTS = [[5, 17, 42, 7, 99], [3, 1, 4, 1, 5, 9, 2, 6]]
@@ -24,10 +18,7 @@ BODY = {"prompt": PROMPTS, "max_tokens": 1, "temperature": 0, "prompt_logprobs":
 
 @pytest.fixture(scope="module")
 def served(tiny_model):
-    path = str(tiny_model)
-    service = build_local_server(EngineSpec(model_path=path), scheduler=SchedulerConfig(
-        max_tokens_per_batch=2048, max_queued_tokens=8192, request_timeout_s=60))
-    with ServerThread(create_app(service, HttpConfig(), ServerMetrics(), owns_service=True, model_path=path)) as server:
+    with local_http_server(str(tiny_model)) as server:
         yield server
 
 

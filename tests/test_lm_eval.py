@@ -21,15 +21,9 @@ lm_eval = pytest.importorskip("lm_eval")
 import torch  # noqa: E402
 import yaml  # noqa: E402
 
-from model_engine_server.config import HttpConfig  # noqa: E402
-from model_engine_server.engines.base import EngineSpec  # noqa: E402
-from model_engine_server.http.app import create_app  # noqa: E402
-from model_engine_server.http.metrics import ServerMetrics  # noqa: E402
-from model_engine_server.local import build_local_server  # noqa: E402
-from model_engine_server.scheduler import SchedulerConfig  # noqa: E402
 from model_engine_server.tiny_model import make_tiny_model  # noqa: E402
 from tests.helpers import reference_model  # noqa: E402
-from tests.test_http_support import ServerThread  # noqa: E402
+from tests.test_http_support import local_http_server  # noqa: E402
 
 FIXTURES = Path(__file__).parent / "fixtures" / "lm_eval"
 TOLERANCE = 1e-4  # summed over a choice's tokens, as the issue states it
@@ -43,11 +37,8 @@ def model_folder(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="module")
 def served(model_folder):
-    path = str(model_folder)
     # default_temperature 0.5: lm-eval's temperature 0 must score the raw distribution, not this one
-    service = build_local_server(EngineSpec(model_path=path), scheduler=SchedulerConfig(
-        max_tokens_per_batch=2048, max_queued_tokens=8192, request_timeout_s=60, default_temperature=0.5))
-    with ServerThread(create_app(service, HttpConfig(), ServerMetrics(), owns_service=True, model_path=path)) as server:
+    with local_http_server(str(model_folder), default_temperature=0.5) as server:
         yield server
 
 

@@ -10,16 +10,10 @@ import pytest
 import torch
 
 from model_engine_server.commands import make_tiny_model as command
-from model_engine_server.config import HttpConfig
-from model_engine_server.engines.base import EngineSpec
-from model_engine_server.http.app import create_app
-from model_engine_server.http.metrics import ServerMetrics
-from model_engine_server.local import build_local_server
-from model_engine_server.scheduler import SchedulerConfig
 from model_engine_server.tiny_model import TinyModelShape, make_tiny_model
 from model_engine_server.tiny_tokenizer import MIN_VOCAB_SIZE, build_tiny_tokenizer
 from tests.helpers import reference_model
-from tests.test_http_support import ServerThread
+from tests.test_http_support import local_http_server
 
 TEXTS = [
     "Question: What colour is the sky on a clear day? Answer: blue",
@@ -87,10 +81,7 @@ def test_a_vocabulary_too_small_for_the_bytes_gets_no_tokenizer(tmp_path):
 
 @pytest.fixture(scope="module")
 def served(model_with_tokenizer):
-    path = str(model_with_tokenizer)
-    service = build_local_server(EngineSpec(model_path=path), scheduler=SchedulerConfig(
-        max_tokens_per_batch=2048, max_queued_tokens=8192, request_timeout_s=60))
-    with ServerThread(create_app(service, HttpConfig(), ServerMetrics(), owns_service=True, model_path=path)) as server:
+    with local_http_server(str(model_with_tokenizer)) as server:
         yield server
 
 
