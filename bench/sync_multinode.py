@@ -47,10 +47,12 @@ def _cluster(object_store_bytes: int):  # -> ray.cluster_utils.Cluster, connecte
 
 
 async def _keep_scoring(manager: Any, stop: asyncio.Event, answered: list[int]) -> None:
+    from model_engine_server.protocol import LogProbResult
+
     request = {"input_ids": list(range(2, 66)), "response_start": 32}
     while not stop.is_set():
         outcomes = await manager.score([request] * 2)
-        answered.append(sum(1 for o in outcomes if hasattr(o, "log_probs")))
+        answered.append(sum(1 for o in outcomes if isinstance(o, LogProbResult)))
 
 
 async def _measure(model_path: Path, weights: dict, repeats: int, bucket_bytes: int) -> dict[str, Any]:

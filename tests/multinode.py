@@ -30,7 +30,6 @@ class GpuNodes:
 
     cluster: Any
     nodes: dict[str, Any] = field(default_factory=dict)
-    removed: list[str] = field(default_factory=list)
 
     @property
     def address(self) -> str:
@@ -57,12 +56,6 @@ class GpuNodes:
             worker.kill()
         self.cluster.remove_node(node, allow_graceful=False)
         psutil.wait_procs(workers, timeout=30)
-        self.removed.append(node_id)
-
-    def alive_node_ids(self) -> set[str]:
-        import ray
-
-        return {n["NodeID"] for n in ray.nodes() if n.get("Alive")}
 
 
 def start_cluster(gpu_nodes: int, namespace: str) -> GpuNodes:

@@ -135,9 +135,8 @@ def _replica_gauges(replicas: Any, prefix: str) -> Iterator[Any]:
     up = GaugeMetricFamily(f"{prefix}_replica_up", "1 while the replica is alive and routed to", labels=["replica"])
     restarts = GaugeMetricFamily(f"{prefix}_replica_restarts", "restarts of the replica so far", labels=["replica"])
     for entry in replicas:
-        name = str(entry.get("name", entry.get("replica")))
-        up.add_metric([name], float(bool(entry.get("alive")) and not entry.get("joining", False)))
-        restarts.add_metric([name], float(entry.get("restarts", 0)))
+        up.add_metric([entry["name"]], float(entry["alive"] and not entry.get("joining", False)))
+        restarts.add_metric([entry["name"]], float(entry["restarts"]))
     yield up
     yield restarts
 
