@@ -15,10 +15,10 @@ from typing import Sequence
 import numpy as np
 import torch
 
-from model_engine_server.engines.base import Engine, TopKEngine
+from model_engine_server.engines.base import Engine, PromptSharingEngine, TopKEngine
 from model_engine_server.errors import InvalidRequest, ModelEngineError, WorkerFailed
 from model_engine_server.logprobs import chunk_tokens_for
-from model_engine_server.packing import pack_sequences, split_by_token_budget
+from model_engine_server.packing import pack_sequences, split_by_token_budget, split_shared_by_token_budget
 from model_engine_server.protocol import LogProbRequest, MismatchStats, ScoreOutput
 
 logger = logging.getLogger(__name__)
@@ -47,10 +47,15 @@ def _resolved_temperature(request: LogProbRequest) -> float:
 class ModelEngineServerAdapter:
     """Forward-only scoring of requests over one engine (no autograd, eval mode)."""
 
-    def __init__(self, engine: Engine, max_tokens_per_micro_batch: int = 8192, logprob_chunk_mb: int = 128) -> None:
+    def __init__(
+        self, engine: Engine, max_tokens_per_micro_batch: int = 8192, logprob_chunk_mb: int = 128,
+        share_prompts: bool = True,
+    ) -> None:
         self.engine = engine
         self.max_tokens_per_micro_batch = max_tokens_per_micro_batch
         self.chunk_tokens = chunk_tokens_for(engine.info.vocab_size, logprob_chunk_mb * 1024 * 1024)
+        # identical prompts (a GRPO group's samples) are run once per micro-batch, where the engine can
+        self.share_prompts = share_prompts and isinstance(engine, PromptSharingEngine) and engine.shares_prompts()
 
     def score(self, requests: Sequence[LogProbRequest]) -> list[Outcome]:
         outcomes: list[Outcome | None] = [None] * len(requests)
@@ -61,12 +66,17 @@ class ModelEngineServerAdapter:
                 outcomes[index] = InvalidRequest(refusal, "top_k")
             else:
                 scorable.append(index)
-        groups = split_by_token_budget([requests[i].num_tokens for i in scorable], self.max_tokens_per_micro_batch)
-        for group in groups:
+        for group in self._micro_batches([requests[i] for i in scorable]):
             indices = [scorable[i] for i in group]
             for index, outcome in zip(indices, self._score_group([requests[i] for i in indices])):
                 outcomes[index] = outcome
         return outcomes  # type: ignore[return-value]
+
+    def _micro_batches(self, requests: list[LogProbRequest]) -> list[list[int]]:
+        budget = self.max_tokens_per_micro_batch
+        if self.share_prompts:
+            return split_shared_by_token_budget([r.input_ids for r in requests], [r.response_start for r in requests], budget)
+        return split_by_token_budget([r.num_tokens for r in requests], budget)
 
     def _top_k_refusal(self) -> str | None:
         """Why this engine cannot answer `top_k` (decided per engine, before any forward, so
@@ -92,7 +102,9 @@ class ModelEngineServerAdapter:
     @torch.inference_mode()
     def _score_packed(self, requests: list[LogProbRequest]) -> list[ScoreOutput]:
         with torch.profiler.record_function("packing"):  # a label for bench/profile.py
-            batch = pack_sequences([r.input_ids for r in requests], [r.response_start for r in requests])
+            batch = pack_sequences(
+                [r.input_ids for r in requests], [r.response_start for r in requests], self.share_prompts
+            )
             temperatures = torch.repeat_interleave(
                 torch.tensor([_resolved_temperature(r) for r in requests], dtype=torch.float32),
                 torch.tensor([r.num_response_tokens for r in requests]),

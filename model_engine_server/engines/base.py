@@ -30,6 +30,10 @@ class EngineSpec(BaseModel):
     dtype: str = Field(default="float32", pattern="^(float32|bfloat16|float16)$")
     device: str = Field(default="auto", description="auto (CUDA when available), cpu or cuda")
     attn_implementation: str | None = Field(default=None, description="None picks flash-attn/sdpa")
+    share_prompts: bool = Field(
+        default=True,
+        description="pack identical prompts in a batch once (GRPO groups) where the engine's attention can",
+    )
     logprob_chunk_mb: int = Field(default=128, gt=0, description="memory for the log-prob step's two fp32 [chunk, vocab] buffers")
     allow_dtype_cast: bool = Field(default=False, description="cast weight updates of another float dtype")
     verl_engine: VerlEngineConfig = Field(
@@ -146,6 +150,14 @@ class TopKEngine(Protocol):
     def score_packed_top_k(
         self, batch: PackedBatch, temperatures: torch.Tensor, want_entropy: bool, chunk_tokens: int | None, top_k: int
     ) -> ChunkedScores: ...
+
+
+@runtime_checkable
+class PromptSharingEngine(Protocol):
+    """An engine that can score batches packed with `share_prompts` (the HF engine on our
+    packed attention); every other engine gets each sequence whole."""
+
+    def shares_prompts(self) -> bool: ...
 
 
 EngineFactory = Callable[..., Engine]

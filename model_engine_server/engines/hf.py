@@ -89,8 +89,16 @@ class HFEngine(HiddenStateEngine):
             tied_embeddings=bool(getattr(config, "tie_word_embeddings", False)),
         )
 
+    def shares_prompts(self) -> bool:
+        """Only our packed attention reads `segment_prefixes`; flash-attn and SDPA would let a
+        response segment attend to itself alone."""
+        return self.model.config._attn_implementation == packed_attention.NAME
+
     def hidden_states(self, batch: PackedBatch) -> torch.Tensor:
+        if batch.shares_prompts and not self.shares_prompts():
+            raise ValueError(f"attention {self.model.config._attn_implementation!r} cannot score shared prompts")
         boundaries = batch.cu_seqlens.to(self.device)
+        shared = {"segment_prefixes": batch.segment_prefixes} if batch.shares_prompts else {}
         outputs = self.model.base_model(
             input_ids=batch.input_ids.to(self.device),
             position_ids=batch.position_ids.to(self.device),
@@ -99,6 +107,7 @@ class HFEngine(HiddenStateEngine):
             cu_seq_lens_k=boundaries,
             max_length_q=batch.max_seqlen,
             max_length_k=batch.max_seqlen,
+            **shared,
         )
         return outputs.last_hidden_state[0]
 

@@ -86,6 +86,8 @@ class AttentionInputs:
 
 
 def attention_inputs(batch: PackedBatch, use_thd: bool, device: torch.device) -> AttentionInputs:
+    if batch.shares_prompts:  # the adapter never shares prompts for this engine
+        raise ValueError("the Megatron engine scores whole sequences; this row shares prompts")
     if use_thd:
         return AttentionInputs(attention_mask=None, packed_seq_params=thd_packed_seq_params(batch, device))
     return AttentionInputs(

@@ -7,6 +7,12 @@ varlen flash attention does on GPU. The sequence boundaries come from the `cu_se
 keyword the engine passes through the model's forward (transformers forwards such keywords
 to the attention function), and because this implementation has no mask function registered,
 transformers builds no mask at all.
+
+A row packed with shared prompts (`packing.pack_sequences(share_prompts=True)`) also carries
+`segment_prefixes`: a response segment attends to its prompt segment's keys and then causally
+to its own. It is computed as one causal SDPA over prompt + response, keeping the response's
+rows: the prompt's query rows are recomputed (attention only, no projections), which measured
+faster on CPU than a `[response, prompt + response]` mask for the fused kernel.
 """
 
 from __future__ import annotations
@@ -38,14 +44,30 @@ def packed_sdpa_attention(
     edges = [0, total] if boundaries is None else [int(x) for x in boundaries.tolist()]
     if edges[-1] != total:
         raise ValueError(f"cu_seq_lens_q ends at {edges[-1]} but the row has {total} tokens")
+    prefixes = kwargs.get("segment_prefixes") or [-1] * (len(edges) - 1)
+    if len(prefixes) != len(edges) - 1:
+        raise ValueError(f"segment_prefixes has {len(prefixes)} entries for {len(edges) - 1} segments")
     grouped = query.shape[1] != key.shape[1]
-    outputs = [
-        F.scaled_dot_product_attention(
-            query[:, :, start:stop], key[:, :, start:stop], value[:, :, start:stop],
+
+    def attend(start: int, stop: int, prefix: int) -> torch.Tensor:
+        if prefix < 0:
+            return F.scaled_dot_product_attention(
+                query[:, :, start:stop], key[:, :, start:stop], value[:, :, start:stop],
+                is_causal=True, scale=scaling, enable_gqa=grouped,
+            )
+        if prefixes[prefix] >= 0:
+            raise ValueError(f"segment {prefix} is a continuation itself; prefixes are one level deep")
+        head = slice(edges[prefix], edges[prefix + 1])
+        own = query[:, :, head].shape[2]
+        rows = F.scaled_dot_product_attention(
+            torch.cat([query[:, :, head], query[:, :, start:stop]], dim=2),
+            torch.cat([key[:, :, head], key[:, :, start:stop]], dim=2),
+            torch.cat([value[:, :, head], value[:, :, start:stop]], dim=2),
             is_causal=True, scale=scaling, enable_gqa=grouped,
         )
-        for start, stop in zip(edges[:-1], edges[1:])
-    ]
+        return rows[:, :, own:]
+
+    outputs = [attend(start, stop, prefix) for start, stop, prefix in zip(edges[:-1], edges[1:], prefixes)]
     return torch.cat(outputs, dim=2).transpose(1, 2).contiguous(), None
 
 

@@ -69,6 +69,8 @@ def per_sequence_temperatures(batch: PackedBatch, temperatures: torch.Tensor) ->
 def to_verl_batch(batch: PackedBatch, temperatures: torch.Tensor, want_entropy: bool) -> VerlBatch:
     """verl's no-padding batch for `batch`, scored in one micro-batch (our adapter already
     sized the row to the token budget)."""
+    if batch.shares_prompts:  # the adapter never shares prompts for this engine
+        raise ValueError("verl's engine scores whole sequences; this row shares prompts")
     from tensordict import TensorDict
     from verl.utils import tensordict_utils as tu
 

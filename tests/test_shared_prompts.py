@@ -1,0 +1,116 @@
+"""Shared prompts: the samples of one GRPO group are packed with one copy of their prompt.
+
+Checked against plain transformers (each sequence alone, full vocab, 1e-5 fp32) on groups of
+varied size and length mixed with unshared requests, under a budget that cuts a group. A
+mis-built layout (a response that does not see its prompt) is shown to fail the same check.
+"""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+import torch
+
+from model_engine_server.adapter import ModelEngineServerAdapter
+from model_engine_server.engines.base import EngineSpec, build_engine
+from model_engine_server.packing import pack_sequences, prompt_groups, split_shared_by_token_budget
+from model_engine_server.protocol import LogProbRequest
+from tests.helpers import random_requests, reference_log_probs, reference_model
+
+TOLERANCE = 1e-5
+
+
+def grpo_requests(groups: int, vocab_size: int, seed: int, per_group: tuple[int, int] = (2, 5)) -> list[LogProbRequest]:
+    """`groups` prompts, each with several sampled responses (some of one token), interleaved
+    with unshared requests, in a shuffled order as a fully-async rollout would finish them."""
+    rng = random.Random(seed)
+    requests = random_requests(4, vocab_size, seed=seed + 1, min_len=3, max_len=80)
+    for group in range(groups):
+        prompt = [rng.randrange(vocab_size) for _ in range(rng.randint(1, 90))]
+        for sample in range(rng.randint(*per_group)):
+            response = [rng.randrange(vocab_size) for _ in range(rng.choice([1, rng.randint(2, 120)]))]
+            requests.append(LogProbRequest(
+                request_id=f"g{group}-{sample}", input_ids=prompt + response, response_start=len(prompt),
+                temperature=rng.choice([0.7, 1.0]), return_entropy=True,
+            ))
+    rng.shuffle(requests)
+    return requests
+
+
+def test_packing_puts_each_prompt_in_the_row_once():
+    prompt = [5, 6, 7]
+    sequences = [prompt + [1, 2], [9, 8, 3], prompt + [4], prompt + [3, 3, 3]]
+    starts = [3, 1, 3, 3]
+    assert prompt_groups(sequences, starts) == [[0, 2, 3], [1]]
+    batch = pack_sequences(sequences, starts, share_prompts=True)
+    # prompt (3), tails [1] and [3, 3] (the one-token response has no tail), then [9, 8] whole
+    assert batch.input_ids[0].tolist() == [5, 6, 7, 1, 3, 3, 9, 8]
+    assert batch.position_ids[0].tolist() == [0, 1, 2, 3, 3, 4, 0, 1]
+    assert batch.cu_seqlens.tolist() == [0, 3, 4, 6, 8]
+    assert batch.segment_prefixes == [-1, 0, 0, -1]
+    # scores stay in request order; each member's first score is the prompt's last position
+    assert batch.score_offsets == [0, 2, 4, 5, 8]
+    assert batch.score_positions.tolist() == [2, 3, 6, 7, 2, 2, 4, 5]
+    assert batch.targets.tolist() == [1, 2, 8, 3, 4, 3, 3, 3]
+    unshared = pack_sequences(sequences, starts)
+    assert not unshared.shares_prompts and unshared.num_tokens == 4 + 2 + 3 + 5
+
+
+def test_budget_counts_a_prompt_once_and_cuts_only_groups_that_do_not_fit():
+    prompt = list(range(10))
+    sequences = [prompt + [1] * 5 for _ in range(4)] + [[1] * 12]
+    starts = [10] * 4 + [6]
+    # the group costs 10 + 4 * 5 = 30: it fits a 30-token budget whole, the other sequence apart
+    assert split_shared_by_token_budget(sequences, starts, 30) == [[0, 1, 2, 3], [4]]
+    # with 24 tokens it is cut into runs that each pay the prompt: 10 + 5 + 5, twice
+    assert split_shared_by_token_budget(sequences, starts, 24) == [[0, 1], [2, 3], [4]]
+
+
+@pytest.mark.parametrize("checkpoint", ["qwen2_tied", "llama_untied", "qwen3_tied"])
+def test_shared_prompts_equal_plain_transformers(tiny_models, checkpoint):
+    path = tiny_models[checkpoint]
+    engine = build_engine("hf", EngineSpec(model_path=str(path)))
+    adapter = ModelEngineServerAdapter(engine, max_tokens_per_micro_batch=600, logprob_chunk_mb=1)
+    assert adapter.share_prompts
+    requests = grpo_requests(6, engine.info.vocab_size, seed=len(checkpoint))
+    batches = adapter._micro_batches(requests)
+    assert any(pack_sequences([requests[i].input_ids for i in b], [requests[i].response_start for i in b],
+                              True).shares_prompts for b in batches)
+    outcomes = adapter.score(requests)
+    reference = reference_model(path)
+    for request, outcome in zip(requests, outcomes, strict=True):
+        expected, expected_entropy = reference_log_probs(reference, request)
+        torch.testing.assert_close(torch.from_numpy(outcome.log_probs), expected, atol=TOLERANCE, rtol=0)
+        torch.testing.assert_close(torch.from_numpy(outcome.entropy), expected_entropy, atol=TOLERANCE, rtol=0)
+
+
+def test_a_response_that_does_not_see_its_prompt_is_caught(tiny_model):
+    """The check above can fail: the same row with the prompt links removed scores each
+    response as if it had no prompt, far outside the tolerance."""
+    engine = build_engine("hf", EngineSpec(model_path=str(tiny_model)))
+    requests = [r for r in grpo_requests(1, engine.info.vocab_size, seed=3, per_group=(3, 3)) if r.request_id[0] == "g"]
+    requests = [r for r in requests if r.num_response_tokens > 1]
+    batch = pack_sequences([r.input_ids for r in requests], [r.response_start for r in requests], True)
+    temperatures = torch.ones(batch.targets.shape[0])
+    shared, _ = engine.score_packed(batch, temperatures, False, None)
+    batch.segment_prefixes = [-1] * len(batch.segment_prefixes)  # type: ignore[operator]
+    cut_off, _ = engine.score_packed(batch, temperatures, False, None)
+    reference = reference_model(tiny_model)
+    expected = torch.cat([reference_log_probs(reference, r.model_copy(update={"temperature": 1.0}))[0] for r in requests])
+    torch.testing.assert_close(shared, expected, atol=TOLERANCE, rtol=0)
+    first_scores = torch.tensor(batch.score_offsets[:-1])
+    later = torch.ones(len(expected), dtype=torch.bool)
+    later[first_scores] = False  # the first score reads the prompt's own last position either way
+    assert (cut_off[later] - expected[later]).abs().max() > 100 * TOLERANCE
+
+
+def test_engines_without_prefix_attention_get_whole_sequences(tiny_model):
+    engine = build_engine("hf", EngineSpec(model_path=str(tiny_model), attn_implementation="sdpa"))
+    assert not ModelEngineServerAdapter(engine).share_prompts
+    assert not ModelEngineServerAdapter(build_engine("hf", EngineSpec(model_path=str(tiny_model))),
+                                        share_prompts=False).share_prompts
+    requests = grpo_requests(2, engine.info.vocab_size, seed=5)
+    batch = pack_sequences([r.input_ids for r in requests], [r.response_start for r in requests], True)
+    with pytest.raises(ValueError, match="cannot score shared prompts"):
+        engine.score_packed(batch, torch.ones(batch.targets.shape[0]), False, None)
