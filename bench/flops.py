@@ -2,7 +2,8 @@
 
 A multiply-add is 2 FLOPs. Per token: every linear layer of the body (attention projections,
 MLP) and, only for scored positions, the LM head. Attention scores and their weighted sum
-are causal: sequence of length L costs 2 x 2 x L(L+1)/2 x heads x head_dim per layer.
+are causal: sequence of length L costs 2 x 2 x L(L+1)/2 x heads x head_dim per layer; a
+response packed after a shared prompt of C tokens adds L x C scores for its rows.
 Norms, activations, rotary and softmax are left out (a few percent), as MFU usually does.
 """
 
@@ -15,9 +16,14 @@ import torch
 from bench.common import best_time
 
 
-def forward_flops_split(config: Any, sequences: Sequence[tuple[int, int]]) -> tuple[float, float]:
+Work = tuple[int, int] | tuple[int, int, int]  # (input_tokens, scored_tokens[, context_tokens])
+
+
+def forward_flops_split(config: Any, sequences: Sequence[Work]) -> tuple[float, float]:
     """(body FLOPs, LM-head FLOPs) of one forward over `(input_tokens, scored_tokens)` per
-    sequence: the split that decides how much scoring response positions only can save."""
+    sequence: the split that decides how much scoring response positions only can save. A third
+    entry counts keys already in the row that the sequence's tokens also attend to (its shared
+    prompt)."""
     hidden = config.hidden_size
     heads = config.num_attention_heads
     head_dim = getattr(config, "head_dim", None) or hidden // heads
@@ -27,14 +33,15 @@ def forward_flops_split(config: Any, sequences: Sequence[tuple[int, int]]) -> tu
     mlp = 3 * hidden * config.intermediate_size  # gate, up, down
     per_token = 2 * layers * (projections + mlp)
     body = head = 0.0
-    for length, scored in sequences:
-        attention = layers * 2 * 2 * (length * (length + 1) / 2) * heads * head_dim
+    for length, scored, *context in sequences:
+        keys = length * (length + 1) / 2 + length * sum(context)
+        attention = layers * 2 * 2 * keys * heads * head_dim
         body += per_token * length + attention
         head += 2 * hidden * config.vocab_size * scored
     return body, head
 
 
-def forward_flops(config: Any, sequences: Sequence[tuple[int, int]]) -> float:
+def forward_flops(config: Any, sequences: Sequence[Work]) -> float:
     """FLOPs of one forward over `(input_tokens, scored_tokens)` per sequence."""
     body, head = forward_flops_split(config, sequences)
     return body + head

@@ -20,6 +20,10 @@ weights, fp32 only), each nested under its key in the JSON; the toy stays at the
 shorter: fewer tokens, not a smaller model). Every shape also reports its FLOP split, the
 causes of its ratio to verl (`bench/scoring_causes.py`), and the run ends with predictions -
 labelled as such - for the 7B and 32B shapes (`bench/scoring_predict.py`).
+
+`--group-size N` makes the mix GRPO-like: N sampled responses per prompt (verl's
+`rollout.n`), the same length distribution otherwise. The server then packs each prompt once
+per micro-batch; verl and the baselines score every sample whole, as they do.
 """
 
 from __future__ import annotations
@@ -80,15 +84,21 @@ TEST_SIZE = Size(TinyModelShape(vocab_size=512, hidden_size=64, intermediate_siz
                  requests=3, repeats=1, max_response=64, dtypes=("float32",))
 
 
-def rl_length_mix(count: int, vocab_size: int, seed: int = 0, max_response: int = 4096) -> list[LogProbRequest]:
-    """Prompts of 64-512 tokens, responses log-uniform between 16 and `max_response` tokens."""
+def rl_length_mix(
+    count: int, vocab_size: int, seed: int = 0, max_response: int = 4096, group_size: int = 1
+) -> list[LogProbRequest]:
+    """Prompts of 64-512 tokens, responses log-uniform between 16 and `max_response` tokens;
+    consecutive runs of `group_size` requests share their prompt (the last run may be shorter)."""
     rng = random.Random(seed)
-    requests = []
-    for index in range(count):
-        prompt = rng.randint(64, 512)
+    requests: list[LogProbRequest] = []
+    prompt: list[int] = []
+    for index in range(count):  # draws in the order of the unshared mix, which group size 1 keeps
+        prompt_length = rng.randint(64, 512) if index % group_size == 0 else len(prompt)
         response = int(round(math.exp(rng.uniform(math.log(16), math.log(max_response)))))
-        ids = [rng.randrange(vocab_size) for _ in range(prompt + response)]
-        requests.append(LogProbRequest(request_id=str(index), input_ids=ids, response_start=prompt, temperature=0.9))
+        if index % group_size == 0:
+            prompt = [rng.randrange(vocab_size) for _ in range(prompt_length)]
+        ids = prompt + [rng.randrange(vocab_size) for _ in range(response)]
+        requests.append(LogProbRequest(request_id=str(index), input_ids=ids, response_start=len(prompt), temperature=0.9))
     return requests
 
 
@@ -164,7 +174,9 @@ def _measure(
     timed = alternating_best(steps, repeats)
     server_s, server = timed["server"]
     agreement = max(scoring_verl.agreement(server, timed[name][1]) for name in ("packed", "padded"))
-    flops = forward_flops(engine.model.config, [(r.num_tokens - 1, r.num_response_tokens) for r in requests])
+    work = (scoring_predict.shared_prompt_sequences(requests) if adapter.share_prompts
+            else scoring_predict.sequences(requests, all_positions=False))
+    flops = forward_flops(engine.model.config, work)  # what the server path has to compute
     gemm = gemm_flops_per_s(engine.spec.torch_dtype())
     figures: dict[str, Any] = {
         "tokens_per_s": total_tokens / server_s,
@@ -226,16 +238,16 @@ def _measure_dtype(path: Path, dtype: str, requests: list[LogProbRequest], repea
     return figures
 
 
-def measure_shape(name: str, size: Size, max_tokens: int | None, folder: Path) -> dict[str, Any]:
+def measure_shape(name: str, size: Size, max_tokens: int | None, folder: Path, group_size: int = 1) -> dict[str, Any]:
     """One shape's figures: the toy in every dtype of the size on its own mix, a real shape in
     fp32 on the mix scaled to `max_tokens`."""
     real = shapes.MEASURED[name]
     toy = real is None
     vocab_size = size.model.vocab_size if real is None else real.vocab_size
-    requests = rl_length_mix(size.requests, vocab_size, max_response=size.max_response)
+    requests = rl_length_mix(size.requests, vocab_size, max_response=size.max_response, group_size=group_size)
     requests = requests if toy else scale_to_tokens(requests, max_tokens)
     path = shapes.make_model(name, folder, toy=size.model)
-    figures: dict[str, Any] = {"shape": name, **_request_figures(requests)}
+    figures: dict[str, Any] = {"shape": name, "group_size": group_size, **_request_figures(requests)}
     figures.update(scoring_predict.flop_figures(_hf_config(path), requests))
     for dtype in size.dtypes if toy else ("float32",):
         figures.update(_measure_dtype(path, dtype, requests, size.repeats, with_causes=dtype == "float32"))
@@ -271,7 +283,8 @@ def _prediction_source(figures: dict[str, Any]) -> tuple[dict[str, Any] | None, 
     return None, None
 
 
-def run(quick: bool = False, shape: list[str] | None = None, max_tokens: int | None = None) -> dict[str, Any]:
+def run(quick: bool = False, shape: list[str] | None = None, max_tokens: int | None = None,
+        group_size: int = 1) -> dict[str, Any]:
     """Every requested shape (default: the toy) at the run's size; sizes are module attributes
     so a test can swap in `TEST_SIZE`."""
     size = QUICK if quick else FULL
@@ -279,13 +292,13 @@ def run(quick: bool = False, shape: list[str] | None = None, max_tokens: int | N
     figures: dict[str, Any] = {"torch_threads": torch.get_num_threads()}  # every path, verl's included, in-process
     for name in shape or ["toy"]:
         with tempfile.TemporaryDirectory(prefix="bench-scoring-") as folder:  # a 1.5B checkpoint is 6 GB
-            measured = measure_shape(name, size, max_tokens, Path(folder))
+            measured = measure_shape(name, size, max_tokens, Path(folder), group_size)
         key = shapes.shape_key(name)
         if key:
             figures[key] = measured
         else:
             figures.update(measured)
     measured, source = _prediction_source(figures)
-    full_mix = rl_length_mix(FULL.requests, 151_936, max_response=FULL.max_response)
+    full_mix = rl_length_mix(FULL.requests, 151_936, max_response=FULL.max_response, group_size=group_size)
     figures.update(scoring_predict.predictions(full_mix, measured, source))
     return figures

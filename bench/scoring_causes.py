@@ -10,13 +10,16 @@ On the same packed token-budget batches (the server's), timed alternately, least
 - `head_response_chunked_s`: our log-prob step, LM head on response positions only, in chunks;
 - `head_all_chunked_s`: the same chunked step on every position (what a trainer's forward scores);
 - `head_all_full_s`: full `[tokens, vocab]` logits, fp32, `log_softmax`, gather, on every position
-  (verl's path without fused kernels; no entropy, as the benchmark asks none).
+  (verl's path without fused kernels; no entropy, as the benchmark asks none);
+- `body_shared_prompts_s` (only on a mix where requests share prompts): the body on the
+  server's shared-prompt batches, each group's prompt run once per micro-batch.
 
 From these the ratio to verl splits into factors that multiply to it, one cause added at a
 time on the way from the server's path to a trainer's: lm_head_response_only = (body +
 head_all_chunked) / (body + head_response_chunked); chunked_log_softmax = (body + head_all_full)
 / (body + head_all_chunked); attention = (body_sdpa_mask + head_all_full) / (body +
-head_all_full); and `rest`, what the three leave of the measured `speedup_vs_verl` (verl's
+head_all_full); shared_prompts = (body + head_response_chunked) / (body_shared_prompts +
+head_response_chunked), 1 where no prompt is shared; and `rest`, what the four leave of the measured `speedup_vs_verl` (verl's
 batching, padding conversions, its own Python, and our sums standing in for whole paths).
 """
 
@@ -30,7 +33,7 @@ import torch
 from bench.common import alternating_best
 from model_engine_server.engines.hf import HFEngine
 from model_engine_server.logprobs import chunked_log_probs
-from model_engine_server.packing import PackedBatch, pack_sequences, split_by_token_budget
+from model_engine_server.packing import PackedBatch, pack_sequences, split_by_token_budget, split_shared_by_token_budget
 from model_engine_server.protocol import LogProbRequest
 
 
@@ -43,12 +46,16 @@ class Packed:
     temperature: float
 
 
-def pack_groups(requests: list[LogProbRequest], token_budget: int) -> list[Packed]:
-    groups = split_by_token_budget([r.num_tokens for r in requests], token_budget)
+def pack_groups(requests: list[LogProbRequest], token_budget: int, share_prompts: bool = False) -> list[Packed]:
+    """The adapter's micro-batches, each prompt whole in every sequence or, with
+    `share_prompts`, once per group."""
+    ids, starts = [r.input_ids for r in requests], [r.response_start for r in requests]
+    groups = (split_shared_by_token_budget(ids, starts, token_budget) if share_prompts
+              else split_by_token_budget([r.num_tokens for r in requests], token_budget))
     packed = []
     for group in groups:
         chosen = [requests[i] for i in group]
-        batch = pack_sequences([r.input_ids for r in chosen], [r.response_start for r in chosen])
+        batch = pack_sequences([r.input_ids for r in chosen], [r.response_start for r in chosen], share_prompts)
         targets = torch.cat([torch.tensor(r.input_ids[1:]) for r in chosen])
         packed.append(Packed(batch, targets, chosen[0].temperature))
     return packed
@@ -73,8 +80,9 @@ def _with_attention(engine: HFEngine, name: str, step: Callable[[], Any]) -> Cal
     return run
 
 
-def component_steps(engine: HFEngine, groups: list[Packed]) -> dict[str, Callable[[], Any]]:
-    """The five timed components; the heads run on hidden states computed once here."""
+def component_steps(engine: HFEngine, groups: list[Packed], shared: list[Packed] | None) -> dict[str, Callable[[], Any]]:
+    """The five timed components (six with shared prompts); the heads run on hidden states
+    computed once here."""
     with torch.inference_mode():
         hiddens = [engine.hidden_states(g.batch) for g in groups]
     head = engine.lm_head()
@@ -95,9 +103,14 @@ def component_steps(engine: HFEngine, groups: list[Packed]) -> dict[str, Callabl
     def head_all_full() -> list[torch.Tensor]:
         return [full_logits_no_entropy(h, head.weight, g.all_targets, g.temperature) for h, g in zip(hiddens, groups)]
 
-    return {"body": body, "body_sdpa_mask": _with_attention(engine, "sdpa", body),
-            "head_response_chunked": head_response, "head_all_chunked": head_all_chunked,
-            "head_all_full": head_all_full}
+    def body_shared() -> list[torch.Tensor]:
+        with torch.inference_mode():
+            return [engine.hidden_states(g.batch) for g in shared or []]
+
+    steps = {"body": body, "body_sdpa_mask": _with_attention(engine, "sdpa", body),
+             "head_response_chunked": head_response, "head_all_chunked": head_all_chunked,
+             "head_all_full": head_all_full}
+    return steps if shared is None else {**steps, "body_shared_prompts": body_shared}
 
 
 def _max_diff(a: list[torch.Tensor], b: list[torch.Tensor]) -> float:
@@ -107,14 +120,18 @@ def _max_diff(a: list[torch.Tensor], b: list[torch.Tensor]) -> float:
 def measure_causes(engine: HFEngine, requests: list[LogProbRequest], token_budget: int, repeats: int) -> dict[str, Any]:
     """Component times and the factors they give (see the module docstring)."""
     groups = pack_groups(requests, token_budget)
-    timed = alternating_best(component_steps(engine, groups), repeats)
+    shared = pack_groups(requests, token_budget, share_prompts=True)
+    shares = any(g.batch.shares_prompts for g in shared)
+    timed = alternating_best(component_steps(engine, groups, shared if shares else None), repeats)
     t = {name: seconds for name, (seconds, _) in timed.items()}
     response_from_all = [lp.index_select(0, g.batch.score_positions)
                          for lp, g in zip(timed["head_all_full"][1], groups)]
     body, head_resp, head_all_c, head_all_f = (t["body"], t["head_response_chunked"], t["head_all_chunked"],
                                                t["head_all_full"])
+    body_shared = t.get("body_shared_prompts", body)
     return {
         **{f"{name}_s": seconds for name, seconds in t.items()},
+        "factor_shared_prompts": (body + head_resp) / (body_shared + head_resp),
         "attention_body_ratio": t["body_sdpa_mask"] / body,
         "factor_lm_head_response_only": (body + head_all_c) / (body + head_resp),
         "factor_chunked_log_softmax": (body + head_all_f) / (body + head_all_c),
@@ -128,5 +145,6 @@ def rest_factor(figures: dict[str, Any]) -> float | None:
     """What the three measured causes leave of `speedup_vs_verl` (None without verl)."""
     if "speedup_vs_verl" not in figures:
         return None
-    explained = figures["factor_attention"] * figures["factor_lm_head_response_only"] * figures["factor_chunked_log_softmax"]
+    explained = (figures["factor_attention"] * figures["factor_lm_head_response_only"]
+                 * figures["factor_chunked_log_softmax"] * figures.get("factor_shared_prompts", 1.0))
     return figures["speedup_vs_verl"] / explained

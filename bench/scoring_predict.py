@@ -3,6 +3,8 @@
 Shapes too large for this machine are not run. Their ratio is predicted from FLOP counts
 (`bench/flops.py`) over the benchmark's full RL length mix (40 requests, unscaled), two ways:
 
+- `flops`: every FLOP the server saves carries over - the LM head on responses only and, on a
+  mix of GRPO groups, each shared prompt run once - and nothing else differs;
 - `lm_head_only`: both paths run the body equally well and differ only in where the LM head
   runs (all positions for a trainer's forward, response positions for the server). This is
   what remains on a GPU, where verl runs flash-attn varlen (our packed attention's equal) and
@@ -16,28 +18,50 @@ from __future__ import annotations
 
 from typing import Any, Sequence
 
-from bench.flops import forward_flops_split
+from bench.flops import Work, forward_flops_split
 from bench.shapes import PREDICTED, QwenShape
+from model_engine_server.packing import prompt_groups
 from model_engine_server.protocol import LogProbRequest
 
 
-def sequences(requests: Sequence[LogProbRequest], all_positions: bool) -> list[tuple[int, int]]:
+def sequences(requests: Sequence[LogProbRequest], all_positions: bool) -> list[Work]:
     """`(input_tokens, scored_tokens)` per request: the server scores the response, a trainer's
     forward puts the LM head on every input position."""
     return [(r.num_tokens - 1, r.num_tokens - 1 if all_positions else r.num_response_tokens) for r in requests]
+
+
+def shared_prompt_sequences(requests: Sequence[LogProbRequest]) -> list[Work]:
+    """The server's work with shared prompts (`packing.pack_sequences(share_prompts=True)` on
+    the whole set): each group's prompt once, then each member's response after it."""
+    work: list[Work] = []
+    for group in prompt_groups([r.input_ids for r in requests], [r.response_start for r in requests]):
+        if len(group) == 1:
+            work.extend(sequences([requests[group[0]]], all_positions=False))
+            continue
+        prompt = requests[group[0]].response_start
+        work.append((prompt, 0))
+        work.extend((requests[i].num_tokens - 1 - prompt, requests[i].num_response_tokens, prompt) for i in group)
+    return work
 
 
 def flop_figures(config: Any, requests: Sequence[LogProbRequest]) -> dict[str, float]:
     """Body and LM-head FLOPs of the request set, and the LM head's share of the forward."""
     body, head_response = forward_flops_split(config, sequences(requests, all_positions=False))
     _, head_all = forward_flops_split(config, sequences(requests, all_positions=True))
+    body_shared, _ = forward_flops_split(config, shared_prompt_sequences(requests))
     return {
         "body_flops": body,
+        "body_flops_shared_prompts": body_shared,
         "lm_head_flops_response_only": head_response,
         "lm_head_flops_all_positions": head_all,
         "lm_head_flop_share_response_only": head_response / (body + head_response),
         "lm_head_flop_share_all_positions": head_all / (body + head_all),
     }
+
+
+def flop_ratio(flops: dict[str, float]) -> float:
+    return (flops["body_flops"] + flops["lm_head_flops_all_positions"]) / (
+        flops["body_flops_shared_prompts"] + flops["lm_head_flops_response_only"])
 
 
 def lm_head_only_ratio(flops: dict[str, float]) -> float:
@@ -62,7 +86,7 @@ def cpu_rates(measured: dict[str, Any]) -> dict[str, float] | None:
 
 
 def cpu_rates_ratio(flops: dict[str, float], rates: dict[str, float]) -> float:
-    server = flops["body_flops"] / rates["body"] + flops["lm_head_flops_response_only"] / rates["head_chunked"]
+    server = flops["body_flops_shared_prompts"] / rates["body"] + flops["lm_head_flops_response_only"] / rates["head_chunked"]
     verl = flops["body_flops"] / rates["verl_body"] + flops["lm_head_flops_all_positions"] / rates["head_full"]
     return verl / server
 
@@ -78,6 +102,7 @@ def predictions(requests: Sequence[LogProbRequest], measured: dict[str, Any] | N
             "lm_head_flop_share_all_positions": flops["lm_head_flop_share_all_positions"],
             "lm_head_flop_share_response_only": flops["lm_head_flop_share_response_only"],
             "predicted_speedup_vs_verl_lm_head_only": lm_head_only_ratio(flops),
+            "predicted_speedup_vs_verl_flops": flop_ratio(flops),
         }
         if rates is not None:
             figures["predicted_speedup_vs_verl_cpu_rates"] = cpu_rates_ratio(flops, rates)

@@ -156,6 +156,31 @@ def test_lm_head_only_prediction_is_the_flop_ratio_of_all_positions_to_responses
     assert "predicted_speedup_vs_verl_cpu_rates" not in predicted["prediction_qwen2_5_7b"]  # no measured rates
 
 
+def test_grpo_mix_shares_prompts_and_the_shared_flops_count_each_prompt_once():
+    from bench.flops import forward_flops_split
+    from bench.scoring import rl_length_mix
+    from bench.scoring_predict import flop_figures, flop_ratio, lm_head_only_ratio, shared_prompt_sequences
+    from bench.shapes import QWEN25_7B
+
+    assert rl_length_mix(7, 512, group_size=1) == rl_length_mix(7, 512)
+    grouped = rl_length_mix(7, 512, group_size=3)
+    prompts = [tuple(r.input_ids[: r.response_start]) for r in grouped]
+    assert prompts[0] == prompts[1] == prompts[2] != prompts[3] == prompts[4] == prompts[5] != prompts[6]
+    config = QWEN25_7B.hf_config()
+    # two members after a 3-token prompt: the prompt once, each tail with the prompt as context
+    small = [r.model_copy(update={"input_ids": [1, 2, 3] + tail, "response_start": 3})
+             for r, tail in zip(grouped[:2], ([4, 5], [6, 7, 8]))]
+    assert shared_prompt_sequences(small) == [(3, 0), (1, 2, 3), (2, 3, 3)]
+    body_shared, _ = forward_flops_split(config, shared_prompt_sequences(small))
+    body, _ = forward_flops_split(config, [(4, 2), (5, 3)])
+    assert body_shared < body
+    flops = flop_figures(config, grouped)
+    assert flops["body_flops_shared_prompts"] < flops["body_flops"]
+    assert flop_ratio(flops) > lm_head_only_ratio(flops)
+    unique = flop_figures(config, rl_length_mix(7, 512))
+    assert unique["body_flops_shared_prompts"] == unique["body_flops"] and flop_ratio(unique) == lm_head_only_ratio(unique)
+
+
 def _tiny_qwen():
     from bench.shapes import QwenShape
 
@@ -184,11 +209,30 @@ def test_quick_scoring_json_nests_each_shape_with_its_causes(monkeypatch, tmp_pa
         assert shape[key] > 0, key
     assert shape["body_sdpa_mask_max_abs_diff"] <= 1e-5 and shape["head_paths_max_abs_diff"] <= 1e-5
     assert "predicted_speedup_vs_verl_lm_head_only" in figures["prediction_qwen2_5_32b"]
+    assert shape["group_size"] == 1 and shape["factor_shared_prompts"] == 1.0  # no prompt shared
     targets = {target["target"] for target in record["targets"]}
     assert "tiny_qwen.speedup_vs_verl >= 1.5" in targets and "speedup_vs_verl >= 1.5" not in targets
     if scoring_verl.verl_available():
         assert shape["max_abs_diff_vs_verl"] <= 1e-5 and shape["factor_rest"] > 0
         assert figures["prediction_qwen2_5_7b"]["cpu_rates_from"] == "tiny-qwen"
+
+
+def test_quick_scoring_on_grpo_groups_times_the_shared_prompt_body(monkeypatch, tmp_path):
+    from bench import scoring, shapes
+    from bench.__main__ import main
+
+    monkeypatch.setitem(shapes.MEASURED, "tiny-qwen", _tiny_qwen())
+    monkeypatch.setattr(scoring, "QUICK", scoring.Size(scoring.TEST_SIZE.model, requests=4, repeats=1, max_response=64,
+                                                      dtypes=("float32",)))
+    output = tmp_path / "scoring.json"
+    assert main(["scoring", "--quick", "--shape", "tiny-qwen", "--group-size", "2", "--json", str(output)]) == 0
+    shape = json.loads(output.read_text())["figures"]["tiny_qwen"]
+    assert shape["group_size"] == 2 and shape["body_shared_prompts_s"] > 0 and shape["factor_shared_prompts"] > 0
+    assert shape["body_flops_shared_prompts"] < shape["body_flops"]
+    assert shape["max_abs_diff_between_paths"] <= 1e-5  # the shared server path agrees with the baselines
+    for wrong in (["sync", "--group-size", "2"], ["scoring", "--group-size", "0"]):
+        with pytest.raises(SystemExit):
+            main(wrong)
 
 
 def test_quick_trainer_savings_times_each_part_of_the_decoupled_step(monkeypatch, tmp_path):
