@@ -26,21 +26,30 @@ from checkpoint_transport.spec import ReceiveReport, TransportSpec
 from model_engine_server.adapter import Outcome
 from model_engine_server.engines.base import ModelInfo, WeightSpec
 from model_engine_server.errors import ModelEngineError, ServerShuttingDown, WeightSyncError, WorkerFailed
+from model_engine_server.packing import prompt_groups
 from model_engine_server.protocol import LogProbRequest
 from replica.worker import WorkerInfo
 
 logger = logging.getLogger(__name__)
 
 
-def split_by_tokens(token_counts: Sequence[int], parts: int) -> list[list[int]]:
+def split_by_tokens(
+    token_counts: Sequence[int], parts: int, units: Sequence[Sequence[int]] | None = None
+) -> list[list[int]]:
     """Indices for `parts` shares with token sums as even as greedy allows (largest first,
-    each to the lightest share); a share keeps its requests in their original order."""
+    each to the lightest share); a share keeps its requests in their original order.
+
+    `units` keeps indices together (a GRPO group's samples, so a rank can pack their prompt
+    once); with fewer units than shares it is ignored, so no rank idles while another works.
+    """
+    if units is None or len(units) < parts:
+        units = [[index] for index in range(len(token_counts))]
     shares: list[list[int]] = [[] for _ in range(parts)]
     loads = [0] * parts
-    for index in sorted(range(len(token_counts)), key=lambda i: -token_counts[i]):
+    for unit in sorted(units, key=lambda unit: -sum(token_counts[i] for i in unit)):
         lightest = min(range(parts), key=loads.__getitem__)
-        shares[lightest].append(index)
-        loads[lightest] += token_counts[index]
+        shares[lightest].extend(unit)
+        loads[lightest] += sum(token_counts[i] for i in unit)
     return [sorted(share) for share in shares]
 
 
@@ -175,7 +184,8 @@ class RayWorkerExecutor:
 
     async def execute(self, requests: Sequence[LogProbRequest]) -> list[Outcome]:
         self._check_usable()
-        shares = split_by_tokens([r.num_tokens for r in requests], len(self.groups))
+        groups = prompt_groups([r.input_ids for r in requests], [r.response_start for r in requests])
+        shares = split_by_tokens([r.num_tokens for r in requests], len(self.groups), groups)
         calls: dict[int, ray.ObjectRef] = {}
         for group, share in zip(self.groups, shares):
             if not share:

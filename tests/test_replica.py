@@ -101,6 +101,16 @@ def test_split_by_tokens_balances_shares_and_keeps_every_request_once():
     assert all(share == sorted(share) for share in shares)
 
 
+def test_split_by_tokens_keeps_a_prompt_group_on_one_rank_while_there_are_enough_groups():
+    counts = [100, 100, 100, 50, 100, 120]
+    groups = [[0, 2, 4], [1, 3], [5]]  # samples of one prompt, interleaved as they finished
+    shares = split_by_tokens(counts, 2, groups)
+    assert sorted(map(sorted, shares)) == [[0, 2, 4], [1, 3, 5]]
+    # fewer groups than ranks: split by request, so both ranks work
+    shares = split_by_tokens(counts[:3], 2, [[0, 1, 2]])
+    assert all(shares) and sorted(i for share in shares for i in share) == [0, 1, 2]
+
+
 def test_split_by_tokens_leaves_extra_groups_empty_for_a_single_request():
     assert split_by_tokens([7], 3) == [[0], [], []]
 
