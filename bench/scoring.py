@@ -37,7 +37,7 @@ from typing import Any
 
 import torch
 
-from bench import scoring_causes, scoring_predict, scoring_verl, shapes
+from bench import scoring_causes, scoring_fp64, scoring_predict, scoring_verl, shapes
 from bench.common import Target, alternating_best
 from bench.flops import forward_flops, gemm_flops_per_s
 from model_engine_server.adapter import ModelEngineServerAdapter
@@ -159,7 +159,8 @@ def _padded_full_logits(engine: HFEngine, requests: list[LogProbRequest]) -> lis
 
 def _measure(
     engine: HFEngine, verl: "scoring_verl.VerlEngine | None", requests: list[LogProbRequest], repeats: int, prefix: str
-) -> dict[str, Any]:
+) -> tuple[dict[str, Any], dict[str, list[torch.Tensor]]]:
+    """The figures, and the server's and verl's log-probs (for the float64 anchor)."""
     adapter = ModelEngineServerAdapter(engine, TOKEN_BUDGET)
     total_tokens = sum(r.num_tokens for r in requests)
     adapter.score(requests[:2])  # warm-up: first-call allocations and thread pools
@@ -190,14 +191,15 @@ def _measure(
         "mfu": flops / server_s / gemm,
         "max_abs_diff_between_paths": agreement,
     }
+    outputs = {"server": server}
     if verl is None:
         figures.update(scoring_verl.skipped_figures(""))
     else:
-        verl_s, verl_log_probs = timed["verl"]
+        verl_s, outputs["verl"] = timed["verl"]
         figures["verl_tokens_per_s"] = total_tokens / verl_s
         figures["speedup_vs_verl"] = verl_s / server_s
-        figures["max_abs_diff_vs_verl"] = scoring_verl.agreement(server, verl_log_probs)
-    return {f"{prefix}{key}": value for key, value in figures.items()}
+        figures["max_abs_diff_vs_verl"] = scoring_verl.agreement(server, outputs["verl"])
+    return {f"{prefix}{key}": value for key, value in figures.items()}, outputs
 
 
 def scale_to_tokens(requests: list[LogProbRequest], max_tokens: int | None) -> list[LogProbRequest]:
@@ -222,19 +224,24 @@ def _request_figures(requests: list[LogProbRequest]) -> dict[str, Any]:
 
 
 def _measure_dtype(path: Path, dtype: str, requests: list[LogProbRequest], repeats: int,
-                   with_causes: bool) -> dict[str, Any]:
-    """Every path in one dtype on freshly loaded engines; the causes of the ratio in fp32."""
+                   real_shape: bool) -> dict[str, Any]:
+    """Every path in one dtype on freshly loaded engines; in fp32 also the causes of the ratio
+    and, for a real shape, each path's distance from a float64 forward."""
     prefix = "" if dtype == "float32" else "bf16_"
     engine = build_engine("hf", EngineSpec(model_path=str(path), dtype=dtype))
     verl = scoring_verl.build_verl(str(path), dtype, TOKEN_BUDGET) if scoring_verl.verl_available() else None
     try:
         figures: dict[str, Any] = {"parameters": engine.info.num_parameters}
-        figures.update(_measure(engine, verl, requests, repeats, prefix))  # type: ignore[arg-type]
-        if with_causes:
+        measured, outputs = _measure(engine, verl, requests, repeats, prefix)  # type: ignore[arg-type]
+        figures.update(measured)
+        if dtype == "float32":
             figures.update(scoring_causes.measure_causes(engine, requests, TOKEN_BUDGET, repeats))  # type: ignore[arg-type]
     finally:
         if verl is not None:
             verl.close()
+    del engine, verl  # the float64 model needs their memory
+    if real_shape and dtype == "float32":
+        figures.update(scoring_fp64.errors_vs_float64(path, figures["parameters"], requests, outputs))
     return figures
 
 
@@ -250,7 +257,7 @@ def measure_shape(name: str, size: Size, max_tokens: int | None, folder: Path, g
     figures: dict[str, Any] = {"shape": name, "group_size": group_size, **_request_figures(requests)}
     figures.update(scoring_predict.flop_figures(_hf_config(path), requests))
     for dtype in size.dtypes if toy else ("float32",):
-        figures.update(_measure_dtype(path, dtype, requests, size.repeats, with_causes=dtype == "float32"))
+        figures.update(_measure_dtype(path, dtype, requests, size.repeats, real_shape=not toy))
     rest = scoring_causes.rest_factor(figures)
     if rest is not None:
         figures["factor_rest"] = rest

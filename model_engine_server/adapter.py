@@ -15,7 +15,7 @@ from typing import Sequence
 import numpy as np
 import torch
 
-from model_engine_server.engines.base import Engine, PromptSharingEngine, TopKEngine
+from model_engine_server.engines.base import Engine, TopKEngine
 from model_engine_server.errors import InvalidRequest, ModelEngineError, WorkerFailed
 from model_engine_server.logprobs import chunk_tokens_for
 from model_engine_server.packing import pack_sequences, split_by_token_budget, split_shared_by_token_budget
@@ -47,15 +47,12 @@ def _resolved_temperature(request: LogProbRequest) -> float:
 class ModelEngineServerAdapter:
     """Forward-only scoring of requests over one engine (no autograd, eval mode)."""
 
-    def __init__(
-        self, engine: Engine, max_tokens_per_micro_batch: int = 8192, logprob_chunk_mb: int = 128,
-        share_prompts: bool = True,
-    ) -> None:
+    def __init__(self, engine: Engine, max_tokens_per_micro_batch: int = 8192, logprob_chunk_mb: int = 128) -> None:
         self.engine = engine
         self.max_tokens_per_micro_batch = max_tokens_per_micro_batch
         self.chunk_tokens = chunk_tokens_for(engine.info.vocab_size, logprob_chunk_mb * 1024 * 1024)
         # identical prompts (a GRPO group's samples) are run once per micro-batch, where the engine can
-        self.share_prompts = share_prompts and isinstance(engine, PromptSharingEngine) and engine.shares_prompts()
+        self.share_prompts = engine.info.shares_prompts
 
     def score(self, requests: Sequence[LogProbRequest]) -> list[Outcome]:
         outcomes: list[Outcome | None] = [None] * len(requests)

@@ -28,7 +28,7 @@ def build_local_server(
     `batch_timeout_s` fails, and the engine takes no more work (as a replica's workers)."""
     scheduler = scheduler or SchedulerConfig()
     engine = build_engine(backend, spec)
-    adapter = ModelEngineServerAdapter(engine, scheduler.max_tokens_per_batch, spec.logprob_chunk_mb, spec.share_prompts)
+    adapter = ModelEngineServerAdapter(engine, scheduler.max_tokens_per_batch, spec.logprob_chunk_mb)
     return ModelEngineServer(InProcessExecutor(adapter, batch_timeout_s), scheduler, observer, initial_weight_version)
 
 

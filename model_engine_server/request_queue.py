@@ -22,9 +22,31 @@ class Pending:
     enqueued_at: float = field(default_factory=time.monotonic)
     expiry: asyncio.TimerHandle | None = None
     tokens: int = field(init=False)
+    prompt_key: int = field(init=False)  # equal for identical prompts (a hash: a collision only misjudges a batch's size)
 
     def __post_init__(self) -> None:
         self.tokens = self.request.num_tokens
+        self.prompt_key = hash(tuple(self.request.input_ids[: self.request.response_start]))
+
+
+class BatchTokens:
+    """Tokens a forming batch will run. Where the engine shares prompts, a request whose prompt
+    is already in the batch adds only its response, as the adapter will pack it."""
+
+    def __init__(self, shares_prompts: bool) -> None:
+        self.shares_prompts = shares_prompts
+        self.total = 0
+        self._prompts: set[tuple[int, int]] = set()
+
+    def cost(self, pending: Pending) -> int:
+        key = (pending.request.response_start, pending.prompt_key)
+        if self.shares_prompts and key in self._prompts:
+            return pending.tokens - pending.request.response_start
+        return pending.tokens
+
+    def add(self, pending: Pending) -> None:
+        self.total += self.cost(pending)
+        self._prompts.add((pending.request.response_start, pending.prompt_key))
 
 
 class RequestQueue:

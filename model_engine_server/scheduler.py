@@ -45,7 +45,7 @@ from model_engine_server.protocol import (
 )
 from model_engine_server.service import gather_outcomes
 from model_engine_server.config.scheduler import SchedulerConfig
-from model_engine_server.request_queue import Pending, RequestQueue
+from model_engine_server.request_queue import BatchTokens, Pending, RequestQueue
 from model_engine_server.scheduler_state import SchedulerObserver
 from model_engine_server.weight_updates import WeightUpdates
 
@@ -77,6 +77,7 @@ class ModelEngineServer:
         info = executor.model_info()
         max_seq_len = min(self.config.max_seq_len or info.max_position_embeddings, info.max_position_embeddings)
         self.limits = RequestLimits(info.vocab_size, max_seq_len, self.config.max_tokens_per_batch)
+        self._shares_prompts = info.shares_prompts  # batches count a shared prompt once, as the engine runs it
         self._queue = RequestQueue()
         self._inflight = 0
         self._inflight_tokens = 0
@@ -178,19 +179,19 @@ class ModelEngineServer:
         budget, max_count = self.config.max_tokens_per_batch, self.config.max_batch_size
         version = self.weights.version
         chosen: list[Pending] = []
-        tokens, left_out = 0, False
+        tokens, left_out = BatchTokens(self._shares_prompts), False
         for pending in self._queue:
             wanted = pending.request.min_weight_version
             if wanted is not None and wanted > version:
                 continue
-            if tokens + pending.tokens > budget or (max_count is not None and len(chosen) >= max_count):
+            if tokens.total + tokens.cost(pending) > budget or (max_count is not None and len(chosen) >= max_count):
                 left_out = True
                 continue
             chosen.append(pending)
-            tokens += pending.tokens
+            tokens.add(pending)
         if not chosen:
             return [], None
-        full = left_out or tokens == budget or (max_count is not None and len(chosen) >= max_count)
+        full = left_out or tokens.total == budget or (max_count is not None and len(chosen) >= max_count)
         wait_left = chosen[0].enqueued_at + self.config.max_wait_ms / 1000 - time.monotonic()
         if full or wait_left <= 0 or not self._accepting:
             return chosen, None

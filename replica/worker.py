@@ -126,9 +126,7 @@ class ModelEngineWorker:
             )
         self._check_process_group(dist_backend)
         self.engine = build_engine(backend, spec, **engine_kwargs)
-        self.adapter = ModelEngineServerAdapter(
-            self.engine, max_tokens_per_micro_batch, spec.logprob_chunk_mb, spec.share_prompts
-        )
+        self.adapter = ModelEngineServerAdapter(self.engine, max_tokens_per_micro_batch, spec.logprob_chunk_mb)
         self.info = self._describe(dist_backend, tensor_parallel_size, data_parallel_size)
         return self.info
 

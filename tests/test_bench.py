@@ -210,10 +210,12 @@ def test_quick_scoring_json_nests_each_shape_with_its_causes(monkeypatch, tmp_pa
     assert shape["body_sdpa_mask_max_abs_diff"] <= 1e-5 and shape["head_paths_max_abs_diff"] <= 1e-5
     assert "predicted_speedup_vs_verl_lm_head_only" in figures["prediction_qwen2_5_32b"]
     assert shape["group_size"] == 1 and shape["factor_shared_prompts"] == 1.0  # no prompt shared
+    assert shape["server_max_abs_diff_vs_fp64"] <= 1e-5  # anchored to a float64 forward
     targets = {target["target"] for target in record["targets"]}
     assert "tiny_qwen.speedup_vs_verl >= 1.5" in targets and "speedup_vs_verl >= 1.5" not in targets
     if scoring_verl.verl_available():
         assert shape["max_abs_diff_vs_verl"] <= 1e-5 and shape["factor_rest"] > 0
+        assert shape["verl_max_abs_diff_vs_fp64"] <= 1e-5
         assert figures["prediction_qwen2_5_7b"]["cpu_rates_from"] == "tiny-qwen"
 
 
@@ -230,9 +232,18 @@ def test_quick_scoring_on_grpo_groups_times_the_shared_prompt_body(monkeypatch, 
     assert shape["group_size"] == 2 and shape["body_shared_prompts_s"] > 0 and shape["factor_shared_prompts"] > 0
     assert shape["body_flops_shared_prompts"] < shape["body_flops"]
     assert shape["max_abs_diff_between_paths"] <= 1e-5  # the shared server path agrees with the baselines
+    assert shape["server_max_abs_diff_vs_fp64"] <= 1e-5
     for wrong in (["sync", "--group-size", "2"], ["scoring", "--group-size", "0"]):
         with pytest.raises(SystemExit):
             main(wrong)
+
+
+def test_float64_anchor_is_skipped_with_a_reason_when_memory_is_short(monkeypatch, tiny_model):
+    from bench import scoring_fp64
+
+    monkeypatch.setattr(scoring_fp64, "HEADROOM", 1e12)
+    figures = scoring_fp64.errors_vs_float64(tiny_model, 10**6, [], {"server": []})
+    assert figures == {"fp64_reference": figures["fp64_reference"]} and figures["fp64_reference"].startswith("skipped")
 
 
 def test_quick_trainer_savings_times_each_part_of_the_decoupled_step(monkeypatch, tmp_path):

@@ -37,6 +37,11 @@ def test_defaults_serve_one_in_process_replica_on_loopback():
     assert server.http.host == "127.0.0.1" and server.model_path is None and server.temperature == 1.0
 
 
+def test_shared_prompts_are_on_by_default_and_an_override_switches_them_off():
+    assert load_config(None).server.engine_spec("/m").share_prompts
+    assert not load_config(None, ["model_engine_server.share_prompts=false"]).server.engine_spec("/m").share_prompts
+
+
 def test_shipped_yaml_with_a_launch_scripts_overrides_loads(tmp_path):
     loaded = load_config(SHIPPED, launch_args("/models/tiny"))
     server, sources = loaded.server, loaded.sources

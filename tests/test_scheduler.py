@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import random
 
 import pytest
@@ -16,6 +17,7 @@ from model_engine_server.errors import (
     WeightSyncError,
     WorkerFailed,
 )
+from model_engine_server.protocol import LogProbRequest
 from model_engine_server.scheduler import ModelEngineServer, SchedulerConfig
 from model_engine_server.scheduler_state import SchedulerObserver
 from tests.fakes import FakeExecutor, request
@@ -36,6 +38,23 @@ async def test_batches_respect_the_token_budget():
     assert all(sum(r.num_tokens for r in batch) <= 100 for batch in executor.batches)
     assert sorted(r.num_tokens for b in executor.batches for r in b) == sorted(lengths)
     assert len(executor.batches) < len(lengths)  # requests were actually batched together
+    await server.shutdown()
+
+
+@pytest.mark.parametrize("shares_prompts", [False, True])
+async def test_a_shared_prompt_counts_once_toward_the_budget_where_the_engine_shares_it(shares_prompts):
+    """Six samples of one 50-token prompt, 10 response tokens each: 60 tokens apiece, 110 for two
+    whole, 50 + 6 x 10 = 110 with the prompt once. A different prompt never counts as shared."""
+    executor = FakeExecutor(compute_s=0.01)
+    executor._info = dataclasses.replace(executor._info, shares_prompts=shares_prompts)
+    server = make_server(executor, max_tokens_per_batch=110, max_wait_ms=50)
+    prompt = list(range(2, 52))
+    group = [LogProbRequest(input_ids=prompt + [7] * 10, response_start=50) for _ in range(6)]
+    other = LogProbRequest(input_ids=list(range(3, 53)) + [7] * 10, response_start=50)
+    results = await server.score([*group, other])
+    assert all(not isinstance(r, Exception) for r in results)
+    sizes = sorted(len(batch) for batch in executor.batches)
+    assert sizes == ([1, 6] if shares_prompts else [1, 1, 1, 1, 1, 1, 1])
     await server.shutdown()
 
 

@@ -107,10 +107,39 @@ def test_a_response_that_does_not_see_its_prompt_is_caught(tiny_model):
 
 def test_engines_without_prefix_attention_get_whole_sequences(tiny_model):
     engine = build_engine("hf", EngineSpec(model_path=str(tiny_model), attn_implementation="sdpa"))
-    assert not ModelEngineServerAdapter(engine).share_prompts
-    assert not ModelEngineServerAdapter(build_engine("hf", EngineSpec(model_path=str(tiny_model))),
-                                        share_prompts=False).share_prompts
+    assert not engine.info.shares_prompts and not ModelEngineServerAdapter(engine).share_prompts
+    switched_off = build_engine("hf", EngineSpec(model_path=str(tiny_model), share_prompts=False))
+    assert not switched_off.info.shares_prompts and not ModelEngineServerAdapter(switched_off).share_prompts
     requests = grpo_requests(2, engine.info.vocab_size, seed=5)
     batch = pack_sequences([r.input_ids for r in requests], [r.response_start for r in requests], True)
     with pytest.raises(ValueError, match="cannot score shared prompts"):
         engine.score_packed(batch, torch.ones(batch.targets.shape[0]), False, None)
+
+
+async def test_the_local_server_batches_a_group_by_its_shared_cost_and_stays_exact(tiny_model):
+    """Scheduler, executor thread and engine together: the group's samples fill a batch counted
+    with their prompt once (they would need several batches counted whole), and every answer
+    equals transformers."""
+    from model_engine_server.local import build_local_server
+    from model_engine_server.protocol import LogProbResult
+    from model_engine_server.scheduler import SchedulerConfig
+
+    server = build_local_server(EngineSpec(model_path=str(tiny_model)),
+                                scheduler=SchedulerConfig(max_tokens_per_batch=400, max_wait_ms=50))
+    rng = random.Random(11)
+    prompt = [rng.randrange(500) for _ in range(200)]
+    group = [LogProbRequest(request_id=f"s{k}", input_ids=prompt + [rng.randrange(500) for _ in range(30)],
+                            response_start=200, temperature=1.0, return_entropy=True) for k in range(6)]
+    assert sum(r.num_tokens for r in group) > 3 * 400  # whole, at least four batches
+    try:
+        results = await server.score(group)
+        batches = server.counters["batches"]
+    finally:
+        await server.shutdown()
+    assert all(isinstance(r, LogProbResult) for r in results)
+    assert batches == 1
+    reference = reference_model(tiny_model)
+    for request, result in zip(group, results):
+        expected, expected_entropy = reference_log_probs(reference, request)
+        torch.testing.assert_close(torch.from_numpy(result.log_probs.copy()), expected, atol=TOLERANCE, rtol=0)
+        torch.testing.assert_close(torch.from_numpy(result.entropy.copy()), expected_entropy, atol=TOLERANCE, rtol=0)

@@ -169,6 +169,9 @@ class ServerConfig(BaseModel):
     device: str = Field(default="auto", pattern=r"^(auto|cpu|cuda(:\d+)?)$")
     attn_implementation: str | None = None
     logprob_chunk_mb: int = Field(default=128, gt=0)
+    share_prompts: bool = Field(
+        default=True, description="run identical prompts in a batch once (a GRPO group's samples; HF engine, packed attention)"
+    )
     temperature: float = Field(
         default=1.0, gt=0, description="used when a request names none; default: actor_rollout_ref.rollout.temperature"
     )
@@ -257,6 +260,7 @@ class ServerConfig(BaseModel):
             device=self.device,
             attn_implementation=self.attn_implementation,
             logprob_chunk_mb=self.logprob_chunk_mb,
+            share_prompts=self.share_prompts,
             verl_engine=self.verl_engine,
         )
 

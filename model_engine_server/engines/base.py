@@ -57,6 +57,7 @@ class ModelInfo:
     device: str
     tied_embeddings: bool
     model_parallel_size: int = 1  # ranks that run one forward together (TP x PP)
+    shares_prompts: bool = False  # identical prompts in a batch are run once (`packing`, share_prompts)
 
 
 @dataclass(frozen=True)
@@ -150,14 +151,6 @@ class TopKEngine(Protocol):
     def score_packed_top_k(
         self, batch: PackedBatch, temperatures: torch.Tensor, want_entropy: bool, chunk_tokens: int | None, top_k: int
     ) -> ChunkedScores: ...
-
-
-@runtime_checkable
-class PromptSharingEngine(Protocol):
-    """An engine that can score batches packed with `share_prompts` (the HF engine on our
-    packed attention); every other engine gets each sequence whole."""
-
-    def shares_prompts(self) -> bool: ...
 
 
 EngineFactory = Callable[..., Engine]

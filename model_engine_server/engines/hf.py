@@ -87,15 +87,16 @@ class HFEngine(HiddenStateEngine):
             dtype=spec.dtype,
             device=str(self.device),
             tied_embeddings=bool(getattr(config, "tie_word_embeddings", False)),
+            shares_prompts=spec.share_prompts and self._reads_segment_prefixes(),
         )
 
-    def shares_prompts(self) -> bool:
+    def _reads_segment_prefixes(self) -> bool:
         """Only our packed attention reads `segment_prefixes`; flash-attn and SDPA would let a
         response segment attend to itself alone."""
         return self.model.config._attn_implementation == packed_attention.NAME
 
     def hidden_states(self, batch: PackedBatch) -> torch.Tensor:
-        if batch.shares_prompts and not self.shares_prompts():
+        if batch.shares_prompts and not self._reads_segment_prefixes():
             raise ValueError(f"attention {self.model.config._attn_implementation!r} cannot score shared prompts")
         boundaries = batch.cu_seqlens.to(self.device)
         shared = {"segment_prefixes": batch.segment_prefixes} if batch.shares_prompts else {}
