@@ -175,9 +175,9 @@ def _measure(
     timed = alternating_best(steps, repeats)
     server_s, server = timed["server"]
     agreement = max(scoring_verl.agreement(server, timed[name][1]) for name in ("packed", "padded"))
-    work = (scoring_predict.shared_prompt_sequences(requests) if adapter.share_prompts
-            else scoring_predict.sequences(requests, all_positions=False))
-    flops = forward_flops(engine.model.config, work)  # what the server path has to compute
+    work = [item for batch in adapter.micro_batches(requests)  # what the server path has to compute
+            for item in scoring_predict.server_work([requests[i] for i in batch], adapter.share_prompts)]
+    flops = forward_flops(engine.model.config, work)
     gemm = gemm_flops_per_s(engine.spec.torch_dtype())
     figures: dict[str, Any] = {
         "tokens_per_s": total_tokens / server_s,

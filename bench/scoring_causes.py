@@ -42,7 +42,7 @@ class Packed:
     """One token-budget batch as the server packs it, plus every position's target."""
 
     batch: PackedBatch
-    all_targets: torch.Tensor  # [T] the next token of every row position
+    all_targets: torch.Tensor  # [T] the next token of every row position (whole sequences only)
     temperature: float
 
 
@@ -120,7 +120,7 @@ def _max_diff(a: list[torch.Tensor], b: list[torch.Tensor]) -> float:
 def measure_causes(engine: HFEngine, requests: list[LogProbRequest], token_budget: int, repeats: int) -> dict[str, Any]:
     """Component times and the factors they give (see the module docstring)."""
     groups = pack_groups(requests, token_budget)
-    shared = pack_groups(requests, token_budget, share_prompts=True)
+    shared = pack_groups(requests, token_budget, share_prompts=True) if engine.info.shares_prompts else []
     shares = any(g.batch.shares_prompts for g in shared)
     timed = alternating_best(component_steps(engine, groups, shared if shares else None), repeats)
     t = {name: seconds for name, (seconds, _) in timed.items()}
@@ -142,7 +142,7 @@ def measure_causes(engine: HFEngine, requests: list[LogProbRequest], token_budge
 
 
 def rest_factor(figures: dict[str, Any]) -> float | None:
-    """What the three measured causes leave of `speedup_vs_verl` (None without verl)."""
+    """What the measured causes leave of `speedup_vs_verl` (None without verl)."""
     if "speedup_vs_verl" not in figures:
         return None
     explained = (figures["factor_attention"] * figures["factor_lm_head_response_only"]

@@ -30,9 +30,15 @@ def sequences(requests: Sequence[LogProbRequest], all_positions: bool) -> list[W
     return [(r.num_tokens - 1, r.num_tokens - 1 if all_positions else r.num_response_tokens) for r in requests]
 
 
+def server_work(requests: Sequence[LogProbRequest], share_prompts: bool) -> list[Work]:
+    """What the server computes for `requests` packed as one batch."""
+    return shared_prompt_sequences(requests) if share_prompts else sequences(requests, all_positions=False)
+
+
 def shared_prompt_sequences(requests: Sequence[LogProbRequest]) -> list[Work]:
     """The server's work with shared prompts (`packing.pack_sequences(share_prompts=True)` on
-    the whole set): each group's prompt once, then each member's response after it."""
+    the whole set, as if it were one batch: the predictions' best case): each group's prompt
+    once, then each member's response after it."""
     work: list[Work] = []
     for group in prompt_groups([r.input_ids for r in requests], [r.response_start for r in requests]):
         if len(group) == 1:
@@ -60,6 +66,8 @@ def flop_figures(config: Any, requests: Sequence[LogProbRequest]) -> dict[str, f
 
 
 def flop_ratio(flops: dict[str, float]) -> float:
+    """A trainer's forward FLOPs over the server's, with every saving counted (LM head on
+    responses, each shared prompt once)."""
     return (flops["body_flops"] + flops["lm_head_flops_all_positions"]) / (
         flops["body_flops_shared_prompts"] + flops["lm_head_flops_response_only"])
 

@@ -63,13 +63,14 @@ class ModelEngineServerAdapter:
                 outcomes[index] = InvalidRequest(refusal, "top_k")
             else:
                 scorable.append(index)
-        for group in self._micro_batches([requests[i] for i in scorable]):
+        for group in self.micro_batches([requests[i] for i in scorable]):
             indices = [scorable[i] for i in group]
             for index, outcome in zip(indices, self._score_group([requests[i] for i in indices])):
                 outcomes[index] = outcome
         return outcomes  # type: ignore[return-value]
 
-    def _micro_batches(self, requests: list[LogProbRequest]) -> list[list[int]]:
+    def micro_batches(self, requests: list[LogProbRequest]) -> list[list[int]]:
+        """Indices of each forward's requests: by token budget, a shared prompt counted once."""
         budget = self.max_tokens_per_micro_batch
         if self.share_prompts:
             return split_shared_by_token_budget([r.input_ids for r in requests], [r.response_start for r in requests], budget)

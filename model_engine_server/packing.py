@@ -58,12 +58,52 @@ def _check(ids: Sequence[int], response_start: int) -> None:
         raise ValueError(f"bad sequence: length {len(ids)}, response_start {response_start}")
 
 
+# Shorter prompts are not shared: the tokens saved would not pay for the extra attention call
+# per response segment (a whole-prompt scoring request, response_start 1, shares only a BOS).
+MIN_SHARED_PROMPT_TOKENS = 16
+
+
+def prompt_key(ids: Sequence[int], response_start: int) -> tuple[int, int] | None:
+    """Equal for requests whose prompts can be shared (a hash: for routing and budgeting,
+    where a collision only misjudges a batch's size; packing compares the tokens); None for a
+    prompt too short to share."""
+    if response_start < MIN_SHARED_PROMPT_TOKENS:
+        return None
+    return response_start, hash(tuple(ids[:response_start]))
+
+
 def prompt_groups(sequences: Sequence[Sequence[int]], response_starts: Sequence[int]) -> list[list[int]]:
-    """Indices of sequences with identical prompts, groups in order of first appearance."""
-    groups: dict[tuple[int, ...], list[int]] = {}
+    """Indices of sequences with identical shareable prompts, groups in order of first
+    appearance (every other sequence is a group of its own)."""
+    groups: dict[tuple[int, ...] | int, list[int]] = {}
     for index, (ids, response_start) in enumerate(zip(sequences, response_starts)):
-        groups.setdefault(tuple(ids[:response_start]), []).append(index)
+        key = tuple(ids[:response_start]) if response_start >= MIN_SHARED_PROMPT_TOKENS else index
+        groups.setdefault(key, []).append(index)
     return list(groups.values())
+
+
+def prompt_group_runs(
+    sequences: Sequence[Sequence[int]], response_starts: Sequence[int], max_cost: int
+) -> tuple[list[list[int]], list[int]]:
+    """Prompt groups, each cut into runs costing at most `max_cost` tokens packed with their
+    prompt once (a run pays the prompt again; one sequence is never cut), and each run's cost."""
+    runs: list[list[int]] = []
+    costs: list[int] = []
+    for group in prompt_groups(sequences, response_starts):
+        prompt = response_starts[group[0]]
+        run: list[int] = []
+        cost = 0
+        for index in group:
+            extra = len(sequences[index]) - prompt
+            if run and cost + extra > max_cost:
+                runs.append(run)
+                costs.append(cost)
+                run, cost = [], 0
+            cost += extra if run else len(sequences[index])
+            run.append(index)
+        runs.append(run)
+        costs.append(cost)
+    return runs, costs
 
 
 class _Row:
@@ -87,11 +127,14 @@ class _Row:
         return offset
 
     def whole(self, index: int, ids: Sequence[int], response_start: int) -> None:
+        """A sequence of its own: one segment, its scores from `response_start - 1` on."""
         offset = self.segment(ids[:-1], 0)
         self.scores[index] = list(range(offset + response_start - 1, offset + len(ids) - 1))
         self.targets[index] = ids[response_start:]
 
     def shared(self, members: list[int], sequences: Sequence[Sequence[int]], response_start: int) -> None:
+        """The prompt once, then each member's response as a segment continuing it; a member's
+        first score is read at the prompt's last position (a one-token response has no tail)."""
         prompt_offset = self.segment(sequences[members[0]][:response_start], 0)
         prompt_segment = len(self.prefixes) - 1
         for index in members:
@@ -141,23 +184,8 @@ def split_shared_by_token_budget(
     """`split_by_token_budget` for batches packed with `share_prompts`: a prompt group costs its
     prompt once, and stays in one micro-batch unless it alone exceeds the budget (then it is cut
     into runs that fit, each paying the prompt again)."""
-    items: list[list[int]] = []
-    costs: list[int] = []
-    for group in prompt_groups(sequences, response_starts):
-        prompt = response_starts[group[0]]
-        run: list[int] = []
-        cost = 0
-        for index in group:
-            extra = len(sequences[index]) - prompt
-            if run and cost + extra > token_budget:
-                items.append(run)
-                costs.append(cost)
-                run, cost = [], 0
-            cost += extra if run else len(sequences[index])
-            run.append(index)
-        items.append(run)
-        costs.append(cost)
-    return [[index for item in group for index in items[item]] for group in split_by_token_budget(costs, token_budget)]
+    runs, costs = prompt_group_runs(sequences, response_starts, token_budget)
+    return [[index for item in group for index in runs[item]] for group in split_by_token_budget(costs, token_budget)]
 
 
 def split_by_token_budget(lengths: Sequence[int], token_budget: int) -> list[list[int]]:

@@ -10,6 +10,7 @@ from collections import deque
 from dataclasses import dataclass, field
 from typing import Callable, Iterator
 
+from model_engine_server.packing import prompt_key
 from model_engine_server.protocol import LogProbRequest, LogProbResult
 
 
@@ -22,11 +23,11 @@ class Pending:
     enqueued_at: float = field(default_factory=time.monotonic)
     expiry: asyncio.TimerHandle | None = None
     tokens: int = field(init=False)
-    prompt_key: int = field(init=False)  # equal for identical prompts (a hash: a collision only misjudges a batch's size)
+    prompt_key: tuple[int, int] | None = field(init=False)  # `packing.prompt_key`
 
     def __post_init__(self) -> None:
         self.tokens = self.request.num_tokens
-        self.prompt_key = hash(tuple(self.request.input_ids[: self.request.response_start]))
+        self.prompt_key = prompt_key(self.request.input_ids, self.request.response_start)
 
 
 class BatchTokens:
@@ -39,14 +40,15 @@ class BatchTokens:
         self._prompts: set[tuple[int, int]] = set()
 
     def cost(self, pending: Pending) -> int:
-        key = (pending.request.response_start, pending.prompt_key)
-        if self.shares_prompts and key in self._prompts:
+        """What adding `pending` adds: the same count `packing.split_shared_by_token_budget` uses."""
+        if self.shares_prompts and pending.prompt_key in self._prompts:
             return pending.tokens - pending.request.response_start
         return pending.tokens
 
     def add(self, pending: Pending) -> None:
         self.total += self.cost(pending)
-        self._prompts.add((pending.request.response_start, pending.prompt_key))
+        if pending.prompt_key is not None:
+            self._prompts.add(pending.prompt_key)
 
 
 class RequestQueue:

@@ -26,31 +26,43 @@ from checkpoint_transport.spec import ReceiveReport, TransportSpec
 from model_engine_server.adapter import Outcome
 from model_engine_server.engines.base import ModelInfo, WeightSpec
 from model_engine_server.errors import ModelEngineError, ServerShuttingDown, WeightSyncError, WorkerFailed
-from model_engine_server.packing import prompt_groups
+from model_engine_server.packing import prompt_group_runs
 from model_engine_server.protocol import LogProbRequest
 from replica.worker import WorkerInfo
 
 logger = logging.getLogger(__name__)
 
 
-def split_by_tokens(
-    token_counts: Sequence[int], parts: int, units: Sequence[Sequence[int]] | None = None
-) -> list[list[int]]:
-    """Indices for `parts` shares with token sums as even as greedy allows (largest first,
-    each to the lightest share); a share keeps its requests in their original order.
-
-    `units` keeps indices together (a GRPO group's samples, so a rank can pack their prompt
-    once); with fewer units than shares it is ignored, so no rank idles while another works.
-    """
-    if units is None or len(units) < parts:
-        units = [[index] for index in range(len(token_counts))]
+def split_units(units: Sequence[Sequence[int]], costs: Sequence[int], parts: int) -> list[list[int]]:
+    """`parts` shares of the units' indices with costs as even as greedy allows (largest first,
+    each to the lightest share); a share keeps its indices in their original order."""
     shares: list[list[int]] = [[] for _ in range(parts)]
     loads = [0] * parts
-    for unit in sorted(units, key=lambda unit: -sum(token_counts[i] for i in unit)):
+    for unit in sorted(range(len(units)), key=lambda u: -costs[u]):
         lightest = min(range(parts), key=loads.__getitem__)
-        shares[lightest].extend(unit)
-        loads[lightest] += sum(token_counts[i] for i in unit)
+        shares[lightest].extend(units[unit])
+        loads[lightest] += costs[unit]
     return [sorted(share) for share in shares]
+
+
+def split_by_tokens(token_counts: Sequence[int], parts: int) -> list[list[int]]:
+    """One request per unit, weighed by its tokens."""
+    return split_units([[index] for index in range(len(token_counts))], token_counts, parts)
+
+
+def split_for_data_parallel(requests: Sequence[LogProbRequest], parts: int, shares_prompts: bool) -> list[list[int]]:
+    """A batch's shares for the data-parallel ranks. Where the engine shares prompts, a GRPO
+    group stays on one rank (which then runs its prompt once), weighed at that shared cost; a
+    group above a fair share is cut, and with fewer groups than ranks requests are split one
+    by one, so no rank idles while another works."""
+    counts = [r.num_tokens for r in requests]
+    if not shares_prompts or parts == 1:
+        return split_by_tokens(counts, parts)
+    ids, starts = [r.input_ids for r in requests], [r.response_start for r in requests]
+    _, whole_costs = prompt_group_runs(ids, starts, max_cost=sum(counts))
+    fair = max(1, -(-sum(whole_costs) // parts))
+    runs, costs = prompt_group_runs(ids, starts, max_cost=fair)
+    return split_by_tokens(counts, parts) if len(runs) < parts else split_units(runs, costs, parts)
 
 
 def participant_name(rank: int) -> str:
@@ -184,8 +196,7 @@ class RayWorkerExecutor:
 
     async def execute(self, requests: Sequence[LogProbRequest]) -> list[Outcome]:
         self._check_usable()
-        groups = prompt_groups([r.input_ids for r in requests], [r.response_start for r in requests])
-        shares = split_by_tokens([r.num_tokens for r in requests], len(self.groups), groups)
+        shares = split_for_data_parallel(requests, len(self.groups), self._model_info.shares_prompts)
         calls: dict[int, ray.ObjectRef] = {}
         for group, share in zip(self.groups, shares):
             if not share:

@@ -23,12 +23,14 @@ import torch
 from checkpoint_transport.spec import ReceiveReport, TransportSpec
 from model_engine_server.engines.base import ModelInfo, WeightSpec
 from model_engine_server.errors import ModelEngineError, ServerShuttingDown, WorkerFailed
+from model_engine_server.packing import prompt_key
 from model_engine_server.protocol import LogProbRequest, LogProbResult
 from model_engine_server.scheduler_state import SchedulerObserver
 from model_engine_server.service import gather_outcomes
 from replica.config import ReplicaConfig
 from replica.manager_weights import ManagerWeightUpdates
 from replica.replica import ModelEngineReplica
+from replica.routing import PromptAffinity, pick_replica
 from replica.worker_driven import WorkerDrivenUpdates
 
 logger = logging.getLogger(__name__)
@@ -48,6 +50,7 @@ class ReplicaManager:
         )
         self.worker_driven = WorkerDrivenUpdates(self.updates, self.replicas, self._routable, self)
         self.outstanding_tokens = [0] * config.num_replicas
+        self.affinity = PromptAffinity()
         self.routed_requests = [0] * config.num_replicas
         self.retried_requests = 0
         self.paused = False
@@ -164,11 +167,22 @@ class ReplicaManager:
     def _routable(self, replica: ModelEngineReplica) -> bool:
         return replica.alive and replica.index not in self._joining
 
-    def _pick(self, exclude: set[int]) -> ModelEngineReplica | None:
-        candidates = [r for r in self.replicas if self._routable(r) and r.index not in exclude]
+    def _pick(self, exclude: set[int], request: LogProbRequest) -> ModelEngineReplica | None:
+        """Least outstanding tokens, but a sample goes where its prompt went while that replica
+        is within one batch of the least busy (`routing.py`)."""
+        candidates = {r.index: r for r in self.replicas if self._routable(r) and r.index not in exclude}
         if not candidates:
             return None
-        return min(candidates, key=lambda r: (self.outstanding_tokens[r.index], r.index))
+        key = prompt_key(request.input_ids, request.response_start)
+        shares = any(r.shares_prompts for r in candidates.values())
+        index = pick_replica(
+            {index: self.outstanding_tokens[index] for index in candidates},
+            self.affinity.preferred(key) if shares else None,
+            self.config.scheduler.max_tokens_per_batch,
+        )
+        if shares:
+            self.affinity.record(key, index)
+        return candidates[index]
 
     def _no_replica_error(self) -> WorkerFailed:
         reasons = "; ".join(f"{r.name}: {r.failure or ('joining' if r.index in self._joining else 'not started')}"
@@ -182,7 +196,7 @@ class ReplicaManager:
         tried: set[int] = set()
         last_error: ModelEngineError | None = None
         for _ in range(attempts):
-            replica = self._pick(tried)
+            replica = self._pick(tried, request)
             if replica is None:
                 raise last_error or self._no_replica_error()
             tried.add(replica.index)

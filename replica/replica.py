@@ -64,6 +64,12 @@ class ModelEngineReplica:
         """Started, not shut down, and no worker known dead."""
         return self.server is not None and self.failure is None
 
+    @property
+    def shares_prompts(self) -> bool:
+        """Whether its engines run a batch's identical prompts once (then routing keeps a
+        GRPO group together)."""
+        return self.executor is not None and self.executor.model_info().shares_prompts
+
     async def start(self, timeout_s: float | None = None) -> "ModelEngineReplica":
         """Reserve GPUs (at most `timeout_s`, default `config.start_timeout_s`), start the
         workers, form their process group and build the engines (at most `init_timeout_s`).

@@ -167,12 +167,12 @@ def test_grpo_mix_shares_prompts_and_the_shared_flops_count_each_prompt_once():
     prompts = [tuple(r.input_ids[: r.response_start]) for r in grouped]
     assert prompts[0] == prompts[1] == prompts[2] != prompts[3] == prompts[4] == prompts[5] != prompts[6]
     config = QWEN25_7B.hf_config()
-    # two members after a 3-token prompt: the prompt once, each tail with the prompt as context
-    small = [r.model_copy(update={"input_ids": [1, 2, 3] + tail, "response_start": 3})
+    # two members after a 16-token prompt: the prompt once, each tail with the prompt as context
+    small = [r.model_copy(update={"input_ids": list(range(16)) + tail, "response_start": 16})
              for r, tail in zip(grouped[:2], ([4, 5], [6, 7, 8]))]
-    assert shared_prompt_sequences(small) == [(3, 0), (1, 2, 3), (2, 3, 3)]
+    assert shared_prompt_sequences(small) == [(16, 0), (1, 2, 16), (2, 3, 16)]
     body_shared, _ = forward_flops_split(config, shared_prompt_sequences(small))
-    body, _ = forward_flops_split(config, [(4, 2), (5, 3)])
+    body, _ = forward_flops_split(config, [(17, 2), (18, 3)])
     assert body_shared < body
     flops = flop_figures(config, grouped)
     assert flops["body_flops_shared_prompts"] < flops["body_flops"]

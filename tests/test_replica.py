@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import random
 import subprocess
 import sys
 import time
@@ -18,17 +19,18 @@ import torch
 
 from model_engine_server.engines.base import EngineSpec, ModelInfo, build_engine
 from model_engine_server.errors import WorkerFailed
-from model_engine_server.protocol import LogProbResult
+from model_engine_server.protocol import LogProbRequest, LogProbResult
 from model_engine_server.scheduler import SchedulerConfig
 from model_engine_server.service import LogProbService
 from model_engine_server.tiny_model import perturbed_weights
 from replica.config import ReplicaConfig
-from replica.executor import RayWorkerExecutor, split_by_tokens
+from replica.executor import RayWorkerExecutor, split_by_tokens, split_for_data_parallel
 from replica.manager import ReplicaManager
 from replica.placement import PlacementTimeout
 from replica.replica import ModelEngineReplica
+from replica.routing import PromptAffinity, pick_replica
 from replica.worker import WorkerInfo, default_data_parallel_rank
-from tests.helpers import random_requests
+from tests.helpers import assert_matches_reference, random_requests
 
 REPLICA_ACTOR_CLASSES = ("ModelEngineWorker", "LogProbServiceActor")
 DEADLINE_S = 120.0
@@ -101,14 +103,29 @@ def test_split_by_tokens_balances_shares_and_keeps_every_request_once():
     assert all(share == sorted(share) for share in shares)
 
 
-def test_split_by_tokens_keeps_a_prompt_group_on_one_rank_while_there_are_enough_groups():
-    counts = [100, 100, 100, 50, 100, 120]
-    groups = [[0, 2, 4], [1, 3], [5]]  # samples of one prompt, interleaved as they finished
-    shares = split_by_tokens(counts, 2, groups)
-    assert sorted(map(sorted, shares)) == [[0, 2, 4], [1, 3, 5]]
+def test_data_parallel_split_keeps_a_prompt_group_on_one_rank_where_prompts_are_shared():
+    def sample(prompt: int, response: int) -> LogProbRequest:
+        return LogProbRequest(input_ids=[prompt] * 40 + [1] * response, response_start=40)
+
+    # three groups (two samples of prompt 7, two of 8, two of 9), interleaved as they finished
+    requests = [sample(7, 60), sample(8, 10), sample(7, 60), sample(8, 10), sample(9, 30), sample(9, 30)]
+    shares = split_for_data_parallel(requests, 2, shares_prompts=True)
+    prompt_of = [r.input_ids[0] for r in requests]
+    for share in shares:
+        for prompt in (7, 8, 9):
+            members = [i for i, p in enumerate(prompt_of) if p == prompt]
+            assert set(members) <= set(share) or not set(members) & set(share)
+    # weighed with each prompt once: group 7 (40 + 2 x 60) against groups 8 and 9 (40 + 2 x 10, 40 + 2 x 30)
+    assert sorted(map(sorted, shares)) == [[0, 2], [1, 3, 4, 5]]
+    # engines that run every sequence whole are split request by request
+    assert split_for_data_parallel(requests, 2, shares_prompts=False) == split_by_tokens(
+        [r.num_tokens for r in requests], 2)
     # fewer groups than ranks: split by request, so both ranks work
-    shares = split_by_tokens(counts[:3], 2, [[0, 1, 2]])
-    assert all(shares) and sorted(i for share in shares for i in share) == [0, 1, 2]
+    assert all(split_for_data_parallel([sample(7, 60), sample(7, 60)], 2, shares_prompts=True))
+    # a group above a fair share is cut so the other rank takes part of it
+    big = [sample(7, 60) for _ in range(6)] + [sample(8, 10)]
+    shares = split_for_data_parallel(big, 2, shares_prompts=True)
+    assert all(any(prompt_of_big == 7 for prompt_of_big in (big[i].input_ids[0] for i in share)) for share in shares)
 
 
 def test_split_by_tokens_leaves_extra_groups_empty_for_a_single_request():
@@ -217,6 +234,39 @@ async def test_dead_worker_fails_its_batch_with_worker_failed_and_marks_the_repl
         assert all(isinstance(o, WorkerFailed) for o in late)
     finally:
         await replica.shutdown(drain=False, timeout_s=5.0)
+    await assert_nothing_left()
+
+
+def test_a_prompt_follows_its_replica_while_that_replica_is_within_the_slack():
+    affinity = PromptAffinity(capacity=2)
+    assert pick_replica({0: 0, 1: 0}, affinity.preferred("a"), 100) == 0
+    affinity.record("a", 1)
+    assert pick_replica({0: 0, 1: 100}, affinity.preferred("a"), 100) == 1  # within the slack
+    assert pick_replica({0: 0, 1: 101}, affinity.preferred("a"), 100) == 0  # too busy: the least busy
+    assert pick_replica({0: 5}, affinity.preferred("a"), 100) == 0  # its replica is not a candidate
+    affinity.record("b", 0)
+    affinity.record("c", 0)
+    assert affinity.preferred("a") is None and affinity.preferred("c") == 0  # the oldest is forgotten
+    assert affinity.preferred(None) is None
+
+
+async def test_the_manager_keeps_each_grpo_group_on_one_replica_and_stays_exact(ray_cluster, tiny_model):
+    """Two groups sent interleaved (5 and 3 samples): by load alone the replicas would get 4
+    each; with prompt affinity each group goes whole to one replica."""
+    manager = ReplicaManager(replica_config(tiny_model, num_replicas=2))
+    await manager.start()
+    try:
+        rng = random.Random(4)
+        prompts = {name: [rng.randrange(512) for _ in range(60)] for name in "ab"}
+        order = ["a", "b", "a", "b", "a", "b", "a", "a"]
+        requests = [LogProbRequest(input_ids=prompts[g] + [rng.randrange(512) for _ in range(40)], response_start=60,
+                                   temperature=1.0, return_entropy=True) for g in order]
+        outcomes = await asyncio.wait_for(manager.score(requests), DEADLINE_S)
+        assert sorted(manager.routed_requests) == [3, 5]
+        assert manager.replicas[0].shares_prompts
+    finally:
+        await manager.shutdown(drain=False, timeout_s=5.0)
+    assert_matches_reference(tiny_model, requests, outcomes)
     await assert_nothing_left()
 
 
