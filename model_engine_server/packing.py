@@ -60,7 +60,7 @@ def _check(ids: Sequence[int], response_start: int) -> None:
 
 # Shorter prompts are not shared: the tokens saved would not pay for the extra attention call
 # per response segment (a whole-prompt scoring request, response_start 1, shares only a BOS).
-MIN_SHARED_PROMPT_TOKENS = 16
+MIN_SHARED_PROMPT_TOKENS = 8
 
 
 def prompt_key(ids: Sequence[int], response_start: int) -> tuple[int, int] | None:
