@@ -53,15 +53,13 @@ def split_by_tokens(token_counts: Sequence[int], parts: int) -> list[list[int]]:
 def split_for_data_parallel(requests: Sequence[LogProbRequest], parts: int, shares_prompts: bool) -> list[list[int]]:
     """A batch's shares for the data-parallel ranks. Where the engine shares prompts, a GRPO
     group stays on one rank (which then runs its prompt once), weighed at that shared cost; a
-    group above a fair share is cut, and with fewer groups than ranks requests are split one
-    by one, so no rank idles while another works."""
+    group above a fair share of the whole tokens (an upper bound on the shared share) is cut,
+    and with fewer groups than ranks requests are split one by one, so no rank idles."""
     counts = [r.num_tokens for r in requests]
     if not shares_prompts or parts == 1:
         return split_by_tokens(counts, parts)
-    ids, starts = [r.input_ids for r in requests], [r.response_start for r in requests]
-    _, whole_costs = prompt_group_runs(ids, starts, max_cost=sum(counts))
-    fair = max(1, -(-sum(whole_costs) // parts))
-    runs, costs = prompt_group_runs(ids, starts, max_cost=fair)
+    fair = max(1, -(-sum(counts) // parts))
+    runs, costs = prompt_group_runs([r.input_ids for r in requests], [r.response_start for r in requests], fair)
     return split_by_tokens(counts, parts) if len(runs) < parts else split_units(runs, costs, parts)
 
 

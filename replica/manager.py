@@ -173,8 +173,8 @@ class ReplicaManager:
         candidates = {r.index: r for r in self.replicas if self._routable(r) and r.index not in exclude}
         if not candidates:
             return None
-        key = prompt_key(request.input_ids, request.response_start)
         shares = any(r.shares_prompts for r in candidates.values())
+        key = prompt_key(request.input_ids, request.response_start) if shares else None
         index = pick_replica(
             {index: self.outstanding_tokens[index] for index in candidates},
             self.affinity.preferred(key) if shares else None,
