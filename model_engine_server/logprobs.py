@@ -1,16 +1,23 @@
-"""Log-probs and entropy of target tokens, in chunks of tokens.
+"""Log-probs and entropy of target tokens, in tiles of tokens x vocabulary.
 
-Full fp32 logits for 8,192 tokens at a 151,936-token vocabulary take 5 GB; here at most
-`chunk_tokens x vocab` logits exist at a time. With tensor parallelism each rank holds a vocab
-shard of the LM head; the softmax statistics (max, sum of exp, expected logit) are all-reduced
-across the group as scalars per token, never the logits themselves.
+Full fp32 logits for 8,192 tokens at a 151,936-token vocabulary take 5 GB; here at most one
+tile of `rows x columns` logits exists at a time (two buffers: the logits and their `exp`).
+A tile spans many tokens and a slice of the vocabulary, so each LM-head GEMM is wide on both
+sides and every head row is read once per token block; a tile of ~100 tokens across the whole
+vocabulary instead re-reads the 0.5-1 GB head for every 100 tokens (half the GEMM rate on a
+2-core CPU, measured in bench/notes/scoring.md). The softmax statistics of each tile (max, sum
+of exp, expected logit) merge into running ones per token, the online-softmax way. With tensor
+parallelism each rank holds a vocab shard of the LM head; the statistics are merged across the
+group the same way, as scalars per token, never the logits themselves.
 
 For hidden state h, LM head W (shard), temperature T and target y:
     z = (h @ W.T) / T,   lse = log sum exp z,   log p(y) = z[y] - lse,
     entropy = lse - sum softmax(z) * z.
 
-Top-k (optional): the k largest `z - lse` of each token, taken per chunk (and per vocab shard,
-then merged over the group by one all-gather of `[chunk, k]` values and ids), so the cost is
+Top-k (optional): the k largest `z - lse` of each token, which needs each token's whole shard
+in one tile (the target's rank is counted against the target logit, known only once every
+column is seen): there tiles are `chunk` tokens by the whole shard. Each shard's top-k is
+merged over the group by one all-gather of `[chunk, k]` values and ids, so the cost is
 `[tokens, k]`, never `[tokens, vocab]`.
 """
 
@@ -22,6 +29,8 @@ from typing import Any
 import torch
 
 DEFAULT_CHUNK_BYTES = 128 * 1024 * 1024
+TILE_MAX_ROWS = 4096  # tokens per tile; more only grows the per-token statistics
+TILE_MIN_COLUMNS = 1024  # vocabulary columns per tile, at least, where the budget allows
 
 
 @dataclass
@@ -39,11 +48,29 @@ class LMHead:
 
 
 def chunk_tokens_for(vocab_shard_size: int, chunk_bytes: int = DEFAULT_CHUNK_BYTES) -> int:
-    """How many tokens' fp32 logits fit in `chunk_bytes` (at least 1).
+    """How many tokens' fp32 logits over the whole shard fit in `chunk_bytes` (at least 1): the
+    memory budget of one tile, in those units (a tile may be more tokens by fewer columns).
 
     The step holds two such buffers (logits and their `exp`), so the budget is split in two.
     """
     return max(1, chunk_bytes // (2 * 4 * max(1, vocab_shard_size)))
+
+
+@dataclass(frozen=True)
+class TileShape:
+    rows: int  # tokens
+    columns: int  # vocabulary columns of this rank's shard
+
+
+def tile_shape(num_tokens: int, vocab_shard_size: int, chunk_tokens: int, whole_shard: bool) -> TileShape:
+    """The tile for a budget of `chunk_tokens x vocab_shard_size` logits: as many tokens as fit
+    with at least `TILE_MIN_COLUMNS` columns (up to `TILE_MAX_ROWS`), then as many columns as
+    the budget leaves; `whole_shard` (top-k) keeps every column and takes `chunk_tokens` rows."""
+    if whole_shard:
+        return TileShape(max(1, min(num_tokens, chunk_tokens)), vocab_shard_size)
+    budget = chunk_tokens * vocab_shard_size
+    rows = max(1, min(num_tokens, TILE_MAX_ROWS, budget // min(vocab_shard_size, TILE_MIN_COLUMNS)))
+    return TileShape(rows, max(1, min(vocab_shard_size, budget // rows)))
 
 
 def _all_reduce(tensor: torch.Tensor, op: str, group: Any) -> torch.Tensor:
@@ -55,103 +82,142 @@ def _all_reduce(tensor: torch.Tensor, op: str, group: Any) -> torch.Tensor:
     return tensor
 
 
-class _Workspace:
-    """The two `[chunk, vocab_shard]` fp32 buffers every chunk reuses.
+@dataclass
+class _SoftmaxStats:
+    """Per token, over the vocabulary columns seen so far: their largest logit `max`,
+    `sum_exp` = sum exp(z - max), `weighted` = sum exp(z - max) (z - max) (entropy only) and the
+    target's logit z[y] (0 while y is not among them). Two sets over disjoint columns merge
+    exactly, whatever their order: tiles of one shard, then shards of one head."""
 
-    Allocating a fresh 100 MB tensor per chunk costs more than the arithmetic on it on a CPU
-    (the pages fault in on first touch, for every chunk); reused buffers fault once per call.
+    max: torch.Tensor
+    sum_exp: torch.Tensor
+    weighted: torch.Tensor | None
+    target: torch.Tensor
+
+    def merged(self, other: "_SoftmaxStats") -> "_SoftmaxStats":
+        top = torch.maximum(self.max, other.max)
+        mine, theirs = self._rescaled(top), other._rescaled(top)
+        weighted = None if mine[1] is None or theirs[1] is None else mine[1] + theirs[1]
+        return _SoftmaxStats(top, mine[0] + theirs[0], weighted, self.target + other.target)
+
+    def _rescaled(self, top: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """`sum_exp` and `weighted` relative to a new max `top` >= `max`."""
+        shift = self.max - top
+        scale = shift.exp()
+        weighted = None if self.weighted is None else scale * (self.weighted + shift * self.sum_exp)
+        return scale * self.sum_exp, weighted
+
+    def over_shards(self, group: Any) -> "_SoftmaxStats":
+        """The same statistics over every rank's shard: one max and one sum all-reduce."""
+        if group is None:
+            return self
+        top = _all_reduce(self.max.clone(), "max", group)
+        sum_exp, weighted = self._rescaled(top)
+        parts = [sum_exp, self.target] + ([] if weighted is None else [weighted])
+        reduced = _all_reduce(torch.stack(parts), "sum", group)
+        return _SoftmaxStats(top, reduced[0], reduced[2] if weighted is not None else None, reduced[1])
+
+    def log_probs_and_entropy(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        """`log p(y)`, `max + lse` of the shifted logits (to turn any logit into a log-prob)
+        and the entropy (None without `weighted`)."""
+        log_sum_exp = self.sum_exp.log()
+        log_probs = (self.target - self.max) - log_sum_exp
+        entropy = None if self.weighted is None else log_sum_exp - self.weighted / self.sum_exp
+        return log_probs, self.max + log_sum_exp, entropy
+
+
+class _Workspace:
+    """The two tile buffers every tile reuses, flat so a narrower last tile is still contiguous.
+
+    Allocating a fresh 100 MB tensor per tile costs more than the arithmetic on it on a CPU
+    (the pages fault in on first touch, for every tile); reused buffers fault once per call.
     """
 
-    def __init__(self, rows: int, head: LMHead, hidden_dtype: torch.dtype) -> None:
+    def __init__(self, tile: TileShape, head: LMHead, hidden_dtype: torch.dtype) -> None:
         device = head.weight.device
-        self.logits = torch.empty(rows, head.vocab_shard_size, dtype=torch.float32, device=device)
+        size = tile.rows * tile.columns
+        self.logits = torch.empty(size, dtype=torch.float32, device=device)
         self.work = torch.empty_like(self.logits)
         # Low-precision matmuls write their own dtype; fp32 ones write straight into `logits`.
-        self.matmul_out = (
-            None if hidden_dtype == torch.float32 else torch.empty(rows, head.vocab_shard_size, dtype=hidden_dtype, device=device)
-        )
+        self.matmul_out = None if hidden_dtype == torch.float32 else torch.empty(size, dtype=hidden_dtype, device=device)
+
+    @staticmethod
+    def view(buffer: torch.Tensor, rows: int, columns: int) -> torch.Tensor:
+        return buffer[: rows * columns].view(rows, columns)
 
 
-def _chunk_logits(
-    hidden: torch.Tensor, head: LMHead, inverse_temperature: torch.Tensor, workspace: _Workspace
+def _tile_logits(
+    hidden: torch.Tensor, head: LMHead, columns: slice, scale: torch.Tensor, folded: bool, workspace: _Workspace
 ) -> torch.Tensor:
-    """`z = (h @ W.T + b) / T` for one chunk, in the workspace.
+    """`z = (h @ W[columns].T + b) / T` for one tile, in the workspace.
 
-    In fp32 without a bias the 1/T is folded into the hidden states (a `[chunk, hidden]` multiply
-    instead of a pass over `[chunk, vocab]`); otherwise it is applied to the fp32 logits, so in
-    lower precision the temperature never rounds in bf16.
+    `folded` (fp32, no bias): the caller has already multiplied `hidden` by 1/T (a `[rows,
+    hidden]` multiply instead of a pass over the tile); otherwise 1/T is applied to the fp32
+    logits, so in lower precision the temperature never rounds in bf16.
     """
-    rows = hidden.shape[0]
-    logits = workspace.logits[:rows]
-    scale = inverse_temperature.unsqueeze(1)
-    if workspace.matmul_out is None and head.bias is None:
-        return torch.matmul(hidden * scale, head.weight.T, out=logits)
-    out = logits if workspace.matmul_out is None else workspace.matmul_out[:rows]
+    rows, width = hidden.shape[0], columns.stop - columns.start
+    logits = _Workspace.view(workspace.logits, rows, width)
+    weight = head.weight[columns]
+    if folded:
+        return torch.matmul(hidden, weight.T, out=logits)
+    out = logits if workspace.matmul_out is None else _Workspace.view(workspace.matmul_out, rows, width)
     if head.bias is None:
-        torch.matmul(hidden, head.weight.T, out=out)
+        torch.matmul(hidden, weight.T, out=out)
     else:
-        torch.addmm(head.bias, hidden, head.weight.T, out=out)
+        torch.addmm(head.bias[columns], hidden, weight.T, out=out)
     if out is not logits:
         logits.copy_(out)
     return logits.mul_(scale)
 
 
-def _chunk_stats(
-    hidden: torch.Tensor,
-    head: LMHead,
-    targets: torch.Tensor,
-    inverse_temperature: torch.Tensor,
-    want_entropy: bool,
-    workspace: _Workspace,
-    top_k: int = 0,
-) -> tuple[torch.Tensor, torch.Tensor | None, tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None]:
-    logits = _chunk_logits(hidden, head, inverse_temperature, workspace)
-    local_max = logits.amax(dim=1)
-    global_max = _all_reduce(local_max, "max", head.group)
-    logits.sub_(global_max.unsqueeze(1))  # z - m, in place
-    local_target = targets - head.vocab_start
-    owned = (local_target >= 0) & (local_target < head.vocab_shard_size)
-    target_logit = logits.gather(1, local_target.clamp(0, head.vocab_shard_size - 1).unsqueeze(1)).squeeze(1)
-    target_logit = torch.where(owned, target_logit, torch.zeros_like(target_logit))
-
-    # `logits` (z - m) stays intact through the exp pass below (its exp goes to the second
-    # buffer), so the top-k and the rank count read the same values the log-probs do
-    shifted_top = _shard_top_k(logits, head, top_k) if top_k > 0 else None
-
-    exp_shifted = workspace.work[: logits.shape[0]]
+def _tile_stats(
+    logits: torch.Tensor, local_target: torch.Tensor, want_entropy: bool, workspace: _Workspace
+) -> _SoftmaxStats:
+    """The tile's statistics; `local_target` is the target's column within the tile. Leaves
+    `logits` shifted by the tile's max (`z - max`), which top-k and the rank count read."""
+    rows, width = logits.shape
+    owned = (local_target >= 0) & (local_target < width)
+    target = logits.gather(1, local_target.clamp(0, width - 1).unsqueeze(1)).squeeze(1)
+    target = torch.where(owned, target, torch.zeros_like(target))
+    tile_max = logits.amax(dim=1)
+    logits.sub_(tile_max.unsqueeze(1))
+    exp_shifted = _Workspace.view(workspace.work, rows, width)
     torch.exp(logits, out=exp_shifted)
     sum_exp = exp_shifted.sum(dim=1)
-    if want_entropy:
-        weighted = exp_shifted.mul_(logits).sum(dim=1)  # sum exp(z - m) * (z - m)
-        reduced = _all_reduce(torch.stack([sum_exp, weighted, target_logit]), "sum", head.group)
-        sum_exp, weighted, target_logit = reduced[0], reduced[1], reduced[2]
-    else:
-        reduced = _all_reduce(torch.stack([sum_exp, target_logit]), "sum", head.group)
-        sum_exp, target_logit = reduced[0], reduced[1]
-
-    log_sum_exp = sum_exp.log()  # of the shifted logits
-    log_probs = target_logit - log_sum_exp
-    entropy = log_sum_exp - weighted / sum_exp if want_entropy else None
-    top = None
-    if shifted_top is not None:
-        top_values, top_ids = shifted_top
-        # the target's exact rank, as vLLM reports it: 1 + how many tokens are strictly more
-        # likely (one compare over the chunk's logits, summed over the shards). The compare
-        # writes 0/1 into the second buffer, free once its sums are taken: a bool tensor's `.sum`
-        # first copies it to int64 (8 bytes x [chunk, vocab_shard], twice the buffer; `bench
-        # memory` saw the top-k peak double). fp32 counts are exact below 2**24 per shard.
-        greater = torch.gt(logits, target_logit.unsqueeze(1), out=exp_shifted).sum(dim=1).to(torch.int64)
-        ranks = _all_reduce(greater, "sum", head.group).add_(1)
-        top = (top_ids, top_values - log_sum_exp.unsqueeze(1), ranks)
-    return log_probs, entropy, top
+    weighted = exp_shifted.mul_(logits).sum(dim=1) if want_entropy else None
+    return _SoftmaxStats(tile_max, sum_exp, weighted, target)
 
 
-def _shard_top_k(shifted: torch.Tensor, head: LMHead, top_k: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """The `top_k` largest shifted logits `[rows, k]` and their global token ids, over the whole
-    vocabulary: each shard's own top-k, all-gathered (k values per token per shard, never the
-    logits) and reduced to the top-k of the union."""
+def _row_block_stats(
+    hidden: torch.Tensor, head: LMHead, targets: torch.Tensor, inverse_temperature: torch.Tensor,
+    want_entropy: bool, columns: int, workspace: _Workspace,
+) -> tuple[_SoftmaxStats, torch.Tensor]:
+    """Local statistics of one block of tokens over this rank's shard, tile by tile; and the
+    last tile's logits (the whole shard, shifted by its max, where `columns` covers it)."""
+    scale = inverse_temperature.unsqueeze(1)
+    folded = workspace.matmul_out is None and head.bias is None
+    scaled = hidden * scale if folded else hidden
+    local_target = targets - head.vocab_start
+    stats: _SoftmaxStats | None = None
+    logits = torch.empty(0)
+    for start in range(0, head.vocab_shard_size, columns):
+        span = slice(start, min(start + columns, head.vocab_shard_size))
+        logits = _tile_logits(scaled, head, span, scale, folded, workspace)
+        tile = _tile_stats(logits, local_target - start, want_entropy, workspace)
+        stats = tile if stats is None else stats.merged(tile)
+    assert stats is not None  # a head has at least one row
+    return stats, logits
+
+
+def _shard_top_k(
+    shifted: torch.Tensor, local_max: torch.Tensor, head: LMHead, top_k: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The `top_k` largest logits `[rows, k]` (unshifted, so shards compare) and their global
+    token ids, over the whole vocabulary: each shard's own top-k, all-gathered (k values per
+    token per shard, never the logits) and reduced to the top-k of the union."""
     k_local = min(top_k, head.vocab_shard_size)
     values, ids = shifted.topk(k_local, dim=1)
+    values = values.add_(local_max.unsqueeze(1))
     ids = ids.add_(head.vocab_start)
     if head.group is None:
         return values, ids
@@ -170,6 +236,25 @@ def _shard_top_k(shifted: torch.Tensor, head: LMHead, top_k: int) -> tuple[torch
     all_values, all_ids = torch.cat(gathered_values, dim=1), torch.cat(gathered_ids, dim=1)
     best_values, where = all_values.topk(min(top_k, all_values.shape[1]), dim=1)
     return best_values, all_ids.gather(1, where)
+
+
+def _top_k_and_ranks(
+    shifted: torch.Tensor, local: _SoftmaxStats, merged: _SoftmaxStats, normaliser: torch.Tensor,
+    head: LMHead, top_k: int, workspace: _Workspace,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """From one tile over the whole shard (`shifted` = z - local max): the top-k ids, their
+    log-probs and the target's exact rank, as vLLM reports it: 1 + how many tokens are strictly
+    more likely (one compare over the tile, summed over the shards). The compare writes 0/1 into
+    the second buffer, free once its sums are taken: a bool tensor's `.sum` first copies it to
+    int64 (8 bytes x the tile, twice the buffer; `bench memory` saw the top-k peak double).
+    fp32 counts are exact below 2**24 per shard. The target is shifted by the same local max as
+    the tile, the same rounding as its own entry, so it never counts against itself."""
+    top_values, top_ids = _shard_top_k(shifted, local.max, head, top_k)
+    threshold = (merged.target - local.max).unsqueeze(1)
+    above = _Workspace.view(workspace.work, *shifted.shape)
+    greater = torch.gt(shifted, threshold, out=above).sum(dim=1).to(torch.int64)
+    ranks = _all_reduce(greater, "sum", head.group).add_(1)
+    return top_ids, top_values - normaliser.unsqueeze(1), ranks
 
 
 @dataclass
@@ -222,7 +307,7 @@ def chunked_scores(
     if top_k < 0:
         raise ValueError(f"top_k must be >= 0, got {top_k}")
     num_tokens = hidden.shape[0]
-    chunk = chunk_tokens or chunk_tokens_for(head.vocab_shard_size)
+    tile = tile_shape(num_tokens, head.vocab_shard_size, chunk_tokens or chunk_tokens_for(head.vocab_shard_size), top_k > 0)
     inverse_temperature = temperatures.to(device=hidden.device, dtype=torch.float32).reciprocal()
     targets = targets.to(hidden.device)
     log_probs = torch.empty(num_tokens, dtype=torch.float32, device=hidden.device)
@@ -238,19 +323,21 @@ def chunked_scores(
         target_ranks = torch.empty(num_tokens, dtype=torch.int64, device=hidden.device)
     if num_tokens == 0:
         return ChunkedScores(log_probs, entropy, top_ids, top_log_probs, target_ranks)
-    workspace = _Workspace(min(chunk, num_tokens), head, hidden.dtype)
+    workspace = _Workspace(tile, head, hidden.dtype)
     with torch.profiler.record_function("logprobs"):  # a label for bench/profile.py; microseconds once per batch when not profiling
-        for start in range(0, num_tokens, chunk):
-            stop = min(start + chunk, num_tokens)
-            chunk_log_probs, chunk_entropy, chunk_top = _chunk_stats(
-                hidden[start:stop], head, targets[start:stop], inverse_temperature[start:stop], want_entropy, workspace,
-                k,
+        for start in range(0, num_tokens, tile.rows):
+            rows = slice(start, min(start + tile.rows, num_tokens))
+            local, shifted = _row_block_stats(
+                hidden[rows], head, targets[rows], inverse_temperature[rows], want_entropy, tile.columns, workspace
             )
-            log_probs[start:stop] = chunk_log_probs
-            if entropy is not None and chunk_entropy is not None:
-                entropy[start:stop] = chunk_entropy
-            if top_ids is not None and top_log_probs is not None and target_ranks is not None and chunk_top is not None:
-                top_ids[start:stop], top_log_probs[start:stop], target_ranks[start:stop] = chunk_top
+            merged = local.over_shards(head.group)
+            log_probs[rows], normaliser, block_entropy = merged.log_probs_and_entropy()
+            if entropy is not None and block_entropy is not None:
+                entropy[rows] = block_entropy
+            if top_ids is not None and top_log_probs is not None and target_ranks is not None:
+                top_ids[rows], top_log_probs[rows], target_ranks[rows] = _top_k_and_ranks(
+                    shifted, local, merged, normaliser, head, k, workspace
+                )
     return ChunkedScores(log_probs, entropy, top_ids, top_log_probs, target_ranks)
 
 

@@ -5,7 +5,15 @@ from __future__ import annotations
 import pytest
 import torch
 
-from model_engine_server.logprobs import LMHead, chunk_tokens_for, chunked_log_probs, full_logits_log_probs
+from model_engine_server.logprobs import (
+    TILE_MAX_ROWS,
+    TILE_MIN_COLUMNS,
+    LMHead,
+    chunk_tokens_for,
+    chunked_log_probs,
+    full_logits_log_probs,
+    tile_shape,
+)
 
 
 @pytest.mark.parametrize("chunk_tokens", [1, 7, 64, 1000])
@@ -40,28 +48,68 @@ def test_bf16_hidden_scores_its_bf16_logits_in_fp32(with_bias):
     torch.testing.assert_close(entropy, expected_entropy, atol=1e-5, rtol=0)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("with_bias", [False, True])
+def test_tiles_across_the_vocabulary_merge_to_the_full_log_softmax(dtype, with_bias):
+    """A budget of one token's logits over 5,001 columns makes tiles of 4 tokens by 1,250
+    columns (the last one column wide): the running statistics merge across five tiles per
+    token block, the max moving from tile to tile."""
+    generator = torch.Generator().manual_seed(3)
+    vocab = 5001
+    hidden = torch.randn(37, 16, generator=generator).to(dtype)
+    weight = torch.randn(vocab, 16, generator=generator).to(dtype)
+    bias = torch.randn(vocab, generator=generator).to(dtype) if with_bias else None
+    targets = torch.randint(0, vocab, (37,), generator=generator)
+    targets[:3] = torch.tensor([0, vocab - 1, 1250])  # first, last and a tile's first column
+    temperatures = torch.tensor([0.6, 1.0, 1.7] * 12 + [1.0])
+    tile = tile_shape(37, vocab, 1, whole_shard=False)
+    assert (tile.rows, tile.columns) == (4, 1250)
+    log_probs, entropy = chunked_log_probs(hidden, LMHead(weight, bias), targets, temperatures, True, 1)
+    expected_log_probs, expected_entropy = full_logits_log_probs(hidden, weight, targets, temperatures, bias)
+    torch.testing.assert_close(log_probs, expected_log_probs, atol=1e-5, rtol=0)
+    torch.testing.assert_close(entropy, expected_entropy, atol=1e-5, rtol=0)
+
+
+def test_tile_shape_keeps_the_budget_and_spans_many_tokens():
+    vocab = 151_936
+    chunk = chunk_tokens_for(vocab)  # 110 tokens' whole-vocabulary logits per buffer
+    for tokens in (1, 300, 2747, 8192):
+        tile = tile_shape(tokens, vocab, chunk, whole_shard=False)
+        assert tile.rows * tile.columns <= chunk * vocab
+        assert tile.rows == min(tokens, TILE_MAX_ROWS)
+        assert tile.columns >= TILE_MIN_COLUMNS
+    assert tile_shape(8192, vocab, chunk, whole_shard=True) == type(tile)(chunk, vocab)  # top-k: whole rows
+    assert tile_shape(50, 300, 7, whole_shard=False).columns == 300  # a small vocabulary is one tile
+
+
 def test_entropy_is_skipped_when_not_asked():
     hidden, weight = torch.randn(4, 8), torch.randn(20, 8)
     log_probs, entropy = chunked_log_probs(hidden, LMHead(weight), torch.zeros(4, dtype=torch.long), torch.ones(4))
     assert entropy is None and log_probs.shape == (4,)
 
 
-def _vocab_parallel_rank(rank: int, world_size: int, port: int, results) -> None:
+def _vocab_parallel_inputs(vocab: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    generator = torch.Generator().manual_seed(1)
+    hidden, weight = 3 * torch.randn(10, 8, generator=generator), torch.randn(vocab, 8, generator=generator)
+    return hidden, weight, torch.randint(0, vocab, (10,), generator=generator)
+
+
+def _vocab_parallel_rank(rank: int, world_size: int, port: int, vocab: int, chunk_tokens: int, results) -> None:
     import torch.distributed as dist
 
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world_size)
-    generator = torch.Generator().manual_seed(1)
-    hidden, weight = torch.randn(10, 8, generator=generator), torch.randn(40, 8, generator=generator)
-    targets = torch.randint(0, 40, (10,), generator=generator)
-    shard = 40 // world_size
+    hidden, weight, targets = _vocab_parallel_inputs(vocab)
+    shard = vocab // world_size
     head = LMHead(weight[rank * shard : (rank + 1) * shard], vocab_start=rank * shard, group=dist.group.WORLD)
-    log_probs, entropy = chunked_log_probs(hidden, head, targets, torch.full((10,), 0.7), True, 3)
+    log_probs, entropy = chunked_log_probs(hidden, head, targets, torch.full((10,), 0.7), True, chunk_tokens)
     results[rank] = (log_probs, entropy)
     dist.destroy_process_group()
 
 
-def test_vocab_parallel_shards_over_gloo_equal_the_unsharded_math():
-    """Two ranks each holding half the LM head rows (as TP ranks do) give the full result."""
+@pytest.mark.parametrize("vocab, chunk_tokens", [(40, 3), (5002, 1)])
+def test_vocab_parallel_shards_over_gloo_equal_the_unsharded_math(vocab, chunk_tokens):
+    """Two ranks each holding half the LM head rows (as TP ranks do) give the full result; at
+    5,002 rows each shard is itself three tiles wide, merged before the shards are."""
     import socket
 
     import torch.multiprocessing as mp
@@ -71,10 +119,8 @@ def test_vocab_parallel_shards_over_gloo_equal_the_unsharded_math():
         port = sock.getsockname()[1]
     manager = mp.Manager()
     results = manager.dict()
-    mp.spawn(_vocab_parallel_rank, args=(2, port, results), nprocs=2, join=True)
-    generator = torch.Generator().manual_seed(1)
-    hidden, weight = torch.randn(10, 8, generator=generator), torch.randn(40, 8, generator=generator)
-    targets = torch.randint(0, 40, (10,), generator=generator)
+    mp.spawn(_vocab_parallel_rank, args=(2, port, vocab, chunk_tokens, results), nprocs=2, join=True)
+    hidden, weight, targets = _vocab_parallel_inputs(vocab)
     expected_log_probs, expected_entropy = full_logits_log_probs(hidden, weight, targets, 0.7)
     for rank in range(2):
         log_probs, entropy = results[rank]
