@@ -68,10 +68,14 @@ def main(argv: list[str] | None = None) -> int:
                         help="scoring only, repeatable: model shapes to run (default: toy)")
     parser.add_argument("--max-tokens", type=int, help="scoring only: scale the real shapes' length mix to ~this many tokens")
     parser.add_argument("--group-size", type=int, help="scoring only: samples per prompt (GRPO groups sharing a prompt)")
+    parser.add_argument("--cpu-heap", choices=["keep", "system"],
+                        help="scoring only: keep freed CPU memory for reuse, as a server process does (default), "
+                        "or glibc's default; every path runs under the same one")
     args = parser.parse_args(argv)
-    options = {"shape": args.shape, "max_tokens": args.max_tokens, "group_size": args.group_size}
+    options = {"shape": args.shape, "max_tokens": args.max_tokens, "group_size": args.group_size,
+               "cpu_heap": args.cpu_heap}
     if args.name != "scoring" and any(value is not None for value in options.values()):
-        parser.error("--shape, --max-tokens and --group-size apply to the scoring benchmark only")
+        parser.error("--shape, --max-tokens, --group-size and --cpu-heap apply to the scoring benchmark only")
     if args.group_size is not None and args.group_size < 1:
         parser.error("--group-size must be at least 1")
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")

@@ -41,6 +41,7 @@ from bench import scoring_causes, scoring_fp64, scoring_predict, scoring_verl, s
 from bench.common import Target, alternating_best
 from bench.flops import forward_flops, gemm_flops_per_s
 from model_engine_server.adapter import ModelEngineServerAdapter
+from model_engine_server.cpu_heap import keep_freed_memory
 from model_engine_server.engines.base import EngineSpec, build_engine
 from model_engine_server.engines.hf import HFEngine
 from model_engine_server.logprobs import full_logits_log_probs
@@ -291,12 +292,16 @@ def _prediction_source(figures: dict[str, Any]) -> tuple[dict[str, Any] | None, 
 
 
 def run(quick: bool = False, shape: list[str] | None = None, max_tokens: int | None = None,
-        group_size: int = 1) -> dict[str, Any]:
+        group_size: int = 1, cpu_heap: str = "keep") -> dict[str, Any]:
     """Every requested shape (default: the toy) at the run's size; sizes are module attributes
-    so a test can swap in `TEST_SIZE`."""
+    so a test can swap in `TEST_SIZE`. `cpu_heap="keep"` runs every path, verl's too, with freed
+    memory kept in the heap, as a server's own process runs (`model_engine_server/cpu_heap.py`);
+    it lasts for the rest of the process."""
     size = QUICK if quick else FULL
     torch.manual_seed(0)
-    figures: dict[str, Any] = {"torch_threads": torch.get_num_threads()}  # every path, verl's included, in-process
+    kept = cpu_heap == "keep" and keep_freed_memory()
+    figures: dict[str, Any] = {"torch_threads": torch.get_num_threads(),  # every path, verl's included, in-process
+                               "cpu_heap": "keep" if kept else "system"}
     for name in shape or ["toy"]:
         with tempfile.TemporaryDirectory(prefix="bench-scoring-") as folder:  # a 1.5B checkpoint is 6 GB
             measured = measure_shape(name, size, max_tokens, Path(folder), group_size)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
+from model_engine_server import cpu_heap
 from model_engine_server.adapter import ModelEngineServerAdapter
 from model_engine_server.engines.base import EngineSpec, build_engine
 from model_engine_server.executor import InProcessExecutor
@@ -27,6 +28,7 @@ def build_local_server(
     is also the adapter's micro-batch budget, so one batch is one forward. A batch running past
     `batch_timeout_s` fails, and the engine takes no more work (as a replica's workers)."""
     scheduler = scheduler or SchedulerConfig()
+    cpu_heap.apply(spec.cpu_heap, owns_process=False)  # this may be a trainer's process: only if asked
     engine = build_engine(backend, spec)
     adapter = ModelEngineServerAdapter(engine, scheduler.max_tokens_per_batch, spec.logprob_chunk_mb)
     return ModelEngineServer(InProcessExecutor(adapter, batch_timeout_s), scheduler, observer, initial_weight_version)

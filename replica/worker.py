@@ -33,6 +33,7 @@ import torch
 from checkpoint_transport.bucket import group_into_host_buckets
 from checkpoint_transport.receiver import receive_into_engine
 from checkpoint_transport.spec import TransportSpec
+from model_engine_server import cpu_heap
 from model_engine_server.adapter import ModelEngineServerAdapter, Outcome
 from model_engine_server.engines.base import Engine, EngineSpec, ModelInfo, WeightSpec, build_engine
 from model_engine_server.errors import WeightSyncError
@@ -125,6 +126,7 @@ class ModelEngineWorker:
                 timeout=timedelta(seconds=timeout_s),
             )
         self._check_process_group(dist_backend)
+        cpu_heap.apply(spec.cpu_heap, owns_process=True)  # a worker process only serves
         self.engine = build_engine(backend, spec, **engine_kwargs)
         self.adapter = ModelEngineServerAdapter(self.engine, max_tokens_per_micro_batch, spec.logprob_chunk_mb)
         self.info = self._describe(dist_backend, tensor_parallel_size, data_parallel_size)

@@ -101,7 +101,7 @@ def test_quick_scoring_json_carries_the_verl_baseline(monkeypatch, tmp_path):
 
     monkeypatch.setattr(scoring, "QUICK", scoring.TEST_SIZE)
     output = tmp_path / "scoring.json"
-    assert main(["scoring", "--quick", "--json", str(output)]) == 0
+    assert main(["scoring", "--quick", "--cpu-heap", "system", "--json", str(output)]) == 0
     record = json.loads(output.read_text())
     figures = record["figures"]
     targets = {target["target"]: target for target in record["targets"]}
@@ -197,7 +197,7 @@ def test_quick_scoring_json_nests_each_shape_with_its_causes(monkeypatch, tmp_pa
     monkeypatch.setitem(shapes.MEASURED, "tiny-qwen", _tiny_qwen())
     monkeypatch.setattr(scoring, "QUICK", scoring.TEST_SIZE)
     output = tmp_path / "scoring.json"
-    assert main(["scoring", "--quick", "--shape", "tiny-qwen", "--max-tokens", "300", "--json", str(output)]) == 0
+    assert main(["scoring", "--quick", "--cpu-heap", "system", "--shape", "tiny-qwen", "--max-tokens", "300", "--json", str(output)]) == 0
     record = json.loads(output.read_text())
     figures = record["figures"]
     shape = figures["tiny_qwen"]
@@ -227,7 +227,7 @@ def test_quick_scoring_on_grpo_groups_times_the_shared_prompt_body(monkeypatch, 
     monkeypatch.setattr(scoring, "QUICK", scoring.Size(scoring.TEST_SIZE.model, requests=4, repeats=1, max_response=64,
                                                       dtypes=("float32",)))
     output = tmp_path / "scoring.json"
-    assert main(["scoring", "--quick", "--shape", "tiny-qwen", "--group-size", "2", "--json", str(output)]) == 0
+    assert main(["scoring", "--quick", "--cpu-heap", "system", "--shape", "tiny-qwen", "--group-size", "2", "--json", str(output)]) == 0
     shape = json.loads(output.read_text())["figures"]["tiny_qwen"]
     assert shape["group_size"] == 2 and shape["body_shared_prompts_s"] > 0 and shape["factor_shared_prompts"] > 0
     assert shape["body_flops_shared_prompts"] < shape["body_flops"]

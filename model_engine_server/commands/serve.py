@@ -36,6 +36,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from model_engine_server import cpu_heap
     from model_engine_server.config import ConfigError, load_config
     from model_engine_server.http.admin_policy import exposure_remedy, unauthenticated_exposure
     from model_engine_server.launch import build_serving
@@ -52,6 +53,7 @@ def run(args: argparse.Namespace) -> int:
         if exposure is not None:
             logger.warning("!!! UNAUTHENTICATED ADMIN ROUTES: %s. Serving anyway, as allow_unauthenticated_remote "
                            "is set !!!", exposure)
+        cpu_heap.apply(loaded.server.cpu_heap, owns_process=True)  # before the engine: this process only serves
         serving = build_serving(loaded)
     except ConfigError as error:
         print(f"error: {error}", file=sys.stderr)

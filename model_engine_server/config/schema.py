@@ -24,6 +24,7 @@ from checkpoint_transport.spec import TransportConfig
 from model_engine_server.config.scheduler import SchedulerConfig
 from model_engine_server.config.trainer_side import TrainerSideConfig
 from model_engine_server.config.verl_engine import VerlEngineConfig
+from model_engine_server.cpu_heap import CpuHeap
 
 if TYPE_CHECKING:  # the schema needs no engine (torch) module; `engine_spec` imports it when called
     from model_engine_server.engines.base import EngineSpec
@@ -172,6 +173,11 @@ class ServerConfig(BaseModel):
     share_prompts: bool = Field(
         default=True, description="run identical prompts in a batch once (a GRPO group's samples; HF engine, packed attention)"
     )
+    cpu_heap: CpuHeap = Field(
+        default="auto",
+        description="keep: freed CPU memory stays in the heap for reuse (no page faults per batch); auto: in processes the "
+        "server owns (Ray workers, serve), not in a trainer hosting an in-process server; system: glibc's default",
+    )
     temperature: float = Field(
         default=1.0, gt=0, description="used when a request names none; default: actor_rollout_ref.rollout.temperature"
     )
@@ -261,6 +267,7 @@ class ServerConfig(BaseModel):
             attn_implementation=self.attn_implementation,
             logprob_chunk_mb=self.logprob_chunk_mb,
             share_prompts=self.share_prompts,
+            cpu_heap=self.cpu_heap,
             verl_engine=self.verl_engine,
         )
 

@@ -16,6 +16,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from checkpoint_transport.dtypes import DTYPES
 from model_engine_server.config.verl_engine import VerlEngineConfig
+from model_engine_server.cpu_heap import CpuHeap
 from model_engine_server.logprobs import ChunkedScores, LMHead, chunked_log_probs, chunked_scores
 from model_engine_server.packing import PackedBatch
 from model_engine_server.registry import Registry
@@ -36,6 +37,10 @@ class EngineSpec(BaseModel):
     )
     logprob_chunk_mb: int = Field(default=128, gt=0, description="memory for the log-prob step's two fp32 [chunk, vocab] buffers")
     allow_dtype_cast: bool = Field(default=False, description="cast weight updates of another float dtype")
+    cpu_heap: CpuHeap = Field(
+        default="auto",
+        description="keep freed CPU memory for reuse (model_engine_server/cpu_heap.py); auto: only in a process the server owns",
+    )
     verl_engine: VerlEngineConfig = Field(
         default_factory=VerlEngineConfig, description="backend verl only: the trainer's model and engine settings"
     )
