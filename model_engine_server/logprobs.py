@@ -64,12 +64,14 @@ class TileShape:
 
 def tile_shape(num_tokens: int, vocab_shard_size: int, chunk_tokens: int, whole_shard: bool) -> TileShape:
     """The tile for a budget of `chunk_tokens x vocab_shard_size` logits: as many tokens as fit
-    with at least `TILE_MIN_COLUMNS` columns (up to `TILE_MAX_ROWS`), then as many columns as
-    the budget leaves; `whole_shard` (top-k) keeps every column and takes `chunk_tokens` rows."""
+    with at least `TILE_MIN_COLUMNS` columns (up to `TILE_MAX_ROWS`, the tokens split into
+    equal blocks), then as many columns as the budget leaves; `whole_shard` (top-k) keeps every column and takes `chunk_tokens` rows."""
     if whole_shard:
         return TileShape(max(1, min(num_tokens, chunk_tokens)), vocab_shard_size)
     budget = chunk_tokens * vocab_shard_size
-    rows = max(1, min(num_tokens, TILE_MAX_ROWS, budget // min(vocab_shard_size, TILE_MIN_COLUMNS)))
+    most_rows = max(1, min(TILE_MAX_ROWS, budget // min(vocab_shard_size, TILE_MIN_COLUMNS)))
+    blocks = -(-max(1, num_tokens) // most_rows)
+    rows = -(-max(1, num_tokens) // blocks)  # equal blocks: 4,097 tokens are 2 x 2,049, not 4,096 + 1
     return TileShape(rows, max(1, min(vocab_shard_size, budget // rows)))
 
 

@@ -73,11 +73,12 @@ def test_tiles_across_the_vocabulary_merge_to_the_full_log_softmax(dtype, with_b
 def test_tile_shape_keeps_the_budget_and_spans_many_tokens():
     vocab = 151_936
     chunk = chunk_tokens_for(vocab)  # 110 tokens' whole-vocabulary logits per buffer
-    for tokens in (1, 300, 2747, 8192):
+    for tokens in (1, 300, 2747, 4096):
         tile = tile_shape(tokens, vocab, chunk, whole_shard=False)
         assert tile.rows * tile.columns <= chunk * vocab
         assert tile.rows == min(tokens, TILE_MAX_ROWS)
         assert tile.columns >= TILE_MIN_COLUMNS
+    assert tile_shape(TILE_MAX_ROWS + 1, vocab, chunk, whole_shard=False).rows == TILE_MAX_ROWS // 2 + 1  # equal blocks
     assert tile_shape(8192, vocab, chunk, whole_shard=True) == type(tile)(chunk, vocab)  # top-k: whole rows
     assert tile_shape(50, 300, 7, whole_shard=False).columns == 300  # a small vocabulary is one tile
 
