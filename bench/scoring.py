@@ -41,7 +41,7 @@ from bench import scoring_causes, scoring_fp64, scoring_predict, scoring_verl, s
 from bench.common import Target, alternating_best
 from bench.flops import forward_flops, gemm_flops_per_s
 from model_engine_server.adapter import ModelEngineServerAdapter
-from model_engine_server.cpu_heap import keep_freed_memory
+from model_engine_server.cpu_heap import keep_freed_memory, release_free_memory
 from model_engine_server.engines.base import EngineSpec, build_engine
 from model_engine_server.engines.hf import HFEngine
 from model_engine_server.logprobs import full_logits_log_probs
@@ -241,6 +241,7 @@ def _measure_dtype(path: Path, dtype: str, requests: list[LogProbRequest], repea
         if verl is not None:
             verl.close()
     del engine, verl  # the float64 model needs their memory
+    release_free_memory()  # and a kept heap would keep it
     if real_shape and dtype == "float32":
         figures.update(scoring_fp64.errors_vs_float64(path, figures["parameters"], requests, outputs))
     return figures
@@ -305,6 +306,7 @@ def run(quick: bool = False, shape: list[str] | None = None, max_tokens: int | N
     for name in shape or ["toy"]:
         with tempfile.TemporaryDirectory(prefix="bench-scoring-") as folder:  # a 1.5B checkpoint is 6 GB
             measured = measure_shape(name, size, max_tokens, Path(folder), group_size)
+        release_free_memory()  # the next shape starts from what it needs, not this one's peak
         key = shapes.shape_key(name)
         if key:
             figures[key] = measured

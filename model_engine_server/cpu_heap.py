@@ -55,6 +55,14 @@ def keep_freed_memory() -> bool:
     return _applied
 
 
+def release_free_memory() -> None:
+    """Give the heap's free blocks back to the system (`malloc_trim`), for a process that kept
+    them and now changes what it holds (a benchmark moving to a larger model): a kept heap
+    otherwise stays at the largest peak the process has had."""
+    if _applied:
+        ctypes.CDLL(None).malloc_trim(0)
+
+
 def apply(policy: CpuHeap, owns_process: bool) -> bool:
     """`keep_freed_memory()` where `policy` wants it; whether the heap is now kept."""
     return keep_freed_memory() if wanted(policy, owns_process) else _applied

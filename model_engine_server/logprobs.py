@@ -4,8 +4,8 @@ Full fp32 logits for 8,192 tokens at a 151,936-token vocabulary take 5 GB; here 
 tile of `rows x columns` logits exists at a time (two buffers: the logits and their `exp`).
 A tile spans many tokens and a slice of the vocabulary, so each LM-head GEMM is wide on both
 sides and every head row is read once per token block; a tile of ~100 tokens across the whole
-vocabulary instead re-reads the 0.5-1 GB head for every 100 tokens (half the GEMM rate on a
-2-core CPU, measured in bench/notes/scoring.md). The softmax statistics of each tile (max, sum
+vocabulary instead re-reads the 0.5-1 GB head for every 100 tokens (about half the GEMM rate
+on a 2-core CPU, bench/notes/scoring_shapes_full_4096.md). The softmax statistics of each tile (max, sum
 of exp, expected logit) merge into running ones per token, the online-softmax way. With tensor
 parallelism each rank holds a vocab shard of the LM head; the statistics are merged across the
 group the same way, as scalars per token, never the logits themselves.

@@ -18,7 +18,7 @@ from model_engine_server.cpu_heap import wanted
 # ten steps (the heap has grown to its peak) counts the page faults of five more
 PROBE = """
 import resource, sys, torch
-from model_engine_server.cpu_heap import keep_freed_memory
+from model_engine_server.cpu_heap import keep_freed_memory, release_free_memory
 kept = keep_freed_memory() if sys.argv[1] == "keep" else False
 def step():
     first, second = torch.ones(25_000_000), torch.ones(25_000_000)
@@ -28,26 +28,32 @@ for _ in range(10):
 before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
 for _ in range(5):
     step()
-print(int(kept), resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
+faults = resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before
+release_free_memory()  # and the kept blocks go back: the next step faults its pages in again
+before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+step()
+print(int(kept), faults, resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
 """
 PAGES_OF_1_GB = 10 * 100_000_000 // 4096  # the five measured steps allocate 1 GB
 
 
-def _steady_state_faults(policy: str) -> tuple[bool, int]:
+def _steady_state_faults(policy: str) -> tuple[bool, int, int]:
+    """Whether the heap was kept, the five steps' faults, and one step's after a release."""
     out = subprocess.run([sys.executable, "-c", PROBE, policy], check=True, capture_output=True, text=True).stdout
-    kept, faults = out.split()
-    return kept == "1", int(faults)
+    kept, faults, after_release = out.split()
+    return kept == "1", int(faults), int(after_release)
 
 
 def test_a_kept_heap_reuses_freed_blocks_without_page_faults():
     if not sys.platform.startswith("linux"):
         pytest.skip("mallopt is glibc's")
-    kept, faults_kept = _steady_state_faults("keep")
+    kept, faults_kept, after_release = _steady_state_faults("keep")
     if not kept:
         pytest.skip("this C library has no mallopt")
-    _, faults_system = _steady_state_faults("system")
+    _, faults_system, _ = _steady_state_faults("system")
     assert faults_system > PAGES_OF_1_GB / 2  # glibc maps every block afresh and faults its pages in
     assert faults_kept < PAGES_OF_1_GB / 20  # freed blocks are reused as they are
+    assert after_release > PAGES_OF_1_GB / 10 / 2  # released, the step's 200 MB are faulted in anew
 
 
 def test_auto_keeps_the_heap_only_in_a_process_the_server_owns():

@@ -35,7 +35,9 @@ class EngineSpec(BaseModel):
         default=True,
         description="pack identical prompts in a batch once (GRPO groups) where the engine's attention can",
     )
-    logprob_chunk_mb: int = Field(default=128, gt=0, description="memory for the log-prob step's two fp32 [chunk, vocab] buffers")
+    logprob_chunk_mb: int = Field(
+        default=128, gt=0, description="memory for the log-prob step's two fp32 tile buffers (tokens x vocabulary columns)"
+    )
     allow_dtype_cast: bool = Field(default=False, description="cast weight updates of another float dtype")
     cpu_heap: CpuHeap = Field(
         default="auto",
