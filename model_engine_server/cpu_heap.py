@@ -4,7 +4,7 @@ glibc serves every block above its mmap threshold (32 MiB at most) with a fresh 
 unmaps it on free. A packed 4,096-token batch of Qwen2.5-0.5B allocates its MLP activations
 (80 MB each) that way in every layer, so the kernel zero-fills every page again on first
 touch: about 2.3 million page faults and 6-9 s of system time per 37 s batch on a 2-core CPU
-(`bench/notes/scoring.md`). With `mmap` off and the heap never trimmed, freed blocks are
+(`bench/notes/scoring_shapes_0_5b_full_4096_tiles.md`). With `mmap` off and the heap never trimmed, freed blocks are
 reused as they are. The price is that the process keeps its peak heap resident: right for a
 process that only serves (a Ray worker, `model-engine-server serve`), wrong for a trainer that
 hosts an in-process server, so `auto` applies it only where the server owns the process.
