@@ -211,6 +211,7 @@ def test_quick_scoring_json_nests_each_shape_with_its_causes(monkeypatch, tmp_pa
     assert "predicted_speedup_vs_verl_lm_head_only" in figures["prediction_qwen2_5_32b"]
     assert shape["group_size"] == 1 and shape["factor_shared_prompts"] == 1.0  # no prompt shared
     assert shape["server_max_abs_diff_vs_fp64"] <= 1e-5  # anchored to a float64 forward
+    assert shape["server_mean_abs_diff_vs_fp64"] <= shape["server_p99_abs_diff_vs_fp64"] <= shape["server_max_abs_diff_vs_fp64"]
     targets = {target["target"] for target in record["targets"]}
     assert "tiny_qwen.speedup_vs_verl >= 1.5" in targets and "speedup_vs_verl >= 1.5" not in targets
     if scoring_verl.verl_available():
@@ -236,6 +237,20 @@ def test_quick_scoring_on_grpo_groups_times_the_shared_prompt_body(monkeypatch, 
     for wrong in (["sync", "--group-size", "2"], ["scoring", "--group-size", "0"]):
         with pytest.raises(SystemExit):
             main(wrong)
+
+
+def test_float64_distances_summarise_every_scored_token():
+    import torch
+
+    from bench.scoring_fp64 import distances
+
+    truth = [torch.zeros(3, dtype=torch.float64), torch.zeros(97, dtype=torch.float64)]
+    values = [torch.tensor([0.0, 0.0, 5e-5]), torch.full((97,), 1e-6)]  # one bad token in 100
+    figures = distances("server", values, truth)
+    assert figures["server_max_abs_diff_vs_fp64"] == pytest.approx(5e-5)
+    assert figures["server_p99_abs_diff_vs_fp64"] < 5e-5  # the worst token alone does not set it
+    assert figures["server_mean_abs_diff_vs_fp64"] == pytest.approx((5e-5 + 97 * 1e-6) / 100, rel=1e-6)
+    assert distances("server", [], []) == {}
 
 
 def test_float64_anchor_is_skipped_with_a_reason_when_memory_is_short(monkeypatch, tiny_model):
