@@ -200,7 +200,26 @@ def _measure(
         figures["verl_tokens_per_s"] = total_tokens / verl_s
         figures["speedup_vs_verl"] = verl_s / server_s
         figures["max_abs_diff_vs_verl"] = scoring_verl.agreement(server, outputs["verl"])
+    figures.update(repacking_drift(engine, verl, requests, outputs))
     return {f"{prefix}{key}": value for key, value in figures.items()}, outputs
+
+
+def repacking_drift(engine: HFEngine, verl: "scoring_verl.VerlEngine | None", requests: list[LogProbRequest],
+                    outputs: dict[str, list[torch.Tensor]]) -> dict[str, float]:
+    """How far each path's own numbers move when only its micro-batch packing changes (the
+    same requests at half the budget or half their tokens, whichever is less, so at least two
+    micro-batches; untimed): the floor under `max_abs_diff_vs_verl`, which compares two
+    packings of two computations. verl attends over the whole packed row, so a sequence's place
+    in it changes its rounding; the server attends per sequence."""
+    half = min(TOKEN_BUDGET, sum(r.num_tokens for r in requests)) // 2
+    budget = max(half, max(r.num_tokens for r in requests))  # every request still fits
+    repacked = ModelEngineServerAdapter(engine, budget).score(requests)
+    drift = {"server_repacked_max_abs_diff": scoring_verl.agreement(
+        outputs["server"], [torch.from_numpy(o.log_probs) for o in repacked])}
+    if verl is not None:
+        again = scoring_verl.verl_recompute(verl, requests, token_budget=budget)
+        drift["verl_repacked_max_abs_diff"] = scoring_verl.agreement(outputs["verl"], again)
+    return drift
 
 
 def scale_to_tokens(requests: list[LogProbRequest], max_tokens: int | None) -> list[LogProbRequest]:

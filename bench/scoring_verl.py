@@ -98,11 +98,14 @@ def single_temperature(requests: list[LogProbRequest]) -> float:
     return float(temperatures.pop())
 
 
-def verl_recompute(engine: "VerlEngine", requests: list[LogProbRequest]) -> list[torch.Tensor]:
+def verl_recompute(engine: "VerlEngine", requests: list[LogProbRequest],
+                   token_budget: int | None = None) -> list[torch.Tensor]:
     """verl's log-probs of each request's response tokens, in request order.
 
     Entropy is computed only if a request asks for it, so verl does the same work the server
     path does (the trainer always asks for it; that would only slow verl down here).
+    `token_budget` overrides the worker's dynamic-batch token budget for this call (verl reads
+    `max_token_len_per_gpu` from the batch before its config), which repacks its micro-batches.
     """
     from verl.utils import tensordict_utils as tu
     from verl.workers.utils.padding import left_right_2_no_padding, no_padding_2_padding
@@ -111,6 +114,8 @@ def verl_recompute(engine: "VerlEngine", requests: list[LogProbRequest]) -> list
         data = left_right_2_no_padding(left_right_batch(requests))
         tu.assign_non_tensor(data, calculate_entropy=any(r.return_entropy for r in requests), compute_loss=False,
                              temperature=single_temperature(requests))
+        if token_budget is not None:
+            tu.assign_non_tensor(data, max_token_len_per_gpu=token_budget)
         output = engine.worker.infer_batch(data)
         log_probs = no_padding_2_padding(tu.get(output, "log_probs"), data).float()
     return [log_probs[row, : r.num_response_tokens] for row, r in enumerate(requests)]

@@ -218,6 +218,8 @@ def test_quick_scoring_json_nests_each_shape_with_its_causes(monkeypatch, tmp_pa
         assert shape["max_abs_diff_vs_verl"] <= 1e-5 and shape["factor_rest"] > 0
         assert shape["verl_max_abs_diff_vs_fp64"] <= 1e-5
         assert figures["prediction_qwen2_5_7b"]["cpu_rates_from"] == "tiny-qwen"
+        assert 0 <= shape["verl_repacked_max_abs_diff"] <= 1e-5  # verl against itself, packed otherwise
+    assert 0 <= shape["server_repacked_max_abs_diff"] <= 1e-5
 
 
 def test_quick_scoring_on_grpo_groups_times_the_shared_prompt_body(monkeypatch, tmp_path):
