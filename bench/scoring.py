@@ -199,6 +199,9 @@ def _measure(
         verl_s, outputs["verl"] = timed["verl"]
         figures["verl_tokens_per_s"] = total_tokens / verl_s
         figures["speedup_vs_verl"] = verl_s / server_s
+        # the ratio if the server's FLOPs ran at the measured GEMM rate: the most any
+        # implementation of the server's work reaches against this verl time on this machine
+        figures["speedup_vs_verl_at_gemm_rate"] = figures["speedup_vs_verl"] / figures["mfu"]
         figures["max_abs_diff_vs_verl"] = scoring_verl.agreement(server, outputs["verl"])
     figures.update(repacking_drift(engine, verl, requests, outputs))
     return {f"{prefix}{key}": value for key, value in figures.items()}, outputs

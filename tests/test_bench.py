@@ -111,6 +111,7 @@ def test_quick_scoring_json_carries_the_verl_baseline(monkeypatch, tmp_path):
         assert targets["speedup_vs_verl >= 1.5"]["measured"] is None
         return
     assert figures["speedup_vs_verl"] > 0 and figures["verl_tokens_per_s"] > 0
+    assert figures["speedup_vs_verl_at_gemm_rate"] == pytest.approx(figures["speedup_vs_verl"] / figures["mfu"])
     assert figures["max_abs_diff_vs_verl"] <= 1e-5
     assert targets["max_abs_diff_vs_verl <= 1e-05"]["met"]
 
