@@ -10,8 +10,13 @@ Shapes too large for this machine are not run. Their ratio is predicted from FLO
   what remains on a GPU, where verl runs flash-attn varlen (our packed attention's equal) and
   the log-softmax is a small part of the time;
 - `cpu_rates`: the FLOP rates each component reached in this run on the largest measured shape
-  (server body, chunked response-only head, full-logits head; verl's body as verl's total less
-  a full-logits head), applied to the larger shape's FLOPs: what this CPU would show.
+  (server body, chunked response-only head, full-logits head, and the body with the attention
+  verl runs: transformers' SDPA over the packed row), applied to the larger shape's FLOPs: what
+  this CPU would show. All four come from the cause split's rounds, timed alternately, so a
+  machine whose speed drifts between the benchmark's phases does not skew one against another
+  (an earlier version took verl's body from its whole-path time in the other phase, and a run
+  whose cause phase ran 25% slower predicted verl faster than its own measured body). verl's
+  own batching and Python (`factor_rest`) are left out, which favours verl.
 """
 
 from __future__ import annotations
@@ -81,15 +86,11 @@ def cpu_rates(measured: dict[str, Any]) -> dict[str, float] | None:
     """FLOP/s of each component in a measured shape's figures (None without verl's time)."""
     if "verl_tokens_per_s" not in measured:
         return None
-    verl_s = measured["tokens"] / measured["verl_tokens_per_s"]
-    verl_body_s = verl_s - measured["head_all_full_s"]
-    if verl_body_s <= 0:
-        return None
     return {
         "body": measured["body_flops"] / measured["body_s"],
         "head_chunked": measured["lm_head_flops_response_only"] / measured["head_response_chunked_s"],
         "head_full": measured["lm_head_flops_all_positions"] / measured["head_all_full_s"],
-        "verl_body": measured["body_flops"] / verl_body_s,
+        "verl_body": measured["body_flops"] / measured["body_sdpa_mask_s"],
     }
 
 

@@ -157,6 +157,22 @@ def test_lm_head_only_prediction_is_the_flop_ratio_of_all_positions_to_responses
     assert "predicted_speedup_vs_verl_cpu_rates" not in predicted["prediction_qwen2_5_7b"]  # no measured rates
 
 
+def test_cpu_rate_prediction_on_the_measured_shape_gives_back_its_cause_times():
+    """Applied to the shape it was measured on, the CPU-rate prediction is the ratio of the cause
+    split's own times (masked-attention body + full head over body + response head), whatever
+    verl's whole-path time in the other phase was."""
+    from bench.scoring_predict import cpu_rates, cpu_rates_ratio
+
+    flops = {"body_flops": 8e12, "body_flops_shared_prompts": 8e12, "lm_head_flops_response_only": 1e12,
+             "lm_head_flops_all_positions": 1.5e12}
+    measured = {**flops, "tokens": 4000, "body_s": 40.0, "body_sdpa_mask_s": 50.0, "head_response_chunked_s": 4.0,
+                "head_all_full_s": 6.0}
+    for verl_tokens_per_s in (50.0, 200.0):  # verl's measured path, slow or fast, does not enter
+        rates = cpu_rates({**measured, "verl_tokens_per_s": verl_tokens_per_s})
+        assert cpu_rates_ratio(flops, rates) == pytest.approx((50.0 + 6.0) / (40.0 + 4.0))
+    assert cpu_rates(measured) is None  # no verl run: no prediction against it
+
+
 def test_grpo_mix_shares_prompts_and_the_shared_flops_count_each_prompt_once():
     from bench.flops import forward_flops_split
     from bench.scoring import rl_length_mix
