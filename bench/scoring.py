@@ -216,12 +216,16 @@ def repacking_drift(engine: HFEngine, verl: "scoring_verl.VerlEngine | None", re
     in it changes its rounding; the server attends per sequence."""
     half = min(TOKEN_BUDGET, sum(r.num_tokens for r in requests)) // 2
     budget = max(half, max(r.num_tokens for r in requests))  # every request still fits
+    # Smaller batches would carve new blocks out of a kept heap that the timed passes left in
+    # pieces; at 1.5B, with verl's model beside ours, that pushed a run out of 24 GiB.
+    release_free_memory()
     repacked = ModelEngineServerAdapter(engine, budget).score(requests)
     drift = {"server_repacked_max_abs_diff": scoring_verl.agreement(
         outputs["server"], [torch.from_numpy(o.log_probs) for o in repacked])}
     if verl is not None:
         again = scoring_verl.verl_recompute(verl, requests, token_budget=budget)
         drift["verl_repacked_max_abs_diff"] = scoring_verl.agreement(outputs["verl"], again)
+    release_free_memory()
     return drift
 
 
