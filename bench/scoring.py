@@ -213,11 +213,13 @@ def repacking_drift(engine: HFEngine, verl: "scoring_verl.VerlEngine | None", re
     same requests at half the budget or half their tokens, whichever is less, so at least two
     micro-batches; untimed): the floor under `max_abs_diff_vs_verl`, which compares two
     packings of two computations. verl attends over the whole packed row, so a sequence's place
-    in it changes its rounding; the server attends per sequence."""
+    in it changes its rounding; the server attends per sequence, and moves only as far as its
+    GEMMs round another row count differently."""
     half = min(TOKEN_BUDGET, sum(r.num_tokens for r in requests)) // 2
     budget = max(half, max(r.num_tokens for r in requests))  # every request still fits
-    # Smaller batches would carve new blocks out of a kept heap that the timed passes left in
-    # pieces; at 1.5B, with verl's model beside ours, that pushed a run out of 24 GiB.
+    # Smaller batches could carve new blocks out of a kept heap that the timed passes left in
+    # pieces. At 1.5B, with verl's model beside ours, used memory peaks at 22.6 of 23.6 GiB, and
+    # one run without these trims was OOM-killed in that phase (where in it is not known).
     release_free_memory()
     repacked = ModelEngineServerAdapter(engine, budget).score(requests)
     drift = {"server_repacked_max_abs_diff": scoring_verl.agreement(
