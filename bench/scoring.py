@@ -173,7 +173,10 @@ def _measure(
     if verl is not None:
         scoring_verl.verl_recompute(verl, requests[:2])  # the same warm-up for verl's worker
         steps["verl"] = lambda: scoring_verl.verl_recompute(verl, requests)
-    timed = alternating_best(steps, repeats)
+    # Each path starts from a trimmed heap: under a kept heap, the full-logits paths' freed
+    # blocks (5-6 GB each, of other sizes than the next path's) stayed resident and a quick toy
+    # run was OOM-killed at 24 GiB. Within a call, a path still reuses its own freed blocks.
+    timed = alternating_best(steps, repeats, between=release_free_memory)
     server_s, server = timed["server"]
     agreement = max(scoring_verl.agreement(server, timed[name][1]) for name in ("packed", "padded"))
     work = [item for batch in adapter.micro_batches(requests)  # what the server path has to compute

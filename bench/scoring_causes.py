@@ -31,6 +31,7 @@ from typing import Any, Callable
 import torch
 
 from bench.common import alternating_best
+from model_engine_server.cpu_heap import release_free_memory
 from model_engine_server.engines.hf import HFEngine
 from model_engine_server.logprobs import chunked_log_probs
 from model_engine_server.packing import PackedBatch, pack_sequences, split_by_token_budget, split_shared_by_token_budget
@@ -122,7 +123,8 @@ def measure_causes(engine: HFEngine, requests: list[LogProbRequest], token_budge
     groups = pack_groups(requests, token_budget)
     shared = pack_groups(requests, token_budget, share_prompts=True) if engine.info.shares_prompts else []
     shares = any(g.batch.shares_prompts for g in shared)
-    timed = alternating_best(component_steps(engine, groups, shared if shares else None), repeats)
+    timed = alternating_best(component_steps(engine, groups, shared if shares else None), repeats,
+                             between=release_free_memory)  # as in the timed paths (bench/scoring.py)
     t = {name: seconds for name, (seconds, _) in timed.items()}
     response_from_all = [lp.index_select(0, g.batch.score_positions)
                          for lp, g in zip(timed["head_all_full"][1], groups)]
