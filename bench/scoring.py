@@ -8,7 +8,10 @@ body, as in real small policies), on an RL-like length mix, timed side by side i
 - padded: micro-batches of a fixed number of sequences, right-padded, full logits;
 - verl: verl's own `TrainingWorker.infer_batch` (remove-padding, dynamic batch size with the same
   token budget, same dtype), fed as its trainer feeds it (`bench/scoring_verl.py`): the baseline
-  a verl user compares against. Skipped, with a note, where verl is not installed.
+  a verl user compares against. Skipped, with a note, where verl is not installed;
+- verl fused: the same worker on verl's fused-linear log-prob path (`use_fused_kernels`, its
+  `torch` backend; figures `verl_fused_*`, `speedup_vs_verl_fused`). `speedup_vs_verl` stays
+  against verl's plain path, its default and, on the CPUs measured, the faster of the two.
 
 All paths must give the same log-probs; each round times every path once, rounds repeated,
 least of each kept. Model FLOP/s counts the forward from the architecture
@@ -172,7 +175,9 @@ def _measure(
     }
     if verl is not None:
         scoring_verl.verl_recompute(verl, requests[:2])  # the same warm-up for verl's worker
+        scoring_verl.verl_recompute(verl, requests[:2], fused=True)
         steps["verl"] = lambda: scoring_verl.verl_recompute(verl, requests)
+        steps["verl_fused"] = lambda: scoring_verl.verl_recompute(verl, requests, fused=True)
     # Each path starts from a trimmed heap: under a kept heap, the full-logits paths' freed
     # blocks (5-6 GB each, of other sizes than the next path's) stayed resident and a quick toy
     # run was OOM-killed at 24 GiB. Within a call, a path still reuses its own freed blocks.
@@ -206,6 +211,10 @@ def _measure(
         # implementation of the server's work reaches against this verl time on this machine
         figures["speedup_vs_verl_at_gemm_rate"] = figures["speedup_vs_verl"] / figures["mfu"]
         figures["max_abs_diff_vs_verl"] = scoring_verl.agreement(server, outputs["verl"])
+        verl_fused_s, verl_fused = timed["verl_fused"]
+        figures["verl_fused_tokens_per_s"] = total_tokens / verl_fused_s
+        figures["speedup_vs_verl_fused"] = verl_fused_s / server_s
+        figures["max_abs_diff_vs_verl_fused"] = scoring_verl.agreement(server, verl_fused)
     figures.update(repacking_drift(engine, verl, requests, outputs))
     return {f"{prefix}{key}": value for key, value in figures.items()}, outputs
 

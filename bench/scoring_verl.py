@@ -6,6 +6,14 @@ token budget as ours, the same dtype), fed the way `RayPPOTrainer._compute_old_l
 it: a left-right padded batch (prompts left-padded, responses right-padded, as verl's agent loop
 pads them) -> verl's `left_right_2_no_padding` -> `infer_batch` -> verl's `no_padding_2_padding`.
 
+verl's fused-linear log-prob path (`use_fused_kernels`, the `torch` backend: chunks of 512
+tokens through the LM head with log-prob and entropy, never the whole logits; its `triton`
+backend needs a GPU) runs on the same worker: `fused_linear_forward` puts verl's own fused
+forward on the worker's model for the call and `verl_recompute(..., fused=True)` asks for it, as
+a trainer with `actor_rollout_ref.model.use_fused_kernels=True` would. One worker serves both
+paths, so a 1.5B run does not hold a third copy of the model. (The server's own verl backend
+refuses fused kernels: they take one temperature per batch, the server one per request.)
+
 The worker comes from the project's own builder (`backend: verl`, `build_engine("verl", ...)`),
 so it is set up exactly as the server's verl backend sets it up: platform, one-process group,
 the actor's FSDP2 engine. verl is optional: without it `verl_available()` is false and the
@@ -15,7 +23,8 @@ scoring benchmark reports the verl figures as skipped instead of failing.
 from __future__ import annotations
 
 import importlib.util
-from typing import TYPE_CHECKING, Any
+from contextlib import contextmanager
+from typing import TYPE_CHECKING, Any, Iterator
 
 import torch
 
@@ -98,14 +107,40 @@ def single_temperature(requests: list[LogProbRequest]) -> float:
     return float(temperatures.pop())
 
 
+FUSED_BACKEND = "torch"  # verl's fused-linear backend that runs without Triton (and so on a CPU)
+
+
+@contextmanager
+def fused_linear_forward(engine: "VerlEngine") -> Iterator[None]:
+    """verl's fused-linear forward on the worker's model while the block runs.
+
+    verl patches the forward onto the model's class (`patch_forward_with_backends`); the worker's
+    model is FSDP2's per-instance subclass of the HF class, so the patch reaches this model only,
+    and removing it afterwards gives back the inherited forward the plain path runs."""
+    from verl.models.transformers.monkey_patch import patch_forward_with_backends
+
+    module = engine.worker.engine.module
+    model_class = type(module)
+    own_forward = model_class.__dict__.get("forward")
+    patch_forward_with_backends(module, use_fused_kernels=True, fused_kernels_backend=FUSED_BACKEND)
+    try:
+        yield
+    finally:
+        if own_forward is None:
+            del model_class.forward
+        else:
+            model_class.forward = own_forward
+
+
 def verl_recompute(engine: "VerlEngine", requests: list[LogProbRequest],
-                   token_budget: int | None = None) -> list[torch.Tensor]:
+                   token_budget: int | None = None, fused: bool = False) -> list[torch.Tensor]:
     """verl's log-probs of each request's response tokens, in request order.
 
     Entropy is computed only if a request asks for it, so verl does the same work the server
     path does (the trainer always asks for it; that would only slow verl down here).
     `token_budget` overrides the worker's dynamic-batch token budget for this call (verl reads
     `max_token_len_per_gpu` from the batch before its config), which repacks its micro-batches.
+    `fused`: verl's fused-linear log-prob path (which computes entropy whether asked or not).
     """
     from verl.utils import tensordict_utils as tu
     from verl.workers.utils.padding import left_right_2_no_padding, no_padding_2_padding
@@ -116,7 +151,12 @@ def verl_recompute(engine: "VerlEngine", requests: list[LogProbRequest],
                              temperature=single_temperature(requests))
         if token_budget is not None:
             tu.assign_non_tensor(data, max_token_len_per_gpu=token_budget)
-        output = engine.worker.infer_batch(data)
+        if fused:
+            tu.assign_non_tensor(data, use_fused_kernels=True)
+            with fused_linear_forward(engine):
+                output = engine.worker.infer_batch(data)
+        else:
+            output = engine.worker.infer_batch(data)
         log_probs = no_padding_2_padding(tu.get(output, "log_probs"), data).float()
     return [log_probs[row, : r.num_response_tokens] for row, r in enumerate(requests)]
 

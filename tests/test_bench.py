@@ -132,6 +132,40 @@ def test_quick_scoring_json_carries_the_verl_baseline(monkeypatch, tmp_path):
     assert figures["speedup_vs_verl_at_gemm_rate"] == pytest.approx(figures["speedup_vs_verl"] / figures["mfu"])
     assert figures["max_abs_diff_vs_verl"] <= 1e-5
     assert targets["max_abs_diff_vs_verl <= 1e-05"]["met"]
+    # verl's fused-linear path on the same worker: the same numbers, its own time
+    assert figures["verl_fused_tokens_per_s"] > 0 and figures["speedup_vs_verl_fused"] > 0
+    assert figures["max_abs_diff_vs_verl_fused"] <= 1e-5
+
+
+def test_verl_fused_path_runs_verls_fused_kernel_and_puts_the_plain_forward_back(monkeypatch, tiny_model):
+    """`verl_recompute(..., fused=True)` goes through verl's fused-linear function (counted here),
+    agrees with verl's plain path, and leaves the worker's model with the forward it had."""
+    from bench import scoring_verl
+    from bench.scoring import rl_length_mix
+
+    if not scoring_verl.verl_available():
+        pytest.skip("verl not installed")
+    from verl.utils.experimental import torch_functional
+
+    calls = []
+    fused_chunk = torch_functional._fused_linear_for_ppo_fwd
+    monkeypatch.setattr(torch_functional, "_fused_linear_for_ppo_fwd",
+                        lambda *args, **kwargs: calls.append(1) or fused_chunk(*args, **kwargs))
+    requests = [r.model_copy(update={"input_ids": r.input_ids[:150], "response_start": 40})
+                for r in rl_length_mix(3, 512, seed=3)]
+    verl = scoring_verl.build_verl(str(tiny_model), "float32", 400)
+    try:
+        model_class = type(verl.worker.engine.module)
+        forward_before = model_class.forward
+        plain = scoring_verl.verl_recompute(verl, requests)
+        assert not calls
+        fused = scoring_verl.verl_recompute(verl, requests, fused=True)
+        assert calls  # verl's fused kernel scored the batch
+        assert model_class.forward is forward_before
+        assert scoring_verl.agreement(plain, fused) <= 1e-5
+        assert scoring_verl.agreement(plain, scoring_verl.verl_recompute(verl, requests)) == 0  # plain again
+    finally:
+        verl.close()
 
 
 def test_forward_flops_split_separates_body_from_lm_head():
