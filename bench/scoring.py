@@ -277,9 +277,6 @@ def _measure_dtype(path: Path, dtype: str, requests: list[LogProbRequest], repea
         figures.update(measured)
         if dtype == "float32":
             figures.update(scoring_causes.measure_causes(engine, requests, TOKEN_BUDGET, repeats))  # type: ignore[arg-type]
-        else:
-            blocking = scoring_causes.measure_head_blocking(engine, requests, TOKEN_BUDGET, repeats)  # type: ignore[arg-type]
-            figures.update({f"{prefix}{key}": value for key, value in blocking.items()})
     finally:
         if verl is not None:
             verl.close()

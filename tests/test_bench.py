@@ -80,24 +80,6 @@ def test_scoring_baselines_equal_server_path(tiny_model):
     assert engine.model.config._attn_implementation == "packed_sdpa"  # restored after the padded path
 
 
-@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
-def test_head_blocking_figures_compare_blocked_and_whole_tiles(monkeypatch, tiny_model, dtype):
-    """The bench's blocked-against-whole-tile comparison runs the log-prob step both ways (here
-    in blocks of 8 rows, so blocking happens on a tiny model) and the numbers agree bitwise."""
-    from bench.scoring import rl_length_mix
-    from bench.scoring_causes import measure_head_blocking
-    from model_engine_server import logprobs
-    from model_engine_server.engines.base import EngineSpec, build_engine
-
-    monkeypatch.setattr(logprobs, "CPU_STATS_BLOCK_BYTES", 8 * 4 * 512)  # 8 rows of a 512-token vocabulary
-    engine = build_engine("hf", EngineSpec(model_path=str(tiny_model), dtype=dtype))
-    requests = [r.model_copy(update={"input_ids": r.input_ids[:200], "response_start": 50})
-                for r in rl_length_mix(3, 512, seed=2)]
-    figures = measure_head_blocking(engine, requests, token_budget=400, repeats=1)
-    assert figures["head_cache_blocking_max_abs_diff"] == 0 and figures["head_cache_blocking_gain"] > 0
-    assert logprobs.CPU_STATS_BLOCK_BYTES == 8 * 4 * 512  # the whole-tile run restored it
-
-
 def test_forward_flops_count_matches_hand_count():
     from types import SimpleNamespace
 
