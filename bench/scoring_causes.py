@@ -11,10 +11,6 @@ On the same packed token-budget batches (the server's), timed alternately, least
 - `head_all_chunked_s`: the same chunked step on every position (what a trainer's forward scores);
 - `head_all_full_s`: full `[tokens, vocab]` logits, fp32, `log_softmax`, gather, on every position
   (verl's path without fused kernels; no entropy, as the benchmark asks none);
-- `head_response_whole_tiles_s`: `head_response_chunked_s` with each tile's softmax passes over
-  the whole tile at once instead of in cache-sized row blocks (what the CPU blocking in
-  `model_engine_server/logprobs.py` saves: `head_cache_blocking_gain`; the numbers are bitwise
-  the same, `head_cache_blocking_max_abs_diff` = 0);
 - `body_shared_prompts_s` (only on a mix where requests share prompts): the body on the
   server's shared-prompt batches, each group's prompt run once per micro-batch.
 
@@ -29,16 +25,14 @@ batching, padding conversions, its own Python, and our sums standing in for whol
 
 from __future__ import annotations
 
-from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Any, Callable, Iterator
+from typing import Any, Callable
 
 import torch
 
 from bench.common import alternating_best
 from model_engine_server.cpu_heap import release_free_memory
 from model_engine_server.engines.hf import HFEngine
-from model_engine_server import logprobs
 from model_engine_server.logprobs import chunked_log_probs
 from model_engine_server.packing import PackedBatch, pack_sequences, split_by_token_budget, split_shared_by_token_budget
 from model_engine_server.protocol import LogProbRequest
@@ -76,17 +70,6 @@ def full_logits_no_entropy(hidden: torch.Tensor, weight: torch.Tensor, targets: 
     return torch.log_softmax(logits, dim=-1).gather(-1, targets.unsqueeze(-1)).squeeze(-1)
 
 
-@contextmanager
-def whole_tile_passes() -> Iterator[None]:
-    """The log-prob step as it ran before its CPU passes were blocked: one block per tile."""
-    blocked = logprobs.CPU_STATS_BLOCK_BYTES
-    logprobs.CPU_STATS_BLOCK_BYTES = 1 << 62
-    try:
-        yield
-    finally:
-        logprobs.CPU_STATS_BLOCK_BYTES = blocked
-
-
 def _with_attention(engine: HFEngine, name: str, step: Callable[[], Any]) -> Callable[[], Any]:
     def run() -> Any:
         packed_attention = engine.model.config._attn_implementation
@@ -99,7 +82,7 @@ def _with_attention(engine: HFEngine, name: str, step: Callable[[], Any]) -> Cal
 
 
 def component_steps(engine: HFEngine, groups: list[Packed], shared: list[Packed] | None) -> dict[str, Callable[[], Any]]:
-    """The six timed components (seven with shared prompts); the heads run on hidden states
+    """The five timed components (six with shared prompts); the heads run on hidden states
     computed once here."""
     with torch.inference_mode():
         hiddens = [engine.hidden_states(g.batch) for g in groups]
@@ -114,10 +97,6 @@ def component_steps(engine: HFEngine, groups: list[Packed], shared: list[Packed]
                                   torch.full((g.batch.targets.numel(),), g.temperature))[0]
                 for h, g in zip(hiddens, groups)]
 
-    def head_response_whole_tiles() -> list[torch.Tensor]:
-        with whole_tile_passes():
-            return head_response()
-
     def head_all_chunked() -> list[torch.Tensor]:
         return [chunked_log_probs(h, head, g.all_targets, torch.full((g.all_targets.numel(),), g.temperature))[0]
                 for h, g in zip(hiddens, groups)]
@@ -130,8 +109,7 @@ def component_steps(engine: HFEngine, groups: list[Packed], shared: list[Packed]
             return [engine.hidden_states(g.batch) for g in shared or []]
 
     steps = {"body": body, "body_sdpa_mask": _with_attention(engine, "sdpa", body),
-             "head_response_chunked": head_response, "head_response_whole_tiles": head_response_whole_tiles,
-             "head_all_chunked": head_all_chunked,
+             "head_response_chunked": head_response, "head_all_chunked": head_all_chunked,
              "head_all_full": head_all_full}
     return steps if shared is None else {**steps, "body_shared_prompts": body_shared}
 
@@ -162,9 +140,6 @@ def measure_causes(engine: HFEngine, requests: list[LogProbRequest], token_budge
         "factor_attention": (t["body_sdpa_mask"] + head_all_f) / (body + head_all_f),
         "body_sdpa_mask_max_abs_diff": _max_diff(timed["body"][1], timed["body_sdpa_mask"][1]),
         "head_paths_max_abs_diff": _max_diff(timed["head_response_chunked"][1], response_from_all),
-        "head_cache_blocking_gain": t["head_response_whole_tiles"] / head_resp,
-        "head_cache_blocking_max_abs_diff": _max_diff(timed["head_response_chunked"][1],
-                                                      timed["head_response_whole_tiles"][1]),
     }
 
 

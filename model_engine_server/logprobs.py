@@ -31,8 +31,6 @@ import torch
 DEFAULT_CHUNK_BYTES = 128 * 1024 * 1024
 TILE_MAX_ROWS = 4096  # tokens per tile; more only grows the per-token statistics
 TILE_MIN_COLUMNS = 1024  # vocabulary columns per tile, at least, where the budget allows
-CPU_STATS_BLOCK_BYTES = 1024 * 1024  # fp32 logits per block of a tile's passes on a CPU: cache-sized
-CPU_STATS_MIN_ROWS = 8  # rows per block, at least, so a whole-shard (top-k) tile is not taken row by row
 
 
 @dataclass
@@ -150,63 +148,46 @@ class _Workspace:
         return buffer[: rows * columns].view(rows, columns)
 
 
-def _tile_logits(hidden: torch.Tensor, head: LMHead, columns: slice, workspace: _Workspace) -> torch.Tensor:
-    """`h @ W[columns].T + b` for one tile, in the workspace, in the matmul's own dtype (fp32
-    straight into `logits`; lower precision into `matmul_out`, for `_tile_stats` to widen)."""
+def _tile_logits(
+    hidden: torch.Tensor, head: LMHead, columns: slice, scale: torch.Tensor, folded: bool, workspace: _Workspace
+) -> torch.Tensor:
+    """`z = (h @ W[columns].T + b) / T` for one tile, in the workspace.
+
+    `folded` (fp32, no bias): the caller has already multiplied `hidden` by 1/T (a `[rows,
+    hidden]` multiply instead of a pass over the tile); otherwise 1/T is applied to the fp32
+    logits, so in lower precision the temperature never rounds in bf16.
+    """
     rows, width = hidden.shape[0], columns.stop - columns.start
-    out = _Workspace.view(workspace.logits if workspace.matmul_out is None else workspace.matmul_out, rows, width)
+    logits = _Workspace.view(workspace.logits, rows, width)
+    weight = head.weight[columns]
+    if folded:
+        return torch.matmul(hidden, weight.T, out=logits)
+    out = logits if workspace.matmul_out is None else _Workspace.view(workspace.matmul_out, rows, width)
     if head.bias is None:
-        return torch.matmul(hidden, head.weight[columns].T, out=out)
-    return torch.addmm(head.bias[columns], hidden, head.weight[columns].T, out=out)
-
-
-def stats_rows_per_pass(rows: int, width: int, device: torch.device) -> int:
-    """How many of a tile's rows `_tile_stats` takes through all its passes at a time.
-
-    On a CPU each elementwise pass over a whole tile (64 MB by default) streams it through
-    memory again; in blocks of about `CPU_STATS_BLOCK_BYTES` the later passes find the block in
-    cache (measured on the toy: the whole server path 3.5% faster in fp32, 6% in bf16, where
-    the GEMM is fast and these passes are a larger share). On a GPU every block is another
-    round of kernel launches, so the tile goes whole."""
-    if device.type != "cpu":
-        return rows
-    return max(CPU_STATS_MIN_ROWS, CPU_STATS_BLOCK_BYTES // (4 * max(1, width)))
+        torch.matmul(hidden, weight.T, out=out)
+    else:
+        torch.addmm(head.bias[columns], hidden, weight.T, out=out)
+    if out is not logits:
+        logits.copy_(out)
+    return logits.mul_(scale)
 
 
 def _tile_stats(
-    out: torch.Tensor, scale: torch.Tensor | None, local_target: torch.Tensor, want_entropy: bool,
-    workspace: _Workspace,
-) -> tuple[_SoftmaxStats, torch.Tensor]:
-    """The tile's statistics from the matmul's `out`, and the tile's fp32 logits shifted by
-    their max (`z - max`), which top-k and the rank count read. `scale` (1/T per row) is None
-    where the caller folded it into the hidden states (fp32, no bias); otherwise it applies to
-    the fp32 logits, so in lower precision the temperature never rounds in bf16.
-    `local_target` is the target's column within the tile. Every pass is row-wise, so taking
-    the rows in blocks gives the same numbers as taking them whole."""
-    rows, width = out.shape
-    logits = _Workspace.view(workspace.logits, rows, width)
-    exp_shifted = _Workspace.view(workspace.work, rows, width)
-    index = local_target.clamp(0, width - 1).unsqueeze(1)
-    tile_max, sum_exp, target = (torch.empty(rows, dtype=torch.float32, device=out.device) for _ in range(3))
-    weighted = torch.empty_like(sum_exp) if want_entropy else None
-    step = stats_rows_per_pass(rows, width, out.device)
-    for start in range(0, rows, step):
-        block = slice(start, min(start + step, rows))
-        z = logits[block]
-        if out is not logits:
-            z.copy_(out[block])
-        if scale is not None:
-            z.mul_(scale[block])
-        torch.gather(z, 1, index[block], out=target[block].unsqueeze(1))
-        torch.amax(z, dim=1, out=tile_max[block])
-        z.sub_(tile_max[block].unsqueeze(1))
-        torch.exp(z, out=exp_shifted[block])
-        torch.sum(exp_shifted[block], dim=1, out=sum_exp[block])
-        if weighted is not None:
-            torch.sum(exp_shifted[block].mul_(z), dim=1, out=weighted[block])
+    logits: torch.Tensor, local_target: torch.Tensor, want_entropy: bool, workspace: _Workspace
+) -> _SoftmaxStats:
+    """The tile's statistics; `local_target` is the target's column within the tile. Leaves
+    `logits` shifted by the tile's max (`z - max`), which top-k and the rank count read."""
+    rows, width = logits.shape
     owned = (local_target >= 0) & (local_target < width)
+    target = logits.gather(1, local_target.clamp(0, width - 1).unsqueeze(1)).squeeze(1)
     target = torch.where(owned, target, torch.zeros_like(target))
-    return _SoftmaxStats(tile_max, sum_exp, weighted, target), logits
+    tile_max = logits.amax(dim=1)
+    logits.sub_(tile_max.unsqueeze(1))
+    exp_shifted = _Workspace.view(workspace.work, rows, width)
+    torch.exp(logits, out=exp_shifted)
+    sum_exp = exp_shifted.sum(dim=1)
+    weighted = exp_shifted.mul_(logits).sum(dim=1) if want_entropy else None
+    return _SoftmaxStats(tile_max, sum_exp, weighted, target)
 
 
 def _row_block_stats(
@@ -223,8 +204,8 @@ def _row_block_stats(
     logits = torch.empty(0)
     for start in range(0, head.vocab_shard_size, columns):
         span = slice(start, min(start + columns, head.vocab_shard_size))
-        out = _tile_logits(scaled, head, span, workspace)
-        tile, logits = _tile_stats(out, None if folded else scale, local_target - start, want_entropy, workspace)
+        logits = _tile_logits(scaled, head, span, scale, folded, workspace)
+        tile = _tile_stats(logits, local_target - start, want_entropy, workspace)
         stats = tile if stats is None else stats.merged(tile)
     assert stats is not None  # a head has at least one row
     return stats, logits

@@ -5,14 +5,12 @@ from __future__ import annotations
 import pytest
 import torch
 
-from model_engine_server import logprobs
 from model_engine_server.logprobs import (
     TILE_MAX_ROWS,
     TILE_MIN_COLUMNS,
     LMHead,
     chunk_tokens_for,
     chunked_log_probs,
-    chunked_scores,
     full_logits_log_probs,
     tile_shape,
 )
@@ -70,39 +68,6 @@ def test_tiles_across_the_vocabulary_merge_to_the_full_log_softmax(dtype, with_b
     expected_log_probs, expected_entropy = full_logits_log_probs(hidden, weight, targets, temperatures, bias)
     torch.testing.assert_close(log_probs, expected_log_probs, atol=1e-5, rtol=0)
     torch.testing.assert_close(entropy, expected_entropy, atol=1e-5, rtol=0)
-
-
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-@pytest.mark.parametrize("with_bias", [False, True])
-def test_cache_sized_row_blocks_give_the_whole_tile_numbers(monkeypatch, dtype, with_bias):
-    """On a CPU a tile's passes run over blocks of its rows; every pass is row-wise, so the
-    numbers are bitwise those of whole tiles, whatever the block (here 8 rows: 24-row tiles in
-    three blocks, the last tile's last block short; top-k's 11-row tiles in two), with
-    entropy, temperatures and top-k."""
-    real_rows_per_pass = logprobs.stats_rows_per_pass
-    assert real_rows_per_pass(4096, 4096, torch.device("cpu")) < 4096  # blocks on a CPU
-    assert real_rows_per_pass(4096, 4096, torch.device("meta")) == 4096  # whole elsewhere
-    generator = torch.Generator().manual_seed(4)
-    hidden = torch.randn(70, 16, generator=generator).to(dtype)
-    weight = torch.randn(3000, 16, generator=generator).to(dtype)
-    bias = torch.randn(3000, generator=generator).to(dtype) if with_bias else None
-    targets = torch.randint(0, 3000, (70,), generator=generator)
-    temperatures = torch.tensor([0.6, 1.0, 1.7, 1.2, 0.9] * 14)
-
-    def scores(rows_per_pass):
-        monkeypatch.setattr(logprobs, "stats_rows_per_pass", rows_per_pass)
-        chunked = [chunked_scores(hidden, LMHead(weight, bias), targets, temperatures, True, top_k, 11)
-                   for top_k in (0, 5)]
-        return [getattr(s, field) for s in chunked for field in
-                ("log_probs", "entropy", "top_k_ids", "top_k_log_probs", "target_ranks")]
-
-    assert tile_shape(70, 3000, 11, whole_shard=False).rows == 24
-    whole = scores(lambda rows, width, device: rows)
-    blocked = scores(lambda rows, width, device: 8)
-    for expected, got in zip(whole, blocked):
-        assert (expected is None) == (got is None)
-        if expected is not None:
-            assert torch.equal(expected, got)
 
 
 def test_tile_shape_keeps_the_budget_and_spans_many_tokens():
