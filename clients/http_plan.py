@@ -43,6 +43,8 @@ RESPONSE_GRACE_S = 5.0  # the server answers a request's deadline itself; allow 
 
 @dataclass
 class Post:
+    """Send `body` to `path`; the plan gets the response back, or the transport's error."""
+
     path: str
     body: bytes
     content_type: str
@@ -51,6 +53,8 @@ class Post:
 
 @dataclass
 class Sleep:
+    """Wait before the next attempt; the plan gets None back."""
+
     seconds: float
 
 
