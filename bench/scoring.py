@@ -118,7 +118,8 @@ def packed_full_logits(
         hidden = engine.hidden_states(batch)  # every position, as a trainer's forward returns
         row_targets = torch.cat([torch.tensor(r.input_ids[1:]) for r in chosen]).to(hidden.device)
         temperatures = torch.full((hidden.shape[0],), chosen[0].temperature, device=hidden.device)
-        log_probs, _ = full_logits_log_probs(hidden, engine.lm_head().weight, row_targets, temperatures)
+        log_probs, _ = full_logits_log_probs(hidden, engine.lm_head().weight, row_targets, temperatures,
+                                             want_entropy=False)  # the server path is timed without it too
         scored = log_probs.index_select(0, batch.score_positions.to(hidden.device)).split(
             [r.num_response_tokens for r in chosen])
         for index, values in zip(group, scored):
@@ -154,7 +155,8 @@ def _padded_full_logits(engine: HFEngine, requests: list[LogProbRequest]) -> lis
         flat_hidden = hidden[:, :-1].reshape(-1, hidden.shape[-1])
         targets = ids[:, 1:].reshape(-1)
         temperatures = torch.full((targets.shape[0],), chosen[0].temperature, device=engine.device)
-        log_probs, _ = full_logits_log_probs(flat_hidden, engine.lm_head().weight, targets, temperatures)
+        log_probs, _ = full_logits_log_probs(flat_hidden, engine.lm_head().weight, targets, temperatures,
+                                             want_entropy=False)
         log_probs = log_probs.view(len(chosen), width - 1)
         outputs.extend(log_probs[row, r.response_start - 1 : r.num_tokens - 1] for row, r in enumerate(chosen))
     padded_full_logits.padded_tokens = padded_tokens  # type: ignore[attr-defined]

@@ -33,7 +33,7 @@ import torch
 from bench.common import alternating_best
 from model_engine_server.cpu_heap import release_free_memory
 from model_engine_server.engines.hf import HFEngine
-from model_engine_server.logprobs import chunked_log_probs
+from model_engine_server.logprobs import chunked_log_probs, full_logits_log_probs
 from model_engine_server.packing import PackedBatch, pack_sequences, split_by_token_budget, split_shared_by_token_budget
 from model_engine_server.protocol import LogProbRequest
 
@@ -60,14 +60,6 @@ def pack_groups(requests: list[LogProbRequest], token_budget: int, share_prompts
         targets = torch.cat([torch.tensor(r.input_ids[1:]) for r in chosen])
         packed.append(Packed(batch, targets, chosen[0].temperature))
     return packed
-
-
-@torch.inference_mode()
-def full_logits_no_entropy(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
-                           temperature: float) -> torch.Tensor:
-    """A trainer's log-probs without fused kernels: whole logits, fp32, log-softmax, gather."""
-    logits = torch.nn.functional.linear(hidden, weight).float().div_(temperature)
-    return torch.log_softmax(logits, dim=-1).gather(-1, targets.unsqueeze(-1)).squeeze(-1)
 
 
 def _with_attention(engine: HFEngine, name: str, step: Callable[[], Any]) -> Callable[[], Any]:
@@ -102,7 +94,8 @@ def component_steps(engine: HFEngine, groups: list[Packed], shared: list[Packed]
                 for h, g in zip(hiddens, groups)]
 
     def head_all_full() -> list[torch.Tensor]:
-        return [full_logits_no_entropy(h, head.weight, g.all_targets, g.temperature) for h, g in zip(hiddens, groups)]
+        return [full_logits_log_probs(h, head.weight, g.all_targets, g.temperature, want_entropy=False)[0]
+                for h, g in zip(hiddens, groups)]
 
     def body_shared() -> list[torch.Tensor]:
         with torch.inference_mode():

@@ -356,16 +356,20 @@ def full_logits_log_probs(
     targets: torch.Tensor,
     temperature: float | torch.Tensor = 1.0,
     bias: torch.Tensor | None = None,
-) -> tuple[torch.Tensor, torch.Tensor]:
+    want_entropy: bool = True,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Reference path, as a trainer computes it without fused kernels: full-vocab logits
     `[N, V]` in the head's dtype, then fp32, scaled by the temperature, `log_softmax`, a gather
-    of the targets and the entropy of the same distribution. The tests' truth and the
-    benchmarks' baseline, so written as lean as a careful trainer is (in place where it can):
-    the comparison is not against a straw man."""
+    of the targets and (when `want_entropy`) the entropy of the same distribution. The tests'
+    truth and the benchmarks' baseline, so written as lean as a careful trainer is (in place
+    where it can): the comparison is not against a straw man, nor against work the compared
+    path skips."""
     logits = torch.nn.functional.linear(hidden, lm_head_weight, bias).float()
     logits.div_(temperature.float().unsqueeze(-1) if isinstance(temperature, torch.Tensor) else temperature)
     log_softmax = torch.log_softmax(logits, dim=-1)
     del logits
     log_probs = log_softmax.gather(-1, targets.unsqueeze(-1)).squeeze(-1)
+    if not want_entropy:
+        return log_probs, None
     entropy = -(log_softmax.exp().mul_(log_softmax)).sum(-1)
     return log_probs, entropy
