@@ -348,3 +348,29 @@ def test_on_cuda_backend_verl_serves_as_the_hf_backend_and_follows_a_weight_sync
         code = server.stop()
     assert code == 0, server.output
     assert "backend=verl" in server.output
+
+
+FREED_AFTER_CLOSE = """
+import gc, sys, weakref
+from model_engine_server.engines.base import EngineSpec, build_engine
+engine = build_engine("verl", EngineSpec(model_path=sys.argv[1]))
+model = weakref.ref(engine.worker.engine.module)
+engine.close()
+del engine
+gc.collect()
+print("model freed" if model() is None else "model still alive")
+"""
+
+
+@cpu_only
+def test_a_closed_verl_engine_frees_its_model_even_when_it_first_imported_verl(tiny_model):
+    """verl keeps the ImportErrors of its optional checkpoint engines, tracebacks included; an
+    engine that imported verl's worker modules from its own stack stayed alive through them.
+    A fresh interpreter, so this engine is the first import."""
+    import subprocess
+    import sys
+
+    done = subprocess.run([sys.executable, "-c", FREED_AFTER_CLOSE, str(tiny_model)], capture_output=True,
+                          text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "model freed" in done.stdout, done.stdout[-500:]

@@ -16,9 +16,12 @@ are switched off: the server holds this one model on its device.
 
 from __future__ import annotations
 
+import importlib
 import importlib.util
 import logging
 import os
+import sys
+import threading
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -55,6 +58,37 @@ def select_platform(device: torch.device) -> None:
             torch.cuda.set_device(device)
     else:
         raise VerlEngineError(f"backend verl runs on cpu or cuda, not {device.type!r}")
+
+
+# What `build_training_worker` imports, and with it every verl module whose import records errors
+VERL_WORKER_MODULES = ("verl.workers.config", "verl.workers.engine_workers")
+
+
+def import_verl_worker_modules() -> None:
+    """Import verl's worker modules on a thread of their own, once, after `select_platform`.
+
+    verl keeps the ImportError of each optional checkpoint engine it cannot load
+    (`CheckpointEngineRegistry.record_import_error`), traceback included, for the life of the
+    process. A traceback keeps every frame of the stack that first imported those modules alive
+    with its locals: imported from `VerlEngine.__init__`, that was the engine itself, model and
+    all, never freed after `close()` (a benchmark found a closed engine's model still resident).
+    On a fresh thread the only frames kept are the thread's own."""
+    if all(name in sys.modules for name in VERL_WORKER_MODULES):
+        return
+    failures: list[BaseException] = []
+
+    def load() -> None:
+        try:
+            for name in VERL_WORKER_MODULES:
+                importlib.import_module(name)
+        except BaseException as error:  # re-raised on the caller's thread
+            failures.append(error)
+
+    loader = threading.Thread(target=load, name="verl-import")
+    loader.start()
+    loader.join()
+    if failures:
+        raise failures[0]
 
 
 def ensure_single_process_group(device: torch.device) -> bool:

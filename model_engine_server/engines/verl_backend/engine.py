@@ -43,6 +43,7 @@ class VerlEngine:
         self.spec = spec
         self.device = resolve_device(spec.device)
         build.select_platform(self.device)
+        build.import_verl_worker_modules()  # before any verl import from this stack (see there)
         self._owns_process_group = build.ensure_single_process_group(self.device)
         try:
             self.worker: "TrainingWorker" = build.build_training_worker(spec, self.device)
