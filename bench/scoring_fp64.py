@@ -60,7 +60,8 @@ def errors_vs_float64(
     gc.collect()
     if not fits(num_parameters):
         needed = HEADROOM * 8 * num_parameters / 2**30
-        return {"fp64_reference": f"skipped: needs ~{needed:.1f} GiB free"}
+        available = psutil.virtual_memory().available / 2**30
+        return {"fp64_reference": f"skipped: needs ~{needed:.1f} GiB free, {available:.1f} GiB was"}
     truth = float64_log_probs(model_path, requests)
     figures: dict[str, Any] = {}
     for name, values in paths.items():
