@@ -232,8 +232,9 @@ def repacking_drift(engine: HFEngine, verl: "scoring_verl.VerlEngine | None", re
     half = min(TOKEN_BUDGET, sum(r.num_tokens for r in requests)) // 2
     budget = max(half, max(r.num_tokens for r in requests))  # every request still fits
     # Smaller batches could carve new blocks out of a kept heap that the timed passes left in
-    # pieces. At 1.5B, with verl's model beside ours, used memory peaks at 22.6 of 23.6 GiB, and
-    # one run without these trims was OOM-killed in that phase (where in it is not known).
+    # pieces. At 1.5B, with verl's model beside ours, used memory peaked at 22.6 of 23.6 GiB
+    # (14.2 since the baselines stopped computing entropy), and one run without these trims was
+    # OOM-killed in that phase (where in it is not known).
     release_free_memory()
     repacked = ModelEngineServerAdapter(engine, budget).score(requests)
     drift = {"server_repacked_max_abs_diff": scoring_verl.agreement(
