@@ -217,6 +217,7 @@ def _measure(
         figures["verl_fused_tokens_per_s"] = total_tokens / verl_fused_s
         figures["speedup_vs_verl_fused"] = verl_fused_s / server_s
         figures["max_abs_diff_vs_verl_fused"] = scoring_verl.agreement(server, verl_fused)
+        figures["verl_fused_vs_plain_max_abs_diff"] = scoring_verl.agreement(outputs["verl"], verl_fused)
     figures.update(repacking_drift(engine, verl, requests, outputs))
     return {f"{prefix}{key}": value for key, value in figures.items()}, outputs
 

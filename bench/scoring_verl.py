@@ -114,14 +114,17 @@ FUSED_BACKEND = "torch"  # verl's fused-linear backend that runs without Triton 
 def fused_linear_forward(engine: "VerlEngine") -> Iterator[None]:
     """verl's fused-linear forward on the worker's model while the block runs.
 
-    verl patches the forward onto the model's class (`patch_forward_with_backends`); the worker's
-    model is FSDP2's per-instance subclass of the HF class, so the patch reaches this model only,
-    and removing it afterwards gives back the inherited forward the plain path runs."""
+    verl patches the forward onto the model's class (`patch_forward_with_backends`). The
+    worker's model is an instance of FSDP2's subclass of the HF class, one subclass per HF class
+    in the process, so every FSDP2-wrapped model of that class takes the fused forward while the
+    block runs (the benchmark holds one); afterwards the subclass has its own forward back, or
+    none, and inherits the HF one the plain path runs."""
     from verl.models.transformers.monkey_patch import patch_forward_with_backends
 
     module = engine.worker.engine.module
     model_class = type(module)
     own_forward = model_class.__dict__.get("forward")
+    backend_before = module.__dict__.get("_verl_fused_kernels_backend")  # verl sets it beside the forward
     patch_forward_with_backends(module, use_fused_kernels=True, fused_kernels_backend=FUSED_BACKEND)
     try:
         yield
@@ -130,6 +133,10 @@ def fused_linear_forward(engine: "VerlEngine") -> Iterator[None]:
             del model_class.forward
         else:
             model_class.forward = own_forward
+        if backend_before is None:
+            module.__dict__.pop("_verl_fused_kernels_backend", None)
+        else:
+            module.__dict__["_verl_fused_kernels_backend"] = backend_before
 
 
 def verl_recompute(engine: "VerlEngine", requests: list[LogProbRequest],

@@ -64,6 +64,8 @@ Reply = httpx.Response | httpx.HTTPError | None
 
 @dataclass
 class RetryPolicy:
+    """How often and how patiently a client retries what the server refused for now."""
+
     max_retries: int = 10
     backoff_s: float = 0.05
     max_backoff_s: float = 5.0
@@ -75,6 +77,8 @@ class RetryPolicy:
 
 
 class _Deadline:
+    """One call's deadline, covering its retries and waits (None: no deadline)."""
+
     def __init__(self, seconds: float | None) -> None:
         self.seconds = seconds
         self.end = None if seconds is None else time.monotonic() + seconds
@@ -133,6 +137,9 @@ class HttpPlans:
 
     # ---------------------------------------------------------------- plans
     def score_plan(self, requests: Sequence[RequestLike], timeout_s: float | None) -> Generator[Step, Reply, list[Outcome]]:
+        """`POST /v1/logprobs`, one outcome per request in the caller's order. Requests answered
+        `overloaded` / `shutting_down` are sent again (only they), a refused call is sent again
+        whole, until the retries or the deadline run out; then the last answers stand."""
         deadline = _Deadline(timeout_s if timeout_s is not None else self.timeout_s)
         payloads = [self._payload(r) for r in requests]
         outcomes: list[Outcome | None] = [None] * len(payloads)

@@ -24,7 +24,7 @@ merged over the group by one all-gather of `[chunk, k]` values and ids, so the c
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Literal, overload
 
 import torch
 
@@ -347,6 +347,20 @@ def _global_vocab(head: LMHead) -> int:
     """Sum of the shards' sizes (shards may differ by padding), agreed over the group."""
     size = torch.tensor([head.vocab_shard_size], dtype=torch.int64, device=head.weight.device)
     return int(_all_reduce(size, "sum", head.group).item())
+
+
+@overload
+def full_logits_log_probs(
+    hidden: torch.Tensor, lm_head_weight: torch.Tensor, targets: torch.Tensor,
+    temperature: float | torch.Tensor = 1.0, bias: torch.Tensor | None = None, want_entropy: Literal[True] = True,
+) -> tuple[torch.Tensor, torch.Tensor]: ...
+
+
+@overload
+def full_logits_log_probs(
+    hidden: torch.Tensor, lm_head_weight: torch.Tensor, targets: torch.Tensor,
+    temperature: float | torch.Tensor = 1.0, bias: torch.Tensor | None = None, *, want_entropy: Literal[False],
+) -> tuple[torch.Tensor, None]: ...
 
 
 @torch.inference_mode()

@@ -116,7 +116,7 @@ def test_quick_scoring_json_carries_the_verl_baseline(monkeypatch, tmp_path):
     assert targets["max_abs_diff_vs_verl <= 1e-05"]["met"]
     # verl's fused-linear path on the same worker: the same numbers, its own time
     assert figures["verl_fused_tokens_per_s"] > 0 and figures["speedup_vs_verl_fused"] > 0
-    assert figures["max_abs_diff_vs_verl_fused"] <= 1e-5
+    assert figures["max_abs_diff_vs_verl_fused"] <= 1e-5 and figures["verl_fused_vs_plain_max_abs_diff"] <= 1e-5
 
 
 def test_verl_fused_path_runs_verls_fused_kernel_and_puts_the_plain_forward_back(monkeypatch, tiny_model):
@@ -144,6 +144,7 @@ def test_verl_fused_path_runs_verls_fused_kernel_and_puts_the_plain_forward_back
         fused = scoring_verl.verl_recompute(verl, requests, fused=True)
         assert calls  # verl's fused kernel scored the batch
         assert model_class.forward is forward_before
+        assert not hasattr(verl.worker.engine.module, "_verl_fused_kernels_backend")
         assert scoring_verl.agreement(plain, fused) <= 1e-5
         assert scoring_verl.agreement(plain, scoring_verl.verl_recompute(verl, requests)) == 0  # plain again
     finally:

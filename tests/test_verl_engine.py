@@ -374,3 +374,11 @@ def test_a_closed_verl_engine_frees_its_model_even_when_it_first_imported_verl(t
                           text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-2000:]
     assert "model freed" in done.stdout, done.stdout[-500:]
+
+
+def test_a_failed_verl_import_on_the_loader_thread_is_raised_to_the_caller(monkeypatch):
+    from model_engine_server.engines.verl_backend import build
+
+    monkeypatch.setattr(build, "VERL_WORKER_MODULES", ("verl_no_such_module_for_this_test",))
+    with pytest.raises(ModuleNotFoundError, match="verl_no_such_module_for_this_test"):
+        build.import_verl_worker_modules()

@@ -60,8 +60,8 @@ def select_platform(device: torch.device) -> None:
         raise VerlEngineError(f"backend verl runs on cpu or cuda, not {device.type!r}")
 
 
-# What `build_training_worker` imports, and with it every verl module whose import records errors
-VERL_WORKER_MODULES = ("verl.workers.config", "verl.workers.engine_workers")
+# What `build_training_worker` imports; `verl.checkpoint_engine` is the one that records errors
+VERL_WORKER_MODULES = ("verl.workers.config", "verl.checkpoint_engine", "verl.workers.engine_workers")
 
 
 def import_verl_worker_modules() -> None:
@@ -72,7 +72,9 @@ def import_verl_worker_modules() -> None:
     process. A traceback keeps every frame of the stack that first imported those modules alive
     with its locals: imported from `VerlEngine.__init__`, that was the engine itself, model and
     all, never freed after `close()` (a benchmark found a closed engine's model still resident).
-    On a fresh thread the only frames kept are the thread's own."""
+    On a fresh thread the only frames kept are the thread's own. Call it from code that runs
+    after imports (an engine's constructor), never while a module is being imported: the loader
+    thread would wait on the import lock the caller holds."""
     if all(name in sys.modules for name in VERL_WORKER_MODULES):
         return
     failures: list[BaseException] = []
