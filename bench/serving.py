@@ -38,13 +38,14 @@ import torch
 
 from bench.common import Target, fixed_targets
 from bench.scoring import MODEL, TOKEN_BUDGET, rl_length_mix
-from bench.serving_servers import ReplayService, UvicornThread, model_server_process
+from bench.serving_servers import ReplayService, model_server_process
 from clients.http_client import HttpLogProbClient
 from model_engine_server.adapter import ModelEngineServerAdapter
 from model_engine_server.engines.base import EngineSpec, build_engine
 from model_engine_server.errors import ModelEngineError
 from model_engine_server.executor import InProcessExecutor
 from model_engine_server.http.app import create_app
+from model_engine_server.http.thread_server import ServerThread
 from model_engine_server.protocol import LogProbRequest, LogProbResult, ScoreOutput
 from model_engine_server.scheduler import ModelEngineServer, SchedulerConfig
 from model_engine_server.tiny_model import make_tiny_model
@@ -229,7 +230,7 @@ def measure_wire(requests: Sequence[LogProbRequest], results: Sequence[LogProbRe
     best = {"msgpack": math.inf, "json": math.inf}
     identical = True
     expected = {result.request_id: result for result in results}
-    with UvicornThread(create_app(ReplayService(results))) as server:
+    with ServerThread(create_app(ReplayService(results))) as server:
         for _ in range(repeats):
             for wire in best:  # interleaved, so both see the same background load
                 seconds, answers = asyncio.run(sequential_calls(server.url, wire, requests))

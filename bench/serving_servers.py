@@ -1,6 +1,6 @@
 """The serving benchmark's servers: the model served over HTTP in a child process, as `serve`
-runs it, and uvicorn in a thread over a service that replays stored results (serving without
-compute, for the msgpack-against-JSON comparison)."""
+runs it, and a service that replays stored results (serving without compute, for the
+msgpack-against-JSON comparison; `ServerThread` serves it on a thread)."""
 
 from __future__ import annotations
 
@@ -24,33 +24,6 @@ from model_engine_server.protocol import LogProbRequest, LogProbResult
 from model_engine_server.scheduler import SchedulerConfig
 
 SERVER_START_TIMEOUT_S = 600.0
-
-
-class UvicornThread:
-    """`with UvicornThread(app) as server: server.url` — uvicorn on a free port of 127.0.0.1."""
-
-    def __init__(self, app: Any, start_timeout_s: float = 60.0) -> None:
-        config = uvicorn.Config(app, host="127.0.0.1", port=0, log_config=None, access_log=False, lifespan="on")
-        self.server = uvicorn.Server(config)
-        self.thread = threading.Thread(target=self.server.run, name="bench-uvicorn", daemon=True)
-        self.start_timeout_s = start_timeout_s
-        self.url = ""
-
-    def __enter__(self) -> "UvicornThread":
-        self.thread.start()
-        deadline = time.monotonic() + self.start_timeout_s
-        while not self.server.started:
-            if not self.thread.is_alive() or time.monotonic() > deadline:
-                self.server.should_exit = True
-                raise RuntimeError("uvicorn did not start")
-            time.sleep(0.02)
-        port = self.server.servers[0].sockets[0].getsockname()[1]
-        self.url = f"http://127.0.0.1:{port}"
-        return self
-
-    def __exit__(self, *exc_info: object) -> None:
-        self.server.should_exit = True
-        self.thread.join(timeout=60)
 
 
 class _PortReportingServer(uvicorn.Server):
