@@ -114,7 +114,7 @@ def test_quick_scoring_json_carries_the_verl_baseline(monkeypatch, tmp_path):
     assert figures["speedup_vs_verl_at_gemm_rate"] == pytest.approx(figures["speedup_vs_verl"] / figures["mfu"])
     assert figures["max_abs_diff_vs_verl"] <= 1e-5
     assert targets["max_abs_diff_vs_verl <= 1e-05"]["met"]
-    # verl's fused-linear path on the same worker: the same numbers, its own time
+    # verl's fused-linear path on the same worker: within 1e-5 of the server and of verl's plain path
     assert figures["verl_fused_tokens_per_s"] > 0 and figures["speedup_vs_verl_fused"] > 0
     assert figures["max_abs_diff_vs_verl_fused"] <= 1e-5 and figures["verl_fused_vs_plain_max_abs_diff"] <= 1e-5
 
