@@ -22,7 +22,8 @@ weights, fp32 only), each nested under its key in the JSON; the toy stays at the
 `--max-tokens` scales those shapes' length mix down to about that many tokens (same requests,
 shorter: fewer tokens, not a smaller model). Every shape also reports its FLOP split, the
 causes of its ratio to verl (`bench/scoring_causes.py`), and the run ends with predictions -
-labelled as such - for the 7B and 32B shapes (`bench/scoring_predict.py`).
+labelled as such - for the 7B and 32B shapes (`bench/scoring_predict.py`). Every fp32 run, the
+toy's included, also reports each path's distance from a float64 forward (`bench/scoring_fp64.py`).
 
 `--group-size N` makes the mix GRPO-like: N sampled responses per prompt (verl's
 `rollout.n`), the same length distribution otherwise. The server then packs each prompt once
@@ -268,10 +269,10 @@ def _request_figures(requests: list[LogProbRequest]) -> dict[str, Any]:
             "response_tokens": sum(r.num_response_tokens for r in requests)}
 
 
-def _measure_dtype(path: Path, dtype: str, requests: list[LogProbRequest], repeats: int,
-                   real_shape: bool) -> dict[str, Any]:
+def _measure_dtype(path: Path, dtype: str, requests: list[LogProbRequest], repeats: int) -> dict[str, Any]:
     """Every path in one dtype on freshly loaded engines; in fp32 also the causes of the ratio
-    and, for a real shape, each path's distance from a float64 forward."""
+    and each path's distance from a float64 forward (the toy's too: what an exact path would
+    measure against verl is verl's own distance from it)."""
     prefix = "" if dtype == "float32" else "bf16_"
     engine = build_engine("hf", EngineSpec(model_path=str(path), dtype=dtype))
     verl = scoring_verl.build_verl(str(path), dtype, TOKEN_BUDGET) if scoring_verl.verl_available() else None
@@ -286,7 +287,7 @@ def _measure_dtype(path: Path, dtype: str, requests: list[LogProbRequest], repea
             verl.close()
     del engine, verl  # the float64 model needs their memory
     release_free_memory()  # and a kept heap would keep it
-    if real_shape and dtype == "float32":
+    if dtype == "float32":
         figures.update(scoring_fp64.errors_vs_float64(path, figures["parameters"], requests, outputs))
     return figures
 
@@ -303,7 +304,7 @@ def measure_shape(name: str, size: Size, max_tokens: int | None, folder: Path, g
     figures: dict[str, Any] = {"shape": name, "group_size": group_size, **_request_figures(requests)}
     figures.update(scoring_predict.flop_figures(_hf_config(path), requests))
     for dtype in size.dtypes if toy else ("float32",):
-        figures.update(_measure_dtype(path, dtype, requests, size.repeats, real_shape=not toy))
+        figures.update(_measure_dtype(path, dtype, requests, size.repeats))
     rest = scoring_causes.rest_factor(figures)
     if rest is not None:
         figures["factor_rest"] = rest

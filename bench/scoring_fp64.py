@@ -1,11 +1,14 @@
 """How far each fp32 path is from the truth: a float64 transformers forward of every sequence alone.
 
-`max_abs_diff_vs_verl` compares two fp32 computations; at 28 layers (Qwen2.5-1.5B) both drift
-by ~1e-5 from exact arithmetic, so a gap between them says little about which is right. This
-anchors each path to a float64 reference (eager attention, full-vocab `log_softmax`, one
-sequence at a time) on the same requests. It needs 8 bytes per parameter on top of what is
-loaded, so it runs only when the machine has that memory free (after the fp32 engines are
-closed); otherwise the figures say it was skipped.
+`max_abs_diff_vs_verl` compares two fp32 computations; both drift by ~1e-5 from exact arithmetic
+(measured on the 6-layer toy as on 28-layer Qwen2.5-1.5B), so a gap between them says little
+about which is right, and an exact path would sit as far from verl as verl sits from float64.
+This anchors each path to a float64 reference (eager attention, full-vocab `log_softmax`, one
+sequence at a time) on the same requests. transformers computes the rope angles in fp32 in every
+dtype, so the reference shares that table with the fp32 paths and measures the arithmetic after
+it. It needs 8 bytes per parameter on top of what is loaded, so it runs only when the machine
+has that memory free (after the fp32 engines are closed); otherwise the figures say it was
+skipped.
 """
 
 from __future__ import annotations
