@@ -31,6 +31,11 @@ BENCHMARKS: dict[str, str] = {
     "trainer_savings": "bench.trainer_savings",
 }
 
+OPTIONS: dict[str, set[str]] = {  # the benchmarks that take options beyond --quick and --json
+    "scoring": {"shape", "max_tokens", "group_size", "cpu_heap"},
+    "profile": {"shape", "max_tokens", "cpu_heap"},
+}
+
 
 def run_benchmark(name: str, quick: bool, **options: Any) -> dict[str, Any]:
     """`options` (e.g. `shape`, `max_tokens`) go to the benchmark's `run` where given."""
@@ -65,17 +70,19 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--quick", action="store_true", help="fewer requests, same model: minutes on 2 cores")
     parser.add_argument("--json", type=Path, help="write the figures here (for `all`: one file per benchmark, NAME inserted)")
     parser.add_argument("--shape", action="append", choices=list(MEASURED),
-                        help="scoring only, repeatable: model shapes to run (default: toy)")
-    parser.add_argument("--max-tokens", type=int, help="scoring only: scale the real shapes' length mix to ~this many tokens")
+                        help="scoring and profile, repeatable: model shapes to run (default: toy)")
+    parser.add_argument("--max-tokens", type=int, help="scoring and profile: scale the real shapes' length mix to ~this many tokens")
     parser.add_argument("--group-size", type=int, help="scoring only: samples per prompt (GRPO groups sharing a prompt)")
     parser.add_argument("--cpu-heap", choices=["keep", "system"],
-                        help="scoring only: keep freed CPU memory for reuse, as a server process does (default), "
+                        help="scoring and profile: keep freed CPU memory for reuse, as a server process does (default), "
                         "or glibc's default; every path runs under the same one")
     args = parser.parse_args(argv)
     options = {"shape": args.shape, "max_tokens": args.max_tokens, "group_size": args.group_size,
                "cpu_heap": args.cpu_heap}
-    if args.name != "scoring" and any(value is not None for value in options.values()):
-        parser.error("--shape, --max-tokens, --group-size and --cpu-heap apply to the scoring benchmark only")
+    given = {name for name, value in options.items() if value is not None}
+    if given - OPTIONS.get(args.name, set()):
+        parser.error("--shape, --max-tokens and --cpu-heap apply to the scoring and profile benchmarks only, "
+                     "--group-size to scoring only")
     if args.group_size is not None and args.group_size < 1:
         parser.error("--group-size must be at least 1")
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")

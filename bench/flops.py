@@ -24,21 +24,35 @@ def forward_flops_split(config: Any, sequences: Sequence[Work]) -> tuple[float, 
     sequence: the split that decides how much scoring response positions only can save. A third
     entry counts keys already in the row that the sequence's tokens also attend to (its shared
     prompt)."""
-    hidden = config.hidden_size
-    heads = config.num_attention_heads
-    head_dim = getattr(config, "head_dim", None) or hidden // heads
-    kv_heads = config.num_key_value_heads
-    layers = config.num_hidden_layers
-    projections = hidden * heads * head_dim * 2 + hidden * kv_heads * head_dim * 2  # q, o, k, v
-    mlp = 3 * hidden * config.intermediate_size  # gate, up, down
-    per_token = 2 * layers * (projections + mlp)
+    heads, head_dim = config.num_attention_heads, _head_dim(config)
+    per_token = body_linear_flops_per_token(config)
     body = head = 0.0
     for length, scored, *context in sequences:
         keys = length * (length + 1) / 2 + length * sum(context)
-        attention = layers * 2 * 2 * keys * heads * head_dim
+        attention = config.num_hidden_layers * 2 * 2 * keys * heads * head_dim
         body += per_token * length + attention
-        head += 2 * hidden * config.vocab_size * scored
+        head += 2 * config.hidden_size * config.vocab_size * scored
     return body, head
+
+
+def _head_dim(config: Any) -> int:
+    return getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+
+
+def body_linear_flops_per_token(config: Any) -> float:
+    """The body's linear layers (attention projections, MLP) for one token, over every layer."""
+    hidden, head_dim = config.hidden_size, _head_dim(config)
+    projections = hidden * config.num_attention_heads * head_dim * 2 + hidden * config.num_key_value_heads * head_dim * 2
+    mlp = 3 * hidden * config.intermediate_size  # gate, up, down
+    return 2 * config.num_hidden_layers * (projections + mlp)
+
+
+def linear_flops(config: Any, sequences: Sequence[Work]) -> float:
+    """The GEMM part of `forward_flops`: every linear layer, the LM head on scored positions;
+    no attention scores (what a profile's matmul time is compared with)."""
+    tokens = sum(length for length, _, *_ in sequences)
+    scored = sum(scored for _, scored, *_ in sequences)
+    return body_linear_flops_per_token(config) * tokens + 2 * config.hidden_size * config.vocab_size * scored
 
 
 def forward_flops(config: Any, sequences: Sequence[Work]) -> float:

@@ -3,7 +3,9 @@
 `python -m bench.profile [--quick] [--json FILE]`, or `python -m bench profile`. The batch is the
 scoring benchmark's first token-budget batch (its model, its RL length mix, 8,192 tokens),
 scored by `ModelEngineServerAdapter.score` after an unprofiled warm-up of the same batch, in
-fp32 and in bf16 (`bf16_` keys). Shares of the batch's wall time, which sum to 1:
+fp32 and in bf16 (`bf16_` keys). `--shape qwen2.5-1.5b --max-tokens 4096` profiles a real
+shape instead, in fp32 on the mix `bench scoring` runs it on, under the shape's key.
+Shares of the batch's wall time, which sum to 1:
 
 - `matmul_share`: aten::mm/addmm/bmm/matmul/linear and what runs under them, outside attention:
   the body's projections and MLP, and the LM head (its part alone: `lm_head_matmul_share`);
@@ -16,6 +18,9 @@ fp32 and in bf16 (`bf16_` keys). Shares of the batch's wall time, which sum to 1
 - `other_share`: every other op (embedding, norms, activations, rotary, copies, concatenation);
 - `python_share`: the rest, wall time spent in no op: the model modules' Python, the adapter's
   splitting of results per request, the profiler's own bookkeeping.
+
+`matmul_fraction_of_gemm_rate`: the matmuls' own FLOP rate (linear layers and LM head, counted
+from the architecture, over their profiled time) against a square GEMM measured in the same run.
 
 On CUDA the op times are the kernels' device times, so `python_share` is the GPU's idle time.
 """
@@ -36,13 +41,16 @@ from typing import Any, Iterable, Sequence
 import torch
 from torch.profiler import ProfilerActivity, profile, record_function
 
+from bench import shapes
 from bench.common import fixed_targets
-from bench.scoring import MODEL, TOKEN_BUDGET, rl_length_mix
+from bench.flops import gemm_flops_per_s, linear_flops
+from bench.scoring import MODEL, TOKEN_BUDGET, rl_length_mix, scale_to_tokens
+from bench.scoring_predict import server_work
 from model_engine_server.adapter import ModelEngineServerAdapter
+from model_engine_server.cpu_heap import keep_freed_memory
 from model_engine_server.engines.base import EngineSpec, build_engine
 from model_engine_server.packing import split_by_token_budget
 from model_engine_server.protocol import LogProbRequest
-from model_engine_server.tiny_model import make_tiny_model
 
 BATCH_RANGE = "scoring_batch"
 LOGPROB_RANGE = "logprobs"  # the labels model_engine_server puts around its own steps
@@ -180,25 +188,61 @@ def profile_batch(model_path: str, dtype: str, batch: Sequence[LogProbRequest], 
     figures["wall_s"] = wall_s
     figures["profiled_events"] = len(ops)
     figures.update(summarise(ops, batch_us))
+    figures.update(matmul_rate(engine, adapter, batch, figures["matmul_share"] * batch_us / 1e6))
     return figures
 
 
-def run(quick: bool = False) -> dict[str, Any]:
-    """Both dtypes on the same batch; `quick` skips the unprofiled timing (the profiler's cost)."""
-    torch.manual_seed(0)
-    batch = first_batch(rl_length_mix(REQUESTS_DRAWN, MODEL.vocab_size), TOKEN_BUDGET)
+def matmul_rate(engine: Any, adapter: ModelEngineServerAdapter, batch: Sequence[LogProbRequest],
+                matmul_s: float) -> dict[str, float]:
+    """The profiled matmuls' own FLOP rate (linear layers and LM head, counted from the
+    architecture) against a square GEMM of the same dtype measured now: how much of the batch's
+    GEMM work still runs below the machine's rate, apart from everything that is not a GEMM."""
+    work = [item for group in adapter.micro_batches(list(batch))
+            for item in server_work([batch[i] for i in group], adapter.share_prompts)]
+    flops = linear_flops(engine.model.config, work)
+    gemm = gemm_flops_per_s(engine.spec.torch_dtype())
+    return {"matmul_flops": flops, "matmul_s": matmul_s, "matmul_flops_per_s": flops / matmul_s,
+            "gemm_flops_per_s": gemm, "matmul_fraction_of_gemm_rate": flops / matmul_s / gemm}
+
+
+def profile_shape(name: str, quick: bool, max_tokens: int | None) -> dict[str, Any]:
+    """The first batch of the scoring benchmark's mix on shape `name`: the toy in fp32 and bf16
+    (`bf16_` keys), a real shape in fp32 on the mix scaled to `max_tokens`, as `bench scoring`
+    runs it."""
+    real = shapes.MEASURED[name]
+    requests = rl_length_mix(REQUESTS_DRAWN, MODEL.vocab_size if real is None else real.vocab_size)
+    batch = first_batch(requests if real is None else scale_to_tokens(requests, max_tokens), TOKEN_BUDGET)
     figures: dict[str, Any] = {
         "batch_requests": len(batch),
         "batch_tokens": sum(r.num_tokens for r in batch),
         "batch_response_tokens": sum(r.num_response_tokens for r in batch),
-        "device": "cuda" if torch.cuda.is_available() else "cpu",
-        "torch_threads": torch.get_num_threads(),
     }
+    dtypes = (("float32", ""), ("bfloat16", "bf16_")) if real is None else (("float32", ""),)
     with tempfile.TemporaryDirectory() as folder:
-        path = str(make_tiny_model(Path(folder) / "model", MODEL, seed=0))
-        for dtype, prefix in (("float32", ""), ("bfloat16", "bf16_")):
+        path = str(shapes.make_model(name, Path(folder)))
+        for dtype, prefix in dtypes:
             summary = profile_batch(path, dtype, batch, TOKEN_BUDGET, time_unprofiled=not quick)
             figures.update({f"{prefix}{key}": value for key, value in summary.items()})
+    return figures
+
+
+def run(quick: bool = False, shape: list[str] | None = None, max_tokens: int | None = None,
+        cpu_heap: str = "keep") -> dict[str, Any]:
+    """Each requested shape (default: the toy, at the top level; real shapes under their key);
+    `quick` skips the unprofiled timing (the profiler's cost). `cpu_heap="keep"` keeps freed
+    memory in the heap for the rest of the process, as the server's process and `bench
+    scoring` run (without it every activation's fresh pages fault in, inside the timed ops)."""
+    torch.manual_seed(0)
+    kept = cpu_heap == "keep" and keep_freed_memory()
+    figures: dict[str, Any] = {"device": "cuda" if torch.cuda.is_available() else "cpu",
+                               "torch_threads": torch.get_num_threads(), "cpu_heap": "keep" if kept else "system"}
+    for name in shape or ["toy"]:
+        measured = profile_shape(name, quick, max_tokens)
+        key = shapes.shape_key(name)
+        if key:
+            figures[key] = measured
+        else:
+            figures.update(measured)
     return figures
 
 
@@ -206,10 +250,13 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench.profile", description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="no unprofiled timing run")
     parser.add_argument("--json", type=Path, help="write the record here (as `python -m bench profile --json` does)")
+    parser.add_argument("--shape", action="append", choices=list(shapes.MEASURED), help="repeatable (default: toy)")
+    parser.add_argument("--max-tokens", type=int, help="scale the real shapes' length mix to ~this many tokens")
+    parser.add_argument("--cpu-heap", choices=["keep", "system"], help="keep freed CPU memory for reuse (default)")
     args = parser.parse_args(argv)
     from bench.__main__ import print_record, run_benchmark
 
-    record = run_benchmark("profile", args.quick)
+    record = run_benchmark("profile", args.quick, shape=args.shape, max_tokens=args.max_tokens, cpu_heap=args.cpu_heap)
     record["command"] = "python -m bench.profile " + shlex.join(sys.argv[1:] if argv is None else argv)
     print_record(record)
     if args.json:

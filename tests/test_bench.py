@@ -172,13 +172,16 @@ def test_verl_fused_path_runs_verls_fused_kernel_and_puts_the_plain_forward_back
 def test_forward_flops_split_separates_body_from_lm_head():
     from types import SimpleNamespace
 
-    from bench.flops import forward_flops, forward_flops_split
+    from bench.flops import forward_flops, forward_flops_split, linear_flops
 
     config = SimpleNamespace(hidden_size=8, num_attention_heads=2, num_key_value_heads=1, num_hidden_layers=1,
                              intermediate_size=16, vocab_size=100, head_dim=4)
     body, head = forward_flops_split(config, [(3, 2)])
     assert (body, head) == (1152 * 3 + 192, 3200)  # the hand count of the test above
     assert forward_flops(config, [(3, 2)]) == body + head
+    # the GEMM part alone: the forward less its causal attention scores (192 here)
+    assert linear_flops(config, [(3, 2)]) == body + head - 192
+    assert linear_flops(config, [(3, 2), (5, 1, 3)]) == 1152 * 8 + 3200 * 3 / 2
 
 
 def test_length_mix_scales_to_a_token_count_keeping_every_request():

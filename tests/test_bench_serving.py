@@ -9,6 +9,7 @@ log-probs on every path, shares that add up.
 from __future__ import annotations
 
 import asyncio
+import json
 import random
 
 import numpy as np
@@ -209,3 +210,30 @@ def test_profile_of_a_tiny_model_batch_has_shares_that_sum_to_one(tiny_model):
     assert summary["attention_share"] > 0
     assert 0 < summary["lm_head_matmul_share"] <= summary["matmul_share"]
     assert summary["top_ops"]
+    assert 0 < summary["matmul_s"] < summary["wall_s"]
+    assert summary["matmul_flops_per_s"] == pytest.approx(summary["matmul_flops"] / summary["matmul_s"])
+    assert summary["matmul_fraction_of_gemm_rate"] > 0 and summary["gemm_flops_per_s"] > 0
+
+
+def test_profile_of_a_real_shape_nests_its_fp32_figures_under_its_key(monkeypatch, tmp_path):
+    """`python -m bench profile --shape S --max-tokens N` on a tiny stand-in shape: fp32 only,
+    the mix scaled as `bench scoring` scales it; options other benchmarks do not take are refused."""
+    from bench import profile, scoring, shapes
+    from bench.__main__ import main
+    from bench.shapes import QwenShape
+
+    monkeypatch.setitem(shapes.MEASURED, "tiny-qwen", QwenShape("tiny-qwen", "tiny_qwen", 64, 2, 4, 2, 128, 512, True))
+    monkeypatch.setattr(profile, "REQUESTS_DRAWN", 3)
+    output = tmp_path / "profile.json"
+    assert main(["profile", "--quick", "--cpu-heap", "system", "--shape", "tiny-qwen", "--max-tokens", "200",
+                 "--json", str(output)]) == 0
+    figures = json.loads(output.read_text())["figures"]
+    shape = figures["tiny_qwen"]
+    assert figures["cpu_heap"] == "system"
+    assert "matmul_share" not in figures and not any(key.startswith("bf16_") for key in shape)
+    expected = scoring.scale_to_tokens(scoring.rl_length_mix(3, 512), 200)
+    assert shape["batch_tokens"] == sum(r.num_tokens for r in expected) <= 220
+    assert 0 < shape["matmul_share"] < 1 and shape["matmul_fraction_of_gemm_rate"] > 0
+    for wrong in (["profile", "--group-size", "2"], ["memory", "--shape", "tiny-qwen"]):
+        with pytest.raises(SystemExit):
+            main(wrong)
