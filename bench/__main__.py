@@ -1,7 +1,7 @@
 """`python -m bench NAME [--quick] [--json FILE]`, NAME one of the registered benchmarks or `all`.
 
-A benchmark module exposes `run(quick: bool) -> dict` of figures and `TARGETS` (a list of
-`bench.common.Target`). This entry point adds the command, the machine and the target checks,
+A benchmark module exposes `run(quick: bool, **options) -> dict` of figures (the options it
+takes are listed in `OPTIONS`) and `targets(figures)` (a list of `bench.common.Target`). This entry point adds the command, the machine and the target checks,
 prints a table and writes JSON; `python -m bench.report` turns JSON files into RESULTS.md.
 """
 
@@ -85,6 +85,8 @@ def main(argv: list[str] | None = None) -> int:
                      "--group-size to scoring only")
     if args.group_size is not None and args.group_size < 1:
         parser.error("--group-size must be at least 1")
+    if args.max_tokens is not None and args.max_tokens < 1:
+        parser.error("--max-tokens must be at least 1")
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")
     names = list(BENCHMARKS) if args.name == "all" else [args.name]

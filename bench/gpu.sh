@@ -6,8 +6,8 @@
 # 1. the GPU-marked tests (NCCL groups, the Megatron TE/THD path, backend verl on CUDA, ...);
 # 2. `bench memory`: peaks by torch.cuda.max_memory_allocated (the module picks CUDA by itself);
 # 3. `bench scoring --quick`: bf16 and fp32 on the GPU, against verl's TrainingWorker (plain, and
-#    fused-linear on verl's `triton` backend when Triton is installed) and the two baselines
-#    (engines take the GPU when CUDA is present), MFU against the GEMM rate it measures;
+#    fused-linear on its default `torch` backend) and the two baselines (engines take the GPU
+#    when CUDA is present), MFU against the GEMM rate it measures;
 # 4. `bench sync --quick`: gloo/ray into GPU-resident weights, NCCL when two GPUs are present.
 # Each step writes its JSON (rendered by `python -m bench.report OUT_DIR/*.json`) and its log;
 # a step that fails is recorded in OUT_DIR/summary.txt and the others still run.

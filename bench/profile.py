@@ -3,8 +3,9 @@
 `python -m bench.profile [--quick] [--json FILE]`, or `python -m bench profile`. The batch is the
 scoring benchmark's first token-budget batch (its model, its RL length mix, 8,192 tokens),
 scored by `ModelEngineServerAdapter.score` after an unprofiled warm-up of the same batch, in
-fp32 and in bf16 (`bf16_` keys). `--shape qwen2.5-1.5b --max-tokens 4096` profiles a real
-shape instead, in fp32 on the mix `bench scoring` runs it on, under the shape's key.
+fp32 and in bf16 (`bf16_` keys). `--shape qwen2.5-1.5b --max-tokens 4096` profiles that real
+shape (repeatable; `--shape toy` is the default above), in fp32 on the full scoring mix (40
+requests) scaled to that many tokens as `bench scoring` scales it, under the shape's key.
 Shares of the batch's wall time, which sum to 1:
 
 - `matmul_share`: aten::mm/addmm/bmm/matmul/linear and what runs under them, outside attention:
@@ -200,15 +201,16 @@ def matmul_rate(engine: Any, adapter: ModelEngineServerAdapter, batch: Sequence[
     work = [item for group in adapter.micro_batches(list(batch))
             for item in server_work([batch[i] for i in group], adapter.share_prompts)]
     flops = linear_flops(engine.model.config, work)
+    if matmul_s <= 0:  # no matmul time seen (a profiler that recorded none): no rate to state
+        return {"matmul_flops": flops, "matmul_s": matmul_s}
     gemm = gemm_flops_per_s(engine.spec.torch_dtype())
     return {"matmul_flops": flops, "matmul_s": matmul_s, "matmul_flops_per_s": flops / matmul_s,
             "gemm_flops_per_s": gemm, "matmul_fraction_of_gemm_rate": flops / matmul_s / gemm}
 
 
 def profile_shape(name: str, quick: bool, max_tokens: int | None) -> dict[str, Any]:
-    """The first batch of the scoring benchmark's mix on shape `name`: the toy in fp32 and bf16
-    (`bf16_` keys), a real shape in fp32 on the mix scaled to `max_tokens`, as `bench scoring`
-    runs it."""
+    """The first batch of the scoring benchmark's full mix on shape `name`: the toy in fp32 and
+    bf16 (`bf16_` keys), a real shape in fp32 on the mix scaled to `max_tokens`."""
     real = shapes.MEASURED[name]
     requests = rl_length_mix(REQUESTS_DRAWN, MODEL.vocab_size if real is None else real.vocab_size)
     batch = first_batch(requests if real is None else scale_to_tokens(requests, max_tokens), TOKEN_BUDGET)

@@ -6,15 +6,13 @@ token budget as ours, the same dtype), fed the way `RayPPOTrainer._compute_old_l
 it: a left-right padded batch (prompts left-padded, responses right-padded, as verl's agent loop
 pads them) -> verl's `left_right_2_no_padding` -> `infer_batch` -> verl's `no_padding_2_padding`.
 
-verl's fused-linear log-prob path (`use_fused_kernels`, the `torch` backend: chunks of 512
-tokens through the LM head with log-prob and entropy, never the whole logits; its `triton`
-backend needs a GPU) runs on the same worker: `fused_linear_forward` puts verl's own fused
+verl's fused-linear log-prob path (`use_fused_kernels` with its FSDP engine's default `torch`
+backend: chunks of 512 tokens through the LM head with log-prob and entropy, never the whole
+logits; the opt-in `triton` backend needs a GPU) runs on the same worker: `fused_linear_forward` puts verl's own fused
 forward on the worker's model for the call and `verl_recompute(..., fused=True)` asks for it, as
 a trainer with `actor_rollout_ref.model.use_fused_kernels=True` would. One worker serves both
-paths, so a 1.5B run does not hold a third copy of the model. On a GPU with Triton the worker
-takes verl's `triton` backend instead (`fused_backend`), as a GPU trainer would. (The server's
-own verl backend refuses fused kernels: they take one temperature per batch, the server one per
-request.)
+paths, so a 1.5B run does not hold a third copy of the model. (The server's own verl backend
+refuses fused kernels: they take one temperature per batch, the server one per request.)
 
 The worker comes from the project's own builder (`backend: verl`, `build_engine("verl", ...)`),
 so it is set up exactly as the server's verl backend sets it up: platform, one-process group,
@@ -109,10 +107,10 @@ def single_temperature(requests: list[LogProbRequest]) -> float:
     return float(temperatures.pop())
 
 
-def fused_backend(device: torch.device) -> str:
-    """The fused-linear backend a verl user on this device runs: `triton` on a GPU with Triton
-    installed (verl's default there), else `torch`, the one that runs on a CPU."""
-    return "triton" if device.type == "cuda" and importlib.util.find_spec("triton") is not None else "torch"
+# verl's fused-linear backend: its FSDP engine's default (`fused_kernel_options.impl_backend:
+# torch` in verl 0.9.1's model config) on a GPU too, and the one that runs on a CPU. The `triton`
+# backend is opt-in there, needs a hidden size divisible by 128 and takes fp32 GEMMs at TF32.
+FUSED_BACKEND = "torch"
 
 
 @contextmanager
@@ -130,8 +128,7 @@ def fused_linear_forward(engine: "VerlEngine") -> Iterator[None]:
     model_class = type(module)
     own_forward = model_class.__dict__.get("forward")
     backend_before = module.__dict__.get("_verl_fused_kernels_backend")  # verl sets it beside the forward
-    backend = fused_backend(next(module.parameters()).device)
-    patch_forward_with_backends(module, use_fused_kernels=True, fused_kernels_backend=backend)
+    patch_forward_with_backends(module, use_fused_kernels=True, fused_kernels_backend=FUSED_BACKEND)
     try:
         yield
     finally:

@@ -234,6 +234,6 @@ def test_profile_of_a_real_shape_nests_its_fp32_figures_under_its_key(monkeypatc
     expected = scoring.scale_to_tokens(scoring.rl_length_mix(3, 512), 200)
     assert shape["batch_tokens"] == sum(r.num_tokens for r in expected) <= 220
     assert 0 < shape["matmul_share"] < 1 and shape["matmul_fraction_of_gemm_rate"] > 0
-    for wrong in (["profile", "--group-size", "2"], ["memory", "--shape", "tiny-qwen"]):
+    for wrong in (["profile", "--group-size", "2"], ["memory", "--shape", "tiny-qwen"], ["profile", "--max-tokens", "0"]):
         with pytest.raises(SystemExit):
             main(wrong)
