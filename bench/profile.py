@@ -45,7 +45,7 @@ from torch.profiler import ProfilerActivity, profile, record_function
 from bench import shapes
 from bench.common import fixed_targets
 from bench.flops import gemm_flops_per_s, linear_flops
-from bench.scoring import MODEL, TOKEN_BUDGET, rl_length_mix, scale_to_tokens
+from bench.scoring import FULL, MODEL, TOKEN_BUDGET, rl_length_mix, scale_to_tokens
 from bench.scoring_predict import server_work
 from model_engine_server.adapter import ModelEngineServerAdapter
 from model_engine_server.cpu_heap import keep_freed_memory
@@ -210,10 +210,12 @@ def matmul_rate(engine: Any, adapter: ModelEngineServerAdapter, batch: Sequence[
 
 def profile_shape(name: str, quick: bool, max_tokens: int | None) -> dict[str, Any]:
     """The first batch of the scoring benchmark's full mix on shape `name`: the toy in fp32 and
-    bf16 (`bf16_` keys), a real shape in fp32 on the mix scaled to `max_tokens`."""
+    bf16 (`bf16_` keys), a real shape in fp32 on the mix scaled to `max_tokens` (None: as a
+    full `bench scoring` run scales it)."""
     real = shapes.MEASURED[name]
     requests = rl_length_mix(REQUESTS_DRAWN, MODEL.vocab_size if real is None else real.vocab_size)
-    batch = first_batch(requests if real is None else scale_to_tokens(requests, max_tokens), TOKEN_BUDGET)
+    scaled = requests if real is None else scale_to_tokens(requests, max_tokens or FULL.real_shape_tokens)
+    batch = first_batch(scaled, TOKEN_BUDGET)
     figures: dict[str, Any] = {
         "batch_requests": len(batch),
         "batch_tokens": sum(r.num_tokens for r in batch),

@@ -17,10 +17,11 @@ All paths must give the same log-probs; each round times every path once, rounds
 least of each kept. Model FLOP/s counts the forward from the architecture
 (response-only LM head counted as such) over the dense GEMM FLOP/s measured in the same run.
 
-`--shape` adds real model shapes (`bench/shapes.py`: Qwen2.5-0.5B, -1.5B, full configs, random
-weights, fp32 only), each nested under its key in the JSON; the toy stays at the top level.
-`--max-tokens` scales those shapes' length mix down to about that many tokens (same requests,
-shorter: fewer tokens, not a smaller model). Every shape also reports its FLOP split, the
+Every measured shape runs unless `--shape` picks some: the toy, then the real model shapes
+(`bench/shapes.py`: Qwen2.5-0.5B, -1.5B, full configs, random weights, fp32 only), each nested
+under its key in the JSON; the toy stays at the top level. The real shapes' length mix is
+scaled down to about `--max-tokens` tokens (default 4,096, and 2,048 with `--quick`; the same
+requests, shorter: fewer tokens, not a smaller model). Every shape also reports its FLOP split, the
 causes of its ratio to verl (`bench/scoring_causes.py`), and the run ends with predictions -
 labelled as such - for the 7B and 32B shapes (`bench/scoring_predict.py`). Every fp32 run, the
 toy's included, also reports each path's distance from a float64 forward (`bench/scoring_fp64.py`).
@@ -74,19 +75,22 @@ SHAPE_TARGETS = [Target("speedup_vs_verl", ">=", 1.5), Target("max_abs_diff_vs_v
 @dataclass(frozen=True)
 class Size:
     """How much one run scores. The model stays the benchmark's own for full and quick runs;
-    `TEST_SIZE` exists only so the test suite can run the whole benchmark in seconds."""
+    `TEST_SIZE` exists only so the test suite can run the whole benchmark in seconds.
+    `real_shape_tokens`: the real shapes' mix is scaled to about this many tokens unless
+    `--max-tokens` says otherwise (the toy's mix is never scaled)."""
 
     model: TinyModelShape
     requests: int
     repeats: int
     max_response: int = 4096
     dtypes: tuple[str, ...] = ("float32", "bfloat16")
+    real_shape_tokens: int = 4096
 
 
 FULL = Size(MODEL, requests=40, repeats=2)
-QUICK = Size(MODEL, requests=10, repeats=1)
+QUICK = Size(MODEL, requests=10, repeats=1, real_shape_tokens=2048)
 TEST_SIZE = Size(TinyModelShape(vocab_size=512, hidden_size=64, intermediate_size=128, num_layers=2),
-                 requests=3, repeats=1, max_response=64, dtypes=("float32",))
+                 requests=3, repeats=1, max_response=64, dtypes=("float32",), real_shape_tokens=300)
 
 
 def rl_length_mix(
@@ -295,12 +299,12 @@ def _measure_dtype(path: Path, dtype: str, requests: list[LogProbRequest], repea
 
 def measure_shape(name: str, size: Size, max_tokens: int | None, folder: Path, group_size: int = 1) -> dict[str, Any]:
     """One shape's figures: the toy in every dtype of the size on its own mix, a real shape in
-    fp32 on the mix scaled to `max_tokens`."""
+    fp32 on the mix scaled to `max_tokens` (None: the size's `real_shape_tokens`)."""
     real = shapes.MEASURED[name]
     toy = real is None
     vocab_size = size.model.vocab_size if real is None else real.vocab_size
     requests = rl_length_mix(size.requests, vocab_size, max_response=size.max_response, group_size=group_size)
-    requests = requests if toy else scale_to_tokens(requests, max_tokens)
+    requests = requests if toy else scale_to_tokens(requests, max_tokens or size.real_shape_tokens)
     path = shapes.make_model(name, folder, toy=size.model)
     figures: dict[str, Any] = {"shape": name, "group_size": group_size, **_request_figures(requests)}
     figures.update(scoring_predict.flop_figures(_hf_config(path), requests))
@@ -340,7 +344,7 @@ def _prediction_source(figures: dict[str, Any]) -> tuple[dict[str, Any] | None, 
 
 def run(quick: bool = False, shape: list[str] | None = None, max_tokens: int | None = None,
         group_size: int = 1, cpu_heap: str = "keep") -> dict[str, Any]:
-    """Every requested shape (default: the toy) at the run's size; sizes are module attributes
+    """Every requested shape (default: every measured one) at the run's size; sizes are module attributes
     so a test can swap in `TEST_SIZE`. `cpu_heap="keep"` runs every path, verl's too, with freed
     memory kept in the heap, as a server's own process runs (`model_engine_server/cpu_heap.py`);
     it lasts for the rest of the process."""
@@ -349,7 +353,7 @@ def run(quick: bool = False, shape: list[str] | None = None, max_tokens: int | N
     kept = cpu_heap == "keep" and keep_freed_memory()
     figures: dict[str, Any] = {"torch_threads": torch.get_num_threads(),  # every path, verl's included, in-process
                                "cpu_heap": "keep" if kept else "system"}
-    for name in shape or ["toy"]:
+    for name in shape or list(shapes.MEASURED):
         with tempfile.TemporaryDirectory(prefix="bench-scoring-") as folder:  # a 1.5B checkpoint is 6 GB
             measured = measure_shape(name, size, max_tokens, Path(folder), group_size)
         release_free_memory()  # the next shape starts from what it needs, not this one's peak

@@ -101,7 +101,7 @@ def test_quick_scoring_json_carries_the_verl_baseline(monkeypatch, tmp_path):
 
     monkeypatch.setattr(scoring, "QUICK", scoring.TEST_SIZE)
     output = tmp_path / "scoring.json"
-    assert main(["scoring", "--quick", "--cpu-heap", "system", "--json", str(output)]) == 0
+    assert main(["scoring", "--quick", "--cpu-heap", "system", "--shape", "toy", "--json", str(output)]) == 0
     record = json.loads(output.read_text())
     figures = record["figures"]
     targets = {target["target"]: target for target in record["targets"]}
@@ -121,6 +121,26 @@ def test_quick_scoring_json_carries_the_verl_baseline(monkeypatch, tmp_path):
     assert figures["verl_fused_tokens_per_s"] > 0 and figures["speedup_vs_verl_fused"] > 0
     assert figures["max_abs_diff_vs_verl_fused"] <= 1e-5 and figures["verl_fused_vs_plain_max_abs_diff"] <= 1e-5
     assert figures["verl_fused_backend"] == "torch"  # verl's default, the one the fused test below counts
+
+
+def test_scoring_runs_every_measured_shape_unless_told_which(monkeypatch):
+    """Without `--shape`, the toy and every real shape, the real ones scaled to the size's token
+    count unless `--max-tokens` is given (the run loop alone: the shapes' own runs are tested
+    above and below)."""
+    from bench import scoring, shapes
+
+    seen: list[tuple[str, int | None]] = []
+
+    def record(name, size, max_tokens, folder, group_size=1):
+        seen.append((name, max_tokens))
+        return {}
+
+    monkeypatch.setattr(scoring, "measure_shape", record)
+    scoring.run(quick=True, cpu_heap="system")
+    assert seen == [(name, None) for name in shapes.MEASURED] and list(shapes.MEASURED) == ["toy", "qwen2.5-0.5b", "qwen2.5-1.5b"]
+    seen.clear()
+    scoring.run(quick=True, shape=["qwen2.5-0.5b"], max_tokens=100, cpu_heap="system")
+    assert seen == [("qwen2.5-0.5b", 100)]
 
 
 def test_verl_fused_path_runs_verls_fused_kernel_and_puts_the_plain_forward_back(monkeypatch, tiny_model):
@@ -254,16 +274,17 @@ def _tiny_qwen():
 
 
 def test_quick_scoring_json_nests_each_shape_with_its_causes(monkeypatch, tmp_path):
-    """`python -m bench scoring --quick --shape S --max-tokens N` on a tiny stand-in shape: the
-    shape's figures sit under its key with the cause split and FLOP shares, its targets are
-    reported, and the 7B/32B predictions are there. No timing asserted."""
+    """`python -m bench scoring --quick --shape S` on a tiny stand-in shape: the mix scaled to
+    the size's `real_shape_tokens` (no `--max-tokens`), the shape's figures under its key with
+    the cause split and FLOP shares, its targets reported, the 7B/32B predictions there. No
+    timing asserted."""
     from bench import scoring, scoring_verl, shapes
     from bench.__main__ import main
 
     monkeypatch.setitem(shapes.MEASURED, "tiny-qwen", _tiny_qwen())
     monkeypatch.setattr(scoring, "QUICK", scoring.TEST_SIZE)
     output = tmp_path / "scoring.json"
-    assert main(["scoring", "--quick", "--cpu-heap", "system", "--shape", "tiny-qwen", "--max-tokens", "300", "--json", str(output)]) == 0
+    assert main(["scoring", "--quick", "--cpu-heap", "system", "--shape", "tiny-qwen", "--json", str(output)]) == 0
     record = json.loads(output.read_text())
     figures = record["figures"]
     shape = figures["tiny_qwen"]
