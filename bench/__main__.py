@@ -72,7 +72,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--shape", action="append", choices=list(MEASURED),
                         help="scoring and profile, repeatable: model shapes to run (default: every one for scoring, the toy for profile)")
     parser.add_argument("--max-tokens", type=int, help="scoring and profile: scale the real shapes' length mix to ~this many tokens "
-                        "(scoring's default: 4096, 2048 with --quick)")
+                        "(scoring's default: 4096)")
     parser.add_argument("--group-size", type=int, help="scoring only: samples per prompt (GRPO groups sharing a prompt)")
     parser.add_argument("--cpu-heap", choices=["keep", "system"],
                         help="scoring and profile: keep freed CPU memory for reuse, as a server process does (default), "

@@ -20,8 +20,8 @@ least of each kept. Model FLOP/s counts the forward from the architecture
 Every measured shape runs unless `--shape` picks some: the toy, then the real model shapes
 (`bench/shapes.py`: Qwen2.5-0.5B, -1.5B, full configs, random weights, fp32 only), each nested
 under its key in the JSON; the toy stays at the top level. The real shapes' length mix is
-scaled down to about `--max-tokens` tokens (default 4,096, and 2,048 with `--quick`; the same
-requests, shorter: fewer tokens, not a smaller model). Every shape also reports its FLOP split, the
+scaled down to about `--max-tokens` tokens (default 4,096: the same requests, shorter; fewer
+tokens, not a smaller model); `--quick` times that same mix once instead of best of 2. Every shape also reports its FLOP split, the
 causes of its ratio to verl (`bench/scoring_causes.py`), and the run ends with predictions -
 labelled as such - for the 7B and 32B shapes (`bench/scoring_predict.py`). Every fp32 run, the
 toy's included, also reports each path's distance from a float64 forward (`bench/scoring_fp64.py`).
@@ -76,21 +76,26 @@ SHAPE_TARGETS = [Target("speedup_vs_verl", ">=", 1.5), Target("max_abs_diff_vs_v
 class Size:
     """How much one run scores. The model stays the benchmark's own for full and quick runs;
     `TEST_SIZE` exists only so the test suite can run the whole benchmark in seconds.
-    `real_shape_tokens`: the real shapes' mix is scaled to about this many tokens unless
-    `--max-tokens` says otherwise (the toy's mix is never scaled)."""
+    The real shapes draw `real_shape_requests` requests, scaled to about `real_shape_tokens`
+    tokens unless `--max-tokens` says otherwise (the toy's mix is never scaled). A quick run
+    keeps the full run's real-shape mix and times it once: the 10-request mix scaled to the same
+    tokens is another mix (a quarter as many sequences, each 4x as long), so it would measure
+    something other than what the full run measures."""
 
     model: TinyModelShape
     requests: int
     repeats: int
     max_response: int = 4096
     dtypes: tuple[str, ...] = ("float32", "bfloat16")
+    real_shape_requests: int = 40
     real_shape_tokens: int = 4096
 
 
 FULL = Size(MODEL, requests=40, repeats=2)
-QUICK = Size(MODEL, requests=10, repeats=1, real_shape_tokens=2048)
+QUICK = Size(MODEL, requests=10, repeats=1)
 TEST_SIZE = Size(TinyModelShape(vocab_size=512, hidden_size=64, intermediate_size=128, num_layers=2),
-                 requests=3, repeats=1, max_response=64, dtypes=("float32",), real_shape_tokens=300)
+                 requests=3, repeats=1, max_response=64, dtypes=("float32",), real_shape_requests=3,
+                 real_shape_tokens=300)
 
 
 def rl_length_mix(
@@ -303,7 +308,8 @@ def measure_shape(name: str, size: Size, max_tokens: int | None, folder: Path, g
     real = shapes.MEASURED[name]
     toy = real is None
     vocab_size = size.model.vocab_size if real is None else real.vocab_size
-    requests = rl_length_mix(size.requests, vocab_size, max_response=size.max_response, group_size=group_size)
+    count = size.requests if toy else size.real_shape_requests
+    requests = rl_length_mix(count, vocab_size, max_response=size.max_response, group_size=group_size)
     requests = requests if toy else scale_to_tokens(requests, max_tokens or size.real_shape_tokens)
     path = shapes.make_model(name, folder, toy=size.model)
     figures: dict[str, Any] = {"shape": name, "group_size": group_size, **_request_figures(requests)}

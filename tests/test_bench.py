@@ -289,7 +289,7 @@ def test_quick_scoring_json_nests_each_shape_with_its_causes(monkeypatch, tmp_pa
     figures = record["figures"]
     shape = figures["tiny_qwen"]
     assert "tokens_per_s" not in figures  # the toy did not run
-    assert shape["tokens"] <= 330 and shape["requests"] == scoring.TEST_SIZE.requests
+    assert shape["tokens"] <= 330 and shape["requests"] == scoring.TEST_SIZE.real_shape_requests
     for key in ("tokens_per_s", "packed_full_logits_tokens_per_s", "padded_tokens_per_s", "mfu",
                 "lm_head_flop_share_all_positions", "factor_attention", "factor_lm_head_response_only",
                 "factor_chunked_log_softmax"):
@@ -315,7 +315,7 @@ def test_quick_scoring_on_grpo_groups_times_the_shared_prompt_body(monkeypatch, 
 
     monkeypatch.setitem(shapes.MEASURED, "tiny-qwen", _tiny_qwen())
     monkeypatch.setattr(scoring, "QUICK", scoring.Size(scoring.TEST_SIZE.model, requests=4, repeats=1, max_response=64,
-                                                      dtypes=("float32",)))
+                                                      dtypes=("float32",), real_shape_requests=4))
     output = tmp_path / "scoring.json"
     assert main(["scoring", "--quick", "--cpu-heap", "system", "--shape", "tiny-qwen", "--group-size", "2", "--json", str(output)]) == 0
     shape = json.loads(output.read_text())["figures"]["tiny_qwen"]
