@@ -5,9 +5,10 @@
 #
 # 1. the GPU-marked tests (NCCL groups, the Megatron TE/THD path, backend verl on CUDA, ...);
 # 2. `bench memory`: peaks by torch.cuda.max_memory_allocated (the module picks CUDA by itself);
-# 3. `bench scoring --quick`: bf16 and fp32 on the GPU, against verl's TrainingWorker (plain, and
-#    fused-linear on its default `torch` backend) and the two baselines (engines take the GPU
-#    when CUDA is present), MFU against the GEMM rate it measures;
+# 3. `bench scoring --quick --shape toy` (the toy only, to fit the budget): bf16 and fp32 on the
+#    GPU, against verl's TrainingWorker (plain, and fused-linear on its default `torch` backend)
+#    and the two baselines (engines take the GPU when CUDA is present), MFU against the GEMM
+#    rate it measures;
 # 4. `bench sync --quick`: gloo/ray into GPU-resident weights, NCCL when two GPUs are present.
 # Each step writes its JSON (rendered by `python -m bench.report OUT_DIR/*.json`) and its log;
 # a step that fails is recorded in OUT_DIR/summary.txt and the others still run.
@@ -31,6 +32,6 @@ step() {  # step NAME SECONDS COMMAND...: run with a time limit, record the outc
 : > "$OUT/summary.txt"
 step gpu-tests 180 python -m pytest -q -m gpu tests/ -p no:cacheprovider
 step memory 90 python -m bench memory --quick --json "$OUT/memory.json"
-step scoring 150 python -m bench scoring --quick --json "$OUT/scoring.json"
+step scoring 150 python -m bench scoring --quick --shape toy --json "$OUT/scoring.json"
 step sync 60 python -m bench sync --quick --json "$OUT/sync.json"
 tail -n 3 "$OUT/gpu-tests.log" | tee -a "$OUT/summary.txt"
