@@ -67,12 +67,14 @@ def print_record(record: dict[str, Any]) -> None:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench", description=__doc__.splitlines()[0])
     parser.add_argument("name", choices=[*BENCHMARKS, "all"])
-    parser.add_argument("--quick", action="store_true", help="fewer requests, same model: minutes on 2 cores")
-    parser.add_argument("--json", type=Path, help="write the figures here (for `all`: one file per benchmark, NAME inserted)")
+    parser.add_argument("--quick", action="store_true", help="fewer timings (scoring: the toy's mix smaller, each path timed once; "
+                        "every shape takes ~14 minutes on 2 cores, --shape toy ~2)")
+    parser.add_argument("--json", type=Path, help="write the figures here (for `all`: one file per benchmark, NAME inserted; `all` "
+                        "takes no other option, so its scoring runs every shape)")
     parser.add_argument("--shape", action="append", choices=list(MEASURED),
                         help="scoring and profile, repeatable: model shapes to run (default: every one for scoring, the toy for profile)")
     parser.add_argument("--max-tokens", type=int, help="scoring and profile: scale the real shapes' length mix to ~this many tokens "
-                        "(scoring's default: 4096)")
+                        "(default: 4096)")
     parser.add_argument("--group-size", type=int, help="scoring only: samples per prompt (GRPO groups sharing a prompt)")
     parser.add_argument("--cpu-heap", choices=["keep", "system"],
                         help="scoring and profile: keep freed CPU memory for reuse, as a server process does (default), "

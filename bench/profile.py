@@ -3,9 +3,9 @@
 `python -m bench.profile [--quick] [--json FILE]`, or `python -m bench profile`. The batch is the
 scoring benchmark's first token-budget batch (its model, its RL length mix, 8,192 tokens),
 scored by `ModelEngineServerAdapter.score` after an unprofiled warm-up of the same batch, in
-fp32 and in bf16 (`bf16_` keys). `--shape qwen2.5-1.5b --max-tokens 4096` profiles that real
-shape (repeatable; `--shape toy` is the default above), in fp32 on the full scoring mix (40
-requests) scaled to that many tokens as `bench scoring` scales it, under the shape's key.
+fp32 and in bf16 (`bf16_` keys). `--shape qwen2.5-1.5b` profiles that real shape (repeatable;
+`--shape toy` is the default above), in fp32 on the full scoring mix (40 requests) scaled to
+`--max-tokens` (default 4,096) as `bench scoring` scales it, under the shape's key.
 Shares of the batch's wall time, which sum to 1:
 
 - `matmul_share`: aten::mm/addmm/bmm/matmul/linear and what runs under them, outside attention:
@@ -255,7 +255,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--quick", action="store_true", help="no unprofiled timing run")
     parser.add_argument("--json", type=Path, help="write the record here (as `python -m bench profile --json` does)")
     parser.add_argument("--shape", action="append", choices=list(shapes.MEASURED), help="repeatable (default: toy)")
-    parser.add_argument("--max-tokens", type=int, help="scale the real shapes' length mix to ~this many tokens")
+    parser.add_argument("--max-tokens", type=int, help="scale the real shapes' length mix to ~this many tokens (default: 4096)")
     parser.add_argument("--cpu-heap", choices=["keep", "system"], help="keep freed CPU memory for reuse (default)")
     args = parser.parse_args(argv)
     from bench.__main__ import print_record, run_benchmark

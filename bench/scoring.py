@@ -1,7 +1,8 @@
 """Scoring throughput: the server path against a trainer's recompute and a naive padded path.
 
-On one ~100M-parameter model with a 151,936-token vocabulary (the LM head costs as much as the
-body, as in real small policies), on an RL-like length mix, timed side by side in one run:
+On each measured model (below; first a ~100M-parameter toy with a 151,936-token vocabulary,
+whose LM head costs as much as the body, as in real small policies), on an RL-like length mix,
+timed side by side in one run:
 
 - server: packed token-budget batches, LM head on response positions only, chunked log-probs;
 - packed full logits: the same packing, full-vocab logits for every position, `log_softmax`, gather;
@@ -94,7 +95,7 @@ class Size:
 FULL = Size(MODEL, requests=40, repeats=2)
 QUICK = Size(MODEL, requests=10, repeats=1)
 TEST_SIZE = Size(TinyModelShape(vocab_size=512, hidden_size=64, intermediate_size=128, num_layers=2),
-                 requests=3, repeats=1, max_response=64, dtypes=("float32",), real_shape_requests=3,
+                 requests=3, repeats=1, max_response=64, dtypes=("float32",), real_shape_requests=4,
                  real_shape_tokens=300)
 
 

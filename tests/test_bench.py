@@ -124,9 +124,9 @@ def test_quick_scoring_json_carries_the_verl_baseline(monkeypatch, tmp_path):
 
 
 def test_scoring_runs_every_measured_shape_unless_told_which(monkeypatch):
-    """Without `--shape`, the toy and every real shape, the real ones scaled to the size's token
-    count unless `--max-tokens` is given (the run loop alone: the shapes' own runs are tested
-    above and below)."""
+    """Without `--shape`, every measured shape runs, with `--max-tokens` passed on (None: each
+    size's own default); the run loop alone, the shapes' own runs are tested above and below.
+    A quick run keeps the full run's real-shape mix (it times it once)."""
     from bench import scoring, shapes
 
     seen: list[tuple[str, int | None]] = []
@@ -137,10 +137,14 @@ def test_scoring_runs_every_measured_shape_unless_told_which(monkeypatch):
 
     monkeypatch.setattr(scoring, "measure_shape", record)
     scoring.run(quick=True, cpu_heap="system")
-    assert seen == [(name, None) for name in shapes.MEASURED] and list(shapes.MEASURED) == ["toy", "qwen2.5-0.5b", "qwen2.5-1.5b"]
+    assert seen == [(name, None) for name in shapes.MEASURED]
+    assert {"toy", "qwen2.5-0.5b", "qwen2.5-1.5b"} <= set(shapes.MEASURED)
     seen.clear()
     scoring.run(quick=True, shape=["qwen2.5-0.5b"], max_tokens=100, cpu_heap="system")
     assert seen == [("qwen2.5-0.5b", 100)]
+    quick, full = scoring.QUICK, scoring.FULL
+    assert (quick.real_shape_requests, quick.real_shape_tokens) == (full.real_shape_requests, full.real_shape_tokens)
+    assert quick.repeats < full.repeats
 
 
 def test_verl_fused_path_runs_verls_fused_kernel_and_puts_the_plain_forward_back(monkeypatch, tiny_model):
