@@ -1,8 +1,9 @@
 """`python -m bench NAME [--quick] [--json FILE]`, NAME one of the registered benchmarks or `all`.
 
 A benchmark module exposes `run(quick: bool, **options) -> dict` of figures (the options it
-takes are listed in `OPTIONS`) and `targets(figures)` (a list of `bench.common.Target`). This entry point adds the command, the machine and the target checks,
-prints a table and writes JSON; `python -m bench.report` turns JSON files into RESULTS.md.
+takes are listed in `OPTIONS`) and `targets(figures)` (a list of `bench.common.Target`). This
+entry point adds the command, the machine and the target checks, prints a table and writes
+JSON; `python -m bench.report` turns JSON files into RESULTS.md.
 """
 
 from __future__ import annotations

@@ -241,12 +241,7 @@ def run(quick: bool = False, shape: list[str] | None = None, max_tokens: int | N
     figures: dict[str, Any] = {"device": "cuda" if torch.cuda.is_available() else "cpu",
                                "torch_threads": torch.get_num_threads(), "cpu_heap": "keep" if kept else "system"}
     for name in shape or ["toy"]:
-        measured = profile_shape(name, quick, max_tokens)
-        key = shapes.shape_key(name)
-        if key:
-            figures[key] = measured
-        else:
-            figures.update(measured)
+        shapes.place(figures, name, profile_shape(name, quick, max_tokens))
     return figures
 
 

@@ -22,10 +22,11 @@ Every measured shape runs unless `--shape` picks some: the toy, then the real mo
 (`bench/shapes.py`: Qwen2.5-0.5B, -1.5B, full configs, random weights, fp32 only), each nested
 under its key in the JSON; the toy stays at the top level. The real shapes' length mix is
 scaled down to about `--max-tokens` tokens (default 4,096: the same requests, shorter; fewer
-tokens, not a smaller model); `--quick` times that same mix once instead of best of 2. Every shape also reports its FLOP split, the
-causes of its ratio to verl (`bench/scoring_causes.py`), and the run ends with predictions -
-labelled as such - for the 7B and 32B shapes (`bench/scoring_predict.py`). Every fp32 run, the
-toy's included, also reports each path's distance from a float64 forward (`bench/scoring_fp64.py`).
+tokens, not a smaller model); `--quick` times that same mix once instead of best of 2. Every
+shape also reports its FLOP split and the causes of its ratio to verl
+(`bench/scoring_causes.py`), and the run ends with predictions - labelled as such - for the 7B
+and 32B shapes (`bench/scoring_predict.py`). Every fp32 run, the toy's included, also reports
+each path's distance from a float64 forward (`bench/scoring_fp64.py`).
 
 `--group-size N` makes the mix GRPO-like: N sampled responses per prompt (verl's
 `rollout.n`), the same length distribution otherwise. The server then packs each prompt once
@@ -351,8 +352,8 @@ def _prediction_source(figures: dict[str, Any]) -> tuple[dict[str, Any] | None, 
 
 def run(quick: bool = False, shape: list[str] | None = None, max_tokens: int | None = None,
         group_size: int = 1, cpu_heap: str = "keep") -> dict[str, Any]:
-    """Every requested shape (default: every measured one) at the run's size; sizes are module attributes
-    so a test can swap in `TEST_SIZE`. `cpu_heap="keep"` runs every path, verl's too, with freed
+    """Every requested shape (default: every measured one) at the run's size; sizes are module
+    attributes so a test can swap in `TEST_SIZE`. `cpu_heap="keep"` runs every path, verl's too, with freed
     memory kept in the heap, as a server's own process runs (`model_engine_server/cpu_heap.py`);
     it lasts for the rest of the process."""
     size = QUICK if quick else FULL
@@ -364,11 +365,7 @@ def run(quick: bool = False, shape: list[str] | None = None, max_tokens: int | N
         with tempfile.TemporaryDirectory(prefix="bench-scoring-") as folder:  # a 1.5B checkpoint is 6 GB
             measured = measure_shape(name, size, max_tokens, Path(folder), group_size)
         release_free_memory()  # the next shape starts from what it needs, not this one's peak
-        key = shapes.shape_key(name)
-        if key:
-            figures[key] = measured
-        else:
-            figures.update(measured)
+        shapes.place(figures, name, measured)
     measured, source = _prediction_source(figures)
     full_mix = rl_length_mix(FULL.requests, 151_936, max_response=FULL.max_response, group_size=group_size)
     figures.update(scoring_predict.predictions(full_mix, measured, source))

@@ -79,6 +79,15 @@ def shape_key(name: str) -> str:
     return "" if shape is None else shape.key
 
 
+def place(figures: dict[str, Any], name: str, measured: dict[str, Any]) -> None:
+    """Put one shape's figures into a run's: the toy's at the top level, a real shape's under its key."""
+    key = shape_key(name)
+    if key:
+        figures[key] = measured
+    else:
+        figures.update(measured)
+
+
 def make_model(name: str, folder: Path, toy: TinyModelShape = TOY) -> Path:
     """The checkpoint of shape `name` under `folder`; `toy` lets tests swap in a tinier toy."""
     if name not in MEASURED:
