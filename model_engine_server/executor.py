@@ -19,7 +19,7 @@ from checkpoint_transport.spec import ReceiveReport, TransportSpec
 from checkpoint_transport.threads import run_in_thread
 from model_engine_server.adapter import ModelEngineServerAdapter, Outcome
 from model_engine_server.engines.base import ModelInfo, WeightSpec
-from model_engine_server.errors import WorkerFailed
+from model_engine_server.errors import WeightSyncError, WorkerFailed
 from model_engine_server.protocol import LogProbRequest
 
 T = TypeVar("T")
@@ -55,7 +55,8 @@ class Executor(Protocol):
 
     async def discard_partial_weights(self) -> None:
         """Drop parameters still waiting for some of their parts (fused qkv, gate/up), so what an
-        aborted sync left never combines with the next sync's tensors."""
+        aborted sync left never combines with the next sync's tensors; a stream still arriving
+        from that sync loads nothing after this returns."""
         ...
 
     async def close(self) -> None: ...
@@ -77,6 +78,9 @@ class InProcessExecutor:
         self.batch_timeout_s = batch_timeout_s
         self.failure: str | None = None
         self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="engine")
+        # Bumped on the engine thread by every discard (each begin and abort): a stream that
+        # began before it, still arriving on its own thread, loads none of its later buckets.
+        self._weights_epoch = 0
 
     def model_info(self) -> ModelInfo:
         return self.adapter.engine.info
@@ -113,9 +117,15 @@ class InProcessExecutor:
         engine = self.adapter.engine
         expected = set(engine.weight_specs())
         device = torch.device(engine.info.device)
+        epoch = await self._run("reading the weight epoch", lambda: self._weights_epoch)
+
+        def load_in_epoch(tensors: list[tuple[str, torch.Tensor]]) -> list[str]:
+            if self._weights_epoch != epoch:
+                raise WeightSyncError(f"the update to version {version} was closed; its stream loads nothing more")
+            return engine.load_weights(tensors)
 
         def load_bucket(tensors: list[tuple[str, torch.Tensor]]) -> list[str]:
-            return self._pool.submit(engine.load_weights, tensors).result()
+            return self._pool.submit(load_in_epoch, tensors).result()
 
         def receive() -> ReceiveReport:
             if device.type == "cuda":  # nccl: the receiving thread joins the group on the engine's GPU
@@ -125,7 +135,11 @@ class InProcessExecutor:
         return [await run_in_thread(receive)]
 
     async def discard_partial_weights(self) -> None:
-        await self._run("discarding partial weights", self.adapter.engine.discard_partial_weights)
+        await self._run("discarding partial weights", self._discard_on_engine_thread)
+
+    def _discard_on_engine_thread(self) -> None:
+        self._weights_epoch += 1
+        self.adapter.engine.discard_partial_weights()
 
     async def close(self, timeout_s: float = 30.0) -> None:
         """Wait (off the event loop, bounded) for a forward still running; a hung one is left

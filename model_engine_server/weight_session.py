@@ -28,6 +28,8 @@ class WeightSession:
     deadline: float  # time.monotonic() by which commit must have happened
     received: dict[str, set[str]] = field(default_factory=dict)
     touched: bool = False  # a delivery began: the engines no longer hold the old weights intact
+    ready: bool = False  # begin has drained the batches that read the old weights: deliveries may start
+    deliveries_in_flight: int = 0  # loads still writing into the engines: commit waits for them
 
     @property
     def receivers(self) -> int:
@@ -37,6 +39,14 @@ class WeightSession:
     def start_delivery(self) -> None:
         """Called before bytes may reach an engine: from now on an abort leaves weights incomplete."""
         self.touched = True
+
+    def delivery_began(self) -> None:
+        """A load this server awaits started writing into the engines."""
+        self.start_delivery()
+        self.deliveries_in_flight += 1
+
+    def delivery_ended(self) -> None:
+        self.deliveries_in_flight -= 1
 
     def record(self, participant: str, names: Iterable[str]) -> None:
         """`participant` now holds `names` of this version (names outside the layout, e.g. a tied

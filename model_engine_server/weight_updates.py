@@ -9,8 +9,11 @@
   the executor), `receive` (a transport streaming into every participant, each reporting
   what it loaded) and `admit` / `record` (a stream someone else drives into each participant,
   which reports what it loaded). Anything else is refused.
-- `commit(version)` serves the version only if every participant recorded every expected name;
-  otherwise it aborts with a reason naming what is missing and raises.
+- A delivery starts only once begin has drained, so no batch labelled with the old version runs
+  beside it; a caller that gives up on a delivery midway aborts the update.
+- `commit(version)` first waits for the deliveries still writing, then serves the version only if
+  every participant recorded every expected name; otherwise it aborts with a reason naming what
+  is missing and raises.
 - `abort(reason)` (also on the deadline): if any delivery began, the weights are incomplete and
   nothing serves until a complete sync; if none did, the old weights serve on under the old version.
 
@@ -20,11 +23,12 @@ Imports neither Ray nor HTTP.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import itertools
 import logging
 import time
 from dataclasses import replace
-from typing import Awaitable, Callable, Iterable
+from typing import AsyncIterator, Awaitable, Callable, Iterable
 
 import torch
 
@@ -53,6 +57,7 @@ class WeightUpdates:
         self._wake = wake
         self._timer: asyncio.TimerHandle | None = None
         self._background: set[asyncio.Task[None]] = set()
+        self._change = asyncio.Event()  # replaced on each change; see `_changed`
 
     # ---------------------------------------------------------------- open
     async def begin(self, version: int) -> int:
@@ -68,6 +73,9 @@ class WeightUpdates:
             if self.state.session is session:
                 self._close(f"begin of version {version} did not complete: {type(error).__name__}: {error}")
             raise
+        self._check_still_open(session)
+        session.ready = True  # no batch reads the old weights any more: deliveries may start
+        self._changed()
         return session.receivers
 
     # ---------------------------------------------------------------- deliveries
@@ -83,12 +91,11 @@ class WeightUpdates:
     async def deliver(self, load: Callable[[], Awaitable[list[str]]], version: int | None = None) -> list[str]:
         """Run one delivery that every participant takes (`load` returns the names all of them
         loaded) inside the open session, and record it."""
-        session = self.state.current(version)
-        session.start_delivery()  # before any byte moves: an abort from here on cannot trust the old weights
-        names = await load()
-        self._check_still_open(session)
-        session.record_everywhere(names)
-        return names
+        async with self._delivery(version) as session:
+            names = await load()
+            self._check_still_open(session)
+            session.record_everywhere(names)
+            return names
 
     async def receive(self, spec: TransportSpec, version: int, first_rank: int | None = None) -> list[ReceiveReport]:
         """Every participant receives one transport stream; what each loaded is recorded.
@@ -96,33 +103,56 @@ class WeightUpdates:
         `first_rank=None`: this server is the whole receiving side, so the stream must be sized
         for exactly its participants, and a failed receive aborts the update here. Otherwise it
         is one part of a larger group (a replica of a manager, which checks and aborts)."""
-        session = self.state.current(version)
         standalone = first_rank is None
         first = 1 if first_rank is None else first_rank
-        room = spec.world_size - first
-        if (room != session.receivers) if standalone else (room < session.receivers):
-            raise WeightSyncError(
-                f"the stream is sized for {spec.world_size - 1} receivers, but {session.receivers} take part in the "
-                f"update to version {version} (use the count begin_weight_update returned)"
-            )
-        session.start_delivery()
-        reports = await self.executor.receive_weights(spec, version, first)
-        if self.state.session is not session:
-            reason = f"the update to version {version} closed while its stream was received"
-            reports = [replace(r, ok=False, error=r.error or reason) for r in reports]
-        else:
-            for participant, report in zip(session.participants, reports):
-                session.record(participant, report.names_loaded)
+        async with self._delivery(version) as session:
+            room = spec.world_size - first
+            if (room != session.receivers) if standalone else (room < session.receivers):
+                raise WeightSyncError(
+                    f"the stream is sized for {spec.world_size - 1} receivers, but {session.receivers} take part in the "
+                    f"update to version {version} (use the count begin_weight_update returned)"
+                )
+            reports = await self.executor.receive_weights(spec, version, first)
+            if self.state.session is not session:
+                reason = f"the update to version {version} closed while its stream was received"
+                reports = [replace(r, ok=False, error=r.error or reason) for r in reports]
+            else:
+                for participant, report in zip(session.participants, reports):
+                    session.record(participant, report.names_loaded)
         reason = failure_reason(reports)
         if standalone and reason is not None:
             await self.abort(f"sync to version {version} failed: {reason}")
         return reports
 
+    @contextlib.asynccontextmanager
+    async def _delivery(self, version: int | None) -> AsyncIterator[WeightSession]:
+        """One delivery into the open session. It starts only once begin has drained (a load
+        must never run beside a batch labelled with the old version), commit waits while it is
+        in flight, and a caller that gives up midway aborts the update: its load may still be
+        writing, so what the engines hold is unknown."""
+        session = self.state.current(version)
+        await self._wait_until(lambda: session.ready or self.state.session is not session)
+        self._check_still_open(session)
+        session.delivery_began()
+        try:
+            yield session
+        except asyncio.CancelledError:
+            self._abort_in_background(session, f"the caller gave up on a delivery to version {session.version} midway")
+            raise
+        finally:
+            session.delivery_ended()
+            self._changed()
+
     def admit(self, version: int) -> None:
         """A participant is about to receive a stream this server does not drive (verl's
         checkpoint engine calls each worker itself): from here on an abort cannot trust the old
-        weights. Refused when no update to `version` is open."""
-        self.state.current(version).start_delivery()
+        weights. Refused when no update to `version` is open, or while its begin still drains."""
+        session = self.state.current(version)
+        if not session.ready:
+            raise WeightSyncError(
+                f"the update to version {version} is still draining its batches: wait for begin_weight_update to return"
+            )
+        session.start_delivery()
 
     def record(self, participant: str, names: Iterable[str], version: int) -> None:
         """What `participant` loaded of such a stream; commit decides completeness from it."""
@@ -131,20 +161,25 @@ class WeightUpdates:
     def _check_still_open(self, session: WeightSession) -> None:
         if self.state.session is not session:
             raise WeightSyncError(
-                f"the weight update to version {session.version} was aborted while its weights were loading "
-                f"({self.state.incomplete_reason or 'closed'})"
+                f"the weight update to version {session.version} closed while this call was under way "
+                f"({self.state.incomplete_reason or 'committed or aborted by another call'})"
             )
 
     # ---------------------------------------------------------------- close
     async def commit(self, version: int) -> None:
-        """Serve `version` if it arrived complete everywhere; else abort, naming what is missing."""
-        self.state.current(version)  # no update, or another version: refused, nothing aborted
+        """Serve `version` if it arrived complete everywhere; else abort, naming what is missing.
+        Deliveries still writing are waited for first: a commit never serves weights a stream is
+        still changing, nor skips the failure such a stream may yet report."""
+        session = self.state.current(version)  # no update, or another version: refused, nothing aborted
+        await self._wait_until(lambda: session.deliveries_in_flight == 0 or self.state.session is not session)
+        self._check_still_open(session)
         try:
             self.state.commit(version)  # the one completeness check: refused while anything is missing
         except WeightSyncError as refusal:
             await self.abort(refusal.message)
             raise
         self._clear_timer()
+        self._changed()
         self._wake()
 
     async def abort(self, reason: str) -> None:
@@ -152,6 +187,9 @@ class WeightUpdates:
         if self.state.session is None:
             return
         self._close(reason)
+        await self._discard_after_abort()
+
+    async def _discard_after_abort(self) -> None:
         try:
             await self.executor.discard_partial_weights()
         except Exception as error:  # a dead executor holds nothing to discard
@@ -179,17 +217,35 @@ class WeightUpdates:
     def _close(self, reason: str) -> None:
         incomplete = self.state.abort(reason)
         self._clear_timer()
+        self._changed()
         self._wake()
         if incomplete:
             logger.warning("weight update aborted, weights incomplete: %s", reason)
 
     def _expire(self, session: WeightSession) -> None:
         """A publisher that began an update and vanished must not leave the server drained forever."""
-        if self.state.session is session:
-            reason = f"the weight update to version {session.version} was not committed within {self.timeout_s:g} s"
-            task = asyncio.get_running_loop().create_task(self.abort(reason))
-            self._background.add(task)
-            task.add_done_callback(self._background.discard)
+        self._abort_in_background(
+            session, f"the weight update to version {session.version} was not committed within {self.timeout_s:g} s"
+        )
+
+    def _abort_in_background(self, session: WeightSession, reason: str) -> None:
+        """Close `session` now (nothing can commit it from here on); drop the partial weights
+        in a task, for callers that cannot await (a timer, a cancelled coroutine)."""
+        if self.state.session is not session:
+            return
+        self._close(reason)
+        task = asyncio.get_running_loop().create_task(self._discard_after_abort())
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
+
+    def _changed(self) -> None:
+        """Wake every `_wait_until`: a session became ready, closed, or a delivery ended."""
+        event, self._change = self._change, asyncio.Event()
+        event.set()
+
+    async def _wait_until(self, condition: Callable[[], bool]) -> None:
+        while not condition():
+            await self._change.wait()
 
     def _clear_timer(self) -> None:
         if self._timer is not None:
