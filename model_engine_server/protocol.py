@@ -13,7 +13,6 @@ Checks that need only the request live here (pydantic). Checks that need the ser
 
 from __future__ import annotations
 
-import math
 import uuid
 from dataclasses import dataclass, field
 from typing import Annotated, Any, Callable
@@ -22,6 +21,7 @@ import numpy as np
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, model_validator
 
 from model_engine_server.errors import InvalidRequest, ModelEngineError, error_from_wire
+from model_engine_server.temperature import temperature_problem
 
 MAX_TOP_K = 1000  # a request's bound: [response_len, k] ids and log-probs come back per request
 
@@ -77,8 +77,8 @@ class LogProbRequest(BaseModel):
             raise ValueError(f"response_start must be >= 1 (a response token needs a token before it), got {self.response_start}")
         if self.response_start >= length:
             raise ValueError(f"response_start must be < len(input_ids)={length}, got {self.response_start}")
-        if self.temperature is not None and (not math.isfinite(self.temperature) or self.temperature <= 0):
-            raise ValueError(f"temperature must be a finite number > 0, got {self.temperature}")
+        if self.temperature is not None and (problem := temperature_problem(self.temperature)) is not None:
+            raise ValueError(f"temperature {problem}")
         if self.rollout_log_probs is not None and len(self.rollout_log_probs) != length - self.response_start:
             raise ValueError(
                 f"rollout_log_probs must have one value per response token "
@@ -145,7 +145,12 @@ class RequestLimits:
 
 def check_against_limits(request: LogProbRequest, limits: RequestLimits) -> None:
     """Reject what the engine cannot score, with a message naming the field and the bound."""
-    ids = np.asarray(request.input_ids, dtype=np.int64)
+    try:
+        ids = np.asarray(request.input_ids, dtype=np.int64)
+    except OverflowError:  # an id past int64 is outside every vocabulary
+        raise InvalidRequest(
+            f"a token id is outside the vocabulary [0, {limits.vocab_size}) (beyond 64-bit range)", "input_ids"
+        ) from None
     bad = np.flatnonzero((ids < 0) | (ids >= limits.vocab_size))
     if bad.size:
         position = int(bad[0])

@@ -397,14 +397,17 @@ class ModelEngineServer:
         """Stop accepting; finish what was accepted (when `drain`), fail what cannot finish."""
         self._accepting = False
         self._wakeup.set()
+        deadline = time.monotonic() + timeout_s  # one deadline for the drain and the running batches
         if drain:
-            deadline = time.monotonic() + timeout_s
             while (self._queue or self._inflight) and time.monotonic() < deadline:
                 await asyncio.sleep(0.01)
         for pending in self._queue.take_all():
             self._fail(pending, ServerShuttingDown("the server shut down before this request was served"))
         if self._tasks:
-            await asyncio.wait(set(self._tasks), timeout=max(0.0, timeout_s))
+            _, still_running = await asyncio.wait(set(self._tasks), timeout=max(0.0, deadline - time.monotonic()))
+            for task in still_running:  # `_run_batch` answers their callers `ServerShuttingDown`
+                task.cancel()
+            await asyncio.gather(*still_running, return_exceptions=True)
         if self._loop_task:
             # The loop leaves by itself on `_stopping`; a cancel is only the backstop.
             self._stopping = True

@@ -17,6 +17,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from model_engine_server import codec
 from model_engine_server.config import HttpConfig
 from model_engine_server.engines.base import EngineSpec
+from model_engine_server.http import wire
 from model_engine_server.http.app import create_app
 from model_engine_server.http.metrics import ServerMetrics
 from model_engine_server.local import build_local_server
@@ -255,12 +256,21 @@ def test_a_call_refused_for_overload_is_429_with_retry_after(served):
     assert_serving(served.url)
 
 
-def test_non_finite_results_are_null_in_json_and_nan_free_json_parses(served):
-    # a temperature so small that logits / T overflow: the JSON answer must still be valid JSON
-    response = post_json(served.url, {"requests": [{"input_ids": [1, 2, 3, 4], "response_start": 1, "temperature": 1e-300}]})
-    assert response.status_code == 200
-    values = response.json()["results"][0]["log_probs"]
-    assert all(v is None or math.isfinite(v) for v in values)
+@pytest.mark.parametrize("temperature", [1e-300, 1e-39, 1e7])
+def test_a_temperature_outside_the_scoring_range_is_a_400_naming_it(served, temperature):
+    # 1e-300 and 1e-39 once came back 200 with NaN log-probs: 1/T is no finite float32
+    response = post_json(served.url, {"requests": [{"input_ids": [1, 2, 3, 4], "response_start": 1, "temperature": temperature}]})
+    assert response.status_code == 400, response.text
+    error = response.json()["error"]
+    assert error["field"].endswith("temperature") and "between 1e-06 and 1e+06" in error["message"]
+
+
+def test_non_finite_values_are_sent_as_null_in_json_and_exactly_in_msgpack():
+    result = {"log_probs": np.array([-1.5, np.nan, -np.inf], dtype=np.float32), "top_k": np.array([[0.5, np.inf]]), "x": math.nan}
+    decoded = json.loads(wire.encode_body(result, as_msgpack=False))
+    assert decoded == {"log_probs": [-1.5, None, None], "top_k": [[0.5, None]], "x": None}
+    exact = codec.decode(wire.encode_body(result, as_msgpack=True))
+    assert np.isnan(exact["log_probs"][1]) and exact["log_probs"][2] == -np.inf
 
 
 def test_concurrent_calls_are_batched_and_all_answered(served):

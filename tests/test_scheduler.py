@@ -112,7 +112,7 @@ async def test_request_sent_while_paused_is_answered_after_resume():
 
 
 async def test_queue_bound_gives_overload_at_once():
-    server = make_server(FakeExecutor(), max_queued_tokens=25)
+    server = make_server(FakeExecutor(), max_queued_tokens=25, max_tokens_per_batch=25)
     await server.pause_serving()
     accepted = [asyncio.ensure_future(server.submit(request(10))) for _ in range(2)]
     await asyncio.sleep(0)
@@ -121,6 +121,17 @@ async def test_queue_bound_gives_overload_at_once():
     await server.resume_serving()
     await asyncio.gather(*accepted)
     await server.shutdown()
+
+
+async def test_shutdown_answers_the_callers_of_a_batch_still_running_at_its_deadline():
+    executor = FakeExecutor(compute_s=3600.0)  # an engine that never answers
+    server = make_server(executor)
+    waiting = asyncio.ensure_future(server.submit(request(5)))
+    await executor.started.wait()
+    await asyncio.wait_for(server.shutdown(drain=False, timeout_s=0.2), timeout=30)
+    with pytest.raises(ServerShuttingDown, match="while this request was computing"):
+        await asyncio.wait_for(waiting, timeout=1)
+    assert server.status()["inflight_batches"] == 0
 
 
 async def test_request_over_the_token_budget_is_refused_with_a_message():

@@ -1,10 +1,12 @@
 """The scheduler's knobs, apart from its behaviour (`model_engine_server/scheduler.py`, which
 re-exports `SchedulerConfig`), so the config schema never imports the scheduler: this module
-needs pydantic only."""
+needs pydantic and the pure temperature range only."""
 
 from __future__ import annotations
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+from model_engine_server.temperature import MAX_TEMPERATURE, MIN_TEMPERATURE
 
 
 class SchedulerConfig(BaseModel):
@@ -20,8 +22,19 @@ class SchedulerConfig(BaseModel):
     request_timeout_s: float = Field(default=600.0, gt=0, description="longest a request may wait in queue")
     max_seq_len: int | None = Field(default=None, gt=1, description="None: the model's maximum positions")
     default_temperature: float = Field(
-        default=1.0, gt=0, description="for requests that name no temperature (the configured rollout temperature)"
+        default=1.0, ge=MIN_TEMPERATURE, le=MAX_TEMPERATURE, description="for requests that name no temperature (the configured rollout temperature)"
     )
     weight_update_timeout_s: float = Field(
         default=900.0, gt=0, description="a begun weight update not committed by then is aborted (publisher died)"
     )
+
+    @model_validator(mode="after")
+    def _queue_holds_a_batch(self) -> "SchedulerConfig":
+        """A request the batch budget admits must fit an empty queue, or it would be refused as
+        `Overloaded` forever (and clients would retry it)."""
+        if self.max_queued_tokens < self.max_tokens_per_batch:
+            raise ValueError(
+                f"max_queued_tokens={self.max_queued_tokens} must be at least max_tokens_per_batch="
+                f"{self.max_tokens_per_batch}: a full batch's request could never be queued"
+            )
+        return self

@@ -25,6 +25,7 @@ from model_engine_server.config.scheduler import SchedulerConfig
 from model_engine_server.config.trainer_side import TrainerSideConfig
 from model_engine_server.config.verl_engine import VerlEngineConfig
 from model_engine_server.cpu_heap import CpuHeap
+from model_engine_server.temperature import MAX_TEMPERATURE, MIN_TEMPERATURE
 
 if TYPE_CHECKING:  # the schema needs no engine (torch) module; `engine_spec` imports it when called
     from model_engine_server.engines.base import EngineSpec
@@ -179,7 +180,7 @@ class ServerConfig(BaseModel):
         "server owns (Ray workers, serve), not in a trainer hosting an in-process server; system: glibc's default",
     )
     temperature: float = Field(
-        default=1.0, gt=0, description="used when a request names none; default: actor_rollout_ref.rollout.temperature"
+        default=1.0, ge=MIN_TEMPERATURE, le=MAX_TEMPERATURE, description="used when a request names none; default: actor_rollout_ref.rollout.temperature"
     )
     initial_weight_version: int = Field(default=0, ge=0)
     batch_timeout_s: float = Field(

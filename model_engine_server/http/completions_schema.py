@@ -10,13 +10,13 @@ a scoring server can give, and answering 1 token instead would change what the c
 
 from __future__ import annotations
 
-import math
 from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt, ValidationError
 
 from model_engine_server.errors import InvalidRequest
 from model_engine_server.protocol import MAX_TOP_K
+from model_engine_server.temperature import temperature_problem
 
 # known fields, each with the values under which it changes nothing here
 NO_OP_VALUES: dict[str, tuple[Any, ...]] = {
@@ -107,8 +107,8 @@ def _check_values(body: CompletionsBody) -> None:
     if body.max_tokens not in (0, 1):
         raise InvalidRequest(f"must be 0 or 1 (this server returns at most one token), got {body.max_tokens}",
                              "max_tokens")
-    if body.temperature is not None and (not math.isfinite(body.temperature) or body.temperature < 0):
-        raise InvalidRequest(f"must be a finite number >= 0, got {body.temperature}", "temperature")
+    if body.temperature not in (None, 0) and (problem := temperature_problem(body.temperature)) is not None:
+        raise InvalidRequest(f"{problem} (or 0: raw logits, greedy)", "temperature")
     for name in ("prompt_logprobs", "logprobs"):
         value = getattr(body, name)
         if value is not None and not 0 <= value <= MAX_TOP_K:
