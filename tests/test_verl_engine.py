@@ -283,7 +283,8 @@ def test_verl_engine_settings_with_another_backend_are_refused():
 
 def test_the_trainers_shipped_fsdp_config_becomes_verls_own_dataclasses(tiny_model):
     """verl's own composed default config (fsdp actor, bf16 autocast, torch.compile): inherited
-    whole, turned into verl's dataclasses, training-only knobs off, FSDP1 run as FSDP2 on CPU."""
+    whole, turned into verl's dataclasses, training-only knobs off, FSDP1 run as FSDP2 (on a
+    GPU too: FSDP1's flat parameters would make every weight sync incomplete)."""
     import verl
 
     from model_engine_server.engines.verl_backend import build
@@ -295,8 +296,9 @@ def test_the_trainers_shipped_fsdp_config_becomes_verls_own_dataclasses(tiny_mod
     assert spec.verl_engine.strategy == "fsdp" and spec.verl_engine.engine["use_torch_compile"] is True
     device = torch.device("cpu")
     build.select_platform(device)
-    engine, model = build.fsdp_engine_config(spec, device), build.hf_model_config(spec, device)
+    engine, model = build.fsdp_engine_config(spec), build.hf_model_config(spec, device)
     assert (engine.strategy, engine.param_offload, engine.use_torch_compile, engine.mixed_precision) == ("fsdp2", False, True, None)
+    assert build.engine_settings(spec)["strategy"] == "fsdp2"  # the same on every device
     assert model.path == str(tiny_model) and model.override_config["attn_implementation"] == "sdpa"
 
 

@@ -421,7 +421,9 @@ def test_settings_that_would_ignore_the_server_are_refused(config, actor_worker)
         make_trainer(with_settings(config, {"algorithm.rollout_correction.bypass_mode": True}), actor_worker)
     with pytest.raises(ValueError, match="multi_turn.enable=False makes"):
         check_pipeline_config(with_settings(config, {"actor_rollout_ref.rollout.multi_turn.enable": False}))
-    check_pipeline_config(config)
+    with pytest.raises(ValueError, match="default_agent_loop=single_turn_agent does not score"):
+        check_pipeline_config(with_settings(config, {"actor_rollout_ref.rollout.agent.default_agent_loop": "single_turn_agent"}))
+    check_pipeline_config(with_settings(config, {"actor_rollout_ref.rollout.agent.default_agent_loop": "model_engine_server_agent"}))
 
 
 def test_the_entry_point_runs_verls_own_code_with_our_classes():

@@ -117,6 +117,7 @@ def trainer_for(verl_config, server_url: str, temperature: float = 1.0, global_s
         config[SECTION] = {"trainer": {"address": server_url, **rules}}
     trainer = PPOTrainerModelEngineServer(config)
     trainer.global_steps = global_steps  # set by init()'s checkpoint loading (0 from scratch, +1 in fit)
+    trainer.actor_rollout_wg = InProcessActorGroup(worker=None)  # records snapshots; a recompute needs a worker
     return trainer
 
 
@@ -340,6 +341,33 @@ def test_a_missing_sample_is_recomputed_by_verls_own_path(transfer_queue, server
     assert metrics["model_engine_server/samples_from_server"] == 4
 
 
+def test_a_later_mini_batchs_recompute_restores_pi_old_saved_at_mini_batch_0_even_when_the_server_scored_it(
+    transfer_queue, server, verl_config, worker
+):
+    samples = make_samples("cycle", seed=9)
+    results = score(server.url, samples, 1.0)
+    trainer = trainer_for(verl_config, server.url, on_missing="recompute")
+    trainer.actor_rollout_wg = InProcessActorGroup(worker)
+    trainer.parameter_sync_step = 2
+    trainer.local_trigger_step = 0  # every sample scored: verl's own path (which saves π_old) is skipped
+    trainer._compute_old_log_prob(put_like_agent_loop(transfer_queue, samples, [sf.result_fields(r) for r in results],
+                                                      rollout_log_probs(results)), {})
+    assert trainer.actor_rollout_wg.calls == [("save_model_to_cpu", 0)]
+    extra = [sf.result_fields(r) for r in results]
+    extra[1] = sf.error_fields("WorkerFailed: the server was restarting")
+    trainer.local_trigger_step = 1  # the weights were updated after mini-batch 0; π_old is snapshot 0
+    trainer._compute_old_log_prob(put_like_agent_loop(transfer_queue, samples, extra, rollout_log_probs(results)), {})
+    assert trainer.actor_rollout_wg.calls == [
+        ("save_model_to_cpu", 0), ("save_model_to_cpu", 1), ("restore_model_from_cpu", 0),
+        ("restore_model_from_cpu", 1), ("clear_cpu_model", 1),
+    ]
+    single = trainer_for(verl_config, server.url, on_missing="recompute")
+    single.actor_rollout_wg, single.parameter_sync_step, single.local_trigger_step = InProcessActorGroup(worker), 1, 0
+    single._compute_old_log_prob(put_like_agent_loop(transfer_queue, samples, [sf.result_fields(r) for r in results],
+                                                     rollout_log_probs(results)), {})
+    assert single.actor_rollout_wg.calls == []  # one mini-batch per cycle: nothing to keep
+
+
 def test_a_missing_sample_is_rescored_on_the_server(transfer_queue, server, verl_config, worker):
     samples = make_samples("rescore", seed=7)
     results = score(server.url, samples, 0.7)
@@ -459,6 +487,15 @@ def test_the_mode_reads_its_settings_from_separate_async(verl_config):
         typo[SECTION] = {"trainer": {"on_stale": "ignore"}}
     with pytest.raises(ValueError, match="model_engine_server.trainer"):
         PPOTrainerModelEngineServer(typo)
+    for section, message in [({"trainr": {"address": "http://x"}}, r"unknown key\(s\) \['trainr'\]"),
+                             ("http://x", "must be a mapping")]:  # once silently the defaults
+        with open_dict(typo):
+            typo[SECTION] = section
+        with pytest.raises(ValueError, match=message):
+            sf.trainer_side_config(typo)
+    with open_dict(typo):  # the server's own keys, aliases and ignored verl keys sit beside `trainer`
+        typo[SECTION] = {"backend": "hf", "enable": True, "rollout_n": 4, "trainer": {"on_stale": "accept"}}
+    assert sf.trainer_side_config(typo).on_stale == "accept"
 
 
 # ---------------------------------------------------------------- the plugin, in fresh interpreters

@@ -9,8 +9,10 @@ the server's numbers reach the trainer (checked before anything starts):
   sample's `agent_name` to `single_turn_agent` (`detach_utils.prepare_single_generation_data`)
   and the scoring agent loop never runs;
 - `actor_rollout_ref.rollout.agent.agent_loop_config_path=deploy/verl/agent_loop.yaml` and
-  `actor_rollout_ref.rollout.agent.default_agent_loop=model_engine_server_agent` (or a dataset
-  `agent_name` column naming a scoring loop);
+  `actor_rollout_ref.rollout.agent.default_agent_loop=model_engine_server_agent` (a scoring
+  loop); a dataset `agent_name` column must name scoring loops only, since verl joins the
+  samples with `DataProto.concat`, which needs the same fields on every sample (V1 stores
+  fields per sample and takes a mix);
 - `+model_engine_server.trainer.address=http://HOST:PORT` (or the Ray actor's name).
 
 verl's main hard-codes its trainer class (`fully_async_main.py`, `_create_trainer`) and its task
@@ -23,7 +25,6 @@ whose `_create_trainer` sees `ModelEngineServerFullyAsyncTrainer` as `FullyAsync
 from __future__ import annotations
 
 import contextlib
-import logging
 from pathlib import Path
 from types import ModuleType
 from typing import Any, Iterator
@@ -36,7 +37,6 @@ from verl.experimental.fully_async_policy import fully_async_main as verl_main
 from clients.verl.agent_loop import AGENT_NAME, ModelEngineServerAgentLoop
 from clients.verl.fully_async_trainer import ModelEngineServerFullyAsyncTrainer, check_trainer_config
 
-logger = logging.getLogger(__name__)
 
 VERL_CONFIG_DIR = str(Path(verl_main.__file__).parent / "config")
 CONFIG_NAME = "fully_async_ppo_trainer"
@@ -92,9 +92,11 @@ def check_pipeline_config(config: DictConfig) -> None:
         )
     default_loop = rollout.agent.default_agent_loop
     if default_loop not in scoring_agent_loops(config):
-        logger.warning(
-            "actor_rollout_ref.rollout.agent.default_agent_loop=%s does not score on the server; samples without "
-            "an agent_name naming a scoring loop go to model_engine_server.trainer.on_missing", default_loop,
+        raise ValueError(
+            f"actor_rollout_ref.rollout.agent.default_agent_loop={default_loop} does not score on the server. verl's "
+            "fully-async rollouter joins samples with DataProto.concat, which fails once a scored sample meets an "
+            f"unscored one: set it to {AGENT_NAME} (or a loop of agent_loop_config_path targeting it), and let every "
+            "dataset agent_name name a scoring loop."
         )
 
 

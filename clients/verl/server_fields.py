@@ -231,7 +231,16 @@ def trainer_side_config(training_config: Any) -> TrainerSideConfig:
     YAML the server starts with, so a typo fails the trainer at start-up, naming the key."""
     from omegaconf import DictConfig, OmegaConf
 
+    from model_engine_server.config.loader import unknown_section_keys
+    from model_engine_server.config.schema import SECTION
+
     config = training_config if isinstance(training_config, DictConfig) else OmegaConf.create(dict(training_config))
+    parent = OmegaConf.select(config, SECTION, default=None)
+    if parent is not None and not isinstance(parent, DictConfig):
+        raise ValueError(f"{SECTION} must be a mapping of settings, got {parent!r}")
+    unknown = unknown_section_keys(str(key) for key in parent.keys()) if parent is not None else []
+    if unknown:
+        raise ValueError(f"{SECTION}: unknown key(s) {unknown} (the trainer's rules live under {TRAINER_SECTION})")
     section = OmegaConf.select(config, TRAINER_SECTION, default=None)
     if section is None:
         return TrainerSideConfig()

@@ -262,6 +262,7 @@ class PPOTrainerModelEngineServer(PPOTrainerSeparateAsync):
         view = read_view(batch, ("responses", "rollout_log_probs") if with_rollout else ())
         plan = plan_rows(view, old_version, rules, need_ref=False)
         self._warn_if_nothing_from_server(view, plan)
+        self._keep_old_policy_for_later_recomputes(bool(plan.recompute))
 
         log_probs = view.server_rows(plan.use_server, "log_probs")
         entropy = view.server_rows(plan.use_server, "entropy")
@@ -281,6 +282,17 @@ class PPOTrainerModelEngineServer(PPOTrainerSeparateAsync):
         written = tq.kv_batch_put(keys=batch.keys, partition_id=batch.partition_id, fields=fields)
         metrics.update(self._old_log_prob_metrics(view, plan, versions, old_version, log_probs, entropy))
         return written
+
+    def _keep_old_policy_for_later_recomputes(self, recomputes_now: bool) -> None:
+        """verl's recompute at mini-batch k >= 1 of a sync cycle restores the weights it saved at
+        mini-batch 0 (`save_model_to_cpu(0)`), which its own path saves only when mini-batch 0
+        recomputes. When mini-batch 0 needs no recompute but a later one may (the rules can say
+        `recompute`), save them here as verl would have; without it that later recompute would
+        silently run on the updated weights, or on an earlier cycle's snapshot."""
+        rules = self.server_rules
+        may_recompute = "recompute" in (rules.on_missing, rules.on_stale)
+        if self.local_trigger_step == 0 and self.parameter_sync_step > 1 and may_recompute and not recomputes_now:
+            self.actor_rollout_wg.save_model_to_cpu(0)
 
     def _recompute_old(self, batch: KVBatchMeta) -> dict[str, torch.Tensor]:
         """verl's own version-aware recompute (save/restore of π_old) for the whole batch, read

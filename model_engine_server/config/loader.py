@@ -27,7 +27,7 @@ import logging
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Sequence, get_args
+from typing import Any, Iterable, Sequence, get_args
 
 import yaml
 from omegaconf import DictConfig, ListConfig, OmegaConf
@@ -170,6 +170,14 @@ def _read_section(cfg: DictConfig, applied: AppliedOverrides) -> tuple[dict[str,
     ignored: list[str] = []
     raw = _resolve(node, "", applied, sources, ignored)
     return raw, sources, ignored
+
+
+def unknown_section_keys(keys: Iterable[str]) -> list[str]:
+    """Top-level keys of the section that no setting, alias or ignored verl key accounts for:
+    for readers of the section other than the server (the trainers), which must not let a
+    mistyped sub-section pass as its defaults."""
+    valid = set(ServerConfig.model_fields) | set(ALIASES)
+    return sorted(key for key in keys if key not in valid and not _is_ignored("", key))
 
 
 def _is_ignored(prefix: str, key: str) -> bool:

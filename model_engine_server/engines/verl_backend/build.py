@@ -144,7 +144,7 @@ def model_settings(spec: EngineSpec, device: torch.device) -> dict[str, Any]:
     return values
 
 
-def engine_settings(spec: EngineSpec, device: torch.device) -> dict[str, Any]:
+def engine_settings(spec: EngineSpec) -> dict[str, Any]:
     """`FSDPEngineConfig` keys: the trainer's engine section (or fp32-style defaults from our
     spec), with the actor's strategy and training-only memory knobs switched off."""
     trainer = spec.verl_engine
@@ -154,9 +154,11 @@ def engine_settings(spec: EngineSpec, device: torch.device) -> dict[str, Any]:
         values = {"model_dtype": spec.dtype, "use_torch_compile": False,
                   "mixed_precision": {"param_dtype": spec.dtype, "reduce_dtype": "float32", "buffer_dtype": "float32"}}
     strategy = trainer.strategy or "fsdp2"
-    if strategy == "fsdp" and device.type == "cpu":
-        # FSDP1 needs accelerator parameters to sync module states; the forward is the same module
-        logger.info("backend verl on CPU: strategy fsdp runs as fsdp2 (FSDP1 needs an accelerator)")
+    if strategy == "fsdp":
+        # The same module and forward on one device; but FSDP1 (flat parameters, a cloned full
+        # state dict) would hide the HF-named parameters that weight syncs load into, and on
+        # CPU it cannot even start (module-state sync needs accelerator parameters).
+        logger.info("backend verl: strategy fsdp runs as fsdp2 (weight syncs need its per-parameter tensors)")
         strategy = "fsdp2"
     values["strategy"] = strategy
     for key, value in TRAINING_ONLY_ENGINE_KEYS.items():
@@ -189,8 +191,8 @@ def hf_model_config(spec: EngineSpec, device: torch.device) -> "HFModelConfig":
     return _as_dataclass(model_settings(spec, device), "verl.workers.config.HFModelConfig", "model")
 
 
-def fsdp_engine_config(spec: EngineSpec, device: torch.device) -> "FSDPEngineConfig":
-    return _as_dataclass(engine_settings(spec, device), "verl.workers.config.FSDPEngineConfig", "engine")
+def fsdp_engine_config(spec: EngineSpec) -> "FSDPEngineConfig":
+    return _as_dataclass(engine_settings(spec), "verl.workers.config.FSDPEngineConfig", "engine")
 
 
 def build_training_worker(spec: EngineSpec, device: torch.device) -> "TrainingWorker":
@@ -202,7 +204,7 @@ def build_training_worker(spec: EngineSpec, device: torch.device) -> "TrainingWo
     config = TrainingWorkerConfig(
         model_type="language_model",
         model_config=hf_model_config(spec, device),
-        engine_config=fsdp_engine_config(spec, device),
+        engine_config=fsdp_engine_config(spec),
         optimizer_config=FSDPOptimizerConfig(lr=1e-6),  # verl's FSDP actor wants one; never stepped
     )
     worker = TrainingWorker(config)
