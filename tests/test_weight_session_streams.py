@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import threading
+from dataclasses import dataclass
 from typing import Any, Iterable, Iterator
 
 import numpy as np
@@ -66,9 +67,29 @@ class Gate:
         assert await asyncio.to_thread(self.reached.wait, 60), "the stream never reached its gate"
 
 
-def _open_stream(server_version: int, transport) -> Any:  # type: ignore[no-untyped-def]
-    spec = transport.begin(f"v{server_version}", 1)
-    return spec.model_copy(update={"bucket_bytes": ONE_TENSOR_PER_BUCKET, "timeout_s": 60})
+@dataclass
+class Streaming:
+    """A server, a gloo transport session and a gate, closed after each test."""
+
+    server: ModelEngineServer
+    transport: Any
+    gate: Gate
+
+    def start(self, version: int, weights: dict[str, torch.Tensor]) -> tuple["asyncio.Future[Any]", "asyncio.Future[Any]"]:
+        """The server receives `weights` as `version` from a sender thread held by the gate."""
+        spec = self.transport.begin(f"v{version}", 1).model_copy(update={"bucket_bytes": ONE_TENSOR_PER_BUCKET, "timeout_s": 60})
+        receiving = asyncio.ensure_future(self.server.receive_weights(spec, version))
+        sending = run_in_thread(send_weights, spec, self.gate.stream(list(weights.items())), version)
+        return receiving, sending
+
+
+@pytest.fixture
+async def streaming(tiny_model):
+    setup = Streaming(_local(tiny_model), get_backend("gloo").open_session(TransportConfig(backend="gloo", timeout_s=60)), Gate())
+    yield setup
+    setup.gate.proceed.set()
+    setup.transport.close()
+    await setup.server.shutdown()
 
 
 async def _transport_threads_done() -> None:
@@ -84,64 +105,47 @@ def _holding(now: dict[str, torch.Tensor], weights: dict[str, torch.Tensor]) -> 
     return sum(torch.equal(now[name], weights[name]) for name in now)
 
 
-async def test_a_stream_still_arriving_after_its_update_was_aborted_loads_nothing_into_the_next_version(tiny_model):
-    server = _local(tiny_model)
+async def test_a_stream_still_arriving_after_its_update_was_aborted_loads_nothing_into_the_next_version(streaming):
+    server, gate = streaming.server, streaming.gate
     w0 = _engine_weights(server)
     w1, w2 = perturbed_weights(w0, seed=1), perturbed_weights(w0, seed=2)
-    transport = get_backend("gloo").open_session(TransportConfig(backend="gloo", timeout_s=60))
-    gate = Gate()
-    try:
-        await server.begin_weight_update(1)
-        spec = _open_stream(1, transport)
-        receiving = asyncio.ensure_future(server.receive_weights(spec, 1))
-        sending = run_in_thread(send_weights, spec, gate.stream(list(w1.items())), 1)
-        await gate.wait_reached()
-        await server.abort_weight_update("an operator aborted the sync")
-        await server.begin_weight_update(2)
-        await server.load_weights(list(w2.items()), 2)
-        await server.commit_weight_update(2)
-        gate.proceed.set()  # the rest of version 1 arrives now, into a server serving version 2
-        await sending
-        [report] = await receiving
-        assert not report.ok and "closed" in report.error
-        now = _engine_weights(server)
-        assert _holding(now, w2) == len(now), f"only {_holding(now, w2)} of {len(now)} tensors hold version 2"
-        result = await server.submit({"input_ids": list(range(20, 50)), "response_start": 10})
-        assert result.weight_version == 2
-    finally:
-        gate.proceed.set()
-        transport.close()
-        await server.shutdown()
+    await server.begin_weight_update(1)
+    receiving, sending = streaming.start(1, w1)
+    await gate.wait_reached()
+    await server.abort_weight_update("an operator aborted the sync")
+    await server.begin_weight_update(2)
+    await server.load_weights(list(w2.items()), 2)
+    await server.commit_weight_update(2)
+    gate.proceed.set()  # the rest of version 1 arrives now, into a server serving version 2
+    await sending
+    [report] = await receiving
+    assert not report.ok and "closed" in report.error
+    now = _engine_weights(server)
+    assert _holding(now, w2) == len(now), f"only {_holding(now, w2)} of {len(now)} tensors hold version 2"
+    result = await server.submit({"input_ids": list(range(20, 50)), "response_start": 10})
+    assert result.weight_version == 2
 
 
-async def test_a_commit_sent_while_a_stream_arrives_waits_for_it_and_reports_its_failure(tiny_model):
-    server = _local(tiny_model)
+async def test_a_commit_sent_while_a_stream_arrives_waits_for_it_and_reports_its_failure(streaming):
+    server, gate = streaming.server, streaming.gate
     w0 = _engine_weights(server)
     first, second = perturbed_weights(w0, seed=1), perturbed_weights(w0, seed=3)
-    transport = get_backend("gloo").open_session(TransportConfig(backend="gloo", timeout_s=60))
-    gate = Gate()
-    try:
-        await server.begin_weight_update(1)
-        await server.load_weights(list(first.items()), 1)  # the record is complete already
-        spec = _open_stream(1, transport)
-        receiving = asyncio.ensure_future(server.receive_weights(spec, 1))
-        sending = run_in_thread(send_weights, spec, gate.stream(list(second.items())), 1)
-        await gate.wait_reached()
-        committing = asyncio.ensure_future(server.commit_weight_update(1))
-        await asyncio.sleep(0.3)
-        assert not committing.done(), "commit did not wait for the stream still writing"
-        gate.fail, _ = True, gate.proceed.set()
-        with pytest.raises(WeightSyncError, match="sender aborted"):
-            await committing
-        await sending, await receiving
-        status = server.status()
-        assert status["weight_version"] == 0 and status["weights_incomplete"], status
-        with pytest.raises(Exception, match="incomplete"):
-            await server.submit({"input_ids": list(range(20, 50)), "response_start": 10}, timeout_s=0.5)
-    finally:
-        gate.proceed.set()
-        transport.close()
-        await server.shutdown()
+    await server.begin_weight_update(1)
+    await server.load_weights(list(first.items()), 1)  # the record is complete already
+    receiving, sending = streaming.start(1, second)
+    await gate.wait_reached()
+    committing = asyncio.ensure_future(server.commit_weight_update(1))
+    await asyncio.sleep(0.3)
+    assert not committing.done(), "commit did not wait for the stream still writing"
+    gate.fail = True
+    gate.proceed.set()
+    with pytest.raises(WeightSyncError, match="sender aborted"):
+        await committing
+    await sending, await receiving
+    status = server.status()
+    assert status["weight_version"] == 0 and status["weights_incomplete"], status
+    with pytest.raises(Exception, match="incomplete"):
+        await server.submit({"input_ids": list(range(20, 50)), "response_start": 10}, timeout_s=0.5)
 
 
 async def test_a_load_sent_together_with_its_begin_waits_for_the_drain(tiny_model):
