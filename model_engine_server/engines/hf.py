@@ -29,7 +29,13 @@ from model_engine_server.errors import WeightSyncError
 from model_engine_server.logprobs import LMHead
 from model_engine_server.packing import PackedBatch
 
-UNSUPPORTED_CONFIG_KEYS = ("final_logit_softcapping", "logit_scale", "output_multiplier_scale")
+# Output scales the model applies after its LM head, which this engine (reading the head off
+# `base_model`) would skip: refused unless they are 1.
+UNSUPPORTED_CONFIG_KEYS = (
+    "final_logit_softcapping", "logit_scale", "output_multiplier_scale", "logits_scaling", "lm_head_multiplier",
+)
+PACKABLE_LAYER_TYPES = frozenset({"full_attention", "sliding_attention", "attention", "mlp", "moe"})
+RECURRENT_MODEL_TYPES = frozenset({"mamba", "mamba2", "falcon_mamba", "rwkv", "recurrent_gemma", "xlstm"})
 
 
 def check_checkpoint_folder(model_path: str | None) -> Path:
@@ -42,6 +48,25 @@ def check_checkpoint_folder(model_path: str | None) -> Path:
     if not (path / "config.json").is_file():
         raise FileNotFoundError(f"model path {model_path!r} has no config.json: not a HuggingFace checkpoint")
     return path
+
+
+def packing_problem(model: torch.nn.Module) -> str | None:
+    """Why `model` cannot score packed rows, or None. Only full and sliding-window attention
+    read the sequence boundaries; a layer that carries state along the row (a convolution,
+    linear attention, a state-space mixer) would run each sequence on from the one packed
+    before it."""
+    config = model.config
+    kinds = set(getattr(config, "layer_types", None) or ()) | set(getattr(config, "layers_block_type", None) or ())
+    unpackable = sorted(str(kind) for kind in kinds - PACKABLE_LAYER_TYPES)
+    if not unpackable and (config.model_type in RECURRENT_MODEL_TYPES or getattr(config, "hybrid_override_pattern", None)):
+        unpackable = [config.model_type]
+    if not unpackable:
+        unpackable = sorted({type(m).__name__ for m in model.modules() if "Mamba" in type(m).__name__})
+    if not unpackable:
+        return None
+    return (f"{type(model).__name__} has layers this engine cannot run on packed rows ({', '.join(unpackable)}): a "
+            "layer carrying state along the row would run each sequence on from the one before it, and chunked "
+            "attention is not applied, so this engine does not serve it")
 
 
 def pick_attention(device: torch.device, requested: str | None) -> str:
@@ -76,6 +101,9 @@ class HFEngine(HiddenStateEngine):
         for key in UNSUPPORTED_CONFIG_KEYS:
             if getattr(config, key, None) not in (None, 1.0):
                 raise ValueError(f"{type(self.model).__name__} uses {key}, which this engine does not apply yet")
+        problem = packing_problem(self.model)
+        if problem is not None:
+            raise ValueError(problem)
         self._state = self.model.state_dict()  # shares storage with the parameters
         self._params = {name: param for name, param in self.model.named_parameters()}
         self.info = ModelInfo(

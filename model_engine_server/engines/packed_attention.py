@@ -15,6 +15,9 @@ response no longer than its prompt takes its own query rows against prompt + res
 under a bottom-right causal mask (no work on the prompt's rows); a longer one takes one causal
 SDPA over prompt + response and keeps its rows, because the fused causal kernel beats the
 masked one by more than the prompt rows it recomputes.
+
+A layer with a sliding window (a keyword, or the module's attribute) keeps transformers' rule,
+a key is seen while `key > query - window`, as an explicit mask once a span outgrows the window.
 """
 
 from __future__ import annotations
@@ -25,6 +28,7 @@ import torch
 import torch.nn.functional as F
 
 NAME = "packed_sdpa"
+UNAPPLIED_KEYWORDS = ("softcap", "s_aux")  # Gemma2's score soft-capping, gpt-oss's attention sinks
 
 
 def packed_sdpa_attention(
@@ -39,8 +43,11 @@ def packed_sdpa_attention(
 ) -> tuple[torch.Tensor, None]:
     if query.shape[0] != 1 or attention_mask is not None:
         raise ValueError(f"{NAME} takes one packed row without a mask (got batch {query.shape[0]})")
-    if getattr(module, "sliding_window", None):
-        raise ValueError(f"{NAME} does not apply sliding-window attention")
+    unapplied = [name for name in UNAPPLIED_KEYWORDS if kwargs.get(name) is not None]
+    if unapplied:
+        raise ValueError(f"{NAME} does not apply {', '.join(unapplied)}: choose another attn_implementation")
+    # Mistral, Phi-3 and Starcoder2 pass their window as a keyword; Qwen2 and Gemma set it per layer
+    window = kwargs.get("sliding_window") or getattr(module, "sliding_window", None)
     boundaries = kwargs.get("cu_seq_lens_q")
     total = query.shape[2]
     edges = [0, total] if boundaries is None else [int(x) for x in boundaries.tolist()]
@@ -51,12 +58,22 @@ def packed_sdpa_attention(
         raise ValueError(f"segment_prefixes has {len(prefixes)} entries for {len(edges) - 1} segments")
     grouped = query.shape[1] != key.shape[1]
 
+    def causal(queries: torch.Tensor, keys: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
+        """The queries are the last positions of the keys' span; each sees the keys up to its own
+        position, and within the sliding window when the layer has one."""
+        rows, span = queries.shape[2], keys.shape[2]
+        if rows == span and (not window or span <= window):  # the fused causal kernel is exact
+            return F.scaled_dot_product_attention(queries, keys, values, is_causal=True, scale=scaling, enable_gqa=grouped)
+        query_at = torch.arange(span - rows, span, device=query.device).unsqueeze(1)
+        key_at = torch.arange(span, device=query.device).unsqueeze(0)
+        visible = key_at <= query_at
+        if window:
+            visible &= key_at > query_at - window  # transformers' sliding-window rule
+        return F.scaled_dot_product_attention(queries, keys, values, attn_mask=visible, scale=scaling, enable_gqa=grouped)
+
     def attend(start: int, stop: int, prefix: int) -> torch.Tensor:
         if prefix < 0:
-            return F.scaled_dot_product_attention(
-                query[:, :, start:stop], key[:, :, start:stop], value[:, :, start:stop],
-                is_causal=True, scale=scaling, enable_gqa=grouped,
-            )
+            return causal(query[:, :, start:stop], key[:, :, start:stop], value[:, :, start:stop])
         if prefixes[prefix] >= 0:
             raise ValueError(f"segment {prefix} is a continuation itself; prefixes are one level deep")
         head = slice(edges[prefix], edges[prefix + 1])
@@ -64,14 +81,8 @@ def packed_sdpa_attention(
         keys = torch.cat([key[:, :, head], key[:, :, start:stop]], dim=2)
         values = torch.cat([value[:, :, head], value[:, :, start:stop]], dim=2)
         if stop - start <= prompt_len:
-            visible = torch.ones(stop - start, prompt_len + stop - start, dtype=torch.bool, device=query.device).tril_(prompt_len)
-            return F.scaled_dot_product_attention(
-                query[:, :, start:stop], keys, values, attn_mask=visible, scale=scaling, enable_gqa=grouped,
-            )
-        rows = F.scaled_dot_product_attention(
-            torch.cat([query[:, :, head], query[:, :, start:stop]], dim=2), keys, values,
-            is_causal=True, scale=scaling, enable_gqa=grouped,
-        )
+            return causal(query[:, :, start:stop], keys, values)
+        rows = causal(torch.cat([query[:, :, head], query[:, :, start:stop]], dim=2), keys, values)
         return rows[:, :, prompt_len:].clone()  # a copy, so the prompt's rows are freed now
 
     outputs = [attend(start, stop, prefix) for start, stop, prefix in zip(edges[:-1], edges[1:], prefixes)]

@@ -1,0 +1,89 @@
+"""HF model families beyond the three tiny ones the other tests build: what packing changes for
+them is applied (sliding windows) or refused at build with the reason (output scales the
+engine would skip, layers that carry state from one packed sequence into the next).
+
+Each failed before: Mistral and Phi-3 ran full causal attention past their window (log-probs
+off by up to 4.9), Granite's `logits_scaling` was skipped (off by 3.2), and LFM2's conv layers
+and Qwen3-Next's linear attention ran each packed sequence on from the one before (off by 2.8
+and 4.2), all answered as if exact.
+"""
+
+from __future__ import annotations
+
+import random
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+
+from model_engine_server.adapter import ModelEngineServerAdapter
+from model_engine_server.engines.base import EngineSpec
+from model_engine_server.engines.hf import HFEngine
+from model_engine_server.protocol import LogProbRequest
+from tests.helpers import reference_log_probs, reference_model
+
+TOLERANCE = 1e-5  # fp32 log-probs against a plain transformers forward of each sequence alone
+VOCAB = 300
+SMALL = dict(vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+             num_key_value_heads=2, max_position_embeddings=512, initializer_range=0.2)
+
+
+def _save(tmp_path: Path, config_class: str, **settings: Any) -> Path:
+    import transformers
+
+    torch.manual_seed(0)
+    config = getattr(transformers, config_class)(**{**SMALL, **settings})
+    path = tmp_path / config_class
+    transformers.AutoModelForCausalLM.from_config(config, dtype=torch.float32).save_pretrained(path)
+    return path
+
+
+def _requests(seed: int) -> list[LogProbRequest]:
+    """Lengths on both sides of the window, and a GRPO group whose shared prompt outgrows it."""
+    rng = random.Random(seed)
+    ids = lambda n: [rng.randrange(1, VOCAB) for _ in range(n)]  # noqa: E731
+    prompt = ids(11)
+    singles = [LogProbRequest(input_ids=ids(n), response_start=start, temperature=t, return_entropy=True)
+               for n, start, t in [(5, 1, 1.0), (30, 3, 0.7), (17, 16, 1.0), (40, 20, 1.3)]]
+    group = [LogProbRequest(input_ids=prompt + ids(n), response_start=len(prompt), temperature=1.0, return_entropy=True) for n in (3, 9, 19)]
+    return singles + group
+
+
+@pytest.mark.parametrize("config_class,window", [("MistralConfig", 6), ("Phi3Config", 6), ("Qwen2Config", 6)])
+def test_sliding_window_attention_is_applied_to_packed_and_shared_prompt_rows(tmp_path, config_class, window):
+    settings = {"sliding_window": window}
+    if config_class == "Qwen2Config":  # Qwen2 keeps the window per layer, only where asked
+        settings.update(use_sliding_window=True, max_window_layers=0)
+    if config_class == "Phi3Config":
+        settings.update(pad_token_id=0)
+    path = _save(tmp_path, config_class, **settings)
+    engine = HFEngine(EngineSpec(model_path=str(path), device="cpu"))
+    requests = _requests(seed=len(config_class))
+    outcomes = ModelEngineServerAdapter(engine).score(requests)
+    reference = reference_model(path)  # eager attention applies the window through its mask
+    worst = 0.0
+    for request, outcome in zip(requests, outcomes, strict=True):
+        expected, expected_entropy = reference_log_probs(reference, request)
+        worst = max(worst, float((torch.from_numpy(outcome.log_probs) - expected).abs().max()))
+        torch.testing.assert_close(torch.from_numpy(outcome.entropy), expected_entropy, atol=TOLERANCE, rtol=0)
+    assert worst <= TOLERANCE, f"{config_class}: max |diff| {worst:.3g}"
+
+
+def test_an_output_scale_the_engine_would_skip_is_refused_at_build(tmp_path):
+    path = _save(tmp_path, "GraniteConfig", logits_scaling=8.0)
+    with pytest.raises(ValueError, match="logits_scaling"):
+        HFEngine(EngineSpec(model_path=str(path), device="cpu"))
+    assert HFEngine(EngineSpec(model_path=str(_save(tmp_path / "one", "GraniteConfig", logits_scaling=1.0)), device="cpu"))
+
+
+@pytest.mark.parametrize("config_class,settings,kind", [
+    ("Lfm2Config", {"layer_types": ["conv", "full_attention"]}, "conv"),
+    ("Qwen3NextConfig", {"layer_types": ["linear_attention", "full_attention"], "head_dim": 16, "num_experts": 0,
+                         "linear_num_value_heads": 4, "linear_num_key_heads": 2, "linear_key_head_dim": 16,
+                         "linear_value_head_dim": 16}, "linear_attention"),
+])
+def test_layers_that_carry_state_along_a_packed_row_are_refused_at_build(tmp_path, config_class, settings, kind):
+    path = _save(tmp_path, config_class, **settings)
+    with pytest.raises(ValueError, match=rf"cannot run on packed rows \({kind}\)"):
+        HFEngine(EngineSpec(model_path=str(path), device="cpu"))
