@@ -40,6 +40,12 @@ class OpenUpdate:
     committed: bool = False
     reason: str | None = None  # why it aborted
     closed: asyncio.Event = field(default_factory=asyncio.Event)  # set once committed or aborted
+    servers: dict[int, object] = field(default_factory=dict)  # per participant index, the server that began
+
+    def lost(self, replica: ModelEngineReplica) -> bool:
+        """Dead, or restarted since begin: its new server holds no session of this update (its
+        weights come from a peer once the update is over), so it can only leave the update."""
+        return not replica.alive or replica.server is not self.servers.get(replica.index)
 
     def drop(self, replica: ModelEngineReplica) -> None:
         """A participant that died leaves the update (it restarts and copies from a peer)."""
@@ -99,6 +105,7 @@ class ManagerWeightUpdates:
             self._finish_update(update)
             raise self._no_replica_error()
         update.participants = participants
+        update.servers = {r.index: r.server for r in participants}
         self._arm_update_deadline(update)
         try:
             outcomes = await asyncio.gather(*(r.begin_weight_update(version) for r in participants), return_exceptions=True)
@@ -142,14 +149,14 @@ class ManagerWeightUpdates:
         replica that dies meanwhile drops out of the update (it restarts from a peer later)."""
         update = self._open_update(version)
         ref = bucket if isinstance(bucket, ray.ObjectRef) else ray.put(list(bucket))
+        self._drop_lost(update)
         participants = list(update.participants)
         outcomes = await asyncio.gather(*(r.load_weights(ref, version) for r in participants), return_exceptions=True)
         names: list[str] = []
         for replica, outcome in zip(participants, outcomes):
             if isinstance(outcome, BaseException):
-                if isinstance(outcome, WorkerFailed) and not replica.alive:
-                    logger.warning("%s died during a weight update; it leaves the update", replica.name)
-                    update.drop(replica)
+                if isinstance(outcome, ModelEngineError) and update.lost(replica):
+                    self._drop_lost(update)
                     continue
                 raise outcome
             names = outcome
@@ -168,8 +175,8 @@ class ManagerWeightUpdates:
             )
         # a participant's worker that died since begin would never join the broadcast group: ping
         # them all now and fail at once, not at the rendezvous timeout
-        await asyncio.gather(*(r.health() for r in update.participants if r.alive))
-        dead = [r.name for r in update.participants if not r.alive]
+        await asyncio.gather(*(r.health() for r in update.participants if not update.lost(r)))
+        dead = [r.name for r in update.participants if update.lost(r)]
         if dead:
             reason = f"{', '.join(dead)} died after the update to version {version} began; begin it again"
             await self._abort(update, reason)
@@ -193,7 +200,8 @@ class ManagerWeightUpdates:
         """Serve `version` on every participant, only if every worker of each holds every
         tensor; otherwise abort everywhere and raise the reason naming what is missing where."""
         update = self._open_update(version)
-        live = [r for r in update.participants if r.alive]
+        self._drop_lost(update)
+        live = list(update.participants)
         try:
             if not live:
                 raise self._no_replica_error()
@@ -220,8 +228,16 @@ class ManagerWeightUpdates:
         if self.update_open is not update:
             return
         update.reason = reason
-        await asyncio.gather(*(r.abort_weight_update(reason) for r in update.participants), return_exceptions=True)
+        began = [r for r in update.participants if not update.lost(r)]  # a restarted one has nothing to abort
+        await asyncio.gather(*(r.abort_weight_update(reason) for r in began), return_exceptions=True)
         self._finish_update(update)
+
+    @staticmethod
+    def _drop_lost(update: "OpenUpdate") -> None:
+        for replica in [r for r in update.participants if update.lost(r)]:
+            logger.warning("%s died (or restarted) during the update to version %d; it leaves the update",
+                           replica.name, update.version)
+            update.drop(replica)
 
     def _finish_update(self, update: "OpenUpdate") -> None:
         update.closed.set()

@@ -1,0 +1,45 @@
+"""Weight updates across replicas on Ray while a replica dies and comes back: the restarted
+replica leaves the open update, the others commit, and it copies the committed weights after.
+
+Failed before participants were tied to the server that began: the restarted replica looked
+alive, its fresh scheduler refused the next bucket ("no weight update is open"), the whole
+update aborted and every replica was left refusing to score.
+"""
+
+from __future__ import annotations
+
+from model_engine_server.protocol import LogProbResult
+from replica.manager import ReplicaManager
+from tests.helpers import random_requests
+from tests.test_replica import DEADLINE_S, _new_weights, assert_nothing_left, replica_config, wait_until
+
+
+async def test_a_replica_restarted_during_an_update_leaves_it_and_copies_the_committed_weights(ray_cluster, tiny_model):
+    import ray
+
+    manager = ReplicaManager(replica_config(tiny_model, num_replicas=2, health_check_interval_s=0.3, max_restarts=1))
+    await manager.start()
+    try:
+        await manager.update_weights(list(_new_weights(tiny_model, seed=50).items()), 1)
+        assert await manager.begin_weight_update(2) == 2
+        ray.kill(manager.replicas[1].workers[0], no_restart=True)
+        await wait_until(lambda: manager.replicas[1].restarts == 1 and manager.replicas[1].alive,
+                         "the monitor restarting replica 1 while the update is open", deadline_s=DEADLINE_S)
+        assert 1 in manager._joining  # its weight copy waits for the update to finish
+
+        await manager.load_weights(list(_new_weights(tiny_model, seed=51).items()), 2)
+        await manager.commit_weight_update(2)
+        assert manager.weight_version == 2
+        await wait_until(lambda: 1 not in manager._joining, "replica 1 copying version 2", deadline_s=DEADLINE_S)
+        for replica in manager.replicas:
+            status = replica.status()
+            assert status["weight_version"] == 2 and status["weights_incomplete"] is None, (replica.name, status)
+        probe = random_requests(2, 512, seed=52, max_len=60)
+        first = [await manager.replicas[0].submit(r) for r in probe]
+        second = [await manager.replicas[1].submit(r) for r in probe]
+        for a, b in zip(first, second):
+            assert isinstance(b, LogProbResult) and a.weight_version == b.weight_version == 2
+            assert (a.log_probs == b.log_probs).all()  # the same weights, the same CPU kernels
+    finally:
+        await manager.shutdown(drain=False, timeout_s=5.0)
+    await assert_nothing_left()
