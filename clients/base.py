@@ -19,13 +19,14 @@ any async client for synchronous code (a plain Ray actor, a script), with the sa
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import threading
 from abc import ABC, abstractmethod
 from typing import Any, Awaitable, Iterable, Protocol, Sequence, TypeVar, runtime_checkable
 
 import torch
 
-from model_engine_server.errors import ModelEngineError
+from model_engine_server.errors import DeadlineExceeded, ModelEngineError
 from model_engine_server.protocol import LogProbRequest, LogProbResult
 
 RequestLike = LogProbRequest | dict[str, Any]
@@ -118,6 +119,9 @@ class BaseLogProbClient(ABC):
         await self.close()
 
 
+CANCEL_GRACE_S = 30.0  # how long a timed-out call may take to unwind (an update's abort) before giving up on it
+
+
 class SyncLogProbClient:
     """Blocking twin of an async client: the same method names, for code without an event loop.
 
@@ -134,10 +138,20 @@ class SyncLogProbClient:
         self._thread.start()
 
     def _call(self, awaitable: Awaitable[T]) -> T:
+        """Run on the private loop. Past `call_timeout_s` the call is cancelled there and waited
+        for (a weight update runs its abort), so nothing the caller was told failed lands later."""
         if self._loop.is_closed():
             raise RuntimeError("this client was closed")
-        future = asyncio.run_coroutine_threadsafe(awaitable, self._loop)  # type: ignore[arg-type]
-        return future.result(self.call_timeout_s)
+        bounded = awaitable if self.call_timeout_s is None else asyncio.wait_for(awaitable, self.call_timeout_s)
+        future = asyncio.run_coroutine_threadsafe(bounded, self._loop)  # type: ignore[arg-type]
+        outer = None if self.call_timeout_s is None else self.call_timeout_s + CANCEL_GRACE_S
+        try:
+            return future.result(outer)
+        except (TimeoutError, concurrent.futures.TimeoutError):
+            future.cancel()
+            raise DeadlineExceeded(
+                f"the call did not finish within call_timeout_s={self.call_timeout_s:g} s and was cancelled"
+            ) from None
 
     def score(self, requests: Sequence[RequestLike], timeout_s: float | None = None) -> list[Outcome]:
         return self._call(self.client.score(requests, timeout_s))
