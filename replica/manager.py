@@ -54,6 +54,7 @@ class ReplicaManager:
         self.routed_requests = [0] * config.num_replicas
         self.retried_requests = 0
         self.paused = False
+        self._closing = False  # set by shutdown: new requests are refused as shutting_down
         self._joining: set[int] = set()  # restarted, weights not yet at the current version
         self._monitor: asyncio.Task[None] | None = None
         self._restarting: dict[int, asyncio.Task[None]] = {}
@@ -96,6 +97,7 @@ class ReplicaManager:
                 logger.warning("%s: automatic restart failed: %s", replica.name, error)
 
     async def shutdown(self, drain: bool = True, timeout_s: float = 30.0) -> None:
+        self._closing = True  # from here a lost request is the shutdown's, not a dead replica's
         monitor, self._monitor = self._monitor, None
         if monitor is not None:
             monitor.cancel()
@@ -192,6 +194,8 @@ class ReplicaManager:
     async def submit(self, request: LogProbRequest | dict[str, Any], timeout_s: float | None = None) -> LogProbResult:
         """Route one request; raises its typed error. Retried once elsewhere if its replica died."""
         request = LogProbRequest.parse(request)
+        if self._closing:
+            raise ServerShuttingDown("the server is shutting down and accepts no new requests")
         attempts = 2 if self.config.retry_on_worker_failure else 1
         tried: set[int] = set()
         last_error: ModelEngineError | None = None
@@ -205,7 +209,7 @@ class ReplicaManager:
             try:
                 return await replica.submit(request, timeout_s)
             except _RETRYABLE as error:
-                if replica.alive:  # the replica is fine: this failure belongs to the request
+                if replica.alive or self._closing:  # the request's own failure, or the shutdown's answer
                     raise
                 last_error = error if isinstance(error, WorkerFailed) else WorkerFailed(
                     f"request lost with {replica.name}: {replica.failure}"

@@ -1,13 +1,21 @@
-"""Weight updates across replicas on Ray while a replica dies and comes back: the restarted
-replica leaves the open update, the others commit, and it copies the committed weights after.
+"""Replicas on Ray through a replica's death and the manager's shutdown.
 
-Failed before participants were tied to the server that began: the restarted replica looked
-alive, its fresh scheduler refused the next bucket ("no weight update is open"), the whole
-update aborted and every replica was left refusing to score.
+- A replica restarted during an open weight update leaves it; the others commit and it copies
+  the committed weights after. Failed before participants were tied to the server that began:
+  the restarted replica looked alive, its fresh scheduler refused the next bucket ("no weight
+  update is open"), the update aborted and every replica was left refusing to score.
+- Requests the manager's shutdown leaves unanswered, or that arrive during it, are answered
+  `shutting_down` (which clients retry elsewhere). Before, they came back `worker_failed`
+  ("request lost with replica-0: None"), as if a replica had died.
 """
 
 from __future__ import annotations
 
+import asyncio
+
+import pytest
+
+from model_engine_server.errors import ServerShuttingDown
 from model_engine_server.protocol import LogProbResult
 from replica.manager import ReplicaManager
 from tests.helpers import random_requests
@@ -40,6 +48,25 @@ async def test_a_replica_restarted_during_an_update_leaves_it_and_copies_the_com
         for a, b in zip(first, second):
             assert isinstance(b, LogProbResult) and a.weight_version == b.weight_version == 2
             assert (a.log_probs == b.log_probs).all()  # the same weights, the same CPU kernels
+    finally:
+        await manager.shutdown(drain=False, timeout_s=5.0)
+    await assert_nothing_left()
+
+
+async def test_requests_the_shutdown_leaves_or_that_arrive_during_it_are_answered_shutting_down(ray_cluster, tiny_model):
+    manager = ReplicaManager(replica_config(tiny_model, num_replicas=1, health_check_interval_s=None))
+    await manager.start()
+    try:
+        await manager.pause_serving()  # the requests stay queued past the drain's deadline
+        queued = [asyncio.ensure_future(manager.submit(r)) for r in random_requests(3, 512, seed=53, max_len=40)]
+        await asyncio.sleep(0.2)
+        stopping = asyncio.ensure_future(manager.shutdown(drain=True, timeout_s=0.5))
+        await asyncio.sleep(0)
+        with pytest.raises(ServerShuttingDown, match="accepts no new requests"):
+            await manager.submit(random_requests(1, 512, seed=54, max_len=40)[0])
+        await stopping
+        for outcome in await asyncio.gather(*queued, return_exceptions=True):
+            assert isinstance(outcome, ServerShuttingDown), outcome
     finally:
         await manager.shutdown(drain=False, timeout_s=5.0)
     await assert_nothing_left()
