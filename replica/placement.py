@@ -27,8 +27,12 @@ class PlacementTimeout(RuntimeError):
     """The cluster could not give a replica its GPUs within the start timeout."""
 
 
+EMBEDDED_ONLY_KWARGS = ("num_cpus", "num_gpus", "resources", "object_store_memory")  # Ray refuses them when joining
+
+
 def connect_ray(address: str | None = None, num_gpus_needed: int = 0, **init_kwargs: Any) -> None:
-    """Join Ray: embedded on this machine when `address` is None, else `ray.init(address=...)`.
+    """Join Ray: embedded on this machine when `address` is None (and `RAY_ADDRESS` is unset),
+    else `ray.init(address=...)`.
 
     Does nothing when Ray is already initialised (a test session, a trainer that started it).
     Embedded on a machine without CUDA, Ray is told it has `num_gpus_needed` logical GPUs, so a
@@ -43,12 +47,16 @@ def connect_ray(address: str | None = None, num_gpus_needed: int = 0, **init_kwa
             env_vars[name] = os.environ[name]
     init_kwargs.setdefault("runtime_env", {"env_vars": env_vars})
     init_kwargs.setdefault("include_dashboard", False)
+    address = address or os.environ.get("RAY_ADDRESS") or None  # `ray job submit` entrypoints carry it
     if address is not None:
+        sizes = sorted(key for key in EMBEDDED_ONLY_KWARGS if init_kwargs.pop(key, None) is not None)
+        if sizes:
+            logger.info("joining the Ray cluster at %s: %s apply to an embedded Ray only", address, ", ".join(sizes))
         ray.init(address=address, **init_kwargs)
         return
     if not torch.cuda.is_available() and num_gpus_needed > 0:
         init_kwargs.setdefault("num_gpus", num_gpus_needed)
-    ray.init(**init_kwargs)
+    ray.init(address="local", **init_kwargs)  # not a cluster an earlier `ray start` left on this machine
 
 
 @dataclass
