@@ -6,16 +6,15 @@ with an async and with a blocking httpx client, so retries, deadlines and reply 
 written once, and tests can drive a plan with replies of their choosing.
 
 Retries: a call refused as a whole with 429/503, a connection that could not be opened, and
-single requests answered `overloaded` / `shutting_down` are retried with exponential backoff
-(with jitter), never sooner than the server's `Retry-After`, until `max_retries` or the
-deadline; then the last answer is returned (per request) or raised (whole call).
+single requests answered `overloaded` / `shutting_down` (decided in `clients/retry.py`, as the
+Ray-handle client decides) are retried with exponential backoff (with jitter), never sooner
+than the server's `Retry-After`, until `max_retries` or the deadline; then the last answer is
+returned (per request) or raised (whole call).
 """
 
 from __future__ import annotations
 
 import json
-import random
-import time
 from dataclasses import dataclass
 from typing import Any, Generator, Iterable, Sequence
 
@@ -24,12 +23,10 @@ import numpy as np
 import torch
 
 from clients.base import Outcome, RequestLike
+from clients.retry import Deadline, RetryPolicy, entries_to_resend
 from model_engine_server import codec
 from model_engine_server.errors import (
-    DeadlineExceeded,
     ModelEngineError,
-    Overloaded,
-    ServerShuttingDown,
     WorkerFailed,
     error_from_wire,
 )
@@ -37,7 +34,6 @@ from model_engine_server.http.wire import JSON, MSGPACK, encode_body, encode_wei
 from model_engine_server.protocol import LogProbRequest, outcome_from_wire
 
 RETRYABLE_STATUSES = frozenset({429, 503})
-RETRYABLE_ENTRY_ERRORS = (Overloaded, ServerShuttingDown)
 RESPONSE_GRACE_S = 5.0  # the server answers a request's deadline itself; allow it that long to say so
 
 
@@ -60,38 +56,6 @@ class Sleep:
 
 Step = Post | Sleep
 Reply = httpx.Response | httpx.HTTPError | None
-
-
-@dataclass
-class RetryPolicy:
-    """How often and how patiently a client retries what the server refused for now."""
-
-    max_retries: int = 10
-    backoff_s: float = 0.05
-    max_backoff_s: float = 5.0
-
-    def delay(self, attempt: int, retry_after_s: float | None) -> float:
-        """Exponential backoff with jitter, never shorter than the server's Retry-After."""
-        backoff = min(self.max_backoff_s, self.backoff_s * (2**attempt)) * random.uniform(0.5, 1.0)
-        return max(backoff, retry_after_s or 0.0)
-
-
-class _Deadline:
-    """One call's deadline, covering its retries and waits (None: no deadline)."""
-
-    def __init__(self, seconds: float | None) -> None:
-        self.seconds = seconds
-        self.end = None if seconds is None else time.monotonic() + seconds
-
-    def remaining(self) -> float | None:
-        return None if self.end is None else max(0.0, self.end - time.monotonic())
-
-    def allows(self, delay_s: float) -> bool:
-        remaining = self.remaining()
-        return remaining is None or delay_s < remaining
-
-    def expired_error(self, what: str) -> DeadlineExceeded:
-        return DeadlineExceeded(f"{what}: no answer within the deadline of {self.seconds:g} s")
 
 
 class HttpPlans:
@@ -122,7 +86,7 @@ class HttpPlans:
                 payload["rollout_log_probs"] = np.asarray(request.rollout_log_probs, dtype=np.float64)
         return payload
 
-    def _call_body(self, payloads: list[Any], deadline: _Deadline) -> Post:
+    def _call_body(self, payloads: list[Any], deadline: Deadline) -> Post:
         remaining = deadline.remaining()
         envelope: dict[str, Any] = {"requests": payloads}
         if remaining is not None:
@@ -140,7 +104,7 @@ class HttpPlans:
         """`POST /v1/logprobs`, one outcome per request in the caller's order. Requests answered
         `overloaded` / `shutting_down` are sent again (only they), a refused call is sent again
         whole, until the retries or the deadline run out; then the last answers stand."""
-        deadline = _Deadline(timeout_s if timeout_s is not None else self.timeout_s)
+        deadline = Deadline(timeout_s if timeout_s is not None else self.timeout_s)
         payloads = [self._payload(r) for r in requests]
         outcomes: list[Outcome | None] = [None] * len(payloads)
         pending = list(range(len(payloads)))
@@ -160,18 +124,17 @@ class HttpPlans:
             else:
                 for index, outcome in zip(pending, entries):
                     outcomes[index] = outcome
-                pending = [i for i in pending if isinstance(outcomes[i], RETRYABLE_ENTRY_ERRORS)]
-                waits = [o.retry_after_s for i in pending if isinstance(o := outcomes[i], Overloaded)]
-                delay = self.retry.delay(attempt, max(waits, default=retry_after))
-                if not pending or attempt >= self.retry.max_retries or not deadline.allows(delay):
+                pending, resend_after = entries_to_resend(outcomes, pending, self.retry, attempt, deadline, retry_after)
+                if resend_after is None:
                     break
+                delay = resend_after
             yield Sleep(delay)
             attempt += 1
         return outcomes  # type: ignore[return-value]
 
     def admin_plan(self, path: str, body: bytes = b"", content_type: str = JSON, retry: bool = True) -> Generator[Step, Reply, Any]:
         """POST an admin route; retried on 429/503 and refused connections when `retry`."""
-        deadline = _Deadline(self.timeout_s)
+        deadline = Deadline(self.timeout_s)
         attempt = 0
         while True:
             reply = yield Post(path, body, content_type, deadline.remaining())
@@ -191,7 +154,7 @@ class HttpPlans:
 
     def get_error(self, reply: Reply, path: str) -> ModelEngineError:
         """The error a failed GET stands for; a timeout is against the client's own."""
-        return _error_of(reply, _Deadline(self.timeout_s if isinstance(reply, httpx.HTTPError) else None), path)[0]
+        return _error_of(reply, Deadline(self.timeout_s if isinstance(reply, httpx.HTTPError) else None), path)[0]
 
     def from_disk_plan(self, model_path: str, version: int | None) -> Generator[Step, Reply, Any]:
         """`POST /v1/update_weights_from_disk`; not retried once sent (a version is not
@@ -209,7 +172,7 @@ def _retryable_call(reply: Reply) -> bool:
 
 
 def _read_call_reply(
-    reply: Reply, expected: int, deadline: _Deadline
+    reply: Reply, expected: int, deadline: Deadline
 ) -> tuple[list[Outcome] | None, ModelEngineError | None, float | None]:
     """(per-request outcomes or None, the whole call's error, Retry-After seconds)."""
     if not isinstance(reply, httpx.Response):
@@ -251,7 +214,7 @@ def _retry_after(response: httpx.Response) -> float | None:
         return None
 
 
-def _error_of(reply: Reply, deadline: _Deadline, what: str) -> tuple[ModelEngineError, float | None]:
+def _error_of(reply: Reply, deadline: Deadline, what: str) -> tuple[ModelEngineError, float | None]:
     """The typed error a failed reply stands for (the server's own, rebuilt), and Retry-After."""
     if isinstance(reply, httpx.TimeoutException) and not isinstance(reply, httpx.ConnectTimeout):
         return deadline.expired_error(what), None

@@ -4,7 +4,7 @@
 Requests travel as Ray objects; results come back as wire dicts (numpy arrays, no copies) and
 are rebuilt into `LogProbResult` / typed errors exactly as the HTTP client rebuilds them. A
 service actor that is gone surfaces as `WorkerFailed`; a call that outlives `call_timeout_s`
-as `DeadlineExceeded`.
+as `DeadlineExceeded`. Requests the server refuses for now are retried as over HTTP.
 """
 
 from __future__ import annotations
@@ -20,6 +20,7 @@ from checkpoint_transport.bucket import group_into_host_buckets
 from checkpoint_transport.spec import DEFAULT_BUCKET_BYTES
 from checkpoint_transport.threads import iterate_in_thread
 from clients.base import BaseLogProbClient, Outcome, RequestLike, SyncLogProbClient
+from clients.retry import Deadline, RetryPolicy, entries_to_resend
 from model_engine_server.errors import DeadlineExceeded, ModelEngineError, WeightSyncError, WorkerFailed
 from model_engine_server.protocol import outcome_from_wire
 from replica.service_actor import DEFAULT_ACTOR_NAME
@@ -30,10 +31,17 @@ T = TypeVar("T")
 class RayLogProbClient(BaseLogProbClient):
     """Async client over a service actor handle; `.sync()` gives the blocking twin."""
 
-    def __init__(self, handle: Any, call_timeout_s: float | None = None, weight_bucket_mb: int = DEFAULT_BUCKET_BYTES >> 20) -> None:
+    def __init__(
+        self,
+        handle: Any,
+        call_timeout_s: float | None = None,
+        weight_bucket_mb: int = DEFAULT_BUCKET_BYTES >> 20,
+        retry: RetryPolicy | None = None,
+    ) -> None:
         self.handle = handle
         self.call_timeout_s = call_timeout_s
         self.weight_bucket_bytes = weight_bucket_mb << 20
+        self.retry = retry or RetryPolicy()
 
     @classmethod
     def from_name(cls, name: str = DEFAULT_ACTOR_NAME, namespace: str | None = None, **kwargs: Any) -> "RayLogProbClient":
@@ -59,6 +67,23 @@ class RayLogProbClient(BaseLogProbClient):
             raise WorkerFailed(f"{what}: {type(cause).__name__}: {cause}") from None
 
     async def score(self, requests: Sequence[RequestLike], timeout_s: float | None = None) -> list[Outcome]:
+        """One outcome per request; those answered `overloaded` / `shutting_down` are sent again
+        as the HTTP client sends them (`clients/retry.py`), within `timeout_s`."""
+        deadline = Deadline(timeout_s)
+        outcomes: list[Outcome | None] = [None] * len(requests)
+        pending, attempt = list(range(len(requests))), 0
+        while pending:
+            answers = await self._score_once([requests[i] for i in pending], deadline.remaining())
+            for index, answer in zip(pending, answers):
+                outcomes[index] = answer
+            pending, delay = entries_to_resend(outcomes, pending, self.retry, attempt, deadline)
+            if delay is None:
+                break
+            await asyncio.sleep(delay)
+            attempt += 1
+        return outcomes  # type: ignore[return-value]
+
+    async def _score_once(self, requests: Sequence[RequestLike], timeout_s: float | None) -> list[Outcome]:
         # the request deadline is the server's; the call itself may take a little longer
         call_timeout = None if timeout_s is None or self.call_timeout_s is None else max(timeout_s + 5.0, self.call_timeout_s)
         payloads = await self._call(self.handle.score.remote(list(requests), timeout_s), "score", call_timeout)
