@@ -9,8 +9,10 @@ the last row (the appended 0 is never reported) is the distribution after the wh
 one the single returned token of `max_tokens: 1` comes from. One forward per prompt.
 
 - `prompt_logprobs: k` -> `choices[i].prompt_logprobs` = `[null, {"<id>": {"logprob", "rank",
-  "decoded_token"}}, ...]`: the top-k (ranks 1..k) plus the actual token with its EXACT rank
-  (1 + tokens strictly more likely, counted in the chunked pass), as vLLM.
+  "decoded_token"}}, ...]`: the top-k (ranks 1..k) plus the actual token with its exact rank,
+  as vLLM reports it, except on exact ties: here 1 + the tokens strictly more likely (counted in
+  the chunked pass), where vLLM counts every token at least as likely, the target included.
+  They differ only when the target's logit ties another's, which bf16 makes common.
 - `echo` + `logprobs: k` -> the legacy `choices[i].logprobs` (`tokens`, `token_logprobs` with the
   first `null`, `top_logprobs` maps token text -> log-prob with the actual token added, as vLLM,
   `text_offset`); with `max_tokens: 1` the returned token comes last, as lm-eval reads it.
