@@ -216,6 +216,18 @@ def test_two_names_of_one_setting_that_disagree_are_an_error(tmp_path):
         load_config(write(tmp_path, {"model_engine_server": {"enable": True, "enable_standalone": False}}))
 
 
+def test_an_override_of_either_name_beats_the_file_written_with_the_other(tmp_path):
+    # the shipped YAML writes the reference design's names; users override ours, and the reverse
+    path = write(tmp_path, {"model_engine_server": {"strategy": "megatron", "batch_size": 8, "enable": True}})
+    server = load_config(path, ["model_engine_server.backend=hf", "model_engine_server.scheduler.max_batch_size=32",
+                                "model_engine_server.enable_standalone=false"]).server
+    assert (server.backend, server.scheduler.max_batch_size, server.enable_standalone) == ("hf", 32, False)
+    ours = write(tmp_path, {"model_engine_server": {"backend": "megatron"}})
+    assert load_config(ours, ["+model_engine_server.strategy=fsdp"]).server.backend == "hf"
+    with pytest.raises(ConfigError, match="strategy.*backend.*disagree"):
+        load_config(None, ["+model_engine_server.strategy=megatron", "+model_engine_server.backend=hf"])
+
+
 def test_null_in_the_section_means_unset(tmp_path):
     server = load_config(write(tmp_path, {"model_engine_server": {"nnodes": None, "n_gpus_per_node": None}})).server
     assert server.nnodes == 1 and server.n_gpus_per_node is None
@@ -375,6 +387,9 @@ def test_admin_token_comes_from_the_environment_and_is_never_printed(tmp_path, m
     explicit = load_config(write(tmp_path, {"model_engine_server": {"http": {"auth_token": "written-in-yaml"}}}))
     assert explicit.server.http.token() == "written-in-yaml"
     assert "written-in-yaml" not in explicit.describe()
+    trainer = load_config(write(tmp_path, {"model_engine_server": {"trainer": {"api_token": "trainer-secret"}}}))
+    assert trainer.server.trainer.bearer_token == "trainer-secret"
+    assert "trainer-secret" not in trainer.describe() and "trainer-secret" not in repr(trainer.server)  # once printed
 
 
 def test_command_line_host_and_port_win_and_say_so(base):

@@ -177,3 +177,8 @@ def test_demo_command_preset_rollout_ahead_builds_that_loop(monkeypatch, tmp_pat
     assert seen[0] == rollout_ahead(steps=3, seed=0)
     assert seen[0].stale_policy == "keep" and seen[1].stale_policy == "drop"
     assert seen[1] == DemoConfig(steps=3, seed=0)
+    # a flag given beats the preset's own choice (it was once dropped); a bad one is a clean error
+    assert main(["demo", "--preset", "rollout-ahead", "--stale-policy", "drop", "--output-dir", str(tmp_path)]) == 0
+    assert seen[2] == rollout_ahead(stale_policy="drop", seed=0)
+    assert main(["demo", "--steps", "0", "--output-dir", str(tmp_path)]) == 2
+    assert len(seen) == 3

@@ -41,12 +41,12 @@ _shared: "weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, dict[_ClientKey, 
 def make_client(rules: TrainerSideConfig) -> LogProbClient:
     """The configured async client; raises `ValueError` when the Ray actor does not exist."""
     if rules.address:
-        return HttpLogProbClient(rules.address, timeout_s=rules.timeout_s, admin_token=rules.api_token)
+        return HttpLogProbClient(rules.address, timeout_s=rules.timeout_s, admin_token=rules.bearer_token)
     return RayLogProbClient.from_name(rules.actor_name, namespace=rules.ray_namespace, call_timeout_s=rules.timeout_s)
 
 
 def _key(rules: TrainerSideConfig) -> _ClientKey:
-    return rules.address, rules.actor_name, rules.ray_namespace, rules.api_token, rules.timeout_s
+    return rules.address, rules.actor_name, rules.ray_namespace, rules.bearer_token, rules.timeout_s
 
 
 def shared_client(rules: TrainerSideConfig) -> LogProbClient:

@@ -7,18 +7,21 @@ the command runs, so the CLI and the server core import nothing from `clients`.
 from __future__ import annotations
 
 import argparse
+import sys
 from pathlib import Path
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
     parser = subparsers.add_parser("demo", help="run the fully-async RL demo against the colocated baseline")
     parser.add_argument("--mode", choices=["both", "server", "baseline"], default="both")
-    parser.add_argument("--steps", type=int, default=None, help="trainer updates (default: the demo's, 40)")
+    parser.add_argument("--steps", type=int, default=None, help="trainer updates (default: 40; rollout-ahead: 30)")
     parser.add_argument("--output-dir", type=Path, default=Path("demo-output"))
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--stale-policy", choices=["drop", "keep"], default="drop")
+    parser.add_argument("--stale-policy", choices=["drop", "keep"], default=None,
+                        help="what to do with stale samples (default: drop; rollout-ahead: keep)")
     parser.add_argument(
-        "--staleness-limit", type=int, default=None, help="K: samples more than K versions old are stale (default: 2)"
+        "--staleness-limit", type=int, default=None,
+        help="K: samples more than K versions old are stale (default: 2; rollout-ahead: 16)",
     )
     parser.add_argument(
         "--preset", choices=["default", "rollout-ahead"], default="default",
@@ -34,12 +37,13 @@ def run(args: argparse.Namespace) -> int:
     from clients.demo.report import comparison
     from clients.demo.run import run_demo
 
-    given = {"steps": args.steps, "staleness_limit": args.staleness_limit}
+    given = {"steps": args.steps, "staleness_limit": args.staleness_limit, "stale_policy": args.stale_policy}
     chosen = {key: value for key, value in given.items() if value is not None}
-    if args.preset == "rollout-ahead":  # the preset keeps stale samples unless told otherwise
-        config = rollout_ahead(seed=args.seed, **chosen)
-    else:
-        config = DemoConfig(seed=args.seed, stale_policy=args.stale_policy, **chosen)
+    try:  # what was given beats the preset's own choices
+        config = rollout_ahead(seed=args.seed, **chosen) if args.preset == "rollout-ahead" else DemoConfig(seed=args.seed, **chosen)
+    except ValueError as error:  # pydantic's ValidationError: what is wrong with which flag, no traceback
+        print(f"error: {error}", file=sys.stderr)
+        return 2
     modes = ["server", "baseline"] if args.mode == "both" else [args.mode]
     results = run_demo(config, args.output_dir, modes, show_progress=not args.no_progress)  # type: ignore[arg-type]
     print(comparison(results))

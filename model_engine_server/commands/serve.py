@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import math
 import signal
 import sys
 from typing import Any
@@ -80,7 +81,7 @@ def _serve(app: Any, host: str, port: int, graceful_shutdown_s: float) -> int:
         port=port,
         log_config=None,  # keep the CLI's logging set-up
         access_log=False,
-        timeout_graceful_shutdown=int(graceful_shutdown_s),
+        timeout_graceful_shutdown=math.ceil(graceful_shutdown_s),  # uvicorn takes whole seconds: never round to 0
         lifespan="on",
     )
     server = Server(config)

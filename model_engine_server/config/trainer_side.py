@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, SecretStr
 
 MissingRule = Literal["recompute", "rescore", "fail"]
 StaleRule = Literal["recompute", "rescore", "accept", "fail"]
@@ -28,7 +28,8 @@ class TrainerSideConfig(BaseModel):
     )
     actor_name: str = Field(default="model-engine-server", description="the named Ray actor `start_service_actor` runs")
     ray_namespace: str | None = Field(default=None, description="namespace of that actor; None: the caller's")
-    api_token: str | None = Field(default=None, description="bearer token of a locked-down server")
+    api_token: SecretStr | None = Field(default=None, description="bearer token of a locked-down server (masked when shown)")
+
     timeout_s: float = Field(default=600.0, gt=0, description="deadline of one scoring call")
     on_missing: MissingRule = Field(
         default="recompute",
@@ -51,3 +52,7 @@ class TrainerSideConfig(BaseModel):
     score_ref: bool = Field(
         default=False, description="also take ref_log_prob from the server (its reference mode must be on)"
     )
+
+    @property
+    def bearer_token(self) -> str | None:
+        return None if self.api_token is None else self.api_token.get_secret_value()

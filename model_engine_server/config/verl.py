@@ -98,19 +98,23 @@ def apply_aliases(raw: dict[str, Any], sources: dict[str, str]) -> None:
         if alias not in raw:
             continue
         value = _alias_value(alias, raw.pop(alias))
-        source = f"{sources.pop(alias, 'file')} (as {alias})"
+        alias_layer = sources.pop(alias, "file")
         if value is UNSET:
             continue
         existing = get_dotted(raw, canonical)
-        if existing is not UNSET:
-            if existing != value and alias != "max_token_len_per_gpu":
+        if existing is not UNSET and existing != value and alias != "max_token_len_per_gpu":
+            canonical_layer = sources.get(canonical, "file")
+            if alias_layer == canonical_layer:
                 raise ConfigError(
                     f"{SECTION}.{alias}={value!r} and {SECTION}.{canonical}={existing!r} disagree; they name "
                     f"the same setting, set one of them"
                 )
-            continue  # the explicit key wins over the reference design's token length per GPU
+            if canonical_layer == "override":  # a command-line override beats the file, under either name
+                continue
+        elif existing is not UNSET:
+            continue  # the same value, or the explicit key over the reference design's token length per GPU
         set_dotted(raw, canonical, value)
-        sources[canonical] = source
+        sources[canonical] = f"{alias_layer} (as {alias})"
 
 
 def _alias_value(alias: str, value: Any) -> Any:
