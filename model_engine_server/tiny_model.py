@@ -29,12 +29,27 @@ class TinyModelShape:
     tie_word_embeddings: bool | None = None  # None: qwen2 tied, llama untied, qwen3 tied
     init_std: float = 0.05
 
+    def problem(self) -> str | None:
+        """Why transformers could not run a model of this shape, or None."""
+        sizes = (self.vocab_size, self.hidden_size, self.intermediate_size, self.num_layers, self.num_heads, self.num_kv_heads)
+        if min(sizes) < 1:
+            return "every size must be at least 1"
+        if self.hidden_size % self.num_heads:
+            return f"hidden size {self.hidden_size} is not a multiple of the {self.num_heads} heads"
+        if self.num_heads % self.num_kv_heads:
+            return f"the {self.num_heads} heads are not a multiple of the {self.num_kv_heads} key/value heads"
+        if (self.hidden_size // self.num_heads) % 2:
+            return f"the head size {self.hidden_size // self.num_heads} must be even (rotary embeddings)"
+        return None
+
 
 def _config(shape: TinyModelShape):  # -> transformers.PretrainedConfig
     from transformers import LlamaConfig, Qwen2Config, Qwen3Config
 
     if shape.arch not in ARCHITECTURES:
         raise ValueError(f"unknown architecture {shape.arch!r}; valid: {', '.join(ARCHITECTURES)}")
+    if (problem := shape.problem()) is not None:
+        raise ValueError(f"tiny model shape: {problem}")
     tied = shape.tie_word_embeddings
     if tied is None:
         tied = shape.arch != "llama"

@@ -138,6 +138,13 @@ def test_tilde_deletes_a_key(base, override):
     assert "name" not in training_after(base, override).trainer
 
 
+def test_tilde_with_a_value_deletes_only_a_key_holding_it(base):
+    kept = training_after(base, "~trainer.name=run").trainer  # deleted: it holds "run"
+    assert "name" not in kept
+    with pytest.raises(ConfigError, match="trainer.name is 'run', not 'other'"):
+        training_after(base, "~trainer.name=other")
+
+
 def test_list_override(base):
     cfg = training_after(base, "trainer.logger=['console','tensorboard']")
     assert list(cfg.trainer.logger) == ["console", "tensorboard"]

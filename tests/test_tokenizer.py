@@ -131,3 +131,14 @@ def test_echoed_tokens_are_the_tokenizer_s_text(served, model_with_tokenizer):
         logits = reference_model(model_with_tokenizer)(torch.tensor([ids])).logits[0]
     greedy = int(logits[-1].argmax())
     assert tokens[-1] == tokenizer.decode([greedy])
+
+
+@pytest.mark.parametrize("flags,reason", [
+    (["--num-heads", "3"], "not a multiple of the 3 heads"),
+    (["--num-heads", "4", "--num-kv-heads", "3"], "not a multiple of the 3 key/value heads"),
+    (["--hidden-size", "24", "--num-heads", "8", "--num-kv-heads", "2"], "must be even"),
+])
+def test_a_shape_transformers_cannot_run_is_refused_and_nothing_is_written(tmp_path, capsys, flags, reason):
+    # once written (exit 0) and only failing at the first forward
+    assert make_cli(tmp_path / "bad", *flags) == 2
+    assert reason in capsys.readouterr().err and not (tmp_path / "bad").exists()

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 
 from model_engine_server.tiny_model import ARCHITECTURES, TinyModelShape, make_tiny_model
 from model_engine_server.tiny_tokenizer import MIN_VOCAB_SIZE
@@ -41,6 +42,9 @@ def run(args: argparse.Namespace) -> int:
         num_kv_heads=args.num_kv_heads,
         tie_word_embeddings=args.tie_word_embeddings,
     )
+    if (problem := shape.problem()) is not None:
+        print(f"error: {problem}", file=sys.stderr)
+        return 2
     fits = shape.vocab_size >= MIN_VOCAB_SIZE
     if args.tokenizer and not fits:
         print(f"--tokenizer needs --vocab-size {MIN_VOCAB_SIZE} or more (256 bytes + bos/eos), "

@@ -76,7 +76,7 @@ def apply_overrides(cfg: DictConfig, overrides: Sequence[str]) -> AppliedOverrid
             applied.skipped.append(line)
             continue
         if override.is_delete():
-            _delete(cfg, key, line)
+            _delete(cfg, key, line, override.value())
             applied.events.append(("delete", key))
             continue
         value = override.value()
@@ -96,10 +96,14 @@ def apply_overrides(cfg: DictConfig, overrides: Sequence[str]) -> AppliedOverrid
 _MISSING = object()
 
 
-def _delete(cfg: DictConfig, key: str, line: str) -> None:
+def _delete(cfg: DictConfig, key: str, line: str, expected: Any = None) -> None:
+    """`~key` deletes; `~key=value` deletes only a key holding that value, as Hydra does."""
     parent_key, _, leaf = key.rpartition(".")
     parent = OmegaConf.select(cfg, parent_key, throw_on_resolution_failure=False) if parent_key else cfg
     if isinstance(parent, DictConfig) and leaf in parent:
+        current = OmegaConf.select(parent, leaf, throw_on_resolution_failure=False)
+        if expected is not None and current != expected:
+            raise ConfigError(f"override {line!r}: {key} is {current!r}, not {expected!r}; nothing deleted")
         del parent[leaf]
     else:
         logger.debug("override %r: nothing to delete at %s", line, key)
