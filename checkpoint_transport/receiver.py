@@ -72,9 +72,9 @@ class WeightReceiver:
         while True:
             waited = time.monotonic()
             try:
-                item = ready.get(timeout=self.spec.timeout_s * 3 + 30)
+                item = ready.get(timeout=self.spec.receiver_idle_limit_s)
             except queue.Empty:  # the fetch thread itself is stuck: should not happen
-                fail(f"no progress from the channel for {self.spec.timeout_s * 3 + 30:.3g} s")
+                fail(f"no progress from the channel for {self.spec.receiver_idle_limit_s:.3g} s")
                 break
             report.wait_s += time.monotonic() - waited
             kind = item[0]

@@ -42,6 +42,9 @@ class TransportConfig(BaseModel):
     ray_namespace: str | None = Field(default=None, description="ray: namespace of the bucket board actor")
 
 
+RECEIVER_IDLE_GRACE_S = 30.0
+
+
 class TransportSpec(BaseModel):
     """One sync's rendezvous: which backend, where, which group, and this process's rank.
 
@@ -62,6 +65,12 @@ class TransportSpec(BaseModel):
     max_buffered_buckets: int = Field(default=2, ge=1)
     ray_namespace: str | None = None
     ray_board: str | None = None
+
+    @property
+    def receiver_idle_limit_s(self) -> float:
+        """How long a receiver waits for its channel to move before it gives up: longer than
+        a few channel timeouts, so only a stuck fetch trips it."""
+        return self.timeout_s * 3 + RECEIVER_IDLE_GRACE_S
 
     def for_rank(self, rank: int) -> "TransportSpec":
         if not 0 <= rank < self.world_size:

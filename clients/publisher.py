@@ -221,8 +221,17 @@ class WeightPublisher:
         done, _ = await asyncio.wait({receiving, sending}, return_when=asyncio.FIRST_COMPLETED)
         if sending in done and _send_failed(sending):
             session.abort(_send_error(sending))  # receivers stop now instead of timing out
+        # Once the sender is done, the receivers only load what they hold: a receiver silent for
+        # longer than its own idle limit and one more channel timeout is stuck (an engine load
+        # that never returns) and must not keep the server drained
+        receive_bound_s = None if receiving.done() else spec.receiver_idle_limit_s + spec.timeout_s
         try:
-            report.receives = await receiving
+            async with asyncio.timeout(receive_bound_s):
+                report.receives = await receiving
+        except TimeoutError:
+            receiving.cancel()
+            report.receives = []
+            report.error = f"receiving failed: no report from the receivers {receive_bound_s:.3g} s after the sender finished"
         except Exception as error:
             report.receives = []
             report.error = f"receiving failed: {_message(error)}"

@@ -225,3 +225,32 @@ def gated(weights: dict[str, torch.Tensor], release: threading.Event):
     yield from items[:2]
     release.wait(60)
     yield from items[2:]
+
+
+async def test_a_receiver_stuck_in_its_engine_load_fails_the_sync_after_the_sender_finished(server, monkeypatch):
+    """Once hung: the sender failed within timeout_s, but the publisher waited on
+    the receivers for as long as the engine's load hung, and the server stayed drained."""
+    import checkpoint_transport.spec as spec_module
+
+    monkeypatch.setattr(spec_module, "RECEIVER_IDLE_GRACE_S", 1.0)  # a limit of 3 * 1 + 1 s, for a short test
+    engine = server.executor.adapter.engine
+    release, load = threading.Event(), engine.load_weights
+
+    def load_then_hang(named):
+        names = load(named)
+        release.wait(120)  # an engine that never returns from its second bucket
+        return names
+
+    monkeypatch.setattr(engine, "load_weights", load_then_hang)
+    session = get_backend("gloo").open_session(transport_config("gloo", timeout_s=1.0))
+    publisher = publisher_for(server, session, timeout_s=1.0)
+    try:
+        with pytest.raises(WeightSyncError, match="no report from the receivers"):
+            await asyncio.wait_for(publisher.update_weights(current_weights(server), 1), timeout=60)
+        status = server.status()
+        assert status["weight_version"] == 0 and not status["updating_weights"] and status["weights_incomplete"]
+    finally:
+        release.set()
+        await publisher.close()
+        session.close()
+        await server.shutdown(drain=False, timeout_s=5.0)
