@@ -1,11 +1,14 @@
 """Blocking transport calls (joining a group, receiving a stream) run on daemon threads, so a
-peer that never arrives cannot keep the process, or an event loop's shutdown, waiting."""
+peer that never arrives cannot keep the process, or an event loop's shutdown, waiting. Such a
+thread starts on its caller's CUDA device, so an NCCL sender packs on its own rank's GPU."""
 
 from __future__ import annotations
 
 import asyncio
 import threading
 from typing import Any, AsyncIterator, Callable, Iterator, TypeVar
+
+import torch
 
 T = TypeVar("T")
 
@@ -24,7 +27,11 @@ def run_in_thread(function: Callable[..., Any], *args: Any) -> "asyncio.Future[A
         else:
             future.set_result(outcome)
 
+    device = _callers_cuda_device()
+
     def body() -> None:
+        if device is not None:  # the current CUDA device is per thread: keep the caller's (its rank's GPU)
+            torch.cuda.set_device(device)
         try:
             outcome, error = function(*args), None
         except BaseException as caught:  # handed to the awaiting coroutine
@@ -36,6 +43,11 @@ def run_in_thread(function: Callable[..., Any], *args: Any) -> "asyncio.Future[A
 
     threading.Thread(target=body, name="weight-transport", daemon=True).start()
     return future
+
+
+def _callers_cuda_device() -> int | None:
+    """The calling thread's CUDA device, when this process uses CUDA at all (never initialises it)."""
+    return torch.cuda.current_device() if torch.cuda.is_available() and torch.cuda.is_initialized() else None
 
 
 _DONE = object()

@@ -68,6 +68,9 @@ class _TorchSession:
         self._store = None  # type: ignore[assignment]
 
 
+NCCL_WATCHDOG_FACTOR = 4
+
+
 class _Group:
     """One member of a per-sync broadcast group."""
 
@@ -86,7 +89,9 @@ class _Group:
             prefix = dist.PrefixStore(f"checkpoint_transport/{spec.group}/", self._store)
             if nccl:
                 options = dist.ProcessGroupNCCL.Options()
-                options._timeout = timeout
+                # the watchdog tears the whole process down when it fires: leave it far behind
+                # the host-side wait of `broadcast`, which raises a `TransportError` instead
+                options._timeout = timeout * NCCL_WATCHDOG_FACTOR
                 self._pg = dist.ProcessGroupNCCL(prefix, spec.rank, spec.world_size, options)
             else:
                 self._pg = dist.ProcessGroupGloo(prefix, spec.rank, spec.world_size, timeout)
@@ -97,7 +102,7 @@ class _Group:
 
     def broadcast(self, tensor: torch.Tensor, what: str) -> None:
         try:
-            self._pg.broadcast([tensor], self._options).wait()
+            self._wait(self._pg.broadcast([tensor], self._options))
             if self.nccl:
                 torch.cuda.current_stream(self.device).synchronize()
         except Exception as error:
@@ -107,10 +112,19 @@ class _Group:
         """All-reduce one integer: receivers add 1 once they hold the whole stream."""
         tensor = torch.tensor([value], dtype=torch.int64, device=self.device)
         try:
-            self._pg.allreduce([tensor]).wait()
+            self._wait(self._pg.allreduce([tensor]))
         except Exception as error:
             raise _translate(error, "acknowledging the end of the stream") from error
         return int(tensor.item())
+
+    def _wait(self, work: "dist.Work") -> None:
+        """Block this thread until `work` is done. NCCL's plain `wait()` only orders the stream
+        and returns at once, so a missing peer would hang the next synchronize; with a timeout
+        it waits on the host and raises when the peer does not come."""
+        if self.nccl:
+            work.wait(datetime.timedelta(seconds=self.spec.timeout_s))
+        else:
+            work.wait()  # gloo's wait blocks and honours the group's timeout
 
     def close(self) -> None:
         pg, self._pg = getattr(self, "_pg", None), None
