@@ -54,6 +54,7 @@ class ModelEngineReplica:
         self.executor: RayWorkerExecutor | None = None
         self.server: ModelEngineServer | None = None
         self.failure: str | None = None
+        self.restarting: str | None = None  # why a restart is under way (status reports it as the failure)
         self.started_at: float | None = None
         self.restarts = 0
         self._background: set[asyncio.Task[None]] = set()
@@ -193,10 +194,15 @@ class ModelEngineReplica:
         """Tear down whatever is left and start again on a fresh placement group; weights come
         from the model path (version `initial_weight_version`) — the manager then copies the
         current weights from a live peer."""
+        previous = self.failure
         await self.shutdown(drain=False, timeout_s=5.0)
         self.failure = None
         self.restarts += 1
-        return await self.start(timeout_s)
+        self.restarting = f"restarting (restart {self.restarts}) after: {previous or 'shut down'}"
+        try:
+            return await self.start(timeout_s)
+        finally:
+            self.restarting = None
 
     # ------------------------------------------------------------------ serving
     def _server(self) -> ModelEngineServer:
@@ -318,7 +324,7 @@ class ModelEngineReplica:
     # ------------------------------------------------------------------ status
     def status(self) -> dict[str, Any]:
         base: dict[str, Any] = {"replica": self.index, "name": self.name, "alive": self.alive,
-                                "failure": self.failure, "restarts": self.restarts,
+                                "failure": self.failure or self.restarting, "restarts": self.restarts,
                                 "workers": len(self.workers),
                                 "nodes": [info.node_id for info in self.worker_infos]}  # Ray node of each rank
         if self.server is not None:
