@@ -30,6 +30,10 @@ logger = logging.getLogger(__name__)
 
 _END = object()
 
+# The receivers wait `timeout_s` for each header: the sender gives up on a stalled export sooner,
+# so its abort header (naming the stall) reaches them before their own timeout does.
+EXPORT_WAIT_SHARE = 0.8
+
 
 class _StreamFailed:
     def __init__(self, reason: str) -> None:
@@ -64,10 +68,11 @@ class WeightSender:
         index = 0
         try:
             while True:
+                export_wait_s = self.spec.timeout_s * EXPORT_WAIT_SHARE
                 try:
-                    item = packed.get(timeout=self.spec.timeout_s)
+                    item = packed.get(timeout=export_wait_s)
                 except queue.Empty:
-                    item = _StreamFailed(f"timed out after {self.spec.timeout_s:.3g} s waiting for the export stream's next tensors")
+                    item = _StreamFailed(f"timed out after {export_wait_s:.3g} s waiting for the export stream's next tensors")
                 if item is _END or isinstance(item, _StreamFailed):
                     reason = item.reason if isinstance(item, _StreamFailed) else None
                     end = BucketHeader(

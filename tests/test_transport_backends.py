@@ -189,7 +189,8 @@ def test_a_stalled_sender_makes_receivers_time_out_with_a_reason(session):
         sent, [report] = run_sync(session, stream(), 8, [Sink()], timeout_s=1.0)
     finally:
         release.set()
-    assert not report.ok and "timed out" in report.error
+    # the sender gives up first, so receivers hear its reason rather than their own timeout
+    assert not report.ok and "waiting for the export stream" in report.error, report.error
     assert not sent.ok
 
 
