@@ -16,6 +16,7 @@ from packaging.requirements import Requirement
 from packaging.version import Version
 
 ROOT = Path(__file__).resolve().parents[1]
+NOT_BESIDE_VERL = {"trl"}  # our `trl` extra: documented in pyproject.toml as not installable beside verl 0.9.1
 
 
 def _requirements() -> list[Requirement]:
@@ -53,6 +54,26 @@ def test_every_constraint_lies_inside_the_range_the_package_declares():
 def test_the_range_admits_the_transformers_verl_0_9_1_installs():
     (transformers,) = [r for r in _requirements() if r.name == "transformers"]
     assert transformers.specifier.contains("5.10.4")  # verl 0.9.1: transformers>=5.5.3,<5.11
+    assert transformers.specifier.contains("5.9.0")  # its vllm, sglang and cpu extras pin 5.9.0
+
+
+@pytest.mark.parametrize("extra", ["vllm", "sglang", "cpu", "fsdp", "megatron"])
+def test_every_pin_of_verls_own_extras_lies_inside_our_ranges(extra):
+    """A verl user installs `verl[vllm]` (or another extra) first: each exact pin it brings for
+    a package we depend on must satisfy our range, or installing us would move it (once
+    transformers==5.9.0 did not)."""
+    pytest.importorskip("verl")
+    ours = {r.name.lower(): r for r in _requirements() if r.name.lower() not in NOT_BESIDE_VERL}
+    clashes = []
+    for line in metadata.requires("verl") or []:
+        requirement = Requirement(line)
+        if requirement.marker is None or not requirement.marker.evaluate({"extra": extra}):
+            continue
+        exact = [spec.version for spec in requirement.specifier if spec.operator == "=="]
+        declared = ours.get(requirement.name.lower())
+        if exact and declared is not None and not declared.specifier.contains(exact[0], prereleases=True):
+            clashes.append(f"verl[{extra}] pins {requirement.name}=={exact[0]}, outside our {declared.specifier}")
+    assert clashes == []
 
 
 @pytest.mark.parametrize("name", ["torch", "transformers"])
