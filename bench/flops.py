@@ -68,3 +68,17 @@ def gemm_flops_per_s(dtype: torch.dtype, size: int = 2048, repeats: int = 5) -> 
     b = torch.randn(size, size, device=device).to(dtype)
     seconds = best_time(lambda: a @ b, repeats, warmup=2)
     return 2 * size**3 / seconds
+
+
+def masked_row_attention_flops(config: Any, row_lengths: Sequence[int]) -> float:
+    """Attention scores and weighted values of SDPA with an explicit `[T, T]` mask over each
+    packed row (how transformers runs packed rows, and verl on CPU): every query against every
+    key of its row, masked or not, so the cost grows with the row's length squared."""
+    heads, head_dim = config.num_attention_heads, _head_dim(config)
+    return config.num_hidden_layers * 2 * 2 * heads * head_dim * sum(length * length for length in row_lengths)
+
+
+def sequence_attention_flops(config: Any, lengths: Sequence[int]) -> float:
+    """The same over each sequence alone, causal: what `forward_flops_split` counts."""
+    heads, head_dim = config.num_attention_heads, _head_dim(config)
+    return config.num_hidden_layers * 2 * 2 * heads * head_dim * sum(n * (n + 1) / 2 for n in lengths)

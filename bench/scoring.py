@@ -368,5 +368,5 @@ def run(quick: bool = False, shape: list[str] | None = None, max_tokens: int | N
         shapes.place(figures, name, measured)
     measured, source = _prediction_source(figures)
     full_mix = rl_length_mix(FULL.requests, 151_936, max_response=FULL.max_response, group_size=group_size)
-    figures.update(scoring_predict.predictions(full_mix, measured, source))
+    figures.update(scoring_predict.predictions(full_mix, measured, source, TOKEN_BUDGET))
     return figures

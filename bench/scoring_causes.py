@@ -31,6 +31,7 @@ from typing import Any, Callable
 import torch
 
 from bench.common import alternating_best
+from bench.scoring_predict import attention_work
 from model_engine_server.cpu_heap import release_free_memory
 from model_engine_server.engines.hf import HFEngine
 from model_engine_server.logprobs import chunked_log_probs, full_logits_log_probs
@@ -131,6 +132,7 @@ def measure_causes(engine: HFEngine, requests: list[LogProbRequest], token_budge
         "factor_lm_head_response_only": (body + head_all_c) / (body + head_resp),
         "factor_chunked_log_softmax": (body + head_all_f) / (body + head_all_c),
         "factor_attention": (t["body_sdpa_mask"] + head_all_f) / (body + head_all_f),
+        **attention_work(engine.model.config, requests, token_budget),
         "body_sdpa_mask_max_abs_diff": _max_diff(timed["body"][1], timed["body_sdpa_mask"][1]),
         "head_paths_max_abs_diff": _max_diff(timed["head_response_chunked"][1], response_from_all),
     }

@@ -10,9 +10,10 @@ Shapes too large for this machine are not run. Their ratio is predicted from FLO
   what remains on a GPU, where verl runs flash-attn varlen (our packed attention's equal) and
   the log-softmax is a small part of the time;
 - `cpu_rates`: the FLOP rates each component reached in this run on the largest measured shape
-  (server body, chunked response-only head, full-logits head, and the body with the attention
-  verl runs: transformers' SDPA over the packed row), applied to the larger shape's FLOPs: what
-  this CPU would show. All four come from the cause split's rounds, timed alternately, so a
+  (server body, chunked response-only head, full-logits head, and what the attention verl runs,
+  transformers' SDPA with a mask over each whole packed row, adds to the body: counted as the
+  row's length squared, not per sequence, since that is what it computes), applied to the
+  larger shape's work on the same token budget: what this CPU would show. All four come from the cause split's rounds, timed alternately, so a
   machine whose speed drifts between the benchmark's phases does not skew one against another
   (an earlier version took verl's body from its whole-path time in the other phase, and a run
   whose cause phase ran 25% slower predicted verl faster than its own measured body). verl's
@@ -23,9 +24,9 @@ from __future__ import annotations
 
 from typing import Any, Sequence
 
-from bench.flops import Work, forward_flops_split
+from bench.flops import Work, forward_flops_split, masked_row_attention_flops, sequence_attention_flops
 from bench.shapes import PREDICTED, QwenShape
-from model_engine_server.packing import prompt_groups
+from model_engine_server.packing import prompt_groups, split_by_token_budget
 from model_engine_server.protocol import LogProbRequest
 
 
@@ -82,31 +83,48 @@ def lm_head_only_ratio(flops: dict[str, float]) -> float:
         flops["body_flops"] + flops["lm_head_flops_response_only"])
 
 
+def attention_work(config: Any, requests: list[LogProbRequest], token_budget: int) -> dict[str, float]:
+    """What the masked body computes beyond the per-sequence one, on these rows: the extra
+    time `body_sdpa_mask_s - body_s` is spent on it (`scoring_predict` scales it to other shapes)."""
+    lengths = [r.num_tokens - 1 for r in requests]  # a sequence's forward reads all but its last token
+    groups = split_by_token_budget([r.num_tokens for r in requests], token_budget)  # as `pack_groups`
+    rows = [sum(lengths[i] for i in group) for group in groups]
+    return {"masked_row_attention_flops": masked_row_attention_flops(config, rows),
+            "sequence_attention_flops": sequence_attention_flops(config, lengths)}
+
+
 def cpu_rates(measured: dict[str, Any]) -> dict[str, float] | None:
-    """FLOP/s of each component in a measured shape's figures (None without verl's time)."""
-    if "verl_tokens_per_s" not in measured:
+    """FLOP/s of each component in a measured shape's figures (None without verl's time, or
+    from a record made before the masked rows' attention was counted)."""
+    if "verl_tokens_per_s" not in measured or "masked_row_attention_flops" not in measured:
         return None
+    extra = measured["masked_row_attention_flops"] - measured["sequence_attention_flops"]
     return {
         "body": measured["body_flops"] / measured["body_s"],
         "head_chunked": measured["lm_head_flops_response_only"] / measured["head_response_chunked_s"],
         "head_full": measured["lm_head_flops_all_positions"] / measured["head_all_full_s"],
-        "verl_body": measured["body_flops"] / measured["body_sdpa_mask_s"],
+        "masked_attention_extra": extra / max(measured["body_sdpa_mask_s"] - measured["body_s"], 1e-9),
     }
 
 
 def cpu_rates_ratio(flops: dict[str, float], rates: dict[str, float]) -> float:
+    """verl's body is the server's plus what its masked rows add, at the rate that extra ran:
+    it grows with each row's length squared, not with the per-sequence FLOPs."""
     server = flops["body_flops_shared_prompts"] / rates["body"] + flops["lm_head_flops_response_only"] / rates["head_chunked"]
-    verl = flops["body_flops"] / rates["verl_body"] + flops["lm_head_flops_all_positions"] / rates["head_full"]
+    masked_extra = flops["masked_row_attention_flops"] - flops["sequence_attention_flops"]
+    verl = (flops["body_flops"] / rates["body"] + masked_extra / rates["masked_attention_extra"]
+            + flops["lm_head_flops_all_positions"] / rates["head_full"])
     return verl / server
 
 
 def predictions(requests: Sequence[LogProbRequest], measured: dict[str, Any] | None,
-                measured_name: str | None, shapes: Sequence[QwenShape] = PREDICTED) -> dict[str, Any]:
+                measured_name: str | None, token_budget: int, shapes: Sequence[QwenShape] = PREDICTED) -> dict[str, Any]:
     """Per predicted shape: FLOP shares and the predicted `speedup_vs_verl`, labelled as such."""
     rates = cpu_rates(measured) if measured else None
     out: dict[str, Any] = {}
     for shape in shapes:
-        flops = flop_figures(shape.hf_config(), requests)
+        config = shape.hf_config()
+        flops = {**flop_figures(config, requests), **attention_work(config, requests, token_budget)}
         figures: dict[str, Any] = {
             "lm_head_flop_share_all_positions": flops["lm_head_flop_share_all_positions"],
             "lm_head_flop_share_response_only": flops["lm_head_flop_share_response_only"],

@@ -225,7 +225,7 @@ def test_lm_head_only_prediction_is_the_flop_ratio_of_all_positions_to_responses
         flops["body_flops"] + flops["lm_head_flops_response_only"])
     assert lm_head_only_ratio(flops) == expected and expected > 1
     assert 0 < flops["lm_head_flop_share_response_only"] < flops["lm_head_flop_share_all_positions"] < 1
-    predicted = predictions(requests, measured=None, measured_name=None)
+    predicted = predictions(requests, measured=None, measured_name=None, token_budget=8192)
     assert set(predicted) == {"prediction_qwen2_5_7b", "prediction_qwen2_5_32b"}
     assert "predicted_speedup_vs_verl_cpu_rates" not in predicted["prediction_qwen2_5_7b"]  # no measured rates
 
@@ -237,13 +237,31 @@ def test_cpu_rate_prediction_on_the_measured_shape_gives_back_its_cause_times():
     from bench.scoring_predict import cpu_rates, cpu_rates_ratio
 
     flops = {"body_flops": 8e12, "body_flops_shared_prompts": 8e12, "lm_head_flops_response_only": 1e12,
-             "lm_head_flops_all_positions": 1.5e12}
+             "lm_head_flops_all_positions": 1.5e12, "masked_row_attention_flops": 3e12, "sequence_attention_flops": 1e11}
     measured = {**flops, "tokens": 4000, "body_s": 40.0, "body_sdpa_mask_s": 50.0, "head_response_chunked_s": 4.0,
                 "head_all_full_s": 6.0}
     for verl_tokens_per_s in (50.0, 200.0):  # verl's measured path, slow or fast, does not enter
         rates = cpu_rates({**measured, "verl_tokens_per_s": verl_tokens_per_s})
         assert cpu_rates_ratio(flops, rates) == pytest.approx((50.0 + 6.0) / (40.0 + 4.0))
     assert cpu_rates(measured) is None  # no verl run: no prediction against it
+
+
+def test_cpu_rate_prediction_scales_verls_masked_attention_with_row_length_squared():
+    """Once scaled with the per-sequence FLOPs, which overstated verl at 7B and 32B: a shape
+    whose masked-row extra is a smaller part of its work keeps verl's body closer to ours."""
+    from bench.scoring_predict import cpu_rates, cpu_rates_ratio
+
+    measured = {"body_flops": 8e12, "body_flops_shared_prompts": 8e12, "lm_head_flops_response_only": 1e12,
+                "lm_head_flops_all_positions": 1.5e12, "masked_row_attention_flops": 3e12,
+                "sequence_attention_flops": 1e11, "body_s": 40.0, "body_sdpa_mask_s": 50.0,
+                "head_response_chunked_s": 4.0, "head_all_full_s": 6.0, "verl_tokens_per_s": 100.0}
+    rates = cpu_rates(measured)
+    larger = {**{k: v * 10 for k, v in measured.items() if k.endswith("flops") or "flops_" in k},
+              "masked_row_attention_flops": 3e12 * 2, "sequence_attention_flops": 1e11 * 2}  # extra grows 2x, body 10x
+    expected_verl = 80e12 / (8e12 / 40.0) + (6e12 - 2e11) / ((3e12 - 1e11) / 10.0) + 15e12 / (1.5e12 / 6.0)
+    expected_server = 80e12 / (8e12 / 40.0) + 10e12 / (1e12 / 4.0)
+    assert cpu_rates_ratio(larger, rates) == pytest.approx(expected_verl / expected_server)
+    assert cpu_rates_ratio(larger, rates) < cpu_rates_ratio(measured, rates)
 
 
 def test_grpo_mix_shares_prompts_and_the_shared_flops_count_each_prompt_once():
