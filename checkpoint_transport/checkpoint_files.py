@@ -8,9 +8,10 @@ publisher's `weights="<folder>"`.
 - `iter_checkpoint(folder)`: every tensor, as the same `(hf_name, tensor)` stream a trainer's
   export yields.
 
-The files are those the folder's `model.safetensors.index.json` lists (each must exist), else
-every `*.safetensors` file, sorted. A folder that is not a readable checkpoint is a
-`CheckpointError` naming what is wrong.
+The files are those the folder's `model.safetensors.index.json` lists (each must exist, a plain
+file name of the folder), else `model.safetensors` alone when present (as transformers loads),
+else every `*.safetensors` file, sorted, none holding a name another holds. A folder that is not
+a readable checkpoint is a `CheckpointError` naming what is wrong.
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ import torch
 from checkpoint_transport.dtypes import SAFETENSORS_DTYPES
 
 INDEX = "model.safetensors.index.json"
+SINGLE_FILE = "model.safetensors"
 EXAMPLES = 3  # names quoted in an error message
 
 
@@ -48,18 +50,33 @@ def checkpoint_files(folder: str | Path) -> list[Path]:
         raise CheckpointError(f"{str(folder)!r} is not a folder")
     index = path / INDEX
     if index.is_file():
-        try:
-            shards = dict.fromkeys(json.loads(index.read_text())["weight_map"].values())
-        except (ValueError, KeyError, TypeError, AttributeError) as error:
-            raise CheckpointError(f"{index} is not a safetensors index ({type(error).__name__}: {error})") from None
+        shards = _index_shards(index)
         missing = [shard for shard in shards if not (path / shard).is_file()]
         if missing:
             raise CheckpointError(f"{index.name} lists shard(s) missing from {path}: {missing[:EXAMPLES]}")
         return [path / shard for shard in shards]
+    if (path / SINGLE_FILE).is_file():  # what transformers loads; other files beside it are not the model
+        return [path / SINGLE_FILE]
     files = sorted(path.glob("*.safetensors"))
     if not files:
         raise CheckpointError(f"{path} holds no *.safetensors files (only safetensors checkpoints are loaded)")
     return files
+
+
+def _index_shards(index: Path) -> list[str]:
+    """The shard files an index names, in order; each a plain file name of the index's folder
+    (a path in it could make the server read files outside the folder it was allowed)."""
+    try:
+        weight_map = json.loads(index.read_text())["weight_map"]
+    except (ValueError, KeyError, TypeError) as error:
+        raise CheckpointError(f"{index} is not a safetensors index ({type(error).__name__}: {error})") from None
+    if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):
+        raise CheckpointError(f"{index}: weight_map must map each tensor name to a shard file name")
+    shards = list(dict.fromkeys(weight_map.values()))
+    outside = [shard for shard in shards if Path(shard).name != shard or shard in ("", ".", "..")]
+    if outside:
+        raise CheckpointError(f"{index} names shards outside its folder: {outside[:EXAMPLES]}")
+    return shards
 
 
 def list_tensors(folder: str | Path) -> dict[str, StoredTensor]:
@@ -70,11 +87,15 @@ def list_tensors(folder: str | Path) -> dict[str, StoredTensor]:
     for file in checkpoint_files(folder):
         try:
             with safe_open(str(file), framework="pt", device="cpu") as reader:
-                for name in reader.keys():
-                    part = reader.get_slice(name)
-                    tensors[name] = StoredTensor(file, tuple(part.get_shape()), SAFETENSORS_DTYPES.get(part.get_dtype()))
+                found = {name: reader.get_slice(name) for name in reader.keys()}
         except Exception as error:  # a truncated or foreign file
             raise CheckpointError(f"cannot read {file.name}: {type(error).__name__}: {error}") from None
+        twice = sorted(name for name in found if name in tensors)
+        if twice:
+            raise CheckpointError(f"{file.name} holds tensor(s) another file of the folder holds too, e.g. "
+                                  f"{twice[:EXAMPLES]}: which one is the model is unclear")
+        for name, part in found.items():
+            tensors[name] = StoredTensor(file, tuple(part.get_shape()), SAFETENSORS_DTYPES.get(part.get_dtype()))
     return tensors
 
 

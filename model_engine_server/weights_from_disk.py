@@ -1,7 +1,8 @@
 """Serve the weights of an HF checkpoint folder (`POST /v1/update_weights_from_disk`).
 
 The order is the point: the folder is checked against the model being served -- the
-architecture in its `config.json`, then the name and shape of every tensor from the safetensors
+architecture and the settings that change the forward (tied embeddings, head split, rotary,
+norms) in its `config.json`, then the name and shape of every tensor from the safetensors
 headers (no tensor data is read) -- BEFORE the weight update begins. A missing folder, another
 architecture or other shapes is an `InvalidRequest` (HTTP 400) naming what differs, and the old
 weights keep serving under the old version. Only a folder that fits goes through the service's
@@ -27,7 +28,7 @@ from typing import Iterable, Iterator, Sequence
 import torch
 
 from checkpoint_transport.checkpoint_files import CheckpointError, StoredTensor, list_tensors, read_tensors
-from model_engine_server.engines.base import ModelInfo, WeightSpec
+from model_engine_server.engines.base import ModelInfo, WeightSpec, forward_settings
 from model_engine_server.service import LogProbService
 from model_engine_server.errors import Forbidden, InvalidRequest
 
@@ -90,7 +91,7 @@ def plan_load(model_path: str | Path, info: ModelInfo, specs: dict[str, WeightSp
             f"{where} holds a {architecture} checkpoint; the server serves {info.architecture}", FIELD
         )
     skipped = [TIED_ALIAS] if info.tied_embeddings and TIED_ALIAS in tensors and TIED_ALIAS not in specs else []
-    problems: list[str] = []
+    problems: list[str] = _settings_problems(model_path, info)
     missing = sorted(set(specs) - set(tensors))
     if missing:
         problems.append(f"{len(missing)} tensor(s) missing, e.g. {missing[:EXAMPLES]}")
@@ -113,6 +114,23 @@ def plan_load(model_path: str | Path, info: ModelInfo, specs: dict[str, WeightSp
         raise InvalidRequest(f"{where} does not fit the served {info.architecture}: {' | '.join(problems)}", FIELD)
     load_as = {name: spec.dtype for name, spec in specs.items()}
     return CheckpointPlan(Path(model_path).expanduser(), architecture, tensors, load_as, skipped)
+
+
+def _settings_problems(model_path: str | Path, info: ModelInfo) -> list[str]:
+    """Model settings that change the forward while every tensor keeps its name and shape (tied
+    embeddings, the head split, rotary and norm settings): such a checkpoint would load and
+    score silently wrong. Empty when the engine does not say what it serves."""
+    if not info.forward_settings:
+        return []
+    from transformers import AutoConfig
+
+    try:
+        config = AutoConfig.from_pretrained(str(Path(model_path).expanduser()), local_files_only=True)
+    except Exception as error:  # transformers' reasons are many; the folder is what is wrong
+        raise InvalidRequest(f"{model_path}: config.json cannot be read: {type(error).__name__}: {error}", FIELD) from None
+    served = dict(info.forward_settings)
+    differing = [f"{key} {value} (served {served[key]})" for key, value in forward_settings(config) if served.get(key, value) != value]
+    return [f"{len(differing)} model setting(s) differ: {'; '.join(differing[:EXAMPLES])}"] if differing else []
 
 
 def _castable(stored: torch.dtype | None, served: torch.dtype) -> bool:

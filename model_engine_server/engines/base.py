@@ -65,6 +65,24 @@ class ModelInfo:
     tied_embeddings: bool
     model_parallel_size: int = 1  # ranks that run one forward together (TP x PP)
     shares_prompts: bool = False  # identical prompts in a batch are run once (`packing`, share_prompts)
+    forward_settings: tuple[tuple[str, str], ...] = ()  # `forward_settings(config)`: what a new checkpoint must match
+
+
+# HF config fields that change what the forward computes while every tensor keeps its name and
+# shape (a checkpoint differing in one of them would load and score silently wrong)
+FORWARD_SETTING_KEYS = (
+    "tie_word_embeddings", "hidden_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads",
+    "head_dim", "intermediate_size", "vocab_size", "hidden_act", "rms_norm_eps", "rope_theta", "rope_scaling",
+    "rope_parameters", "sliding_window", "use_sliding_window", "max_window_layers", "layer_types",
+    "attention_bias", "logits_scaling", "final_logit_softcapping",
+)
+
+
+def forward_settings(config: Any) -> tuple[tuple[str, str], ...]:
+    """`FORWARD_SETTING_KEYS` of an HF config, each as JSON (comparable, and picklable across Ray)."""
+    import json
+
+    return tuple((key, json.dumps(getattr(config, key, None), sort_keys=True, default=str)) for key in FORWARD_SETTING_KEYS)
 
 
 @dataclass(frozen=True)

@@ -22,6 +22,7 @@ from model_engine_server.engines.base import (
     HiddenStateEngine,
     ModelInfo,
     WeightSpec,
+    forward_settings,
     register_engine,
     resolve_device,
 )
@@ -116,6 +117,7 @@ class HFEngine(HiddenStateEngine):
             device=str(self.device),
             tied_embeddings=bool(getattr(config, "tie_word_embeddings", False)),
             shares_prompts=spec.share_prompts and self._reads_segment_prefixes(),
+            forward_settings=forward_settings(config),
         )
 
     def _reads_segment_prefixes(self) -> bool:

@@ -33,6 +33,7 @@ from model_engine_server.engines.base import (
     HiddenStateEngine,
     ModelInfo,
     WeightSpec,
+    forward_settings,
     register_engine,
     resolve_device,
 )
@@ -151,6 +152,7 @@ class MegatronEngine(HiddenStateEngine):
             device=str(self.device),
             tied_embeddings=self.weights.tied,
             model_parallel_size=self.layout.tp_size * self.layout.pp_size,
+            forward_settings=forward_settings(hf_config),
         )
 
     @property

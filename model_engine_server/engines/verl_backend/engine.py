@@ -21,7 +21,7 @@ import torch
 import torch.distributed as dist
 
 from checkpoint_transport.dtypes import DTYPES
-from model_engine_server.engines.base import EngineSpec, ModelInfo, WeightSpec, register_engine, resolve_device
+from model_engine_server.engines.base import EngineSpec, ModelInfo, WeightSpec, forward_settings, register_engine, resolve_device
 from model_engine_server.engines.hf import check_checkpoint_folder
 from model_engine_server.engines.verl_backend import build
 from model_engine_server.engines.verl_backend.batches import flat_output, to_verl_batch
@@ -66,6 +66,7 @@ class VerlEngine:
             dtype=_compute_dtype_name(self.worker.engine_config),
             device=str(self.device),
             tied_embeddings=bool(getattr(config, "tie_word_embeddings", False)),
+            forward_settings=forward_settings(config),
         )
 
     # ---------------------------------------------------------------- scoring
