@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from model_engine_server.errors import WeightSyncError
-from model_engine_server.weight_session import WeightSession
+from model_engine_server.weight_session import MAX_WEIGHT_VERSION, WeightSession
 
 if TYPE_CHECKING:
     from model_engine_server.errors import ModelEngineError
@@ -46,6 +46,9 @@ class WeightState:
                 f"a weight update to version {self.session.version} is already in progress; "
                 "commit or abort it before beginning another"
             )
+        if session.version > MAX_WEIGHT_VERSION:
+            raise WeightSyncError(f"weight versions stop at {MAX_WEIGHT_VERSION} (int64, what every wire carries), "
+                                  f"got {session.version}")
         if session.version <= self.version:
             raise WeightSyncError(
                 f"new weight version must be greater than the current {self.version}, got {session.version}"

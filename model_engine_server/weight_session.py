@@ -18,6 +18,8 @@ from typing import Iterable, Sequence
 from model_engine_server.errors import WeightSyncError
 
 EXAMPLES = 3  # names quoted in a refusal
+# Results carry the version on every wire; msgpack (and most languages' integers) stop at int64
+MAX_WEIGHT_VERSION = 2**63 - 1
 
 
 @dataclass

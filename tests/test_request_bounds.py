@@ -56,3 +56,24 @@ def test_a_queue_smaller_than_one_batch_is_a_config_error():
     with pytest.raises(ValidationError, match="max_queued_tokens=1000 must be at least max_tokens_per_batch=2048"):
         SchedulerConfig(max_tokens_per_batch=2048, max_queued_tokens=1000)
     assert SchedulerConfig(max_tokens_per_batch=2048, max_queued_tokens=2048).max_queued_tokens == 2048
+
+
+async def test_a_weight_version_past_int64_is_refused_everywhere_it_can_enter():
+    """Once accepted: version 2**64 then broke every msgpack answer (it cannot encode it), and
+    no smaller version could follow it."""
+    from model_engine_server import codec
+    from model_engine_server.errors import WeightSyncError
+    from model_engine_server.http.schemas import UpdateFromDiskBody
+    from model_engine_server.http.wire import decode_weights
+    from model_engine_server.weight_session import MAX_WEIGHT_VERSION
+
+    server = ModelEngineServer(FakeExecutor(), SchedulerConfig())
+    with pytest.raises(WeightSyncError, match="weight versions stop at"):
+        await server.begin_weight_update(MAX_WEIGHT_VERSION + 1)
+    assert server.weights.version == 0 and not server.weights.updating
+    with pytest.raises(ValidationError, match="weight_version"):
+        UpdateFromDiskBody(model_path="/m", weight_version=2**64)
+    with pytest.raises(InvalidRequest, match="version") as refused:
+        decode_weights(codec.encode({"version": 2**63, "tensors": []}))
+    assert refused.value.field == "version"
+    await server.shutdown()

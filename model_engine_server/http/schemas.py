@@ -11,6 +11,7 @@ from typing import Any
 from pydantic import BaseModel, ConfigDict, Field
 
 from model_engine_server.protocol import LogProbRequest
+from model_engine_server.weight_session import MAX_WEIGHT_VERSION
 
 
 class LogProbCall(BaseModel):
@@ -82,7 +83,7 @@ class UpdateFromDiskBody(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     model_path: str = Field(min_length=1, description="HF checkpoint folder, as seen from the server's machine")
-    weight_version: int | None = Field(default=None, ge=0, description="version to serve it as; default: current + 1")
+    weight_version: int | None = Field(default=None, ge=0, le=MAX_WEIGHT_VERSION, description="version to serve it as; default: current + 1")
 
 
 class HealthResponse(BaseModel):

@@ -23,11 +23,12 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from checkpoint_transport.spec import TransportSpec
 from model_engine_server.service import LogProbService
+from model_engine_server.weight_session import MAX_WEIGHT_VERSION
 
 
 class VersionBody(BaseModel):
     model_config = ConfigDict(extra="forbid")
-    version: int = Field(ge=0)
+    version: int = Field(ge=0, le=MAX_WEIGHT_VERSION)
 
 
 class ReceiveBody(BaseModel):

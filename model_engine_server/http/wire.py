@@ -21,6 +21,7 @@ import torch
 from checkpoint_transport.dtypes import DTYPES, dtype_name
 from model_engine_server import codec
 from model_engine_server.errors import InvalidRequest, ModelEngineError
+from model_engine_server.weight_session import MAX_WEIGHT_VERSION
 
 logger = logging.getLogger(__name__)
 
@@ -111,8 +112,8 @@ def decode_weights(body: bytes) -> tuple[int, list[tuple[str, torch.Tensor]]]:
     if not isinstance(payload, dict) or set(payload) != {"version", "tensors"}:
         raise InvalidRequest('a weight update is {"version": int, "tensors": [[name, dtype, shape, bytes], ...]}', "body")
     version, entries = payload["version"], payload["tensors"]
-    if not isinstance(version, int) or isinstance(version, bool) or version < 0:
-        raise InvalidRequest(f"must be a non-negative integer, got {version!r}", "version")
+    if not isinstance(version, int) or isinstance(version, bool) or not 0 <= version <= MAX_WEIGHT_VERSION:
+        raise InvalidRequest(f"must be an integer in [0, {MAX_WEIGHT_VERSION}], got {version!r}", "version")
     if not isinstance(entries, list):
         raise InvalidRequest("must be a list of [name, dtype, shape, bytes]", "tensors")
     named = []
