@@ -106,11 +106,13 @@ class RayWorkerExecutor:
         workers: Sequence[Any],
         infos: Sequence[WorkerInfo],
         model_info: ModelInfo,
-        weight_specs: dict[str, WeightSpec],
+        weight_specs: dict[str, WeightSpec] | WeightSyncError,
         batch_timeout_s: float = 600.0,
         weight_bucket_bytes: int = 512 << 20,
         on_failure: Callable[[str], None] | None = None,
     ) -> None:
+        """`weight_specs`: the engine's layout, or why it takes no weight syncs (every begin is
+        then refused with that reason, and scoring goes on)."""
         self.name = name
         self.workers = list(workers)
         self.infos = list(infos)
@@ -147,6 +149,8 @@ class RayWorkerExecutor:
         return self._model_info
 
     async def weight_specs(self) -> dict[str, WeightSpec]:
+        if isinstance(self._weight_specs, WeightSyncError):
+            raise self._weight_specs
         return dict(self._weight_specs)
 
     def _check_usable(self) -> None:

@@ -120,7 +120,7 @@ class ModelEngineReplica:
         except TimeoutError:
             raise TimeoutError(f"{self.name}: workers did not initialise within init_timeout_s={deadline:g}") from None
         model_info = await _await(self.workers[0].model_info.remote())
-        specs = await _await(self.workers[0].weight_specs.remote())
+        specs = await _weight_specs_or_refusal(self.workers[0])
         self.executor = RayWorkerExecutor(
             self.name, self.workers, self.worker_infos, model_info, specs,
             batch_timeout_s=config.batch_timeout_s,
@@ -337,6 +337,16 @@ class ModelEngineReplica:
     async def worker_placements(self) -> list[WorkerInfo]:
         """Where each worker runs (rank, GPU ids, placement group, bundle resources)."""
         return list(self.worker_infos)
+
+
+async def _weight_specs_or_refusal(worker: Any) -> "dict[str, Any] | WeightSyncError":
+    """The engine's weight layout, or the reason it takes no syncs (the replica still scores)."""
+    try:
+        return await _await(worker.weight_specs.remote())
+    except ray.exceptions.RayTaskError as error:
+        if isinstance(error.cause, WeightSyncError):
+            return error.cause
+        raise
 
 
 async def _await(ref: Any) -> Any:

@@ -87,3 +87,25 @@ def test_layers_that_carry_state_along_a_packed_row_are_refused_at_build(tmp_pat
     path = _save(tmp_path, config_class, **settings)
     with pytest.raises(ValueError, match=rf"cannot run on packed rows \({kind}\)"):
         HFEngine(EngineSpec(model_path=str(path), device="cpu"))
+
+
+async def test_a_model_transformers_renames_on_load_scores_but_refuses_weight_syncs_with_the_reason(tmp_path):
+    """A mixture of experts: transformers merges its per-expert checkpoint tensors into one
+    parameter, so syncs by checkpoint name cannot land. Once such an update began, failed tensor
+    by tensor and left the server refusing to score; now begin refuses it and scoring goes on."""
+    from model_engine_server.errors import WeightSyncError
+    from model_engine_server.local import build_local_server
+
+    path = _save(tmp_path, "Qwen2MoeConfig", moe_intermediate_size=32, shared_expert_intermediate_size=64,
+                 num_experts=4, num_experts_per_tok=2, tie_word_embeddings=False)
+    server = build_local_server(EngineSpec(model_path=str(path), device="cpu"))
+    request = LogProbRequest(input_ids=list(range(3, 23)), response_start=5, temperature=1.0)
+    try:
+        with pytest.raises(WeightSyncError, match="cannot take weight syncs"):
+            await server.begin_weight_update(1)
+        result = await server.submit(request)
+        assert result.weight_version == 0
+        expected, _ = reference_log_probs(reference_model(path), request)
+        torch.testing.assert_close(torch.from_numpy(result.log_probs), expected, atol=TOLERANCE, rtol=0)
+    finally:
+        await server.shutdown()

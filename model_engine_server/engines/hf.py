@@ -70,6 +70,25 @@ def packing_problem(model: torch.nn.Module) -> str | None:
             "attention is not applied, so this engine does not serve it")
 
 
+def _renamed_on_load(path: Path, parameter_names: set[str], architecture: str) -> str | None:
+    """Why weights cannot be synced by checkpoint name into this model, or None. transformers
+    renames some checkpoints' tensors as it loads them (a mixture of experts' per-expert
+    tensors become one merged parameter); a trainer sends, and a folder holds, the checkpoint's
+    names, which this engine would then refuse one by one. Scoring is unaffected."""
+    from checkpoint_transport.checkpoint_files import CheckpointError, list_tensors
+
+    try:
+        stored = set(list_tensors(path))
+    except CheckpointError:  # not a safetensors folder: nothing to compare, syncs say what is wrong
+        return None
+    foreign = sorted(stored - parameter_names - {"lm_head.weight"})
+    if not foreign:
+        return None
+    return (f"{architecture} keeps its weights under other names than its checkpoint's (e.g. {foreign[0]!r}: transformers "
+            "merges them as it loads), so the hf backend cannot take weight syncs for it; it scores with the weights "
+            "it started from (as a reference policy does)")
+
+
 def pick_attention(device: torch.device, requested: str | None) -> str:
     if requested:
         return requested
@@ -107,6 +126,7 @@ class HFEngine(HiddenStateEngine):
             raise ValueError(problem)
         self._state = self.model.state_dict()  # shares storage with the parameters
         self._params = {name: param for name, param in self.model.named_parameters()}
+        self._renamed = _renamed_on_load(path, set(self._state), type(self.model).__name__)
         self.info = ModelInfo(
             architecture=type(self.model).__name__,
             vocab_size=int(self.model.get_output_embeddings().weight.shape[0]),
@@ -148,6 +168,8 @@ class HFEngine(HiddenStateEngine):
 
     def weight_specs(self) -> dict[str, WeightSpec]:
         """Every tensor a complete sync must deliver (tied aliases are accepted, not required)."""
+        if self._renamed is not None:
+            raise WeightSyncError(self._renamed)
         return {name: WeightSpec(tuple(p.shape), p.dtype) for name, p in self._params.items()}
 
     @torch.inference_mode()
@@ -157,6 +179,8 @@ class HFEngine(HiddenStateEngine):
         Each tensor is checked before it is copied, so a rejected tensor changes nothing; the
         caller (the sync protocol) decides whether earlier ones left the weights incomplete.
         """
+        if self._renamed is not None:
+            raise WeightSyncError(self._renamed)
         loaded = []
         for name, tensor in named_tensors:
             target = self._state.get(name)
