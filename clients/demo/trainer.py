@@ -82,7 +82,8 @@ class Trainer:
         self.optimizer.step()
         self.version += 1
         with torch.no_grad():
-            clip_fraction = ((ratio - clipped).abs() > 0).float().mean().item()
+            # verl's pg_clipfrac: tokens whose clipped term is the one the loss takes
+            clip_fraction = (-clipped * advantages[:, None] > -ratio * advantages[:, None]).float().mean().item()
             ratio_mean = ratio.mean().item()
         update_s = time.perf_counter() - started
         # beside the update, not in its time: what AReaL's loglinear approximation would have used
