@@ -21,7 +21,7 @@ from model_engine_server.config import HttpConfig
 from model_engine_server.errors import ModelEngineError
 from model_engine_server.http.admin_policy import transport_spec_guard
 from model_engine_server.http.errors import MalformedEnvelope, error_response
-from model_engine_server.http.auth import require_admin
+from model_engine_server.http.auth import AdminTokenGate, admin_paths, require_admin
 from model_engine_server.http.completions_routes import completions_router
 from model_engine_server.http.completions_schema import CompletionsBody
 from model_engine_server.http.tokens import TokenText
@@ -97,9 +97,12 @@ def create_app(
     state.model_root = model_path or state.model_name
     state.token_text = TokenText(model_path)
     state.created = int(time.time())
-    app.include_router(router)
-    app.include_router(completions_router)
-    app.include_router(weight_sync_router(dependencies=[Depends(require_admin)]))
+    weights_router = weight_sync_router(dependencies=[Depends(require_admin)])
+    routers = (router, completions_router, weights_router)
+    for each in routers:
+        app.include_router(each)
+    gated = admin_paths(route for each in routers for route in each.routes)
+    app.add_middleware(AdminTokenGate, admin_paths=lambda: gated, expected=lambda: state.admin_token)
     _install_error_handlers(app, http.retry_after_s)
     _install_http_metrics(app, metrics)
     _install_openapi(app)

@@ -30,6 +30,7 @@ from model_engine_server.http.errors import (
     error_response,
 )
 from model_engine_server.http.schemas import (
+    ADMIN_JSON_BODY_BYTES,
     CallEnvelope,
     ErrorResponse,
     HealthResponse,
@@ -218,6 +219,7 @@ async def update_weights(request: Request) -> JSONResponse:
     response_model=WeightUpdateResponse,
     responses={400: {"model": ErrorResponse}, 403: {"model": ErrorResponse}, **ADMIN_ERRORS, 422: {"model": ErrorResponse}},
     dependencies=[Depends(require_admin)],
+    max_body_size=ADMIN_JSON_BODY_BYTES,
 )
 async def update_weights_from_disk(body: UpdateFromDiskBody, request: Request) -> JSONResponse:
     # a folder outside the app's roots is a 403 before anything is opened (the same answer whether

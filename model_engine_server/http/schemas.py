@@ -77,6 +77,11 @@ class WeightUpdateResponse(BaseModel):
     weight_version: int
 
 
+# Admin routes with a JSON body (a version, a folder, a transport spec) are parsed before their
+# token is checked (FastAPI reads the body first), so their size is bounded before anything else
+ADMIN_JSON_BODY_BYTES = 1 << 20
+
+
 class UpdateFromDiskBody(BaseModel):
     """`POST /v1/update_weights_from_disk` body (the name and fields SGLang uses)."""
 

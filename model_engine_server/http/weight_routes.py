@@ -22,6 +22,7 @@ from fastapi import APIRouter, Request
 from pydantic import BaseModel, ConfigDict, Field
 
 from checkpoint_transport.spec import TransportSpec
+from model_engine_server.http.schemas import ADMIN_JSON_BODY_BYTES
 from model_engine_server.service import LogProbService
 from model_engine_server.weight_session import MAX_WEIGHT_VERSION
 
@@ -54,7 +55,8 @@ async def _check_endpoint(request: Request, spec: TransportSpec) -> None:
 
 
 def weight_sync_router(dependencies: Sequence[Any] = ()) -> APIRouter:
-    router = APIRouter(prefix="/v1/weights", tags=["weight sync"], dependencies=list(dependencies))
+    router = APIRouter(prefix="/v1/weights", tags=["weight sync"], dependencies=list(dependencies),
+                       max_body_size=ADMIN_JSON_BODY_BYTES)
 
     @router.post("/begin", summary="Open the update to `version`: drain every replica; answers the receiver count")
     async def begin(body: VersionBody, request: Request) -> dict[str, int]:
