@@ -164,3 +164,38 @@ def test_sigterm_under_load_answers_every_accepted_request_and_exits_0(tiny_mode
         assert len(results) == per_call and all(len(r["log_probs"]) == length - 10 for r in results)
     assert code == 0, server.output
     assert "shut down cleanly" in server.output
+
+
+def test_sigterm_while_paused_answers_the_held_requests_503_shutting_down_and_exits_0(tiny_model, tmp_path):
+    """Requests queued behind a pause (or an open weight update) cannot run before the drain
+    ends. Once uvicorn's wait ran out first and cut them off with a bare text 500; now the
+    service answers them `shutting_down` (which clients retry elsewhere) before that wait."""
+    config = tmp_path / "serve.yaml"
+    config.write_text(yaml.safe_dump({"model_engine_server": {
+        "model_path": str(tiny_model), "device": "cpu", "http": {"graceful_shutdown_s": 2},
+    }}))
+    server = ServeProcess(["--config", str(config)])
+    answer: list[httpx.Response | BaseException] = []
+
+    def call() -> None:
+        try:
+            answer.append(score_json(server.url, [{"input_ids": [1, 2, 3, 4], "response_start": 2}]))
+        except BaseException as error:  # recorded and asserted on below
+            answer.append(error)
+
+    try:
+        assert httpx.post(f"{server.url}/v1/pause").status_code == 200
+        held = threading.Thread(target=call)
+        held.start()
+        deadline = time.monotonic() + 60
+        while httpx.get(f"{server.url}/v1/status").json()["queue_depth"] < 1:
+            assert time.monotonic() < deadline, "the call was not queued"
+            time.sleep(0.05)
+        server.proc.send_signal(signal.SIGTERM)
+        held.join(timeout=120)
+    finally:
+        code = server.stop(sig=None)
+    [response] = answer
+    assert isinstance(response, httpx.Response), f"{response!r}\n{server.output}"
+    assert response.status_code == 503 and response.json()["error"]["code"] == "shutting_down", response.text
+    assert code == 0, server.output

@@ -6,6 +6,7 @@ replica manager. It translates and delegates; every error becomes JSON in `error
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import time
 from contextlib import asynccontextmanager
@@ -71,9 +72,7 @@ def create_app(
             await service.start()
         yield
         if owns_service:
-            logger.info("draining: finishing accepted requests, then shutting the service down")
-            await service.shutdown(drain=True, timeout_s=http.graceful_shutdown_s)
-            logger.info("service shut down")
+            await shut_down_service(app)
 
     app = FastAPI(
         title="Model Engine Server",
@@ -97,6 +96,9 @@ def create_app(
     state.model_root = model_path or state.model_name
     state.token_text = TokenText(model_path)
     state.created = int(time.time())
+    state.graceful_shutdown_s = http.graceful_shutdown_s
+    state.owns_service = owns_service
+    state.service_shutdown = None  # the one shutdown task, whoever starts it first
     weights_router = weight_sync_router(dependencies=[Depends(require_admin)])
     routers = (router, completions_router, weights_router)
     for each in routers:
@@ -107,6 +109,22 @@ def create_app(
     _install_http_metrics(app, metrics)
     _install_openapi(app)
     return app
+
+
+async def shut_down_service(app: FastAPI) -> None:
+    """Drain and shut the service down, once however often it is called: `serve` calls it when a
+    signal arrives, before uvicorn waits for open connections, so requests that cannot run any
+    more (queued behind a pause or an open weight update) are answered 503 `shutting_down` rather
+    than cut off when that wait runs out; the lifespan's exit calls it again."""
+    state = app.state
+    if not state.owns_service:  # an embedding caller shuts its service down itself
+        return
+    if state.service_shutdown is None:
+        logger.info("draining: finishing accepted requests, then shutting the service down")
+        state.service_shutdown = asyncio.ensure_future(
+            state.service.shutdown(drain=True, timeout_s=state.graceful_shutdown_s))
+        state.service_shutdown.add_done_callback(lambda _: logger.info("service shut down"))
+    await asyncio.shield(state.service_shutdown)
 
 
 def _install_error_handlers(app: FastAPI, retry_after_s: float) -> None:
