@@ -95,5 +95,9 @@ class SchedulerObserver:
     def request_rejected(self, error: "ModelEngineError") -> None:
         pass
 
+    def request_lost(self, error: "ModelEngineError") -> None:
+        """An attempt lost with a replica that died; the request itself is retried elsewhere,
+        or failed by the caller that gives up on it (counted then, once)."""
+
     def batch_done(self, num_requests: int, num_tokens: int, compute_s: float) -> None:
         pass

@@ -43,6 +43,7 @@ class ReplicaManager:
 
     def __init__(self, config: ReplicaConfig, observer: SchedulerObserver | None = None) -> None:
         self.config = config
+        self.observer = observer
         self.replicas = [ModelEngineReplica(config, index, observer) for index in range(config.num_replicas)]
         self.updates = ManagerWeightUpdates(
             self.replicas, self._routable, self._no_replica_error, config.initial_weight_version,
@@ -202,6 +203,8 @@ class ReplicaManager:
         for _ in range(attempts):
             replica = self._pick(tried, request)
             if replica is None:
+                if last_error is not None:
+                    self._failed_after_loss(last_error)
                 raise last_error or self._no_replica_error()
             tried.add(replica.index)
             self.outstanding_tokens[replica.index] += request.num_tokens
@@ -219,7 +222,13 @@ class ReplicaManager:
             finally:
                 self.outstanding_tokens[replica.index] -= request.num_tokens
         assert last_error is not None
+        self._failed_after_loss(last_error)
         raise last_error
+
+    def _failed_after_loss(self, error: ModelEngineError) -> None:
+        """The replica counted the lost attempt as `lost`; the request's own failure is counted here."""
+        if self.observer is not None:
+            self.observer.request_failed(error)
 
     async def score(
         self, requests: Sequence[LogProbRequest | dict[str, Any]], timeout_s: float | None = None

@@ -16,7 +16,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from typing import TYPE_CHECKING, Any, Iterable, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Iterable, Sequence
 
 import ray
 import torch
@@ -38,6 +38,33 @@ if TYPE_CHECKING:
     from checkpoint_transport.spec import ReceiveReport, TransportSpec
 
 logger = logging.getLogger(__name__)
+
+
+class LossAwareObserver(SchedulerObserver):
+    """A replica scheduler's hooks: a request it fails because the replica died is counted as
+    `lost`, not `failed` (the manager retries it elsewhere, or counts its failure once)."""
+
+    def __init__(self, inner: SchedulerObserver, failure: Callable[[], str | None]) -> None:
+        self.inner = inner
+        self.failure = failure
+
+    def request_done(self, result: LogProbResult, tokens: int) -> None:
+        self.inner.request_done(result, tokens)
+
+    def request_failed(self, error: ModelEngineError) -> None:
+        if self.failure() is not None and isinstance(error, (WorkerFailed, ServerShuttingDown)):
+            self.inner.request_lost(error)
+        else:
+            self.inner.request_failed(error)
+
+    def request_rejected(self, error: ModelEngineError) -> None:
+        self.inner.request_rejected(error)
+
+    def request_lost(self, error: ModelEngineError) -> None:
+        self.inner.request_lost(error)
+
+    def batch_done(self, num_requests: int, num_tokens: int, compute_s: float) -> None:
+        self.inner.batch_done(num_requests, num_tokens, compute_s)
 
 
 class ModelEngineReplica:
@@ -127,7 +154,8 @@ class ModelEngineReplica:
             weight_bucket_bytes=config.weight_bucket_mb << 20,
             on_failure=self._on_worker_failure,
         )
-        self.server = ModelEngineServer(self.executor, config.scheduler, self.observer, config.initial_weight_version)
+        observer = None if self.observer is None else LossAwareObserver(self.observer, lambda: self.failure)
+        self.server = ModelEngineServer(self.executor, config.scheduler, observer, config.initial_weight_version)
         await self.server.start()
 
     def _on_worker_failure(self, reason: str) -> None:

@@ -16,6 +16,7 @@ import torch
 
 from model_engine_server.engines.base import EngineSpec, ModelInfo, build_engine
 from model_engine_server.errors import WorkerFailed
+from model_engine_server.http.metrics import ServerMetrics
 from model_engine_server.protocol import LogProbRequest, LogProbResult
 from model_engine_server.scheduler import SchedulerConfig
 from model_engine_server.service import LogProbService
@@ -255,7 +256,8 @@ async def test_manager_without_retry_fails_lost_requests_and_stops_routing_to_th
     config = replica_config(
         tiny_model, num_replicas=2, retry_on_worker_failure=False, health_check_interval_s=0.5, auto_restart=False
     )
-    manager = ReplicaManager(config)
+    metrics = ServerMetrics()
+    manager = ReplicaManager(config, metrics.observer)
     assert isinstance(manager, LogProbService)
     await manager.start()
     try:
@@ -270,6 +272,11 @@ async def test_manager_without_retry_fails_lost_requests_and_stops_routing_to_th
         lost = [o for o in outcomes if not isinstance(o, LogProbResult)]
         assert lost and all(isinstance(o, WorkerFailed) and "replica-0" in o.message for o in lost)
         assert any(isinstance(o, LogProbResult) for o in outcomes)  # replica 1 kept serving
+        count = lambda outcome: sum(  # noqa: E731 - requests_total by outcome, over every error code
+            sample.value for family in metrics.registry.collect() if family.name == "model_engine_server_requests"
+            for sample in family.samples if sample.name.endswith("_total") and sample.labels["outcome"] == outcome)
+        # each request counted once: a lost one as failed (by the manager), never also by its replica
+        assert count("failed") == len(lost) and count("ok") == len(outcomes) - len(lost)
         status = manager.status()
         assert status["live_replicas"] == 1 and status["replicas"][0]["alive"] is False
 

@@ -83,6 +83,9 @@ class PrometheusObserver(SchedulerObserver):
     def request_rejected(self, error: "ModelEngineError") -> None:
         self.metrics.requests.labels(outcome="rejected", code=error.code).inc()
 
+    def request_lost(self, error: "ModelEngineError") -> None:
+        self.metrics.requests.labels(outcome="lost", code=error.code).inc()
+
     def batch_done(self, num_requests: int, num_tokens: int, compute_s: float) -> None:
         m = self.metrics
         m.batch_requests.observe(num_requests)
