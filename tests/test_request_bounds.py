@@ -77,3 +77,13 @@ async def test_a_weight_version_past_int64_is_refused_everywhere_it_can_enter():
         decode_weights(codec.encode({"version": 2**63, "tensors": []}))
     assert refused.value.field == "version"
     await server.shutdown()
+
+
+@pytest.mark.parametrize("shape", [[0, 2**64 - 1], [2**63, 0], [-1, 4]])
+def test_a_weight_shape_torch_cannot_hold_is_an_invalid_request_not_a_500(shape):
+    from model_engine_server import codec
+    from model_engine_server.http.wire import decode_weights
+
+    with pytest.raises(InvalidRequest, match="bad shape") as refused:
+        decode_weights(codec.encode({"version": 1, "tensors": [["w", "float32", shape, b""]]}))
+    assert refused.value.field == "tensors[0]"

@@ -106,6 +106,9 @@ def encode_weights(named_tensors: Iterable[tuple[str, torch.Tensor]], version: i
     return codec.encode({"version": int(version), "tensors": tensors})
 
 
+MAX_DIM = 2**63 - 1  # torch sizes are int64
+
+
 def decode_weights(body: bytes) -> tuple[int, list[tuple[str, torch.Tensor]]]:
     """Inverse of `encode_weights`; every malformed part is an `InvalidRequest` naming it."""
     payload = codec.decode(body)
@@ -124,8 +127,9 @@ def decode_weights(body: bytes) -> tuple[int, list[tuple[str, torch.Tensor]]]:
         name, dtype_text, shape, raw = entry
         if not isinstance(name, str) or dtype_text not in DTYPES or not isinstance(raw, bytes):
             raise InvalidRequest(f"needs a str name, a dtype among {', '.join(DTYPES)} and raw bytes", where)
-        if not (isinstance(shape, list) and all(isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in shape)):
-            raise InvalidRequest(f"bad shape {shape!r}", where)
+        if not (isinstance(shape, list) and all(isinstance(d, int) and not isinstance(d, bool) and 0 <= d <= MAX_DIM
+                                                for d in shape)):
+            raise InvalidRequest(f"bad shape {shape!r} (each dimension an integer in [0, {MAX_DIM}])", where)
         dtype = DTYPES[dtype_text]
         numel = math.prod(shape)
         expected = numel * dtype.itemsize
