@@ -249,6 +249,24 @@ async def test_the_manager_keeps_each_grpo_group_on_one_replica_and_stays_exact(
     await assert_nothing_left()
 
 
+async def score_while_replica_0_dies(manager: ReplicaManager, requests: list[LogProbRequest]) -> list:
+    """Score `requests`; once replica 0 has a batch running and more queued, kill its worker."""
+    import ray
+
+    scoring = asyncio.ensure_future(manager.score(requests))
+    first = manager.replicas[0]
+    await wait_until(lambda: first.status()["batches_total"] >= 1 and first.status()["queue_depth"] > 0,
+                     "replica 0 busy with more queued")
+    ray.kill(first.workers[0], no_restart=True)
+    return await asyncio.wait_for(scoring, DEADLINE_S)
+
+
+def requests_counted(metrics: ServerMetrics, outcome: str) -> float:
+    """`requests_total` for one outcome, over every error code."""
+    return sum(sample.value for family in metrics.registry.collect() if family.name == "model_engine_server_requests"
+               for sample in family.samples if sample.name.endswith("_total") and sample.labels["outcome"] == outcome)
+
+
 # ---------------------------------------------------------------------- Ray: manager without retry
 async def test_manager_without_retry_fails_lost_requests_and_stops_routing_to_the_dead_replica(ray_cluster, tiny_model):
     import ray
@@ -261,22 +279,14 @@ async def test_manager_without_retry_fails_lost_requests_and_stops_routing_to_th
     assert isinstance(manager, LogProbService)
     await manager.start()
     try:
-        requests = random_requests(300, 512, seed=8, min_len=200, max_len=400)
-        scoring = asyncio.ensure_future(manager.score(requests))
-        first = manager.replicas[0]
-        await wait_until(lambda: first.status()["batches_total"] >= 1 and first.status()["queue_depth"] > 0,
-                         "replica 0 busy with more queued")
-        ray.kill(first.workers[0], no_restart=True)
-        outcomes = await asyncio.wait_for(scoring, DEADLINE_S)
+        outcomes = await score_while_replica_0_dies(manager, random_requests(300, 512, seed=8, min_len=200, max_len=400))
 
         lost = [o for o in outcomes if not isinstance(o, LogProbResult)]
         assert lost and all(isinstance(o, WorkerFailed) and "replica-0" in o.message for o in lost)
         assert any(isinstance(o, LogProbResult) for o in outcomes)  # replica 1 kept serving
-        count = lambda outcome: sum(  # noqa: E731 - requests_total by outcome, over every error code
-            sample.value for family in metrics.registry.collect() if family.name == "model_engine_server_requests"
-            for sample in family.samples if sample.name.endswith("_total") and sample.labels["outcome"] == outcome)
         # each request counted once: a lost one as failed (by the manager), never also by its replica
-        assert count("failed") == len(lost) and count("ok") == len(outcomes) - len(lost)
+        assert requests_counted(metrics, "failed") == len(lost)
+        assert requests_counted(metrics, "ok") == len(outcomes) - len(lost)
         status = manager.status()
         assert status["live_replicas"] == 1 and status["replicas"][0]["alive"] is False
 

@@ -77,10 +77,8 @@ async def test_a_request_retried_after_its_replica_died_is_counted_once_ok_and_i
 ):
     """Once counted failed by the dead replica and ok by the one that retried it, which doubled
     the error rate a dashboard shows."""
-    import ray
-
     from model_engine_server.http.metrics import ServerMetrics
-    from tests.test_replica import DEADLINE_S as deadline
+    from tests.test_replica import requests_counted, score_while_replica_0_dies
 
     metrics = ServerMetrics()
     manager = ReplicaManager(replica_config(tiny_model, num_replicas=2, health_check_interval_s=None, auto_restart=False),
@@ -88,20 +86,10 @@ async def test_a_request_retried_after_its_replica_died_is_counted_once_ok_and_i
     await manager.start()
     try:
         requests = random_requests(300, 512, seed=55, min_len=200, max_len=400)
-        scoring = asyncio.ensure_future(manager.score(requests))
-        first = manager.replicas[0]
-        await wait_until(lambda: first.status()["batches_total"] >= 1 and first.status()["queue_depth"] > 0,
-                         "replica 0 busy with more queued")
-        ray.kill(first.workers[0], no_restart=True)
-        outcomes = await asyncio.wait_for(scoring, deadline)
+        outcomes = await score_while_replica_0_dies(manager, requests)
         assert all(isinstance(o, LogProbResult) for o in outcomes) and manager.retried_requests > 0
-
-        def count(outcome: str) -> float:
-            return sum(sample.value for family in metrics.registry.collect() if family.name == "model_engine_server_requests"
-                       for sample in family.samples if sample.name.endswith("_total") and sample.labels["outcome"] == outcome)
-
-        assert count("ok") == len(requests) and count("failed") == 0
-        assert count("lost") == manager.retried_requests
+        assert requests_counted(metrics, "ok") == len(requests) and requests_counted(metrics, "failed") == 0
+        assert requests_counted(metrics, "lost") == manager.retried_requests
     finally:
         await manager.shutdown(drain=False, timeout_s=5.0)
     await assert_nothing_left()
