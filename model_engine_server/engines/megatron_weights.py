@@ -127,8 +127,8 @@ class HFWeightMap:
                     del self._pending[slot.local_name]
                     self._write(slot, [parts[hf_name] for hf_name in slot.hf_names])
                     completed.append(slot)
-                else:  # the caller may reuse its buffer for the next tensor
-                    parts[key] = tensor.detach().clone()
+                else:  # the caller may reuse its buffer for the next tensor; mbridge views parts flat
+                    parts[key] = tensor.detach().clone(memory_format=torch.contiguous_format)
             # another stage's parameter (no slot here) is complete at once; else this name and
             # the earlier parts of each parameter just written, once none of theirs still waits
             candidates = dict.fromkeys([part for slot in completed for part in slot.hf_names if part != key])
@@ -146,7 +146,7 @@ class HFWeightMap:
         self._pending.clear()
 
     def _write(self, slot: ParamSlot, hf_tensors: list[torch.Tensor]) -> None:
-        hf_tensors = [t.to(device=slot.param.device) for t in hf_tensors]
+        hf_tensors = [t.to(device=slot.param.device).contiguous() for t in hf_tensors]  # mbridge views them flat
         whole = self.bridge._weight_to_mcore_format(slot.global_name, hf_tensors)
         shards = self.bridge._weight_split_across_tp(slot.global_name, whole, slot.param, self.layout.tp_size)
         shard = list(shards)[self.layout.tp_rank]
