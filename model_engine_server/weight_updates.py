@@ -105,13 +105,14 @@ class WeightUpdates:
         is one part of a larger group (a replica of a manager, which checks and aborts)."""
         standalone = first_rank is None
         first = 1 if first_rank is None else first_rank
+        receivers = self.state.current(version).receivers
+        room = spec.world_size - first
+        if (room != receivers) if standalone else (room < receivers):  # refused before anything is touched
+            raise WeightSyncError(
+                f"the stream is sized for {spec.world_size - 1} receivers, but {receivers} take part in the "
+                f"update to version {version} (use the count begin_weight_update returned)"
+            )
         async with self._delivery(version) as session:
-            room = spec.world_size - first
-            if (room != session.receivers) if standalone else (room < session.receivers):
-                raise WeightSyncError(
-                    f"the stream is sized for {spec.world_size - 1} receivers, but {session.receivers} take part in the "
-                    f"update to version {version} (use the count begin_weight_update returned)"
-                )
             reports = await self.executor.receive_weights(spec, version, first)
             if self.state.session is not session:
                 reason = f"the update to version {version} closed while its stream was received"

@@ -209,3 +209,17 @@ async def test_a_worker_driven_stream_is_admitted_only_once_begin_has_drained():
         assert server.weights.current(1).touched
     finally:
         await server.shutdown()
+
+
+async def test_a_stream_sized_for_other_receivers_is_refused_before_it_touches_anything(streaming):
+    """Refused before the delivery counts as begun: an abort afterwards keeps the old weights
+    serving (the check once ran inside the delivery, so the abort left them incomplete)."""
+    server = streaming.server
+    await server.begin_weight_update(1)
+    spec = streaming.transport.begin("v1-wrong-size", 2)  # two receivers; this server has one
+    with pytest.raises(WeightSyncError, match="sized for 2 receivers, but 1 take part"):
+        await server.receive_weights(spec, 1)
+    await server.abort_weight_update("the publisher sized its stream wrong")
+    status = server.status()
+    assert status["weight_version"] == 0 and status["weights_incomplete"] is None, status
+    assert (await server.submit({"input_ids": list(range(20, 50)), "response_start": 10})).weight_version == 0
