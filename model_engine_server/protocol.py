@@ -194,6 +194,20 @@ class ScoreOutput:
     top_k_log_probs: np.ndarray | None = None  # [response_len, k] float32
     target_ranks: np.ndarray | None = None  # [response_len] int64, with top_k: 1 + tokens more likely
 
+    def tagged(self, request_id: str, weight_version: int, timings: dict[str, float]) -> "LogProbResult":
+        """The answer to the request, labelled with the version its batch ran under."""
+        return LogProbResult(
+            request_id=request_id,
+            log_probs=self.log_probs,
+            weight_version=weight_version,
+            entropy=self.entropy,
+            mismatch=self.mismatch,
+            timings=timings,
+            top_k_ids=self.top_k_ids,
+            top_k_log_probs=self.top_k_log_probs,
+            target_ranks=self.target_ranks,
+        )
+
 
 @dataclass
 class LogProbResult:

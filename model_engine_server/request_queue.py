@@ -30,27 +30,6 @@ class Pending:
         self.prompt_key = prompt_key(self.request.input_ids, self.request.response_start)
 
 
-class BatchTokens:
-    """Tokens a forming batch will run. Where the engine shares prompts, a request whose prompt
-    is already in the batch adds only its response, as the adapter will pack it."""
-
-    def __init__(self, shares_prompts: bool) -> None:
-        self.shares_prompts = shares_prompts
-        self.total = 0
-        self._prompts: set[tuple[int, int]] = set()
-
-    def cost(self, pending: Pending) -> int:
-        """What adding `pending` adds: the same count `packing.split_shared_by_token_budget` uses."""
-        if self.shares_prompts and pending.prompt_key in self._prompts:
-            return pending.tokens - pending.request.response_start
-        return pending.tokens
-
-    def add(self, pending: Pending) -> None:
-        self.total += self.cost(pending)
-        if pending.prompt_key is not None:
-            self._prompts.add(pending.prompt_key)
-
-
 class RequestQueue:
     def __init__(self) -> None:
         self._items: deque[Pending] = deque()

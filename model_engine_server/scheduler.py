@@ -25,6 +25,7 @@ from typing import TYPE_CHECKING, Any, Awaitable, Callable, Iterable, Sequence
 
 import torch
 
+from model_engine_server.batch_forming import BatchLimits, form_batch
 from model_engine_server.engines.base import ModelInfo, WeightSpec
 from model_engine_server.errors import (
     DeadlineExceeded,
@@ -45,7 +46,7 @@ from model_engine_server.protocol import (
 )
 from model_engine_server.service import gather_outcomes
 from model_engine_server.config.scheduler import SchedulerConfig
-from model_engine_server.request_queue import BatchTokens, Pending, RequestQueue
+from model_engine_server.request_queue import Pending, RequestQueue
 from model_engine_server.scheduler_state import SchedulerObserver
 from model_engine_server.weight_updates import WeightUpdates
 
@@ -77,7 +78,9 @@ class ModelEngineServer:
         info = executor.model_info()
         max_seq_len = min(self.config.max_seq_len or info.max_position_embeddings, info.max_position_embeddings)
         self.limits = RequestLimits(info.vocab_size, max_seq_len, self.config.max_tokens_per_batch)
-        self._shares_prompts = info.shares_prompts  # batches count a shared prompt once, as the engine runs it
+        self._batch_limits = BatchLimits(  # a shared prompt counts once in a batch, as the engine runs it
+            self.config.max_tokens_per_batch, self.config.max_batch_size, self.config.max_wait_ms / 1000, info.shares_prompts
+        )
         self._queue = RequestQueue()
         self._inflight = 0
         self._inflight_tokens = 0
@@ -176,26 +179,7 @@ class ModelEngineServer:
         """The next batch to launch now, or none and how long to wait for it to fill."""
         if not self._can_dispatch():
             return [], None
-        budget, max_count = self.config.max_tokens_per_batch, self.config.max_batch_size
-        version = self.weights.version
-        chosen: list[Pending] = []
-        tokens, left_out = BatchTokens(self._shares_prompts), False
-        for pending in self._queue:
-            wanted = pending.request.min_weight_version
-            if wanted is not None and wanted > version:
-                continue
-            if tokens.total + tokens.cost(pending) > budget or (max_count is not None and len(chosen) >= max_count):
-                left_out = True
-                continue
-            chosen.append(pending)
-            tokens.add(pending)
-        if not chosen:
-            return [], None
-        full = left_out or tokens.total == budget or (max_count is not None and len(chosen) >= max_count)
-        wait_left = chosen[0].enqueued_at + self.config.max_wait_ms / 1000 - time.monotonic()
-        if full or wait_left <= 0 or not self._accepting:
-            return chosen, None
-        return [], wait_left
+        return form_batch(self._queue, self._batch_limits, self.weights.version, time.monotonic(), not self._accepting)
 
     async def _dispatch_loop(self) -> None:
         while not self._stopping:
@@ -281,21 +265,12 @@ class ModelEngineServer:
         if pending.future.done():
             return
         assert isinstance(outcome, ScoreOutput)
-        result = LogProbResult(
-            request_id=pending.request.request_id,
-            log_probs=outcome.log_probs,
-            weight_version=version,
-            entropy=outcome.entropy,
-            mismatch=outcome.mismatch,
-            top_k_ids=outcome.top_k_ids,
-            top_k_log_probs=outcome.top_k_log_probs,
-            target_ranks=outcome.target_ranks,
-            timings={
-                "queue_ms": (started - pending.enqueued_at) * 1000,
-                "compute_ms": (finished - started) * 1000,
-                "total_ms": (finished - pending.enqueued_at) * 1000,
-            },
-        )
+        timings = {
+            "queue_ms": (started - pending.enqueued_at) * 1000,
+            "compute_ms": (finished - started) * 1000,
+            "total_ms": (finished - pending.enqueued_at) * 1000,
+        }
+        result = outcome.tagged(pending.request.request_id, version, timings)
         pending.future.set_result(result)
         self.counters["requests"] += 1
         self.counters["tokens"] += pending.tokens
