@@ -167,6 +167,29 @@ def test_a_parameter_changes_only_once_all_its_hf_parts_arrived(tiny_models, ope
         torch.testing.assert_close(exported[name], tensor, atol=0, rtol=0)
 
 
+@pytest.mark.parametrize("checkpoint", ["qwen3_tied", "llama_untied"])
+def test_a_part_sent_again_in_one_sync_wins_as_on_the_hf_engine(tiny_models, open_engines, checkpoint):
+    """q (of q/k/v) and up (of gate/up) sent again after their parameters were written whole:
+    the last copy is what serves, and the parameters' other parts keep this sync's values."""
+    engine = _megatron(open_engines, tiny_models[checkpoint])
+    hf = build_engine("hf", EngineSpec(model_path=str(tiny_models[checkpoint])))
+    first = perturbed_weights(_snapshot(engine), seed=5, scale=0.05)
+    engine.discard_partial_weights()  # as every sync begins
+    engine.load_weights(first.items())
+    resent = {
+        name: first[name] + 0.5
+        for name in ("model.layers.0.self_attn.q_proj.weight", "model.layers.1.mlp.up_proj.weight")
+    }
+    assert set(engine.load_weights(resent.items())) == set(resent)
+    last = {**first, **resent}
+    exported = _snapshot(engine)
+    for name, tensor in last.items():
+        torch.testing.assert_close(exported[name], tensor, atol=0, rtol=0, msg=name)
+    hf.load_weights(last.items())
+    requests = random_requests(4, hf.info.vocab_size, seed=6)
+    _assert_same_scores(_scores(engine, requests), _scores(hf, requests))
+
+
 @pytest.mark.parametrize(
     "bad",
     [

@@ -71,6 +71,21 @@ def _stream_through_buckets(engine, checkpoint: Path) -> list[str]:  # noqa: ANN
     return loaded
 
 
+RESENT = ("model.layers.0.self_attn.q_proj.weight", "model.layers.1.mlp.up_proj.weight")
+
+
+def _resend_two_parts(engine, checkpoint: Path) -> float:  # noqa: ANN001
+    """After a whole sync of `checkpoint`, a q and an up part come again with new values: the
+    largest distance of the exported weights from the checkpoint with those two replaced."""
+    from checkpoint_transport import iter_checkpoint
+
+    expected = {name: tensor.clone() for name, tensor in iter_checkpoint(checkpoint)}
+    changed = {name: expected[name] + 0.5 for name in RESENT}
+    engine.load_weights(changed.items())
+    expected.update(changed)
+    return max(float((tensor - expected[name]).abs().max()) for name, tensor in engine.export_weights())
+
+
 def _run_rank(rank: int, port: int, models: dict[str, str], updated: str, out_dir: str) -> None:
     """Everything one rank does; all ranks run the same sequence of collective steps."""
     torch.set_num_threads(1)
@@ -104,6 +119,7 @@ def _run_rank(rank: int, port: int, models: dict[str, str], updated: str, out_di
         loaded = _stream_through_buckets(engine, Path(updated))
         seen[f"update/complete/{tp}x{pp}"] = set(loaded) == set(engine.weight_specs())
         seen[f"update/after/{tp}x{pp}"] = _score(engine)
+        seen[f"update/resent/{tp}x{pp}"] = _resend_two_parts(engine, Path(updated))
         engine.close()
         engine = build(updated, tp, pp)
         seen[f"update/fresh/{tp}x{pp}"] = _score(engine)
@@ -193,6 +209,13 @@ def test_weight_update_through_buckets_equals_a_fresh_load_of_the_new_weights(ra
         _assert_close(after, expected)
         before = seen[f"update/before/{layout}"]
         assert max(np.abs(a[0] - b[0]).max() for a, b in zip(after, before)) > 1e-3
+
+
+@pytest.mark.parametrize("layout", [f"{tp}x{pp}" for tp, pp in UPDATE_LAYOUTS])
+def test_a_part_sent_again_after_its_parameter_was_written_wins_on_every_tp_shard(ranks, layout):
+    """Each TP rank places the resent part in its own shard with no peer (see `_resend_two_parts`)."""
+    for seen in ranks:
+        assert seen[f"update/resent/{layout}"] == 0.0
 
 
 @pytest.mark.parametrize("checkpoint", CHECKPOINTS)

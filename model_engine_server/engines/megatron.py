@@ -182,6 +182,7 @@ class MegatronEngine(HiddenStateEngine):
             name for name in stored if (TIED_ALIASES.get(name, name) if self.weights.tied else name) in self.weights.local_hf_names
         ]
         self.weights.load(read_tensors(stored, wanted), allow_cast=True)
+        self.weights.discard_partial_weights()  # the checkpoint was no sync: the first one starts afresh
 
     def _build_lm_head(self) -> LMHead:
         """This TP rank's vocab rows, without padding rows (they would enter the softmax)."""

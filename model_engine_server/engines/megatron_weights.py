@@ -76,6 +76,7 @@ class HFWeightMap:
                 self._slots_by_hf.setdefault(hf_name, []).append(slot)
         self.specs = {name: WeightSpec(shape, dtype) for name, shape in self._all_stages(local_specs).items()}
         self._pending: dict[str, dict[str, torch.Tensor]] = {}
+        self._complete_this_sync: set[str] = set()  # local names written whole since the last discard
 
     def _all_stages(self, local_specs: dict[str, tuple[int, ...]]) -> dict[str, tuple[int, ...]]:
         if self.layout.pp_size == 1:
@@ -121,11 +122,15 @@ class HFWeightMap:
             slots = self._slots_by_hf.get(key, ())
             completed: list[ParamSlot] = []
             for slot in slots:
+                if slot.local_name in self._complete_this_sync and slot.local_name not in self._pending:
+                    self._rewrite_part(slot, key, tensor)  # sent again: the last copy wins, as on the HF engine
+                    continue
                 parts = self._pending.setdefault(slot.local_name, {})
                 parts[key] = tensor
                 if len(parts) == len(slot.hf_names):
                     del self._pending[slot.local_name]
                     self._write(slot, [parts[hf_name] for hf_name in slot.hf_names])
+                    self._complete_this_sync.add(slot.local_name)
                     completed.append(slot)
                 else:  # the caller may reuse its buffer for the next tensor; mbridge views parts flat
                     parts[key] = tensor.detach().clone(memory_format=torch.contiguous_format)
@@ -142,14 +147,42 @@ class HFWeightMap:
         return any(hf_name in self._pending.get(slot.local_name, {}) for slot in self._slots_by_hf.get(hf_name, ()))
 
     def discard_partial_weights(self) -> None:
-        """Forget parts waiting for the rest of their parameter (an aborted sync's leftovers)."""
+        """Forget parts waiting for the rest of their parameter (an aborted sync's leftovers).
+        Called as every sync begins, so it also starts the count of parameters written whole."""
         self._pending.clear()
+        self._complete_this_sync.clear()
 
-    def _write(self, slot: ParamSlot, hf_tensors: list[torch.Tensor]) -> None:
+    def _rewrite_part(self, slot: ParamSlot, key: str, tensor: torch.Tensor) -> None:
+        """Write one part of a parameter already written whole in this sync, in place: where the
+        part lands in this rank's shard is found by passing a marker through mbridge's own
+        mapping (ones for this part, zeros for the others), so no peer rank is needed."""
+        if len(slot.hf_names) == 1:
+            self._write(slot, [tensor])
+            return
+        device = slot.param.device
+
+        def parts_with(value: torch.Tensor, others: float) -> list[torch.Tensor]:
+            return [
+                value if hf_name == key else torch.full(self.specs[hf_name].shape, others, dtype=value.dtype, device=device)
+                for hf_name in slot.hf_names
+            ]
+
+        values = self._shard(slot, parts_with(tensor.to(device=device, dtype=self.dtype), 0.0))
+        marks = self._shard(slot, parts_with(torch.ones(tuple(tensor.shape), dtype=self.dtype, device=device), 0.0))
+        if not bool(((marks == 0) | (marks == 1)).all()):
+            raise WeightSyncError(f"{key!r} was sent twice in one sync, and mbridge does not place it by copying")
+        where = marks.bool()
+        slot.param.data[where] = values[where]
+
+    def _shard(self, slot: ParamSlot, hf_tensors: list[torch.Tensor]) -> torch.Tensor:
+        """This rank's slice of the Megatron parameter the HF tensors make up."""
         hf_tensors = [t.to(device=slot.param.device).contiguous() for t in hf_tensors]  # mbridge views them flat
         whole = self.bridge._weight_to_mcore_format(slot.global_name, hf_tensors)
         shards = self.bridge._weight_split_across_tp(slot.global_name, whole, slot.param, self.layout.tp_size)
-        shard = list(shards)[self.layout.tp_rank]
+        return list(shards)[self.layout.tp_rank]
+
+    def _write(self, slot: ParamSlot, hf_tensors: list[torch.Tensor]) -> None:
+        shard = self._shard(slot, hf_tensors)
         if tuple(shard.shape) != tuple(slot.param.shape):
             raise WeightSyncError(
                 f"{'/'.join(slot.hf_names)} gives a shard of shape {tuple(shard.shape)} for "
