@@ -31,7 +31,7 @@ from verl.experimental.agent_loop.agent_loop import (  # noqa: E402
 from clients.http_client import HttpLogProbClient  # noqa: E402
 from clients.verl import connection  # noqa: E402
 from clients.verl import server_fields as sf  # noqa: E402
-from clients.verl.agent_loop import AGENT_NAME, ModelEngineServerAgentLoop, server_fields_for  # noqa: E402
+from clients.verl.agent_loop import AGENT_NAME, ModelEngineServerAgentLoop, _request, server_fields_for  # noqa: E402
 from model_engine_server.protocol import LogProbRequest  # noqa: E402
 from model_engine_server.tiny_model import make_tiny_model  # noqa: E402
 from tests.verl_pipeline import (  # noqa: E402
@@ -189,3 +189,29 @@ async def test_a_request_the_server_refuses_leaves_its_reason(worker):
     fields = await server_fields_for(output, TEMPERATURE, worker_rules(worker))
     assert fields[sf.LOG_PROBS] is None and "invalid_request" in fields[sf.ERROR]
     assert "outside the vocabulary" in fields[sf.ERROR]
+
+
+async def test_tool_tokens_do_not_enter_the_servers_mismatch(worker, server):
+    """verl gives tool and observation tokens mask 0 and log-prob 0.0; the model's own tokens
+    here carry the server's exact values, so a mismatch counted over them all would be large."""
+    prompt, response = [5, 6, 7, 9], [8, 11, 12, 13, 14]
+    exact = (await server_answer(server.url, prompt, response, TEMPERATURE)).log_probs
+    mask = [1, 0, 0, 1, 1]
+    rollout = [float(x) if kept else 0.0 for x, kept in zip(exact, mask)]
+    output = AgentLoopOutput(prompt_ids=prompt, response_ids=response, response_mask=mask,
+                             response_logprobs=rollout, metrics=AgentLoopMetrics())
+    rules = worker_rules(worker)
+    assert _request(output, TEMPERATURE, rules).rollout_log_probs is None
+    fields = await server_fields_for(output, TEMPERATURE, rules)
+    np.testing.assert_allclose(fields[sf.LOG_PROBS], exact, atol=TOLERANCE, rtol=0)
+    whole = output.model_copy(update={"response_mask": [1] * 5, "response_logprobs": [float(x) for x in exact]})
+    assert _request(whole, TEMPERATURE, rules).rollout_log_probs == pytest.approx(list(exact))
+
+
+async def test_a_multimodal_trajectory_is_kept_and_not_scored(worker):
+    output = AgentLoopOutput(prompt_ids=[5, 6, 7], response_ids=[8, 9], response_mask=[1, 1],
+                             multi_modal_data={"images": ["an image"], "videos": None}, metrics=AgentLoopMetrics())
+    fields = await server_fields_for(output, TEMPERATURE, worker_rules(worker))
+    assert fields[sf.LOG_PROBS] is None and "images" in fields[sf.ERROR] and "text only" in fields[sf.ERROR]
+    text_only = output.model_copy(update={"multi_modal_data": {}})
+    assert (await server_fields_for(text_only, TEMPERATURE, worker_rules(worker)))[sf.ERROR] is None

@@ -13,7 +13,8 @@ columns the trainer reads (`clients.verl.fully_async_trainer`, `clients.verl.tra
 
 A trajectory is never dropped here: if the server cannot score it (unreachable, overloaded past
 the deadline, a request it refuses), `error_fields(reason)` are attached instead and the
-trainer's `on_missing` rule decides (recompute, rescore, or fail naming the sample).
+trainer's `on_missing` rule decides (recompute, rescore, or fail naming the sample). So does a
+multimodal trajectory (images, videos, audio): the server scores token ids only.
 
 Validation: verl samples validation prompts with `val_kwargs.temperature`, 0 (greedy) by
 default, and never trains on them. A greedy trajectory is not scored (the server scores
@@ -52,9 +53,12 @@ DEFAULT_INNER_AGENT = "single_turn_agent"
 
 def _request(output: AgentLoopOutput, temperature: float, rules: TrainerSideConfig):
     """The server request for one trajectory. The rollout's log-probs go along only when they
-    cover the response token for token (the server refuses any other length)."""
+    cover the response token for token (the server refuses any other length) and every token is
+    the model's own: tool and observation tokens (`response_mask` 0) carry a placeholder 0.0
+    that the server's unmasked mismatch statistics would count as a disagreement. The trainer's
+    own mismatch metrics are masked and stay."""
     rollout = output.response_logprobs
-    if rollout is not None and len(rollout) != len(output.response_ids):
+    if rollout is not None and (len(rollout) != len(output.response_ids) or 0 in output.response_mask):
         rollout = None
     return build_request(output.prompt_ids, output.response_ids, temperature, rollout,
                          return_ref_log_probs=rules.score_ref)
@@ -66,6 +70,9 @@ async def server_fields_for(
     """`result_fields` of the server's answer for `output`, or `error_fields` saying why not."""
     if temperature <= 0:
         return error_fields("not scored: greedy sampling (temperature 0), e.g. a validation rollout")
+    media = sorted(kind for kind, items in (output.multi_modal_data or {}).items() if items is not None)
+    if media:  # the ids alone are not the model's input: scoring them would give wrong numbers
+        return error_fields(f"not scored: the trajectory carries {', '.join(media)} and the server scores text only")
     try:
         request = _request(output, temperature, rules)
     except ValidationError as error:
