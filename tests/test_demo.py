@@ -121,6 +121,25 @@ def test_a_dead_rollouter_stops_the_loop_with_its_error(policy_path):
         asyncio.run(bounded())
 
 
+def test_a_server_that_refuses_every_group_stops_the_loop_with_its_reason(policy_path):
+    """A server shut down before the run answers every sample `shutting_down`: the loop stops
+    after `max_failed_groups_in_a_row` groups, naming the error, instead of waiting forever."""
+    config = SMALL.model_copy(update={"steps": 2, "max_failed_groups_in_a_row": 2})
+
+    async def main() -> None:
+        client = LocalClient(build_local_server(EngineSpec(model_path=str(policy_path))))
+        await client.service.shutdown()
+        loop = DemoLoop(config, policy_path, "server", client)
+        try:
+            async with asyncio.timeout(STALL_S):
+                await loop.run()
+        finally:
+            assert loop.failed_samples >= 2 * config.group_size
+
+    with pytest.raises(RuntimeError, match="2 groups in a row.*shut"):
+        asyncio.run(main())
+
+
 def test_baseline_recomputes_on_the_trainer(policy_path):
     result = asyncio.run(run_mode(SMALL.model_copy(update={"steps": 3}), policy_path, "baseline"))
     assert all(m["old_log_prob_s"] > 0 for m in result.steps)

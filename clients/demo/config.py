@@ -35,6 +35,10 @@ class DemoConfig(BaseModel):
     stale_policy: Literal["drop", "keep"] = Field(default="drop", description="what to do with stale samples")
     queue_groups: int = Field(default=16, gt=0, description="message queue bound, in groups")
     max_scoring_inflight: int = Field(default=8, gt=0, description="groups being scored at once")
+    scoring_timeout_s: float = Field(default=120.0, gt=0, description="deadline of one sample's scoring")
+    max_failed_groups_in_a_row: int = Field(
+        default=3, gt=0, description="scoring failures in a row that stop the run with the last error"
+    )
     max_tokens_per_batch: int = Field(default=4096, gt=0)
     max_wait_ms: float = Field(default=10.0, ge=0)
     seed: int = 0

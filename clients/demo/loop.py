@@ -14,6 +14,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import logging
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -30,6 +31,8 @@ from clients.demo.message_queue import Group, MessageQueue
 from clients.demo.rollouter import Rollouter
 from clients.demo.task import TargetTokenTask
 from clients.demo.trainer import Trainer
+
+logger = logging.getLogger(__name__)
 
 Mode = Literal["server", "baseline"]
 StepCallback = Callable[[dict[str, Any], list[Group]], None]
@@ -100,18 +103,35 @@ class DemoLoop:
         self._scoring = asyncio.Semaphore(config.max_scoring_inflight)
         self._scoring_tasks: set[asyncio.Task[None]] = set()
         self.failed_samples = 0
+        self._failed_in_a_row = 0
+        self._scoring_broken: asyncio.Future[None] | None = None  # set by `run`, in its event loop
 
     async def _score_and_enqueue(self, group: Group) -> None:
         try:
-            await asyncio.gather(*(attach_server_log_probs(self.client, s, self.config.temperature) for s in group))  # type: ignore[arg-type]
+            await asyncio.gather(*(
+                attach_server_log_probs(self.client, s, self.config.temperature, self.config.scoring_timeout_s)  # type: ignore[arg-type]
+                for s in group
+            ))
             now = time.perf_counter()
             for sample in group:
                 sample["scored_at"] = now
+            self._failed_in_a_row = 0
             await self.queue.put(group)
-        except Exception:  # a failed group is counted and skipped; the loop goes on
-            self.failed_samples += len(group)
+        except Exception as error:  # a failed group is counted and skipped; failing on, it stops the run
+            self._scoring_failed(group, error)
         finally:
             self._scoring.release()
+
+    def _scoring_failed(self, group: Group, error: Exception) -> None:
+        self.failed_samples += len(group)
+        self._failed_in_a_row += 1
+        logger.warning("scoring a group failed (%d in a row), skipped: %s: %s",
+                       self._failed_in_a_row, type(error).__name__, error)
+        broken = self._scoring_broken
+        if self._failed_in_a_row >= self.config.max_failed_groups_in_a_row and broken and not broken.done():
+            broken.set_exception(RuntimeError(
+                f"scoring failed for {self._failed_in_a_row} groups in a row; the last: {type(error).__name__}: {error}"
+            ))
 
     async def _rollout_forever(self) -> None:
         while True:
@@ -138,21 +158,26 @@ class DemoLoop:
         return timings
 
     async def _next_batch(self, rollout: "asyncio.Task[None]") -> Any:
-        """The trainer's next batch, or the rollouter's error if it died (never a silent wait)."""
+        """The trainer's next batch, or the error that means none will come: the rollouter
+        died, or scoring keeps failing (never a silent wait)."""
         getting = asyncio.ensure_future(self.queue.get_batch(self.config.prompts_per_step, self.trainer.version))
+        assert self._scoring_broken is not None
         try:
-            await asyncio.wait({getting, rollout}, return_when=asyncio.FIRST_COMPLETED)
+            await asyncio.wait({getting, rollout, self._scoring_broken}, return_when=asyncio.FIRST_COMPLETED)
         finally:
             if not getting.done():
                 getting.cancel()
         if getting.done() and not getting.cancelled():
             return getting.result()
+        if self._scoring_broken.done():
+            self._scoring_broken.result()  # raises the scoring error
         error = rollout.exception() if rollout.done() and not rollout.cancelled() else None
         raise RuntimeError(f"the rollouter stopped: {error!r}") from error
 
     async def run(self, on_step: StepCallback | None = None, progress: Any = None) -> RunResult:
         result = RunResult(self.mode)
         started = time.perf_counter()
+        self._scoring_broken = asyncio.get_running_loop().create_future()
         rollout = asyncio.create_task(self._rollout_forever())
         try:
             for step in range(self.config.steps):
@@ -172,6 +197,7 @@ class DemoLoop:
                     wait_for_batch_s=batch.wait_s,
                     trainer_step_s=time.perf_counter() - step_started,
                     dropped_stale=batch.dropped_stale,
+                    scoring_failed_samples=self.failed_samples,
                     queue_groups=self.queue.qsize(),
                     elapsed_s=time.perf_counter() - started,
                 )
