@@ -34,28 +34,44 @@ def test_loglinear_interpolates_in_log_space_and_hits_both_ends():
     np.testing.assert_array_equal(loglinear_proximal(behav, theta, np.array(1.0)), theta)
 
 
-def test_clip_decision_is_the_ratio_leaving_one_plus_minus_eps():
+def test_clip_decision_is_verls_pg_clipfrac_the_clipped_term_binding_for_the_advantages_sign():
     prox = np.zeros(4)
     theta = np.log(np.array([0.7, 0.9, 1.1, 1.3]))
-    np.testing.assert_array_equal(clipped(theta, prox, 0.2), [True, False, False, True])
+    np.testing.assert_array_equal(clipped(theta, prox, np.full(4, 1.0), 0.2), [False, False, False, True])
+    np.testing.assert_array_equal(clipped(theta, prox, np.full(4, -1.0), 0.2), [True, False, False, False])
+    np.testing.assert_array_equal(clipped(theta, prox, np.zeros(4), 0.2), [False] * 4)
+
+
+def test_clip_decision_agrees_with_verls_own_pg_clipfrac():
+    torch = pytest.importorskip("torch")
+    core_algos = pytest.importorskip("verl.trainer.ppo.core_algos")
+    rng = np.random.default_rng(0)
+    theta, prox = rng.normal(-2, 0.3, (4, 16)), rng.normal(-2, 0.3, (4, 16))
+    advantage = np.repeat(rng.normal(size=(4, 1)), 16, axis=1)
+    mask = torch.ones(4, 16)
+    ratio = torch.from_numpy(np.exp(theta - prox))
+    adv = torch.from_numpy(advantage)
+    losses_unclipped, losses_clipped = -adv * ratio, -adv * ratio.clamp(0.8, 1.2)
+    verl_fraction = core_algos.agg_loss(torch.gt(losses_clipped, losses_unclipped).float(), mask, "token-mean")
+    assert clipped(theta, prox, advantage, 0.2).mean() == pytest.approx(float(verl_fraction))
 
 
 def test_error_counts_flipped_clip_decisions():
     theta = np.log(np.array([1.0, 1.0, 1.0, 1.0]))
     exact = np.log(np.array([1.0, 1.0, 1.0, 1.0]))  # ratio 1: never clipped
-    approx = np.log(np.array([1.0, 1.0, 1.0, 2.0]))  # last ratio 0.5: clipped
-    error = approximation_error(exact, approx, theta, eps=0.2)
+    approx = np.log(np.array([1.0, 1.0, 2.0, 2.0]))  # ratio 0.5: clipped where the advantage is negative
+    error = approximation_error(exact, approx, theta, np.array([1.0, 1.0, 1.0, -1.0]), eps=0.2)
     assert error.tokens == 4 and error.clip_flip_fraction == 0.25
-    assert error.max_abs == pytest.approx(np.log(2.0)) and error.mean_abs == pytest.approx(np.log(2.0) / 4)
+    assert error.max_abs == pytest.approx(np.log(2.0)) and error.mean_abs == pytest.approx(np.log(2.0) / 2)
 
 
 def test_error_of_empty_token_set_is_refused():
     with pytest.raises(ValueError, match="no tokens"):
-        approximation_error(np.array([]), np.array([]), np.array([]), eps=0.2)
+        approximation_error(np.array([]), np.array([]), np.array([]), np.array([]), eps=0.2)
 
 
 def _sample(v_behav: int, v_prox: int, v_theta: int, exact: float) -> SampleLogProbs:
-    return SampleLogProbs(np.full(3, -2.0), np.full(3, exact), np.full(3, -1.0), v_behav, v_prox, v_theta)
+    return SampleLogProbs(np.full(3, -2.0), np.full(3, exact), np.full(3, -1.0), v_behav, v_prox, v_theta, 1.0)
 
 
 def test_errors_are_grouped_by_staleness_with_an_interior_group():

@@ -9,9 +9,12 @@ interpolate in log space by version:
     alpha = (v_prox - v_behav) / (v_theta - v_behav), clamped to [0, 1], and 0 where v_theta <= v_behav.
 
 The server gives the exact value at a known version, so the demo can measure what the
-approximation costs: its |error| per token and how often it flips the PPO clip decision (the
-ratio p_theta / p_prox inside or outside [1 - eps, 1 + eps]), grouped by staleness
-(v_theta - v_behav). Where v_prox equals v_behav (alpha = 0) or v_theta (alpha = 1) the
+approximation costs: its |error| per token and how often it flips the PPO clip decision, grouped
+by staleness
+(v_theta - v_behav). The clip decision is verl's `pg_clipfrac` rule: a token is clipped when
+the clipped term is the one the loss takes, i.e. the ratio r = p_theta / p_prox is past 1 + eps
+with a positive advantage or below 1 - eps with a negative one (a ratio out of range on the other
+side changes no gradient). Where v_prox equals v_behav (alpha = 0) or v_theta (alpha = 1) the
 interpolation is exact up to numerics by construction; the informative tokens lie in between.
 """
 
@@ -37,10 +40,10 @@ def loglinear_proximal(behav_logp: np.ndarray, theta_logp: np.ndarray, alpha: np
     return behav_logp + alpha * (theta_logp - behav_logp)
 
 
-def clipped(theta_logp: np.ndarray, prox_logp: np.ndarray, eps: float) -> np.ndarray:
-    """Whether PPO clips each token: the ratio p_theta / p_prox outside [1 - eps, 1 + eps]."""
+def clipped(theta_logp: np.ndarray, prox_logp: np.ndarray, advantage: np.ndarray, eps: float) -> np.ndarray:
+    """Whether PPO's clipped term binds at each token (verl's `pg_clipfrac`)."""
     ratio = np.exp(theta_logp - prox_logp)
-    return (ratio < 1 - eps) | (ratio > 1 + eps)
+    return ((advantage > 0) & (ratio > 1 + eps)) | ((advantage < 0) & (ratio < 1 - eps))
 
 
 @dataclass(frozen=True)
@@ -57,12 +60,14 @@ class ApproxError:
         return asdict(self)
 
 
-def approximation_error(exact: np.ndarray, approx: np.ndarray, theta_logp: np.ndarray, eps: float) -> ApproxError:
+def approximation_error(
+    exact: np.ndarray, approx: np.ndarray, theta_logp: np.ndarray, advantage: np.ndarray, eps: float
+) -> ApproxError:
     """|approx - exact| statistics and clip-decision flips over the given tokens (non-empty)."""
     if exact.size == 0:
         raise ValueError("no tokens to compare")
     error = np.abs(approx - exact)
-    flips = clipped(theta_logp, exact, eps) != clipped(theta_logp, approx, eps)
+    flips = clipped(theta_logp, exact, advantage, eps) != clipped(theta_logp, approx, advantage, eps)
     return ApproxError(int(exact.size), float(error.mean()), float(np.quantile(error, 0.99)),
                        float(error.max()), float(flips.mean()))
 
@@ -77,6 +82,7 @@ class SampleLogProbs:
     v_behav: int
     v_prox: int
     v_theta: int
+    advantage: float  # the sample's (GRPO: every token's)
 
     def alpha(self) -> np.ndarray:
         return interpolation_weight(np.array(self.v_behav), np.array(self.v_prox), self.v_theta)
@@ -86,7 +92,8 @@ def _pooled_error(chosen: list[SampleLogProbs], eps: float) -> ApproxError:
     exact = np.concatenate([s.exact for s in chosen])
     theta = np.concatenate([s.theta for s in chosen])
     approx = np.concatenate([loglinear_proximal(s.behav, s.theta, s.alpha()) for s in chosen])
-    return approximation_error(exact, approx, theta, eps)
+    advantage = np.concatenate([np.full(s.exact.shape, s.advantage) for s in chosen])
+    return approximation_error(exact, approx, theta, advantage, eps)
 
 
 def errors_by_staleness(samples: list[SampleLogProbs], eps: float) -> dict[str, ApproxError]:

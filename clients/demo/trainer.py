@@ -28,12 +28,16 @@ def _stack(groups: list[Group]) -> tuple[torch.Tensor, torch.Tensor, torch.Tenso
     return sequences, advantages.reshape(-1), rewards.reshape(-1), prompt_len
 
 
-def proximal_samples(samples: list[dict[str, Any]], theta_logp: np.ndarray, version: int) -> list[SampleLogProbs]:
+def proximal_samples(
+    samples: list[dict[str, Any]], theta_logp: np.ndarray, advantages: np.ndarray, version: int
+) -> list[SampleLogProbs]:
     """What the loglinear approximation needs of each sample: rollout (behaviour) log-probs, the
-    old log-probs as exact proximal values at their version, the trainer's current log-probs."""
+    old log-probs as exact proximal values at their version, the trainer's current log-probs,
+    and the advantage that decides which side of the clip binds."""
     return [
         SampleLogProbs(np.asarray(s["rollout_log_probs"], dtype=np.float64), np.asarray(s[LOG_PROBS_FIELD], dtype=np.float64),
-                       theta_logp[index].astype(np.float64), int(s["rollout_version"]), int(s[VERSION_FIELD]), version)
+                       theta_logp[index].astype(np.float64), int(s["rollout_version"]), int(s[VERSION_FIELD]), version,
+                       float(advantages[index]))
         for index, s in enumerate(samples)
     ]
 
@@ -87,8 +91,9 @@ class Trainer:
             ratio_mean = ratio.mean().item()
         update_s = time.perf_counter() - started
         # beside the update, not in its time: what AReaL's loglinear approximation would have used
-        approximation = step_metrics(proximal_samples(samples, log_probs.detach().numpy(), self.version - 1),
-                                     self.clip_ratio)
+        approximation = step_metrics(
+            proximal_samples(samples, log_probs.detach().numpy(), advantages.numpy(), self.version - 1), self.clip_ratio
+        )
         return {
             "loss": loss.item(),
             "reward": rewards.mean().item(),
