@@ -134,6 +134,8 @@ def test_a_sampled_token_is_reproducible_with_a_seed(served):
     ({"prompt": "some text"}, ["prompt"]),
     ({"prompt": [True, 2]}, ["prompt"]),
     ({"max_tokens": True}, ["max_tokens"]),
+    ({"temperature": True}, ["temperature"]),
+    ({"temperature": "0.5"}, ["temperature"]),
 ])
 def test_what_is_not_supported_is_a_400_naming_it(served, extra, named):
     body = {"prompt": [1, 2, 3], "max_tokens": 1, **extra}
@@ -167,3 +169,78 @@ def test_with_a_tokenizer_text_prompts_and_decoded_tokens(tiny_model, tmp_path):
         entries = response.json()["choices"][0]["prompt_logprobs"]
         assert len(entries) == 3 and entries[1]["9"]["decoded_token"] == "w9"
         assert all(value["decoded_token"] == f"w{token}" for entry in entries[1:] for token, value in entry.items())
+
+
+def test_bad_requests_name_the_prompt_once_and_in_the_clients_terms(served):
+    error = complete(served.url, {"prompt": [[1, 2], [3, VOCAB]], "max_tokens": 0}).json()["error"]
+    assert error["field"] == "prompt[1]" and error["message"].count("prompt[1]") == 1
+    assert "input_ids" not in error["message"] and f"token id {VOCAB} at position 1" in error["message"]
+    lone_half = b'{"prompt": ["ok", "a \\udfff b"], "max_tokens": 0}'  # valid JSON; no UTF-8 can carry it
+    response = httpx.post(f"{served.url}/v1/completions", content=lone_half,
+                          headers={"content-type": "application/json"}, timeout=60)
+    assert response.status_code == 400 and response.json()["error"]["field"] == "prompt[1]"
+    assert "surrogate" in response.json()["error"]["message"]
+
+
+def test_a_prompt_as_long_as_a_batch_is_scored_and_not_continued(served):
+    """The server's batch holds 2048 tokens (`local_http_server`): such a prompt can be scored;
+    a returned token would make it 2049."""
+    prompt = [int(i) for i in np.random.default_rng(3).integers(0, VOCAB, 2048)]
+    scored = complete(served.url, {"prompt": prompt, "max_tokens": 0, "prompt_logprobs": 0})
+    assert scored.status_code == 200, scored.text
+    assert len(scored.json()["choices"][0]["prompt_logprobs"]) == 2048
+    continued = complete(served.url, {"prompt": prompt, "max_tokens": 1}).json()["error"]
+    assert continued["field"] == "prompt[0]" and "its 2048 tokens and the one returned" in continued["message"]
+
+
+def test_a_call_larger_than_the_queue_bound_is_served_in_waves(served):
+    """Five 2000-token prompts: more than the 8192 tokens the queue holds at once, so some are
+    refused `overloaded` at first; they are sent again as the others finish."""
+    rng = np.random.default_rng(4)
+    prompts = [[int(i) for i in rng.integers(0, VOCAB, 2000)] for _ in range(5)]
+    response = complete(served.url, {"prompt": prompts, "max_tokens": 0, "prompt_logprobs": 0})
+    assert response.status_code == 200, response.text
+    assert [len(c["prompt_logprobs"]) for c in response.json()["choices"]] == [2000] * 5
+    alone = complete(served.url, {"prompt": prompts[4], "max_tokens": 0, "prompt_logprobs": 0}).json()
+    assert alone["choices"][0]["prompt_logprobs"] == response.json()["choices"][4]["prompt_logprobs"]
+
+
+def _paired_word_tokenizer(folder):
+    """Ids 2i and 2i+1 are `wI` and `▁wI`: SentencePiece-style, each pair decodes alike alone."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {}
+    for i in range(VOCAB // 2):
+        vocab[f"w{i}"], vocab[f"\u2581w{i}"] = 2 * i, 2 * i + 1
+    tokenizer = Tokenizer(models.WordLevel(vocab, unk_token="w0"))
+    tokenizer.pre_tokenizer = pre_tokenizers.Metaspace(replacement="\u2581", prepend_scheme="always")
+    tokenizer.decoder = decoders.Metaspace(replacement="\u2581", prepend_scheme="always")
+    PreTrainedTokenizerFast(tokenizer_object=tokenizer, unk_token="w0").save_pretrained(folder)
+
+
+def test_with_sentencepiece_style_tokens_echo_keeps_spaces_and_lm_eval_sees_greed_right(tiny_model, reference, tmp_path):
+    from lm_eval.models.openai_completions import LocalCompletionsAPI
+
+    folder = tmp_path / "paired"
+    shutil.copytree(tiny_model, folder)
+    _paired_word_tokenizer(folder)
+    # each next token is the partner of the model's most likely one: same text, never the argmax
+    ids = [9]
+    for _ in range(6):
+        ids.append(int(full_log_softmax(reference, ids, 1.0)[-1].argmax()) ^ 1)
+    table = full_log_softmax(reference, ids, 1.0)
+    with _serve(str(folder)) as server:
+        text = complete(server.url, {"prompt": "w3 w7 w100", "max_tokens": 0, "logprobs": 0, "echo": True}).json()
+        [choice] = text["choices"]
+        assert choice["text"] == "w3 w7 w100" and choice["logprobs"]["tokens"] == ["w3", " w7", " w100"]
+        assert choice["logprobs"]["text_offset"] == [0, 2, 5]
+        scored = complete(server.url, {"prompt": ids, "max_tokens": 0, "logprobs": 5, "echo": True,
+                                       "temperature": 0}).json()
+    for position in range(1, len(ids)):
+        greedy = int(table[position - 1].argmax())
+        top = scored["choices"][0]["logprobs"]["top_logprobs"][position]
+        assert len(top) < 6  # the actual token and its partner share one key ...
+        assert max(top.values()) == pytest.approx(float(table[position - 1, greedy]), abs=TOLERANCE)  # ... the larger
+    [(_, is_greedy)] = LocalCompletionsAPI.parse_logprobs(scored, ctxlens=[1])
+    assert is_greedy is False

@@ -133,6 +133,22 @@ def test_echoed_tokens_are_the_tokenizer_s_text(served, model_with_tokenizer):
     assert tokens[-1] == tokenizer.decode([greedy])
 
 
+def test_echo_of_multibyte_text_is_the_text_and_offsets_index_it(served, model_with_tokenizer):
+    """Byte-level tokens that each hold part of a character: decoded alone they are U+FFFD, in
+    context the character comes whole at its last token."""
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(str(model_with_tokenizer))
+    text = TEXTS[2]
+    ids = tokenizer(text).input_ids
+    assert "\ufffd" in "".join(tokenizer.decode([i]) for i in ids)  # the case this is about
+    [choice] = complete(served.url, {"prompt": text, "max_tokens": 0, "logprobs": 0, "echo": True})["choices"]
+    tokens, offsets = choice["logprobs"]["tokens"], choice["logprobs"]["text_offset"]
+    assert choice["text"] == text == "".join(tokens) and len(tokens) == len(ids)
+    assert all(text[start:start + len(token)] == token for start, token in zip(offsets, tokens))
+    assert "\ufffd" not in text and not any("\ufffd" in token for token in tokens)
+
+
 @pytest.mark.parametrize("flags,reason", [
     (["--num-heads", "3"], "not a multiple of the 3 heads"),
     (["--num-heads", "4", "--num-kv-heads", "3"], "not a multiple of the 3 key/value heads"),

@@ -2,11 +2,14 @@
 so TRL's `VLLMClient.get_sequence_logprobs`, verl's teacher loop and lm-eval's `local-completions`
 score against this server unchanged.
 
-Each prompt `x[0..L-1]` becomes one `LogProbRequest` for `x + [0]` with `response_start = 1` and
-`top_k = K`, sent through the same service (scheduler, token budget, pause, sessions) as
-`/v1/logprobs`. Row `j < L-1` of its result is the distribution after `x[0..j]`, scoring `x[j+1]`;
-the last row (the appended 0 is never reported) is the distribution after the whole prompt: the
-one the single returned token of `max_tokens: 1` comes from. One forward per prompt.
+Each prompt `x[0..L-1]` becomes one `LogProbRequest` with `response_start = 1` and `top_k = K`,
+sent through the same service (scheduler, token budget, pause, sessions) as `/v1/logprobs`. Row
+`j < L-1` of its result is the distribution after `x[0..j]`, scoring `x[j+1]`. For `max_tokens: 1`
+(and a one-token prompt) the request is `x + [0]`: its last row (the appended 0 is never reported)
+is the distribution after the whole prompt, the one the returned token comes from; so a prompt at
+the model's maximum length can be scored (`max_tokens: 0`) but not continued. One forward per
+prompt. A call larger than the server's queue bound is admitted in waves: prompts refused
+`overloaded` are sent again once the call's others are done, as long as each wave scores some.
 
 - `prompt_logprobs: k` -> `choices[i].prompt_logprobs` = `[null, {"<id>": {"logprob", "rank",
   "decoded_token"}}, ...]`: the top-k (ranks 1..k) plus the actual token with its exact rank,
@@ -22,8 +25,11 @@ one the single returned token of `max_tokens: 1` comes from. One forward per pro
   last position's K most likely tokens, renormalised, K = max(20, the asked k) capped at the
   vocabulary: exact when the vocabulary has at most K tokens, otherwise a top-K sample (the
   server computes top-k, never a full row of probabilities).
-- Token text (`decoded_token`, `tokens`, `text`): the checkpoint tokenizer's decoding when the
-  folder has one, else the id in decimal (`tokens.TokenText`).
+- Token text: the checkpoint tokenizer's decoding when the folder has one, else the id in decimal
+  (`tokens.TokenText`). `tokens`, `text` and `text_offset` decode in context (each token's share
+  of the text, so they join into the text and the offsets index it); `decoded_token` and the
+  keys of `top_logprobs` name one token each and are its own decoding. Where two tokens decode to
+  the same key, the map keeps the larger log-prob (lm-eval's `is_greedy` compares with the max).
 - Every choice carries `weight_version` (the weights that scored it); the response's own
   `weight_version` is the oldest of them. Log-probs below -9999 are sent as -9999.0, as vLLM.
 - Bodies: JSON, or msgpack as on `/v1/logprobs` (`wire.py`: a msgpack request gets a msgpack
@@ -41,7 +47,7 @@ import numpy as np
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, Response
 
-from model_engine_server.errors import InvalidRequest, ModelEngineError
+from model_engine_server.errors import InvalidRequest, ModelEngineError, Overloaded
 from model_engine_server.http.completions_schema import CompletionsBody, parse_completions_body
 from model_engine_server.http.errors import error_response
 from model_engine_server.http.routes import (
@@ -70,7 +76,7 @@ def _logprob(value: float) -> float | None:
 
 
 class ScoredPrompt:
-    """One prompt's result, read by position: `row(j)` is the distribution after `x[0..j]`."""
+    """One prompt's result, read by position: `top(j, k)` is the distribution after `x[0..j]`."""
 
     def __init__(self, ids: list[int], result: LogProbResult) -> None:
         assert result.top_k_ids is not None and result.top_k_log_probs is not None and result.target_ranks is not None
@@ -129,14 +135,15 @@ def _prompt_logprobs(scored: ScoredPrompt, k: int, text: TokenText) -> list[dict
 
 
 def _legacy_logprobs(scored: ScoredPrompt, body: CompletionsBody, k: int, text: TokenText,
-                     generated: tuple[int, float, int] | None) -> dict[str, Any]:
-    """OpenAI's legacy `logprobs` object over the echoed prompt (when `echo`) and the returned token."""
+                     generated: tuple[int, float, int] | None, pieces: list[str]) -> dict[str, Any]:
+    """OpenAI's legacy `logprobs` object over the echoed prompt (when `echo`) and the returned
+    token; `pieces`: the text of the prompt's tokens and then of the returned one, in context."""
     tokens: list[str] = []
     token_logprobs: list[float | None] = []
     top_logprobs: list[dict[str, float | None] | None] = []
     if body.echo:
         for position, token in enumerate(scored.ids):
-            tokens.append(text.decode(token))
+            tokens.append(pieces[position])
             if position == 0:
                 token_logprobs.append(None)
                 top_logprobs.append(None)
@@ -146,25 +153,30 @@ def _legacy_logprobs(scored: ScoredPrompt, body: CompletionsBody, k: int, text: 
             top_logprobs.append(_top_map(token, token_logprobs[-1], scored.top(row, k), text))
     if generated is not None:
         token, value, _ = generated
-        tokens.append(text.decode(token))
+        tokens.append(pieces[-1])
         token_logprobs.append(_logprob(value))
         top_logprobs.append(_top_map(token, _logprob(value), scored.top(len(scored.ids) - 1, k), text))
-    start = 0 if body.echo else sum(len(text.decode(t)) for t in scored.ids)
+    start = 0 if body.echo else sum(len(piece) for piece in pieces[: len(scored.ids)])
     offsets = list(np.cumsum([start] + [len(t) for t in tokens[:-1]]).tolist()) if tokens else []
     return {"tokens": tokens, "token_logprobs": token_logprobs, "top_logprobs": top_logprobs, "text_offset": offsets}
 
 
 def _top_map(actual: int, actual_value: float | None, top: list[tuple[int, float]], text: TokenText) -> dict[str, float | None]:
-    entry = {text.decode(actual): actual_value}
+    """Token text -> log-prob, the actual token's included; of tokens sharing a text, the larger."""
+    entry: dict[str, float | None] = {text.decode(actual): actual_value}
     for token, value in top:
-        entry.setdefault(text.decode(token), _logprob(value))
+        key, value_here = text.decode(token), _logprob(value)
+        held = entry.get(key)
+        if key not in entry or (value_here is not None and (held is None or value_here > held)):
+            entry[key] = value_here
     return entry
 
 
 def _choice(index: int, scored: ScoredPrompt, body: CompletionsBody, text: TokenText) -> dict[str, Any]:
     generated = _next_token(scored, body, _scoring_k(body)) if body.max_tokens == 1 else None
-    completion = text.decode(generated[0]) if generated is not None else ""
-    prompt_text = "".join(text.decode(t) for t in scored.ids) if body.echo else ""
+    pieces = text.pieces(scored.ids + ([generated[0]] if generated is not None else []))
+    completion = pieces[-1] if generated is not None else ""
+    prompt_text = "".join(pieces[: len(scored.ids)]) if body.echo else ""
     choice: dict[str, Any] = {
         "index": index,
         "text": prompt_text + completion,
@@ -175,10 +187,35 @@ def _choice(index: int, scored: ScoredPrompt, body: CompletionsBody, text: Token
         "weight_version": scored.result.weight_version,
     }
     if body.logprobs is not None:
-        choice["logprobs"] = _legacy_logprobs(scored, body, body.logprobs, text, generated)
+        choice["logprobs"] = _legacy_logprobs(scored, body, body.logprobs, text, generated, pieces)
     if body.prompt_logprobs is not None:
         choice["prompt_logprobs"] = _prompt_logprobs(scored, body.prompt_logprobs, text)
     return choice
+
+
+def _request_for(ids: list[int], body: CompletionsBody) -> LogProbRequest:
+    """Scores `x[1..L-1]`; with the row after the whole prompt too (`x + [0]`) when a token is
+    returned, or when there is no `x[1]` to score."""
+    continued = body.max_tokens == 1 or len(ids) == 1
+    return LogProbRequest(input_ids=ids + [0] if continued else ids, response_start=1,
+                          temperature=_temperature(body), top_k=_scoring_k(body))
+
+
+async def _score_in_waves(service: Any, requests: list[LogProbRequest]) -> list[LogProbResult | ModelEngineError]:
+    """Every prompt's outcome. OpenAI has no per-choice errors, so a call is answered whole: the
+    prompts a full queue refused are sent again once the others are done, while each wave
+    scores some (a call larger than the queue bound is then served, not refused forever)."""
+    outcomes: list[LogProbResult | ModelEngineError] = [Overloaded("not sent")] * len(requests)
+    waiting = list(range(len(requests)))
+    while waiting:
+        answers = await service.score([requests[i] for i in waiting])
+        for index, answer in zip(waiting, answers):
+            outcomes[index] = answer
+        refused = [index for index, answer in zip(waiting, answers) if isinstance(answer, Overloaded)]
+        if len(refused) == len(waiting):  # nothing got in: the server is busy with others
+            break
+        waiting = refused
+    return outcomes
 
 
 @completions_router.post("/v1/completions", summary="OpenAI/vLLM completions, scoring subset (max_tokens 0 or 1)",
@@ -194,23 +231,23 @@ async def completions(request: Request) -> Response:
         return JSONResponse({"error": {"code": "not_found", "message": f"the model {body.model!r} is not served here; "
                                        f"this server serves {state.model_name!r}", "field": "model"}}, status_code=404)
     text: TokenText = state.token_text
+    count = len(body.prompt) if isinstance(body.prompt, list) and not isinstance(body.prompt[0], int) else 1
+    if count > state.max_requests_per_call:  # before any prompt is tokenized
+        raise InvalidRequest(f"{count} prompts in one call; the limit is {state.max_requests_per_call}", "prompt")
     prompts = _prompts(body, text)
     for index, ids in enumerate(prompts):
         if min(ids) < 0 or max(ids) > INT64_MAX:  # the scheduler checks the vocabulary; this, the wire
             raise InvalidRequest("token ids must be >= 0 and fit in 64 bits", f"prompt[{index}]")
-    if len(prompts) > state.max_requests_per_call:
-        raise InvalidRequest(f"{len(prompts)} prompts in one call; the limit is {state.max_requests_per_call}", "prompt")
-    k, temperature = _scoring_k(body), _temperature(body)
-    requests = [LogProbRequest(input_ids=ids + [0], response_start=1, temperature=temperature, top_k=k) for ids in prompts]
+    requests = [_request_for(ids, body) for ids in prompts]
     state.scoring_in_progress += 1
     try:
-        outcomes = await state.service.score(requests)
+        outcomes = await _score_in_waves(state.service, requests)
     finally:
         state.scoring_in_progress -= 1
     for index, outcome in enumerate(outcomes):
         if isinstance(outcome, ModelEngineError):  # OpenAI has no per-choice errors: the call fails
             if type(outcome) is InvalidRequest:
-                outcome = InvalidRequest(outcome.message, f"prompt[{index}]" + (f".{outcome.field}" if outcome.field else ""))
+                outcome = _prompt_error(outcome, index, prompts[index], requests[index])
             return error_response(outcome, state.retry_after_s)
     scored = [ScoredPrompt(ids, outcome) for ids, outcome in zip(prompts, outcomes)]
     choices = [_choice(index, item, body, text) for index, item in enumerate(scored)]
@@ -228,6 +265,17 @@ async def completions(request: Request) -> Response:
     if _wants_msgpack(request):
         return Response(encode_body(answer, as_msgpack=True), media_type=MSGPACK)
     return JSONResponse(answer)
+
+
+def _prompt_error(error: InvalidRequest, index: int, ids: list[int], request: LogProbRequest) -> InvalidRequest:
+    """The scheduler's refusal, told in the client's terms: its prompt, its token count."""
+    where = f"prompt[{index}]"
+    message = error.message.removeprefix(f"{error.field}: ") if error.field else error.message
+    if error.field != "input_ids":
+        return InvalidRequest(message, where + (f".{error.field}" if error.field else ""))
+    added = len(request.input_ids) - len(ids)
+    counted = f" (its {len(ids)} tokens and the one returned)" if added else ""
+    return InvalidRequest(f"{message}{counted}", where)
 
 
 def _array_prompts_as_lists(payload: Any) -> Any:

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictFloat, StrictInt, ValidationError
 
 from model_engine_server.errors import InvalidRequest
 from model_engine_server.protocol import MAX_TOP_K
@@ -57,7 +57,7 @@ class CompletionsBody(BaseModel):
         description="token ids (one list, or a list of lists), or text when the checkpoint has a tokenizer"
     )
     max_tokens: StrictInt | None = Field(default=None, description="0 (score only) or 1 (one token from the last position)")
-    temperature: float | None = Field(default=None, description="> 0: log-probs at this temperature; 0: raw, greedy")
+    temperature: StrictFloat | StrictInt | None = Field(default=None, description="> 0: log-probs at this temperature; 0: raw, greedy")
     prompt_logprobs: StrictInt | None = Field(default=None, description=f"top-k at every prompt position, 0..{MAX_TOP_K}")
     logprobs: StrictInt | None = Field(default=None, description=f"legacy top-k of the returned tokens, 0..{MAX_TOP_K}")
     echo: StrictBool = Field(default=False, description="return the prompt (and its log-probs with `logprobs`) too")

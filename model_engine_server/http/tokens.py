@@ -5,6 +5,12 @@ The server scores token ids and needs no tokenizer. When the served checkpoint f
 encoded with it and `decoded_token` / `tokens` are its decodings; without one, text prompts are
 refused and a token's text is its id as a decimal string ("1234"), which keeps the legacy
 `top_logprobs` maps (keyed by token text) unambiguous.
+
+A token's text alone (`decode`) is not its share of a sequence's text: SentencePiece drops a
+word's leading space when the token is decoded by itself, and a byte-level token holding part
+of a UTF-8 character decodes to U+FFFD. `pieces` decodes in context, as vLLM's incremental
+detokenizer does: a token's piece is what it adds to the text of the tokens before it (a
+character split over tokens comes whole at its last one), so the pieces join into the text.
 """
 
 from __future__ import annotations
@@ -48,6 +54,27 @@ class TokenText:
         if self.tokenizer is None:
             return str(token_id)
         return str(self.tokenizer.decode([token_id]))
+
+    def pieces(self, ids: list[int]) -> list[str]:
+        """Each token's share of the text of `ids` (see the module docstring)."""
+        if self.tokenizer is None:
+            return [str(token) for token in ids]
+        pieces: list[str] = []
+        prefix_start = read_start = 0  # context tokens; tokens whose text is not given out yet
+        for end in range(1, len(ids) + 1):
+            before = self._decode_span(ids[prefix_start:read_start])
+            after = self._decode_span(ids[prefix_start:end])
+            if len(after) > len(before) and not after.endswith("\ufffd"):
+                pieces.append(after[len(before):])
+                prefix_start, read_start = read_start, end
+            else:  # no complete character yet: the text comes with a later token
+                pieces.append("")
+        if read_start < len(ids):  # a sequence ending inside a character: its bytes as decoded
+            pieces[-1] = self._decode_span(ids[prefix_start:])[len(self._decode_span(ids[prefix_start:read_start])):]
+        return pieces
+
+    def _decode_span(self, ids: list[int]) -> str:
+        return str(self.tokenizer.decode(ids)) if ids else ""
 
     def encode(self, text: str, where: str) -> list[int]:
         """A text prompt's ids, as the tokenizer encodes it (with its special tokens, as vLLM)."""

@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+import re
 import secrets
 from typing import Any, Iterable
 
@@ -40,14 +41,39 @@ def is_msgpack(content_type: str | None) -> bool:
     return media_type(content_type) in MSGPACK_TYPES
 
 
+# A `\ud800`-`\udfff` escape: JSON's way to write half of a UTF-16 pair, and the only way a
+# string no UTF-8 can carry (a lone half) gets into a decoded body.
+_SURROGATE_ESCAPE = re.compile(rb"\\u[dD][89a-fA-F]")
+
+
 def decode_body(body: bytes, content_type: str | None) -> Any:
     """Decode a request body by its content type; malformed input is `InvalidRequest` (400)."""
     if is_msgpack(content_type):
-        return codec.decode(body)
+        return codec.decode(body)  # msgpack strings are UTF-8, checked as they are unpacked
     try:
-        return json.loads(body)
+        payload = json.loads(body)
     except Exception as error:  # ValueError, UnicodeDecodeError, RecursionError on deep nesting
         raise InvalidRequest(f"malformed JSON: {type(error).__name__}: {error}", "body") from None
+    if _SURROGATE_ESCAPE.search(body):
+        _refuse_lone_surrogates(payload, "body")
+    return payload
+
+
+def _refuse_lone_surrogates(value: Any, where: str) -> None:
+    """A string with half a UTF-16 pair cannot be tokenized nor written back in an answer."""
+    if isinstance(value, str):
+        try:
+            value.encode("utf-8")
+        except UnicodeEncodeError as error:
+            raise InvalidRequest(f"a string holds a lone UTF-16 surrogate at character {error.start}, which is "
+                                 "not Unicode text", where) from None
+    elif isinstance(value, dict):
+        for key, item in value.items():
+            _refuse_lone_surrogates(key, where)
+            _refuse_lone_surrogates(item, f"{where}.{key}" if where != "body" else key)
+    elif isinstance(value, list):
+        for index, item in enumerate(value):
+            _refuse_lone_surrogates(item, f"{where}[{index}]")
 
 
 def encode_body(payload: Any, as_msgpack: bool) -> bytes:
