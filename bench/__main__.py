@@ -59,7 +59,7 @@ def run_benchmark(name: str, quick: bool, **options: Any) -> dict[str, Any]:
 def print_record(record: dict[str, Any]) -> None:
     print(format_table(flatten(record["figures"]), f"{record['benchmark']} ({'quick' if record['quick'] else 'full'})"))
     for target in record["targets"]:
-        verdict = "met" if target["met"] else "MISSED"
+        verdict = "not measured" if target["measured"] is None else "met" if target["met"] else "MISSED"
         measured = "n/a" if target["measured"] is None else f"{target['measured']:.4g}"
         print(f"  target {target['target']}: {verdict} (measured {measured})")
     print()

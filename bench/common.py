@@ -10,8 +10,10 @@ from __future__ import annotations
 import os
 import platform
 import re
+import subprocess
 import time
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Callable
 
 import torch
@@ -43,7 +45,22 @@ def machine_info() -> dict[str, Any]:
     if torch.cuda.is_available():
         props = torch.cuda.get_device_properties(0)
         info["gpu"] = f"{props.name}, {props.total_memory / 2**30:.0f} GiB"
+    info["code"] = code_revision()
     return info
+
+
+def code_revision() -> str | None:
+    """The commit the benchmark ran from (`+changes` when the tree differed from it); None
+    outside a git checkout."""
+    root = Path(__file__).resolve().parents[1]
+    try:
+        head = subprocess.run(["git", "rev-parse", "--short=12", "HEAD"], cwd=root, capture_output=True, text=True,
+                              timeout=10, check=True).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=root,
+                               capture_output=True, text=True, timeout=10, check=True).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return head + ("+changes" if dirty else "")
 
 
 def lookup(figures: dict[str, Any], dotted_key: str) -> Any:
@@ -116,6 +133,8 @@ def timed_best(step: Callable[[], Any], repeats: int, warmup: int = 1) -> tuple[
     the last run's result, so correctness is checked on the very outputs that were timed."""
     for _ in range(warmup):
         step()
+    if torch.cuda.is_available():  # the warm-up's queued kernels are not the first run's
+        torch.cuda.synchronize()
     times = []
     result = None
     for _ in range(repeats):
@@ -131,6 +150,8 @@ def alternating_best(steps: dict[str, Callable[[], Any]], repeats: int,
                      between: Callable[[], None] | None = None) -> dict[str, tuple[float, Any]]:
     """`timed_best` for several paths at once, one run of each per round, rounds repeated: a
     burst of load from another job then slows every path of that round, not one path's runs.
+    No warm-up here: the caller warms every path first (`scoring._measure` does; the cause split
+    runs on the engines those paths warmed).
     `between` runs untimed before every step (the scoring benchmarks hand a kept heap back
     there, so one path's freed blocks do not stay resident under the next path's)."""
     times: dict[str, float] = {}

@@ -47,6 +47,14 @@ def _flags(machine: dict[str, Any]) -> str:
     return "flags: " + (", ".join(flags) or "none of avx2/avx512/amx")
 
 
+def _verdict_cells(target: dict[str, Any]) -> str:
+    """A target whose figure the record lacks (it was added after the run) is not measured,
+    neither met nor missed."""
+    if target["measured"] is None:
+        return "not measured | not measured"
+    return f"{_value(target['measured'])} | {'met' if target['met'] else '**missed**'}"
+
+
 def render_record(record: dict[str, Any]) -> str:
     machine = record["machine"]
     lines = [
@@ -55,7 +63,8 @@ def render_record(record: dict[str, Any]) -> str:
         "",
         f"Command: `{record['command']}`  ",
         f"Machine: {machine.get('cpu_cores')} cores ({machine.get('cpu_model')}; {_flags(machine)}), "
-        f"{machine.get('memory_gib')} GiB, GPU: {machine.get('gpu') or 'none'}; torch {machine.get('torch')}  ",
+        f"{machine.get('memory_gib')} GiB, GPU: {machine.get('gpu') or 'none'}; torch {machine.get('torch')}; "
+        f"code {machine.get('code') or 'not recorded'}  ",
         f"Run: {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime(record['started_unix']))}, {record['wall_s']:.0f} s",
         "",
         "| figure | value |",
@@ -66,8 +75,7 @@ def render_record(record: dict[str, Any]) -> str:
     if targets:
         lines += ["", "| target | measured | verdict |", "| --- | --- | --- |"]
         for target in targets:
-            measured = "not measured" if target["measured"] is None else _value(target["measured"])
-            lines.append(f"| `{target['target']}` | {measured} | {'met' if target['met'] else '**missed**'} |")
+            lines.append(f"| `{target['target']}` | {_verdict_cells(target)} |")
     notes = BENCH_DIR / "notes" / f"{record.get('source', record['benchmark'])}.md"  # per JSON file
     if notes.exists():
         lines += ["", notes.read_text().strip()]

@@ -85,9 +85,11 @@ async def _measure(model_path: Path, weights: dict, repeats: int, bucket_bytes: 
             version += 1
             for name, publisher in publishers.items():  # warm-up: rendezvous, first touch of every page
                 await publisher.update_weights(weights, version)
-            for _ in range(repeats):  # alternate, so both placements see the same machine noise
+            order = list(publishers.items())
+            for repeat in range(repeats):  # alternate, so both placements see the same machine noise
                 version += 1
-                for name, publisher in publishers.items():
+                turn = repeat % len(order)  # and each goes first in turn
+                for name, publisher in order[turn:] + order[:turn]:
                     stop, answered = asyncio.Event(), []
                     load = asyncio.ensure_future(_keep_scoring(managers[name], stop, answered))
                     await asyncio.sleep(0.2)

@@ -55,19 +55,32 @@ FULL = Size(QWEN25_0_5B, requests=16, max_tokens=4096, rounds=3)
 QUICK = Size(QWEN25_0_5B, requests=8, max_tokens=1024, rounds=1)
 
 
+# verl's `trigger_parameter_sync_step` default: steps per weight-sync window. The window's first
+# step trains the version it scores (save + recompute, no swap); each later one swaps in the old
+# version and back (two restores).
+SYNC_WINDOW_STEPS = 4
+
+
 def _timed(step: Callable[[], Any]) -> tuple[float, Any]:
+    """Seconds of `step` with its device work done (a GPU queues copies and kernels)."""
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
     started = time.perf_counter()
     result = step()
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
     return time.perf_counter() - started, result
 
 
-def save_shards(module: torch.nn.Module, copy: bool) -> tuple[dict[str, Any], Any]:
-    """verl's `save_model_to_cpu` for FSDP2; `copy` clones each shard (what a device-to-host copy
-    produces), since on CPU verl's `.cpu()` hands back the parameter itself."""
+def save_shards(module: torch.nn.Module, copy_on_cpu: bool) -> tuple[dict[str, Any], Any]:
+    """verl's `save_model_to_cpu` for FSDP2. On a GPU its `.cpu()` is the device-to-host copy;
+    on CPU it hands back the parameter itself, so `copy_on_cpu` clones each shard to stand in for
+    that copy (and nothing is added where the copy already happened)."""
     from verl.utils.fsdp_utils import fsdp2_sharded_save_to_cpu
 
     state, spec = fsdp2_sharded_save_to_cpu(module)
-    if copy:
+    on_cpu = next(module.parameters()).device.type == "cpu"
+    if copy_on_cpu and on_cpu:
         state = {name: (tensor.clone(), shard_spec) for name, (tensor, shard_spec) in state.items()}
     return state, spec
 
@@ -116,8 +129,8 @@ def one_step(verl: Any, requests: list[LogProbRequest], old: tuple[dict[str, Any
     module = verl.worker.engine.module
     times: dict[str, float] = {}
     with torch.inference_mode(False):
-        times["save_s_as_verl_on_cpu"], _ = _timed(lambda: save_shards(module, copy=False))
-        times["save_s"], current = _timed(lambda: save_shards(module, copy=True))
+        times["save_s_as_verl_on_cpu"], _ = _timed(lambda: save_shards(module, copy_on_cpu=False))
+        times["save_s"], current = _timed(lambda: save_shards(module, copy_on_cpu=True))
         times["restore_old_s"], _ = _timed(lambda: restore_shards(module, old))
         times["recompute_s"], log_probs = _timed(lambda: scoring_verl.verl_recompute(verl, requests))
         times["restore_current_s"], _ = _timed(lambda: restore_shards(module, current))
@@ -128,22 +141,25 @@ def one_step(verl: Any, requests: list[LogProbRequest], old: tuple[dict[str, Any
 
 
 def measure(verl: Any, requests: list[LogProbRequest], rounds: int) -> dict[str, Any]:
-    """Least time of each part over `rounds` steps after a warm-up step (first-call allocations,
-    the optimizer's state), and the ratios of what the server removes to the update."""
+    """The quickest of `rounds` steps after a warm-up step (first-call allocations, the
+    optimizer's state), each part as that step took it (a step that happened, not a sum of
+    minima from different rounds), and the ratios of what the server removes to the update."""
     verl.worker.set_loss_fn(actor_loss(len(requests)))
     with torch.inference_mode(False):
-        old = save_shards(verl.worker.engine.module, copy=True)  # the window's first version (verl's key 1)
+        old = save_shards(verl.worker.engine.module, copy_on_cpu=True)  # the window's first version (verl's key 1)
     one_step(verl, requests, old)
-    best: dict[str, float] = {}
-    for _ in range(rounds):
-        for name, seconds in one_step(verl, requests, old).items():
-            best[name] = min(seconds, best.get(name, float("inf")))
-    removed = best["save_s"] + best["restore_old_s"] + best["recompute_s"] + best["restore_current_s"]
+    steps = [one_step(verl, requests, old) for _ in range(rounds)]
+    best = min(steps, key=lambda step: sum(seconds for name, seconds in step.items() if name != "save_s_as_verl_on_cpu"))
+    restores = best["restore_old_s"] + best["restore_current_s"]
+    removed = best["save_s"] + best["recompute_s"] + restores  # a step after the window's first
+    window_mean = best["save_s"] + best["recompute_s"] + restores * (SYNC_WINDOW_STEPS - 1) / SYNC_WINDOW_STEPS
     save_restore = removed - best["recompute_s"]
     parameter_bytes = sum(tensor.numel() * tensor.element_size() for tensor, _ in old[0].values())
     return {
         **best,
         "removed_per_step_s": removed,
+        "removed_per_step_window_mean_s": window_mean,
+        "sync_window_steps": SYNC_WINDOW_STEPS,
         "save_restore_s": save_restore,
         "removed_over_update": removed / best["update_s"],
         "recompute_over_update": best["recompute_s"] / best["update_s"],
