@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import asyncio
 import copy
+import dataclasses
 from typing import TYPE_CHECKING, Any, Iterable, Sequence
 
 import torch
@@ -69,18 +70,7 @@ def merge(policy: Outcome, reference: Outcome) -> Outcome:
     if isinstance(reference, ModelEngineError):
         return from_reference(reference)
     timings = {**policy.timings, **{f"ref_{key}": value for key, value in reference.timings.items()}}
-    return LogProbResult(
-        request_id=policy.request_id,
-        log_probs=policy.log_probs,
-        weight_version=policy.weight_version,
-        entropy=policy.entropy,
-        ref_log_probs=reference.log_probs,
-        mismatch=policy.mismatch,
-        timings=timings,
-        top_k_ids=policy.top_k_ids,
-        top_k_log_probs=policy.top_k_log_probs,
-        target_ranks=policy.target_ranks,
-    )
+    return dataclasses.replace(policy, ref_log_probs=reference.log_probs, timings=timings)
 
 
 def from_reference(error: ModelEngineError) -> ModelEngineError:
