@@ -161,14 +161,12 @@ class HFWeightMap:
             return
         device = slot.param.device
 
-        def parts_with(value: torch.Tensor, others: float) -> list[torch.Tensor]:
-            return [
-                value if hf_name == key else torch.full(self.specs[hf_name].shape, others, dtype=value.dtype, device=device)
-                for hf_name in slot.hf_names
-            ]
+        def among_zeros(part: torch.Tensor) -> list[torch.Tensor]:
+            return [part if hf_name == key else torch.zeros(self.specs[hf_name].shape, dtype=self.dtype, device=device)
+                    for hf_name in slot.hf_names]
 
-        values = self._shard(slot, parts_with(tensor.to(device=device, dtype=self.dtype), 0.0))
-        marks = self._shard(slot, parts_with(torch.ones(tuple(tensor.shape), dtype=self.dtype, device=device), 0.0))
+        values = self._shard(slot, among_zeros(tensor.to(device=device, dtype=self.dtype)))
+        marks = self._shard(slot, among_zeros(torch.ones(tuple(tensor.shape), dtype=self.dtype, device=device)))
         if not bool(((marks == 0) | (marks == 1)).all()):
             raise WeightSyncError(f"{key!r} was sent twice in one sync, and mbridge does not place it by copying")
         where = marks.bool()
