@@ -20,12 +20,14 @@ import pytest  # noqa: E402
 import torch  # noqa: E402
 from verl import DataProto  # noqa: E402
 from verl.experimental.agent_loop.agent_loop import (  # noqa: E402
+    AgentLoopBase,
     AgentLoopMetrics,
     AgentLoopOutput,
     AgentLoopWorker,
     DictConfigWrap,
     ToolListWrap,
     _agent_loop_registry,
+    register,
 )
 
 from clients.http_client import HttpLogProbClient  # noqa: E402
@@ -215,3 +217,28 @@ async def test_a_multimodal_trajectory_is_kept_and_not_scored(worker):
     assert fields[sf.LOG_PROBS] is None and "images" in fields[sf.ERROR] and "text only" in fields[sf.ERROR]
     text_only = output.model_copy(update={"multi_modal_data": {}})
     assert (await server_fields_for(text_only, TEMPERATURE, worker_rules(worker)))[sf.ERROR] is None
+
+
+TWO_TRAJECTORIES = [([5, 6, 7], [8, 9]), ([5, 6, 7, 8, 9, 10], [11, 12, 13])]
+
+
+@register("test_two_outputs_agent")
+class TwoOutputsAgentLoop(AgentLoopBase):
+    """An inner loop that returns two trajectories, as verl's V1 workers allow."""
+
+    async def run(self, sampling_params, **kwargs):
+        return [AgentLoopOutput(prompt_ids=p, response_ids=r, response_mask=[1] * len(r), metrics=AgentLoopMetrics())
+                for p, r in TWO_TRAJECTORIES]
+
+
+async def test_an_inner_loop_with_several_outputs_has_each_scored(worker, server):
+    loop = ModelEngineServerAgentLoop(
+        trainer_config=DictConfigWrap(worker.config), server_manager=worker.llm_client, tokenizer=worker.tokenizer,
+        processor=worker.processor, dataset_cls=worker.dataset_cls, data_config=DictConfigWrap(worker.config.data),
+        hf_model_type=worker.hf_model_type, inner_agent="test_two_outputs_agent",
+    )
+    outputs = await loop.run({"temperature": TEMPERATURE})
+    assert [len(o.extra_fields[sf.LOG_PROBS]) for o in outputs] == [2, 3]
+    for output, (prompt, response) in zip(outputs, TWO_TRAJECTORIES):
+        expected = await server_answer(server.url, prompt, response, TEMPERATURE)
+        np.testing.assert_allclose(output.extra_fields[sf.LOG_PROBS], expected.log_probs, atol=TOLERANCE, rtol=0)

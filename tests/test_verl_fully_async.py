@@ -254,8 +254,8 @@ def test_verls_log_prob_step_logs_its_metrics_and_ours(batches, config, actor_wo
     for key, value in calculate_debug_metrics(verl_view).items():
         assert metrics[key] == pytest.approx(float(value), abs=1e-4), key
     prefix = sf.METRIC_PREFIX
-    assert metrics[f"{prefix}/samples_from_server"] == len(SHAPES) - len(UNSCORED_ROWS)
-    assert metrics[f"{prefix}/samples_recomputed"] == len(UNSCORED_ROWS)
+    assert metrics[f"{prefix}/samples_from_server_total"] == len(SHAPES) - len(UNSCORED_ROWS)
+    assert metrics[f"{prefix}/samples_recomputed_total"] == len(UNSCORED_ROWS)
     assert metrics[f"{prefix}/weight_version_lag_max"] == 0
     assert f"{prefix}/rollout_vs_server/kl_k3" in metrics
 
@@ -326,7 +326,7 @@ def test_missing_samples_are_rescored_on_the_server(batches, config, actor_worke
     old, _ = trainer._compute_old_log_prob(batch)
     expected, _ = verl_recompute(reference, batch, temperature)
     torch.testing.assert_close(old.batch["old_log_probs"], expected, atol=TOLERANCE, rtol=0)
-    assert trainer.metrics[f"{sf.METRIC_PREFIX}/samples_rescored"] == len(UNSCORED_ROWS)
+    assert trainer.metrics[f"{sf.METRIC_PREFIX}/samples_rescored_total"] == len(UNSCORED_ROWS)
     assert trainer.actor_rollout_wg.calls == []
 
 
@@ -344,7 +344,7 @@ def test_stale_samples_are_accepted_as_scored(batches, config, actor_worker):
     old, _ = trainer._compute_old_log_prob(batch)
     for row in range(len(batch)):
         assert torch.equal(old.batch["old_log_probs"][row], server_column(batch, sf.LOG_PROBS, row))
-    assert trainer.metrics[f"{sf.METRIC_PREFIX}/samples_accepted_stale"] == len(batch)
+    assert trainer.metrics[f"{sf.METRIC_PREFIX}/samples_accepted_stale_total"] == len(batch)
     assert trainer.metrics[f"{sf.METRIC_PREFIX}/weight_version_lag_max"] == 1
 
 
@@ -352,7 +352,7 @@ def test_stale_samples_within_max_version_lag_count_as_current(batches, config, 
     batch = batches(TEMPERATURES[0]).select_idxs(scored_rows(batches(TEMPERATURES[0])))
     trainer = make_trainer(config, actor_worker, version=1, on_stale="fail", max_version_lag=1)
     trainer._compute_old_log_prob(batch)
-    assert trainer.metrics[f"{sf.METRIC_PREFIX}/samples_from_server"] == len(batch)
+    assert trainer.metrics[f"{sf.METRIC_PREFIX}/samples_from_server_total"] == len(batch)
 
 
 def test_stale_samples_are_recomputed(batches, config, actor_worker, reference):
@@ -361,7 +361,7 @@ def test_stale_samples_are_recomputed(batches, config, actor_worker, reference):
     old, _ = trainer._compute_old_log_prob(batch)
     expected, _ = verl_recompute(reference, batch, TEMPERATURES[0])
     torch.testing.assert_close(old.batch["old_log_probs"], expected, atol=TOLERANCE, rtol=0)
-    assert trainer.metrics[f"{sf.METRIC_PREFIX}/samples_recomputed"] == len(batch)
+    assert trainer.metrics[f"{sf.METRIC_PREFIX}/samples_recomputed_total"] == len(batch)
 
 
 def test_stale_samples_are_rescored_once_the_server_holds_the_old_version(batches, config, actor_worker, model_dir):
@@ -378,7 +378,7 @@ def test_stale_samples_are_rescored_once_the_server_holds_the_old_version(batche
         old, _ = trainer._compute_old_log_prob(batch)
     torch.testing.assert_close(old.batch["old_log_probs"], expected, atol=TOLERANCE, rtol=0)
     assert not torch.allclose(old.batch["old_log_probs"], server_column_matrix(batch), atol=1e-3)
-    assert trainer.metrics[f"{sf.METRIC_PREFIX}/samples_rescored"] == len(batch)
+    assert trainer.metrics[f"{sf.METRIC_PREFIX}/samples_rescored_total"] == len(batch)
     assert trainer.metrics[f"{sf.METRIC_PREFIX}/weight_version_lag_max"] == 0
 
 
@@ -410,7 +410,7 @@ def test_reference_log_probs_come_from_the_server(batches, config, actor_worker,
     expected, _ = verl_recompute(reference, batch, temperature)  # the server's reference: the initial weights
     torch.testing.assert_close(ref, expected, atol=TOLERANCE, rtol=0)
     assert torch.all(ref[beyond_responses(batch)] == 0)
-    assert trainer.metrics[f"{sf.METRIC_PREFIX}/ref/samples_rescored"] == len(UNSCORED_ROWS)
+    assert trainer.metrics[f"{sf.METRIC_PREFIX}/ref/samples_rescored_total"] == len(UNSCORED_ROWS)
     with pytest.raises(sf.ServerLogProbsUnusable, match="uid_sample_0_1"):
         make_trainer(config, actor_worker, score_ref=True, on_missing="fail")._compute_ref_log_prob(batch)
 

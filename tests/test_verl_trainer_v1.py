@@ -271,7 +271,7 @@ def test_old_log_probs_and_entropy_equal_verls_own_recompute(transfer_queue, ser
     expected_agg = agg_loss(loss_mat=expected_entropy, loss_mask=mask, loss_agg_mode="token-mean").item()
     assert metrics["actor/entropy"] == pytest.approx(expected_agg, abs=TOLERANCE)
     assert metrics["training/rollout_probs_diff_valid"] == 1
-    assert metrics["model_engine_server/samples_from_server"] == n
+    assert metrics["model_engine_server/samples_from_server_total"] == n
     assert metrics["model_engine_server/fraction_from_server"] == 1.0
     assert metrics["model_engine_server/weight_version_lag_max"] == 0
     assert metrics["model_engine_server/rollout_vs_server/log_prob_abs_diff_max"] == pytest.approx(0.03, abs=1e-6)
@@ -292,7 +292,7 @@ def test_ref_log_prob_from_the_servers_reference_equals_verls_recompute(transfer
     expected, _ = verl_recompute(worker, samples, 1.0)  # the reference is the initial checkpoint
     assert max_diff(got, expected, len(samples)) <= TOLERANCE
     assert_zero_past_responses(got, samples)
-    assert metrics["model_engine_server/ref/samples_from_server"] == len(samples)
+    assert metrics["model_engine_server/ref/samples_from_server_total"] == len(samples)
 
 
 # ---------------------------------------------------------------- rules
@@ -337,8 +337,8 @@ def test_a_missing_sample_is_recomputed_by_verls_own_path(transfer_queue, server
     for row in (0, 1, 3, 4):  # the server's numbers, unchanged, for every row it scored
         assert torch.equal(got["old_log_probs"][row, : len(samples[row].response)], torch.from_numpy(results[row].log_probs))
     assert trainer.actor_rollout_wg.calls == [("save_model_to_cpu", 0)]  # π_old is the current weights at step 0
-    assert metrics["model_engine_server/samples_recomputed"] == 1
-    assert metrics["model_engine_server/samples_from_server"] == 4
+    assert metrics["model_engine_server/samples_recomputed_total"] == 1
+    assert metrics["model_engine_server/samples_from_server_total"] == 4
 
 
 def test_a_later_mini_batchs_recompute_restores_pi_old_saved_at_mini_batch_0_even_when_the_server_scored_it(
@@ -381,7 +381,7 @@ def test_a_missing_sample_is_rescored_on_the_server(transfer_queue, server, verl
     expected_log_probs, expected_entropy = verl_recompute(worker, samples, 0.7)
     assert max_diff(got["old_log_probs"], expected_log_probs, len(samples)) <= TOLERANCE
     assert max_diff(got["entropy"], expected_entropy, len(samples)) <= TOLERANCE
-    assert metrics["model_engine_server/samples_rescored"] == 1
+    assert metrics["model_engine_server/samples_rescored_total"] == 1
 
 
 def test_stale_samples_are_accepted_or_fail_as_configured(transfer_queue, server, verl_config):
@@ -396,12 +396,12 @@ def test_stale_samples_are_accepted_or_fail_as_configured(transfer_queue, server
     got = written(transfer_queue, batch, "old_log_probs")["old_log_probs"]
     for row, result in enumerate(results):
         assert torch.equal(got[row, : len(result.log_probs)], torch.from_numpy(result.log_probs))
-    assert metrics["model_engine_server/samples_accepted_stale"] == len(samples)
+    assert metrics["model_engine_server/samples_accepted_stale_total"] == len(samples)
     assert metrics["model_engine_server/weight_version_lag_max"] == 1
 
     metrics = {}  # within max_version_lag a sample counts as current
     trainer_for(verl_config, server.url, global_steps=2, on_stale="fail", max_version_lag=1)._compute_old_log_prob(batch, metrics)
-    assert metrics["model_engine_server/samples_from_server"] == len(samples)
+    assert metrics["model_engine_server/samples_from_server_total"] == len(samples)
 
 
 def test_stale_samples_are_rescored_at_the_old_policys_version(transfer_queue, verl_config, tiny_model):
@@ -424,7 +424,7 @@ def test_stale_samples_are_rescored_at_the_old_policys_version(transfer_queue, v
         torch.testing.assert_close(got["old_log_probs"][row, :n], expected, atol=TOLERANCE, rtol=0)
         torch.testing.assert_close(got["entropy"][row, :n], expected_entropy, atol=TOLERANCE, rtol=0)
     assert float((got["old_log_probs"][0, :9] - torch.from_numpy(stale[0].log_probs)).abs().max()) > 1e-3
-    assert metrics["model_engine_server/samples_rescored"] == len(samples)
+    assert metrics["model_engine_server/samples_rescored_total"] == len(samples)
     assert metrics["model_engine_server/weight_version_lag_max"] == 0
 
 

@@ -30,6 +30,7 @@ also asks for the reference policy's log-probs (the server's ref mode must be on
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from typing import Any
 
@@ -130,8 +131,11 @@ class ModelEngineServerAgentLoop(AgentLoopBase):
         self.inner = instantiate_loop(inner_agent, loop_kwargs)
         self.rules = trainer_side_config(self.config)
 
-    async def run(self, sampling_params: dict[str, Any], **kwargs: Any) -> AgentLoopOutput:
+    async def run(self, sampling_params: dict[str, Any], **kwargs: Any) -> AgentLoopOutput | list[AgentLoopOutput]:
+        """The inner loop's output, each trajectory scored (V1's workers take a list of them too)."""
         output = await self.inner.run(sampling_params, **kwargs)
         temperature = float(sampling_params.get("temperature", self.rollout_config.temperature))
+        if isinstance(output, list):
+            return list(await asyncio.gather(*(attach_server_fields(o, temperature, self.rules) for o in output)))
         return await attach_server_fields(output, temperature, self.rules)
 

@@ -160,9 +160,9 @@ class ServerLogProbFullyAsyncTrainer(VerlFullyAsyncTrainer):
         if plan.recompute:
             ref = sf.overlay_rows(ref, super()._compute_ref_log_prob(batch).batch["ref_log_prob"], plan.recompute)
         prefix = f"{sf.METRIC_PREFIX}/ref"
-        self.metrics.update({f"{prefix}/samples_from_server": float(len(plan.use_server)),
-                             f"{prefix}/samples_rescored": float(len(plan.rescore)),
-                             f"{prefix}/samples_recomputed": float(len(plan.recompute))})
+        self.metrics.update({f"{prefix}/samples_from_server_total": float(len(plan.use_server)),
+                             f"{prefix}/samples_rescored_total": float(len(plan.rescore)),
+                             f"{prefix}/samples_recomputed_total": float(len(plan.recompute))})
         return DataProto.from_dict(tensors={"ref_log_prob": ref})
 
     # ---------------------------------------------------------------- helpers
@@ -182,7 +182,8 @@ class ServerLogProbFullyAsyncTrainer(VerlFullyAsyncTrainer):
         prompts, responses = token_ids(batch, rows)
         requests = sf.rescore_requests(names, prompts, responses, self._temperature(batch), min_version, want_ref=need_ref)
         outcomes = score_for_trainer(self._server(), self.server_rules, requests, names)
-        return sf.rescored_results(outcomes, names, min_version, self.server_rules, need_ref=need_ref)
+        return sf.rescored_results(outcomes, names, [len(r) for r in responses], min_version, self.server_rules,
+                                   need_ref=need_ref)
 
     @staticmethod
     def _rows(results: Sequence[LogProbResult], rows: Sequence[int], attribute: str,

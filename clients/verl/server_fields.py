@@ -20,9 +20,10 @@ from typing import Any, Mapping, Sequence
 
 import numpy as np
 import torch
+from pydantic import ValidationError
 
 from model_engine_server.config.trainer_side import TrainerSideConfig
-from model_engine_server.protocol import LogProbRequest, LogProbResult
+from model_engine_server.protocol import LogProbRequest, LogProbResult, invalid_request_from
 
 LOG_PROBS = "model_engine_server_log_probs"
 ENTROPY = "model_engine_server_entropy"
@@ -76,6 +77,10 @@ class SampleScores:
             error=fields.get(ERROR),
         )
 
+    @classmethod
+    def from_result(cls, result: LogProbResult) -> "SampleScores":
+        return cls.from_fields(result_fields(result))
+
 
 @dataclass
 class Plan:
@@ -114,7 +119,7 @@ def plan_batch(
         if missing is not None:
             plan.reasons[row] = missing
             rule = config.on_missing
-        elif old_version is not None and abs(old_version - int(sample.version)) > config.max_version_lag:
+        elif old_version is not None and _off_version(int(sample.version), old_version, config.max_version_lag):
             plan.reasons[row] = f"scored under weight version {sample.version}, the old policy is version {old_version}"
             rule = config.on_stale
         else:
@@ -138,6 +143,17 @@ def plan_batch(
     return plan
 
 
+def _off_version(version: int, old_version: int, lag: int) -> bool:
+    """Scored under weights other than the old policy's: more than `lag` versions behind it, or
+    ahead of it at all (a newer version is not the policy that the update starts from)."""
+    return version > old_version or old_version - version > lag
+
+
+# Rounding lets a near-certain token's log-prob, or a near-one-hot entropy, come out a hair on
+# the wrong side of 0; anything further is not a log-prob (or an entropy) at all.
+ROUNDING_SLACK = 1e-3
+
+
 def _missing_reason(sample: SampleScores, response_length: int, need_ref: bool) -> str | None:
     if sample.log_probs is None:
         return f"not scored ({sample.error})" if sample.error else "not scored by the server"
@@ -149,7 +165,18 @@ def _missing_reason(sample: SampleScores, response_length: int, need_ref: bool) 
         return "no server entropy for the response"
     if need_ref and (sample.ref_log_probs is None or len(sample.ref_log_probs) != response_length):
         return "no server reference log-probs (is the server's ref mode on?)"
-    return None
+    return _value_problem(sample.log_probs, "log-probs", upper=ROUNDING_SLACK) or _value_problem(
+        sample.entropy, "entropy", lower=-ROUNDING_SLACK) or (
+        _value_problem(sample.ref_log_probs, "reference log-probs", upper=ROUNDING_SLACK) if need_ref else None)
+
+
+def _value_problem(values: Sequence[float] | None, what: str, lower: float = -np.inf, upper: float = np.inf) -> str | None:
+    """Why `values` cannot be trained on (NaN, infinite, or outside their range), or None."""
+    array = np.asarray(values if values is not None else [], dtype=np.float64)
+    bad = np.flatnonzero(~np.isfinite(array) | (array < lower) | (array > upper))
+    if bad.size == 0:
+        return None
+    return f"server {what} hold {float(array[bad[0]])!r} at response token {int(bad[0])} ({bad.size} such values)"
 
 
 def pad_rows(rows: Sequence[Sequence[float] | None], width: int) -> torch.Tensor:
@@ -195,10 +222,10 @@ def batch_metrics(
     prefix = METRIC_PREFIX
     rows = len(versions)
     metrics = {
-        f"{prefix}/samples_from_server": float(len(plan.use_server)),
-        f"{prefix}/samples_recomputed": float(len(plan.recompute)),
-        f"{prefix}/samples_rescored": float(len(plan.rescore)),
-        f"{prefix}/samples_accepted_stale": float(len(plan.accepted_stale)),
+        f"{prefix}/samples_from_server_total": float(len(plan.use_server)),
+        f"{prefix}/samples_recomputed_total": float(len(plan.recompute)),
+        f"{prefix}/samples_rescored_total": float(len(plan.rescore)),
+        f"{prefix}/samples_accepted_stale_total": float(len(plan.accepted_stale)),
         f"{prefix}/fraction_from_server": len(plan.use_server) / rows if rows else 0.0,
     }
     known = [int(v) for v in versions if v is not None]
@@ -260,38 +287,49 @@ def rescore_requests(
     want_ref: bool = False,
 ) -> list[LogProbRequest]:
     """One request per sample to score again on the server, named after the sample (its key),
-    at the rollout temperature, waiting for `min_weight_version` (the old policy's)."""
-    requests = []
-    for name, prompt, response in zip(names, prompts, responses, strict=True):
+    at the rollout temperature, waiting for `min_weight_version` (the old policy's); raises
+    `ServerLogProbsUnusable` naming every sample no request can be made of (e.g. no response)."""
+    requests: list[LogProbRequest] = []
+    reasons: dict[int, str] = {}
+    for row, (name, prompt, response) in enumerate(zip(names, prompts, responses, strict=True)):
         prompt, response = [int(t) for t in prompt], [int(t) for t in response]
-        requests.append(LogProbRequest(
-            request_id=str(name), input_ids=prompt + response, response_start=len(prompt),
-            temperature=float(temperature), return_entropy=True, return_ref_log_probs=want_ref,
-            min_weight_version=min_weight_version,
-        ))
+        try:
+            requests.append(LogProbRequest(
+                request_id=str(name), input_ids=prompt + response, response_start=len(prompt),
+                temperature=float(temperature), return_entropy=True, return_ref_log_probs=want_ref,
+                min_weight_version=min_weight_version,
+            ))
+        except ValidationError as error:
+            reasons[row] = f"cannot be rescored: {invalid_request_from(error)}"
+    if reasons:
+        raise ServerLogProbsUnusable(
+            f"{len(reasons)} of {len(names)} samples cannot be sent to the server: " + _describe(sorted(reasons), reasons, names)
+        )
     return requests
 
 
 def rescored_results(
     outcomes: Sequence[Any],
     names: Sequence[str],
+    response_lengths: Sequence[int],
     old_version: int | None,
     config: TrainerSideConfig,
     need_ref: bool = False,
 ) -> list[LogProbResult]:
     """The rescored samples' results; raises `ServerLogProbsUnusable` naming every sample the
     server failed, or answered under a version outside `max_version_lag` of the old policy
-    (a server ahead of the trainer no longer holds the old policy), or without reference log-probs."""
+    (a server ahead of the trainer no longer holds the old policy), or with fields a scored
+    sample must have (every response token's log-prob and entropy, finite; ref log-probs)."""
     results: list[LogProbResult] = []
     reasons: dict[int, str] = {}
-    for row, outcome in enumerate(outcomes):
+    for row, (outcome, length) in enumerate(zip(outcomes, response_lengths, strict=True)):
         if not isinstance(outcome, LogProbResult):
             reasons[row] = f"rescoring failed: {type(outcome).__name__}: {outcome}"
-        elif old_version is not None and abs(int(outcome.weight_version) - old_version) > config.max_version_lag:
+        elif old_version is not None and _off_version(int(outcome.weight_version), old_version, config.max_version_lag):
             reasons[row] = (f"rescored under weight version {outcome.weight_version}, "
                             f"the old policy is version {old_version}")
-        elif need_ref and outcome.ref_log_probs is None:
-            reasons[row] = "rescored without reference log-probs (is the server's ref mode on?)"
+        elif (problem := _missing_reason(SampleScores.from_result(outcome), int(length), need_ref)) is not None:
+            reasons[row] = f"rescored, but {problem}"
         else:
             results.append(outcome)
     if reasons:

@@ -8,8 +8,10 @@ in TransferQueue, so the server's numbers sit in the sample's `extra_fields` dic
 of `server_fields`; this trainer reads them back with `tq.kv_batch_get`, applies the
 `model_engine_server.trainer:` rules to samples without usable numbers, and writes
 `old_log_probs` / `entropy` (and `ref_log_prob`) back exactly as verl's own path does: jagged
-nested float32 tensors of one value per response token. No weights are copied to CPU and no
-actor forward runs for samples the server scored.
+nested float32 tensors of one value per response token. No actor forward runs for samples the
+server scored. Weights are copied to CPU only where a later recompute may need π_old: once per
+sync cycle when a rule says `recompute` (the default `on_missing`) and a cycle has several steps
+(`_keep_old_policy_for_later_recomputes`); with `rescore`, `fail` or `accept` rules, never.
 
 Weight versions (the contract with the server). V1 labels every weight sync with the trainer's
 `global_steps`: `standalone_checkpoint_manager.update_weights(self.global_steps)` runs at
@@ -309,7 +311,7 @@ class PPOTrainerModelEngineServer(PPOTrainerSeparateAsync):
         prompts, responses = prompt_and_response_ids(batch, rows)
         requests = sf.rescore_requests(names, prompts, responses, self.rollout_temperature, old_version, want_ref)
         outcomes = score_on_server(rules, requests, names)
-        return sf.rescored_results(outcomes, names, old_version, rules, need_ref=want_ref)
+        return sf.rescored_results(outcomes, names, [len(r) for r in responses], old_version, rules, need_ref=want_ref)
 
     def _old_log_prob_metrics(self, view: BatchView, plan: sf.Plan, versions: dict[int, int | None],
                               old_version: int, log_probs: torch.Tensor, entropy: torch.Tensor) -> dict[str, Any]:
@@ -363,8 +365,8 @@ class PPOTrainerModelEngineServer(PPOTrainerSeparateAsync):
         tq.kv_batch_put(keys=batch.keys, partition_id=batch.partition_id, fields=fields)
         prefix = f"{sf.METRIC_PREFIX}/ref"
         metrics.update({
-            f"{prefix}/samples_from_server": float(len(plan.use_server)),
-            f"{prefix}/samples_recomputed": float(len(plan.recompute)),
-            f"{prefix}/samples_rescored": float(len(plan.rescore)),
+            f"{prefix}/samples_from_server_total": float(len(plan.use_server)),
+            f"{prefix}/samples_recomputed_total": float(len(plan.recompute)),
+            f"{prefix}/samples_rescored_total": float(len(plan.rescore)),
         })
         return batch
