@@ -368,13 +368,22 @@ class ModelEngineServer:
     async def get_status(self) -> dict[str, Any]:
         return self.status()
 
+    def _queue_can_drain(self) -> bool:
+        """Whether a queued request can still be served with no one else's call: none can while
+        serving is paused or the weights are in an update or incomplete, nor one waiting for a
+        version the server does not have (a shutdown fails those at once, not at its deadline)."""
+        if self._paused_since is not None or not self.weights.servable:
+            return False
+        version = self.weights.version
+        return any(p.request.min_weight_version is None or p.request.min_weight_version <= version for p in self._queue)
+
     async def shutdown(self, drain: bool = True, timeout_s: float = 30.0) -> None:
         """Stop accepting; finish what was accepted (when `drain`), fail what cannot finish."""
         self._accepting = False
         self._wakeup.set()
         deadline = time.monotonic() + timeout_s  # one deadline for the drain and the running batches
         if drain:
-            while (self._queue or self._inflight) and time.monotonic() < deadline:
+            while (self._inflight or self._queue_can_drain()) and time.monotonic() < deadline:
                 await asyncio.sleep(0.01)
         for pending in self._queue.take_all():
             self._fail(pending, ServerShuttingDown("the server shut down before this request was served"))

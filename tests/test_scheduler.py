@@ -275,6 +275,25 @@ async def test_shutdown_finishes_accepted_requests_and_refuses_new_ones():
         await server.submit(request(5))
 
 
+@pytest.mark.parametrize("held_by", ["pause", "later_version", "open_update"])
+async def test_shutdown_answers_requests_nothing_would_serve_at_once_not_at_its_deadline(held_by):
+    executor = FakeExecutor(compute_s=0.01)
+    server = make_server(executor)
+    await server.start()
+    fields = {"min_weight_version": 3} if held_by == "later_version" else {}
+    if held_by == "pause":
+        await server.pause_serving()
+    if held_by == "open_update":
+        await server.begin_weight_update(1)
+    held = asyncio.ensure_future(server.submit(request(5, **fields)))
+    await asyncio.sleep(0.05)
+    assert not held.done()
+    async with asyncio.timeout(5):  # the drain's own limit is 60 s
+        await server.shutdown(drain=True, timeout_s=60)
+    with pytest.raises(ServerShuttingDown):
+        await held
+
+
 async def test_random_pause_update_resume_cycles_never_mix_versions_or_lose_requests():
     """Concurrent clients, random pauses and weight updates: every result's version is the
     version in force for its whole batch, and every request ends answered or failed."""
