@@ -80,13 +80,23 @@ def build_service(
     _warn_about_unused_settings(config)
     model_path = ensure_model_path(config)
     reference_config = reference_config_for(config, model_path) if config.enable_ref_mode else None
-    ray_gpus = sum(c.total_gpus for c in (config, reference_config) if c is not None and not c.in_process)
+    ray_gpus = _ray_gpus(config, reference_config)
     policy = _build_one(config, model_path, observer, "policy", ray_gpus)
     reference = None
     if reference_config is not None:
         assert reference_config.model_path is not None
         reference = _build_one(reference_config, reference_config.model_path, reference_observer, "reference", ray_gpus)
     return PolicyWithReference(policy, reference, observer)
+
+
+def _ray_gpus(config: ServerConfig, reference_config: ServerConfig | None) -> int:
+    return sum(c.total_gpus for c in (config, reference_config) if c is not None and not c.in_process)
+
+
+def ray_gpus_for(config: ServerConfig) -> int:
+    """The logical GPUs the config's services take on Ray (the policy's and the reference's)."""
+    reference_config = reference_config_for(config, ensure_model_path(config)) if config.enable_ref_mode else None
+    return _ray_gpus(config, reference_config)
 
 
 REPLICA_NAME_PREFIX = {"policy": "replica", "reference": "replica-ref"}
@@ -156,16 +166,21 @@ class Serving:
 
 
 def build_serving(loaded: "LoadedConfig") -> Serving:
-    """Service + metrics + app from a loaded config; the app shuts the service down on exit.
-    The admin routes get the transport allow-list and the weight roots (default: the parent
-    folder of the served model path) of the config."""
+    """Service + metrics + app from a loaded config; the app shuts the service down on exit."""
+    return build_serving_for(loaded.server)
+
+
+def build_serving_for(config: ServerConfig, owns_service: bool = True) -> Serving:
+    """Service + metrics + app; with `owns_service` the app starts the service and shuts it
+    down on exit (else its holder does, e.g. the Ray service actor). The admin routes get the
+    transport allow-list and the weight roots (default: the parent folder of the served model
+    path) of the config."""
     from model_engine_server.http.app import create_app
     from model_engine_server.http.metrics import ServerMetrics
 
-    config = loaded.server
     metrics = ServerMetrics()
     service = build_service(config, metrics.observer, metrics.reference_observer)
-    app = create_app(service, config.http, metrics, owns_service=True,
+    app = create_app(service, config.http, metrics, owns_service=owns_service,
                      allowed_endpoints=config.transport.allowed_endpoints, weight_roots=weight_roots_for(config),
                      model_path=ensure_model_path(config))
     return Serving(app, service, metrics, config)

@@ -34,6 +34,20 @@ def build_replica_service(
     `ReplicaManager` of `config.replicas` replicas named `{name_prefix}-{i}` (started by the
     app's start-up, on the serving event loop)."""
     replica_config = replica_config_for(config, model_path)
+    join_ray_for(config, replica_config.total_gpus if ray_gpus is None else ray_gpus)
+    logger.info(
+        "building %d Ray replica(s) %s-* of %d device(s): backend=%s, model=%s",
+        replica_config.num_replicas, name_prefix, replica_config.world_size, config.backend, model_path,
+    )
+    manager = ReplicaManager(replica_config, observer)
+    for replica in manager.replicas:  # placement-group names are unique per Ray namespace
+        replica.name = f"{name_prefix}-{replica.index}"
+    return manager
+
+
+def join_ray_for(config: ServerConfig, ray_gpus: int) -> None:
+    """Join the configured Ray cluster, or start one here sized by `config.ray` (declaring
+    `ray_gpus` logical GPUs on a machine without CUDA), in the configured namespace."""
     ray_config = config.ray
     init_kwargs: dict = {"namespace": ray_config.namespace}
     if ray_config.address is None:  # sizes apply to an embedded Ray only
@@ -43,16 +57,7 @@ def build_replica_service(
             init_kwargs["num_gpus"] = ray_config.num_gpus
         if ray_config.object_store_memory_mb is not None:
             init_kwargs["object_store_memory"] = ray_config.object_store_memory_mb << 20
-    needed = replica_config.total_gpus if ray_gpus is None else ray_gpus
-    connect_ray(ray_config.address, num_gpus_needed=needed, **init_kwargs)
-    logger.info(
-        "building %d Ray replica(s) %s-* of %d device(s): backend=%s, model=%s",
-        replica_config.num_replicas, name_prefix, replica_config.world_size, config.backend, model_path,
-    )
-    manager = ReplicaManager(replica_config, observer)
-    for replica in manager.replicas:  # placement-group names are unique per Ray namespace
-        replica.name = f"{name_prefix}-{replica.index}"
-    return manager
+    connect_ray(ray_config.address, num_gpus_needed=ray_gpus, **init_kwargs)
 
 
 def replica_config_for(config: ServerConfig, model_path: str) -> ReplicaConfig:

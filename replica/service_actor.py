@@ -19,24 +19,38 @@ import torch
 
 from checkpoint_transport.spec import ReceiveReport, TransportSpec
 from model_engine_server.config import ServerConfig
-from model_engine_server.launch import build_service, weight_roots_for
+from model_engine_server.launch import build_service, build_serving_for, weight_roots_for
+from replica.http_in_actor import HttpInActor
 from model_engine_server.protocol import LogProbRequest, outcome_to_wire
 from replica.manager import ReplicaManager
 
 DEFAULT_ACTOR_NAME = "model-engine-server"
+DEFAULT_NAMESPACE = "model-engine-server"  # `RayConfig.namespace`, where `serve` creates the actor
 
 
 class LogProbServiceActor:
-    """Holds the service the config describes; created by `start_service_actor`."""
+    """Holds the service the config describes; created by `start_service_actor`. With
+    `with_http` it also serves the HTTP app over that same service (`serve` on the Ray runtime:
+    one service, reached by HTTP and by actor handle alike)."""
 
-    def __init__(self, config: ServerConfig | dict[str, Any]) -> None:
+    def __init__(self, config: ServerConfig | dict[str, Any], with_http: bool = False) -> None:
         self.config = ServerConfig.model_validate(config)
-        self.service = build_service(self.config)
+        self.serving = build_serving_for(self.config, owns_service=False) if with_http else None
+        self.service = self.serving.service if self.serving else build_service(self.config)
         self.weight_roots = weight_roots_for(self.config)
+        self.http: HttpInActor | None = None
 
     async def start(self) -> dict[str, Any]:
         await self.service.start()
         return await self.service.get_status()
+
+    async def serve_http(self, host: str, port: int) -> tuple[str, int]:
+        """Serve the app on `host:port` (0: any free port) from this actor's event loop; returns
+        where it listens."""
+        if self.serving is None:
+            raise RuntimeError("this service actor was created without its HTTP app (with_http=False)")
+        self.http = HttpInActor(self.serving.app, self.config.http.graceful_shutdown_s)
+        return await self.http.start(host, port)
 
     async def ping(self) -> bool:
         return True
@@ -125,7 +139,11 @@ class LogProbServiceActor:
         await self._manager().report_worker_update(version, replica_index, rank, ReceiveReport.from_dict(report))
 
     async def shutdown(self, drain: bool = True, timeout_s: float = 30.0) -> None:
+        """The service first (what can still run finishes, what cannot is answered 503
+        `shutting_down`), then the HTTP server, if any, closes its connections."""
         await self.service.shutdown(drain, timeout_s)
+        if self.http is not None:
+            await self.http.stop()
 
 
 async def _materialise_unless_ray(service: Any, ref: "ray.ObjectRef") -> Any:
@@ -140,12 +158,16 @@ async def start_service_actor(
     config: ServerConfig | dict[str, Any],
     name: str | None = DEFAULT_ACTOR_NAME,
     namespace: str | None = None,
+    with_http: bool = False,
+    **options: Any,
 ) -> Any:  # -> ray.actor.ActorHandle
     """Create the service actor (named, so other actors can look it up), start its replicas and
-    return its handle; if start-up fails the actor is killed and the error raised."""
+    return its handle; if start-up fails the actor is killed and the error raised. `options`:
+    more Ray actor options (`serve` pins the actor to its own node)."""
     actor_class = ray.remote(LogProbServiceActor)
     config = config.model_dump() if isinstance(config, ServerConfig) else config
-    handle = actor_class.options(name=name, namespace=namespace, num_cpus=0, max_concurrency=10_000).remote(config)
+    handle = actor_class.options(name=name, namespace=namespace, num_cpus=0, max_concurrency=10_000,
+                                 **options).remote(config, with_http)
     try:
         await handle.start.remote()
     except BaseException:

@@ -49,7 +49,7 @@ EMBEDDED_RAY_ARGS = dict(
     num_gpus=4,
     include_dashboard=False,
     log_to_driver=False,
-    namespace="model-engine-server-tests",
+    namespace="model-engine-server",  # the server's default `ray.namespace`, where trainers look by default
     runtime_env={"env_vars": {"RAY_AUTH_MODE": "disabled", "TOKENIZERS_PARALLELISM": "false", "OMP_NUM_THREADS": "1"}},
 )
 

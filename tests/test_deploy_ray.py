@@ -5,6 +5,7 @@ server command and config load with our CLI and loader."""
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import subprocess
@@ -43,6 +44,20 @@ def _kill_tree(marker: str) -> None:
 
 def _run(args: list[str], env: dict[str, str], timeout_s: float = 120) -> subprocess.CompletedProcess:
     return subprocess.run(args, env=env, capture_output=True, text=True, timeout=timeout_s, cwd=ROOT)
+
+
+FIND_THE_ACTOR = """
+import json, sys
+import ray
+from clients.ray_client import RayLogProbClient
+from model_engine_server.config.trainer_side import TrainerSideConfig
+from model_engine_server.protocol import LogProbRequest
+rules = TrainerSideConfig()  # a trainer's defaults: the actor `serve` names, in the server's default namespace
+ray.init(address=sys.argv[1], namespace="a-trainers-own-job", log_to_driver=False)
+client = RayLogProbClient.from_name(rules.actor_name, namespace=rules.ray_namespace, call_timeout_s=120).sync()
+[result] = client.compute_log_probs([LogProbRequest.model_validate(json.loads(sys.argv[2]))])
+print(json.dumps(result.log_probs.tolist()))
+"""
 
 
 @pytest.mark.slow
@@ -93,6 +108,13 @@ def test_start_head_and_join_worker_form_a_token_cluster_that_serve_joins(tiny_m
             expected, _ = reference_log_probs(model, request)
             got = LogProbResult.from_wire(entry).log_probs
             torch.testing.assert_close(torch.from_numpy(got.copy()), expected, atol=1e-5, rtol=0)
+        # another driver on the cluster (a trainer) finds the same service by its actor name
+        lookup = _run([sys.executable, "-c", FIND_THE_ACTOR, f"127.0.0.1:{port}", json.dumps(requests[0].model_dump())],
+                      dict(env, RAY_AUTH_MODE="token", RAY_AUTH_TOKEN=token))
+        assert lookup.returncode == 0, lookup.stderr[-3000:]
+        by_actor = json.loads(lookup.stdout.strip().splitlines()[-1])
+        torch.testing.assert_close(torch.tensor(by_actor), torch.tensor(response.json()["results"][0]["log_probs"]),
+                                   atol=1e-5, rtol=0)  # scored alone there, in a batch of six here
     finally:
         if server is not None:
             server.terminate()

@@ -55,7 +55,7 @@ from verl.workers.rollout.replica import RolloutReplica, RolloutReplicaRegistry
 
 from clients.verl.rollout_replica import ROLLOUT_NAME
 from model_engine_server.config.trainer_side import TrainerSideConfig
-from replica.service_actor import DEFAULT_ACTOR_NAME
+from replica.service_actor import DEFAULT_ACTOR_NAME, DEFAULT_NAMESPACE
 
 logger = logging.getLogger(__name__)
 
@@ -66,7 +66,8 @@ class ScoringPoolOptions(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     actor_name: str = Field(default=DEFAULT_ACTOR_NAME, description="the log-prob service's Ray actor")
-    ray_namespace: str | None = Field(default=None, description="its namespace; None: the caller's")
+    ray_namespace: str | None = Field(default=DEFAULT_NAMESPACE, description="its namespace (the server's "
+                                      "`ray.namespace`); None: the caller's")
 
     @classmethod
     def of(cls, config: RolloutConfig) -> "ScoringPoolOptions":
@@ -162,7 +163,7 @@ class ModelEngineServerReplica(RolloutReplica):
 
 
 def scoring_rollout_config(checkpoint_engine: CheckpointEngineConfig, actor_name: str = DEFAULT_ACTOR_NAME,
-                           ray_namespace: str | None = None) -> RolloutConfig:
+                           ray_namespace: str | None = DEFAULT_NAMESPACE) -> RolloutConfig:
     """The rollout config of a scoring pool: our replica type, the trainer's checkpoint-engine
     settings (both ends of a sync must agree on backend and bucket size), where the service is."""
     return RolloutConfig(

@@ -1,7 +1,8 @@
 """`serve [--config FILE.yaml] [--host H] [--port P] [overrides]`: serve log-probs over HTTP.
 
 Builds the service the config describes (an in-process replica, or Ray replicas), serves the
-FastAPI app with uvicorn and logs where it listens. SIGINT/SIGTERM drain: uvicorn stops
+FastAPI app with uvicorn and logs where it listens. On the Ray runtime the service and its app
+live in the named service actor, which trainers also reach by handle (`serve_ray.py`). SIGINT/SIGTERM drain: uvicorn stops
 accepting connections and waits for the calls it accepted, then the app's shutdown finishes
 queued requests and shuts the replicas down; the process then exits 0. With no config at all
 it serves a tiny model made into the cache folder. On a non-loopback host it refuses to start
@@ -40,7 +41,9 @@ def run(args: argparse.Namespace) -> int:
     from model_engine_server import cpu_heap
     from model_engine_server.config import ConfigError, load_config
     from model_engine_server.http.admin_policy import exposure_remedy, unauthenticated_exposure
+    from model_engine_server.commands.serve_ray import port_problem, serve_on_ray
     from model_engine_server.launch import build_serving
+    from model_engine_server.runtimes import runtime_name
 
     cli_values = {"http.host": args.host, "http.port": args.port,
                   "http.allow_unauthenticated_remote": args.allow_unauthenticated_remote}
@@ -54,6 +57,12 @@ def run(args: argparse.Namespace) -> int:
         if exposure is not None:
             logger.warning("!!! UNAUTHENTICATED ADMIN ROUTES: %s. Serving anyway, as allow_unauthenticated_remote "
                            "is set !!!", exposure)
+        if runtime_name(loaded.server) == "ray":  # the service actor serves the app (serve_ray.py)
+            return serve_on_ray(loaded.server)
+        problem = port_problem(loaded.server.http.host, loaded.server.http.port)
+        if problem is not None:  # before the model loads, which can take minutes
+            print(f"error: {problem}", file=sys.stderr)
+            return 1
         cpu_heap.apply(loaded.server.cpu_heap, owns_process=True)  # before the engine: this process only serves
         serving = build_serving(loaded)
     except ConfigError as error:

@@ -132,7 +132,9 @@ class RayConfig(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     address: str | None = Field(default=None, description="None: start Ray here; 'auto' or 'ray://h:10001': join")
-    namespace: str = "model-engine-server"
+    namespace: str = Field(default="model-engine-server", description="the Ray namespace of the service and its replicas")
+    actor_name: str = Field(default="model-engine-server", min_length=1,
+                            description="`serve`'s named service actor, which trainers and verl look up")
     num_cpus: int | None = Field(default=None, ge=1, description="embedded Ray only")
     num_gpus: int | None = Field(default=None, ge=0, description="embedded Ray only")
     object_store_memory_mb: int | None = Field(default=None, gt=0, description="embedded Ray only")

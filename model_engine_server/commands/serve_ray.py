@@ -1,0 +1,106 @@
+"""`serve` on the Ray runtime: the service and its HTTP app inside one named Ray actor.
+
+Trainers and verl reach the server by actor handle (`RayLogProbClient`, verl's checkpoint
+engine through `clients.verl.scoring_replica`) as well as over HTTP, so both must front the same
+service. This process joins (or starts) Ray, creates the service actor `ray.actor_name` in
+`ray.namespace` on this node (so HTTP listens on this machine), has it serve the app, and waits
+for SIGINT/SIGTERM. The first signal drains: the service finishes what it can, answers what it
+cannot 503 `shutting_down`, then the HTTP server closes and the actor and its replicas go. A
+second signal ends the actor at once.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import signal
+import socket
+import sys
+from typing import Any
+
+from model_engine_server.config import ServerConfig
+
+logger = logging.getLogger("model_engine_server.serve")
+
+
+def port_problem(host: str, port: int) -> str | None:
+    """Why `host:port` cannot be served (checked before a model loads), or None."""
+    if port == 0:
+        return None
+    with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_STREAM) as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            probe.bind((host, port))
+        except OSError as error:
+            return f"cannot listen on {host}:{port}: {error.strerror or error}"
+    return None
+
+
+def serve_on_ray(config: ServerConfig) -> int:
+    problem = port_problem(config.http.host, config.http.port)
+    if problem is not None:
+        print(f"error: {problem}", file=sys.stderr)
+        return 1
+    return asyncio.run(_serve(config))
+
+
+async def _serve(config: ServerConfig) -> int:
+    import ray
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+    from model_engine_server.launch import ray_gpus_for
+    from replica.runtime import join_ray_for
+    from replica.service_actor import start_service_actor, stop_service_actor
+
+    join_ray_for(config, ray_gpus_for(config))
+    here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=False)
+    signals = _SignalCount()
+    name, namespace = config.ray.actor_name, ray.get_runtime_context().namespace
+    try:
+        handle = await start_service_actor(config, name=name, with_http=True, scheduling_strategy=here)
+    except Exception as error:
+        print(f"error: the service actor {name!r} did not start: {_cause(error)}", file=sys.stderr)
+        return 1
+    try:
+        host, port = await handle.serve_http.remote(config.http.host, config.http.port)
+    except Exception as error:
+        await stop_service_actor(handle, drain=False, timeout_s=5.0)
+        print(f"error: could not serve HTTP: {_cause(error)}", file=sys.stderr)
+        return 1
+    logger.info("model-engine-server listening on http://%s:%d (API docs at /docs); Ray actor %r in namespace %r "
+                "of the Ray cluster at %s", host, port, name, namespace, ray.get_runtime_context().gcs_address)
+    await signals.first.wait()
+    logger.info("draining: finishing accepted requests, then shutting the service down (a second signal ends it now)")
+    drain = asyncio.ensure_future(stop_service_actor(handle, drain=True, timeout_s=config.http.graceful_shutdown_s))
+    forced = asyncio.ensure_future(signals.second.wait())
+    await asyncio.wait({drain, forced}, return_when=asyncio.FIRST_COMPLETED)
+    if not drain.done():
+        logger.warning("second signal: ending the service actor without draining")
+        ray.kill(handle, no_restart=True)
+        drain.cancel()
+        return 1
+    forced.cancel()
+    if drain.exception() is not None:  # e.g. the actor died under the same signal (a whole process group's)
+        logger.error("the service actor did not shut down cleanly: %s", _cause(drain.exception()))
+        return 1
+    logger.info("shut down cleanly")
+    return 0
+
+
+class _SignalCount:
+    """SIGINT/SIGTERM on this loop: the first sets `first`, the next `second`."""
+
+    def __init__(self) -> None:
+        self.first, self.second = asyncio.Event(), asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.add_signal_handler(sig, self._arrived)
+
+    def _arrived(self) -> None:
+        (self.second if self.first.is_set() else self.first).set()
+
+
+def _cause(error: Any) -> str:
+    """The error raised inside the actor, not Ray's wrapping of it."""
+    cause = getattr(error, "cause", None)
+    return f"{type(cause).__name__}: {cause}" if isinstance(cause, BaseException) else f"{type(error).__name__}: {error}"
