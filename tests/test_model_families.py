@@ -109,3 +109,34 @@ async def test_a_model_transformers_renames_on_load_scores_but_refuses_weight_sy
         torch.testing.assert_close(torch.from_numpy(result.log_probs), expected, atol=TOLERANCE, rtol=0)
     finally:
         await server.shutdown()
+
+
+def test_a_family_whose_layers_keep_the_forwards_keywords_to_themselves_is_packed_exactly(tmp_path):
+    """StableLM's decoder layers call attention without the forward's keywords, so the packed
+    row's boundaries reach `packed_sdpa` only through `packed_attention.row_layout` (before, its
+    packed sequences attended to each other: off by 2.2)."""
+    path = _save(tmp_path, "StableLmConfig")
+    engine = HFEngine(EngineSpec(model_path=str(path), device="cpu"))
+    requests = _requests(seed=7)
+    outcomes = ModelEngineServerAdapter(engine).score(requests)
+    reference = reference_model(path)
+    for request, outcome in zip(requests, outcomes, strict=True):
+        expected, expected_entropy = reference_log_probs(reference, request)
+        torch.testing.assert_close(torch.from_numpy(outcome.log_probs), expected, atol=TOLERANCE, rtol=0)
+        torch.testing.assert_close(torch.from_numpy(outcome.entropy), expected_entropy, atol=TOLERANCE, rtol=0)
+
+
+@pytest.mark.parametrize("config_class,rope,plain", [
+    ("LlamaConfig", {"rope_type": "dynamic", "factor": 2.0, "rope_theta": 10000.0},
+     {"rope_type": "linear", "factor": 2.0, "rope_theta": 10000.0}),
+    ("Phi3Config", {"rope_type": "longrope", "short_factor": [1.0] * 8, "long_factor": [2.0] * 8,
+                    "original_max_position_embeddings": 64, "rope_theta": 10000.0}, None),
+])
+def test_rotary_frequencies_set_by_the_forwards_length_are_refused_at_build(tmp_path, config_class, rope, plain):
+    extra = {"pad_token_id": 0} if config_class == "Phi3Config" else {}
+    path = _save(tmp_path, config_class, rope_parameters=rope, **extra)
+    with pytest.raises(ValueError, match=f"rope_type {rope['rope_type']}"):
+        HFEngine(EngineSpec(model_path=str(path), device="cpu"))
+    plain_settings = {"rope_parameters": plain} if plain else {}
+    assert HFEngine(EngineSpec(model_path=str(_save(tmp_path / "plain", config_class, **extra, **plain_settings)),
+                               device="cpu"))

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import importlib.util
 from pathlib import Path
-from typing import Iterable, Iterator
+from typing import Any, Iterable, Iterator
 
 import torch
 
@@ -63,11 +63,36 @@ def packing_problem(model: torch.nn.Module) -> str | None:
         unpackable = [config.model_type]
     if not unpackable:
         unpackable = sorted({type(m).__name__ for m in model.modules() if "Mamba" in type(m).__name__})
+    length_dependent = sorted(rope_types(config) & LENGTH_DEPENDENT_ROPE)
+    if not unpackable and length_dependent:
+        return (f"{type(model).__name__} uses rope_type {', '.join(length_dependent)}, whose rotary frequencies "
+                "transformers sets from the longest position in the forward: in a packed row (or one without its "
+                "last token, as this engine runs it) every sequence would get other frequencies than alone, so "
+                "this engine does not serve it")
     if not unpackable:
         return None
     return (f"{type(model).__name__} has layers this engine cannot run on packed rows ({', '.join(unpackable)}): a "
             "layer carrying state along the row would run each sequence on from the one before it, and chunked "
             "attention is not applied, so this engine does not serve it")
+
+
+# rope types whose frequencies transformers recomputes from the forward's own length
+LENGTH_DEPENDENT_ROPE = frozenset({"dynamic", "longrope"})
+
+
+def rope_types(config: Any) -> set[str]:
+    """Every `rope_type` the config names (transformers 5's `rope_parameters`, flat or per layer
+    type, or the older `rope_scaling`)."""
+    found: set[str] = set()
+    for settings in (getattr(config, "rope_parameters", None), getattr(config, "rope_scaling", None)):
+        if not isinstance(settings, dict):
+            continue
+        nested = [value for value in settings.values() if isinstance(value, dict)]
+        for entry in nested or [settings]:
+            kind = entry.get("rope_type") or entry.get("type")
+            if kind:
+                found.add(str(kind))
+    return found
 
 
 def _renamed_on_load(path: Path, parameter_names: set[str], architecture: str) -> str | None:
@@ -149,17 +174,19 @@ class HFEngine(HiddenStateEngine):
         if batch.shares_prompts and not self._reads_segment_prefixes():
             raise ValueError(f"attention {self.model.config._attn_implementation!r} cannot score shared prompts")
         boundaries = batch.cu_seqlens.to(self.device)
-        shared = {"segment_prefixes": batch.segment_prefixes} if batch.shares_prompts else {}
-        outputs = self.model.base_model(
-            input_ids=batch.input_ids.to(self.device),
-            position_ids=batch.position_ids.to(self.device),
-            use_cache=False,
-            cu_seq_lens_q=boundaries,
-            cu_seq_lens_k=boundaries,
-            max_length_q=batch.max_seqlen,
-            max_length_k=batch.max_seqlen,
-            **shared,
-        )
+        prefixes = batch.segment_prefixes if batch.shares_prompts else None
+        shared = {"segment_prefixes": prefixes} if prefixes is not None else {}
+        with packed_attention.row_layout(boundaries, prefixes):
+            outputs = self.model.base_model(
+                input_ids=batch.input_ids.to(self.device),
+                position_ids=batch.position_ids.to(self.device),
+                use_cache=False,
+                cu_seq_lens_q=boundaries,
+                cu_seq_lens_k=boundaries,
+                max_length_q=batch.max_seqlen,
+                max_length_k=batch.max_seqlen,
+                **shared,
+            )
         return outputs.last_hidden_state[0]
 
     def lm_head(self) -> LMHead:

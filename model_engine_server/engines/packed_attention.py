@@ -18,17 +18,37 @@ masked one by more than the prompt rows it recomputes.
 
 A layer with a sliding window (a keyword, or the module's attribute) keeps transformers' rule,
 a key is seen while `key > query - window`, as an explicit mask once a span outgrows the window.
+
+Some decoder layers (StableLM's) call their attention without passing the forward's keywords
+on, so neither keyword arrives and the row would read as one sequence. The engine therefore
+also puts the row's layout in `ROW_LAYOUT` for the length of its forward (`row_layout`), and a
+call whose keywords lack it takes it from there.
 """
 
 from __future__ import annotations
 
-from typing import Any
+import contextlib
+from contextvars import ContextVar
+from typing import Any, Iterator
 
 import torch
 import torch.nn.functional as F
 
 NAME = "packed_sdpa"
 UNAPPLIED_KEYWORDS = ("softcap", "s_aux")  # Gemma2's score soft-capping, gpt-oss's attention sinks
+
+# (cu_seq_lens, segment_prefixes or None) of the row being run; see the module docstring
+ROW_LAYOUT: ContextVar[tuple[torch.Tensor, list[int] | None] | None] = ContextVar("packed_row_layout", default=None)
+
+
+@contextlib.contextmanager
+def row_layout(boundaries: torch.Tensor, segment_prefixes: list[int] | None) -> Iterator[None]:
+    """The row's layout, for attention calls that do not get the forward's keywords."""
+    token = ROW_LAYOUT.set((boundaries, segment_prefixes))
+    try:
+        yield
+    finally:
+        ROW_LAYOUT.reset(token)
 
 
 def packed_sdpa_attention(
@@ -48,12 +68,15 @@ def packed_sdpa_attention(
         raise ValueError(f"{NAME} does not apply {', '.join(unapplied)}: choose another attn_implementation")
     # Mistral, Phi-3 and Starcoder2 pass their window as a keyword; Qwen2 and Gemma set it per layer
     window = kwargs.get("sliding_window") or getattr(module, "sliding_window", None)
-    boundaries = kwargs.get("cu_seq_lens_q")
+    boundaries, segment_prefixes = kwargs.get("cu_seq_lens_q"), kwargs.get("segment_prefixes")
+    layout = ROW_LAYOUT.get()
+    if boundaries is None and layout is not None:  # a layer that did not pass the keywords on
+        boundaries, segment_prefixes = layout
     total = query.shape[2]
     edges = [0, total] if boundaries is None else [int(x) for x in boundaries.tolist()]
     if edges[-1] != total:
         raise ValueError(f"cu_seq_lens_q ends at {edges[-1]} but the row has {total} tokens")
-    prefixes = kwargs.get("segment_prefixes") or [-1] * (len(edges) - 1)
+    prefixes = segment_prefixes or [-1] * (len(edges) - 1)
     if len(prefixes) != len(edges) - 1:
         raise ValueError(f"segment_prefixes has {len(prefixes)} entries for {len(edges) - 1} segments")
     grouped = query.shape[1] != key.shape[1]
