@@ -426,6 +426,21 @@ def test_settings_that_would_ignore_the_server_are_refused(config, actor_worker)
     check_pipeline_config(with_settings(config, {"actor_rollout_ref.rollout.agent.default_agent_loop": "model_engine_server_agent"}))
 
 
+def test_the_shipped_40_gpu_config_passes_the_checks_of_the_entry_point_it_is_for():
+    """`deploy/fully-async-megatron-40gpu.yaml`, composed by Hydra as verl composes its configs,
+    is one the fully-async entry point accepts (it once left multi_turn off, so nothing would have
+    been scored), and its trainer finds the server by the actor `serve` runs."""
+    from hydra import compose, initialize_config_dir
+
+    deploy = Path(__file__).resolve().parents[1] / "deploy"
+    with initialize_config_dir(config_dir=str(deploy), version_base=None):
+        config = compose(config_name="fully-async-megatron-40gpu")
+    check_pipeline_config(config)
+    rules = sf.trainer_side_config(config)
+    assert rules.address is None and (rules.actor_name, rules.ray_namespace) == (
+        config.model_engine_server.get("ray", {}).get("actor_name", "model-engine-server"), "model-engine-server")
+
+
 def test_the_entry_point_runs_verls_own_code_with_our_classes():
     """verl's main and runner look the two classes up by name when they run, which is what the
     entry point rebinds; the actor classes ask Ray for what verl's own ask for."""

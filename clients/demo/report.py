@@ -76,8 +76,9 @@ def comparison(results: dict[str, RunResult]) -> str:
         lines.append(f"{mode:<10}{result.trainer_step_s:>18.4f}{old:>18.4f}{result.samples_per_s:>12.2f}{head:>12.2f} -> {tail:.2f}")
     if {"server", "baseline"} <= results.keys():
         server, baseline = results["server"], results["baseline"]
+        speedup = baseline.trainer_step_s / server.trainer_step_s
         lines.append(
-            f"server / baseline: trainer step time x{baseline.trainer_step_s / server.trainer_step_s:.2f} faster, "
+            f"server / baseline: trainer step time x{speedup:.2f} ({'faster' if speedup >= 1 else 'slower'}), "
             f"end-to-end samples/s x{server.samples_per_s / baseline.samples_per_s:.2f}"
         )
     if "server" in results and any("prox_approx_by_staleness" in m for m in results["server"].steps):

@@ -5,7 +5,8 @@
 #
 # Ray token authentication is on: the token is made once here (or taken from RAY_AUTH_TOKEN)
 # and must be given to every worker (same RAY_AUTH_TOKEN). Extra `ray start` flags go in
-# RAY_START_ARGS, e.g. RAY_START_ARGS="--num-gpus=8 --resources='{\"scoring\": 1}'".
+# RAY_START_ARGS, split on spaces (so no value with a space in it), e.g.
+# RAY_START_ARGS="--num-gpus=8 --num-cpus=64".
 set -euo pipefail
 
 PORT="${RAY_PORT:-6379}"

@@ -47,11 +47,15 @@ def run(args: argparse.Namespace) -> int:
         return 2
     fits = shape.vocab_size >= MIN_VOCAB_SIZE
     if args.tokenizer and not fits:
-        print(f"--tokenizer needs --vocab-size {MIN_VOCAB_SIZE} or more (256 bytes + bos/eos), "
-              f"not {shape.vocab_size}")
+        print(f"error: --tokenizer needs --vocab-size {MIN_VOCAB_SIZE} or more (256 bytes + bos/eos), "
+              f"not {shape.vocab_size}", file=sys.stderr)
         return 2
     tokenizer = fits if args.tokenizer is None else args.tokenizer
-    path = make_tiny_model(args.output_dir, shape, seed=args.seed, tokenizer=tokenizer)
+    try:
+        path = make_tiny_model(args.output_dir, shape, seed=args.seed, tokenizer=tokenizer)
+    except OSError as error:  # the output path is a file, or not writable
+        print(f"error: cannot write the model to {args.output_dir}: {error.strerror or error}", file=sys.stderr)
+        return 1
     config = json.loads((path / "config.json").read_text())
     tokenizer_note = "with a tokenizer" if tokenizer else (
         "no tokenizer" if args.tokenizer is False else f"no tokenizer: vocab below {MIN_VOCAB_SIZE}")

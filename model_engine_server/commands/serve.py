@@ -23,6 +23,11 @@ from model_engine_server.commands.config import add_config_arguments, config_fil
 
 logger = logging.getLogger("model_engine_server.serve")
 
+# What building a service raises for a user's setup, said in one line instead of a traceback:
+# a model path that is not a checkpoint (OSError), a model the engine refuses (ValueError), a
+# Ray cluster that is not there (ConnectionError, an OSError).
+BUILD_ERRORS = (OSError, ValueError)
+
 
 def register(subparsers: argparse._SubParsersAction) -> None:
     parser = subparsers.add_parser("serve", help="serve log-probs over HTTP (defaults: a tiny model on 127.0.0.1:8000)")
@@ -68,6 +73,9 @@ def run(args: argparse.Namespace) -> int:
     except ConfigError as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
+    except BUILD_ERRORS as error:  # a model that is not there or not servable, a Ray cluster not found
+        print(f"error: could not build the service: {type(error).__name__}: {error}", file=sys.stderr)
+        return 1
     http = serving.config.http
     return _serve(serving.app, http.host, http.port, http.graceful_shutdown_s)
 

@@ -52,7 +52,11 @@ async def _serve(config: ServerConfig) -> int:
     from replica.runtime import join_ray_for
     from replica.service_actor import start_service_actor, stop_service_actor
 
-    join_ray_for(config, ray_gpus_for(config))
+    try:
+        join_ray_for(config, ray_gpus_for(config))
+    except (OSError, ValueError) as error:  # no cluster at the address; a reference path that is not a checkpoint
+        print(f"error: could not join or start Ray: {type(error).__name__}: {error}", file=sys.stderr)
+        return 1
     here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=False)
     signals = _SignalCount()
     name, namespace = config.ray.actor_name, ray.get_runtime_context().namespace

@@ -85,6 +85,7 @@ def load_config(
     """Read `path` (or nothing), apply Hydra-style `overrides`, then `cli_values` (dotted keys
     inside the section, e.g. {"http.port": 9000}), and validate the section."""
     training, applied, defaults = load_training_config(path, overrides)
+    _refuse_a_misspelt_section(training)
     raw, sources, ignored = _read_section(training, applied)
     apply_aliases(raw, sources)
     inherit_backend_from_defaults(raw, sources, defaults)
@@ -99,6 +100,18 @@ def load_config(
     except ValidationError as error:
         raise _explain(error, sources) from None
     return LoadedConfig(server, sources, training, Path(path) if path else None, ignored)
+
+
+def _refuse_a_misspelt_section(training: DictConfig) -> None:
+    """A file without the section but with a key a typo away from it would silently serve the
+    defaults (a tiny model); a training config's other sections are not close to the name."""
+    if SECTION in training:
+        return
+    import difflib
+
+    close = difflib.get_close_matches(SECTION, [str(key) for key in training.keys()], n=1, cutoff=0.8)
+    if close:
+        raise ConfigError(f"the config has no {SECTION}: section but has {close[0]!r}; did you mean {SECTION}?")
 
 
 def load_training_config(
