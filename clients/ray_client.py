@@ -23,7 +23,7 @@ from clients.base import BaseLogProbClient, Outcome, RequestLike, SyncLogProbCli
 from clients.retry import Deadline, RetryPolicy, entries_to_resend
 from model_engine_server.errors import DeadlineExceeded, ModelEngineError, WeightSyncError, WorkerFailed
 from model_engine_server.protocol import outcome_from_wire
-from replica.service_actor import DEFAULT_ACTOR_NAME
+from replica.service_actor import DEFAULT_ACTOR_NAME, DEFAULT_NAMESPACE
 
 T = TypeVar("T")
 
@@ -44,8 +44,10 @@ class RayLogProbClient(BaseLogProbClient):
         self.retry = retry or RetryPolicy()
 
     @classmethod
-    def from_name(cls, name: str = DEFAULT_ACTOR_NAME, namespace: str | None = None, **kwargs: Any) -> "RayLogProbClient":
-        """Find the named service actor (started elsewhere, e.g. by `serve`)."""
+    def from_name(cls, name: str = DEFAULT_ACTOR_NAME, namespace: str | None = DEFAULT_NAMESPACE,
+                  **kwargs: Any) -> "RayLogProbClient":
+        """Find the named service actor (started elsewhere, e.g. by `serve`), by default where
+        `serve` and `start_service_actor` create it; namespace None: the caller's."""
         return cls(ray.get_actor(name, namespace=namespace), **kwargs)
 
     def sync(self) -> SyncLogProbClient:

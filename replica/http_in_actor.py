@@ -40,12 +40,17 @@ class HttpInActor:
                                 timeout_graceful_shutdown=math.ceil(self.graceful_shutdown_s))
         self._server = uvicorn.Server(config)
         self._task = asyncio.ensure_future(self._server.serve(sockets=[sock]))
-        async with asyncio.timeout(STARTUP_TIMEOUT_S):
-            while not self._server.started:
-                if self._task.done():  # it failed before serving: its error, not a wait
-                    self._task.result()
-                    raise RuntimeError("the HTTP server stopped before it started serving")
-                await asyncio.sleep(0.01)
+        try:
+            async with asyncio.timeout(STARTUP_TIMEOUT_S):
+                while not self._server.started:
+                    if self._task.done():  # it failed before serving: its error, not a wait
+                        self._task.result()
+                        raise RuntimeError("the HTTP server stopped before it started serving")
+                    await asyncio.sleep(0.01)
+        except BaseException:
+            await self.stop()
+            sock.close()
+            raise
         return bound_host, bound_port
 
     async def stop(self) -> None:

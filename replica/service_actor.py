@@ -49,8 +49,12 @@ class LogProbServiceActor:
         where it listens."""
         if self.serving is None:
             raise RuntimeError("this service actor was created without its HTTP app (with_http=False)")
-        self.http = HttpInActor(self.serving.app, self.config.http.graceful_shutdown_s)
-        return await self.http.start(host, port)
+        if self.http is not None:
+            raise RuntimeError("this service actor serves HTTP already")
+        http = HttpInActor(self.serving.app, self.config.http.graceful_shutdown_s)
+        where = await http.start(host, port)
+        self.http = http
+        return where
 
     async def ping(self) -> bool:
         return True
@@ -157,13 +161,14 @@ async def _materialise_unless_ray(service: Any, ref: "ray.ObjectRef") -> Any:
 async def start_service_actor(
     config: ServerConfig | dict[str, Any],
     name: str | None = DEFAULT_ACTOR_NAME,
-    namespace: str | None = None,
+    namespace: str | None = DEFAULT_NAMESPACE,
     with_http: bool = False,
     **options: Any,
 ) -> Any:  # -> ray.actor.ActorHandle
-    """Create the service actor (named, so other actors can look it up), start its replicas and
-    return its handle; if start-up fails the actor is killed and the error raised. `options`:
-    more Ray actor options (`serve` pins the actor to its own node)."""
+    """Create the service actor (named, so other actors can look it up: in `namespace`, by
+    default where trainers look; None: the caller's), start its replicas and return its handle;
+    if start-up fails the actor is killed and the error raised. `options`: more Ray actor
+    options (`serve` pins the actor to its own node)."""
     actor_class = ray.remote(LogProbServiceActor)
     config = config.model_dump() if isinstance(config, ServerConfig) else config
     handle = actor_class.options(name=name, namespace=namespace, num_cpus=0, max_concurrency=10_000,

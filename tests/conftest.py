@@ -49,7 +49,9 @@ EMBEDDED_RAY_ARGS = dict(
     num_gpus=4,
     include_dashboard=False,
     log_to_driver=False,
-    namespace="model-engine-server",  # the server's default `ray.namespace`, where trainers look by default
+    # not the server's default namespace: a lookup that works only inside the actor's own
+    # namespace fails here, as it would in a trainer's job
+    namespace="model-engine-server-tests",
     runtime_env={"env_vars": {"RAY_AUTH_MODE": "disabled", "TOKENIZERS_PARALLELISM": "false", "OMP_NUM_THREADS": "1"}},
 )
 

@@ -199,3 +199,30 @@ def test_sigterm_while_paused_answers_the_held_requests_503_shutting_down_and_ex
     assert isinstance(response, httpx.Response), f"{response!r}\n{server.output}"
     assert response.status_code == 503 and response.json()["error"]["code"] == "shutting_down", response.text
     assert code == 0, server.output
+
+
+KILL_THE_ACTOR = """
+import sys
+import ray
+ray.init(address=sys.argv[1], namespace="someone-else", log_to_driver=False)
+ray.kill(ray.get_actor("model-engine-server", namespace="model-engine-server"), no_restart=True)
+"""
+
+
+def test_on_the_ray_runtime_serve_exits_1_when_its_service_actor_dies(tiny_model):
+    """The service (and its HTTP app) live in the named actor; a serve process left running with
+    nothing behind it would keep a supervisor from restarting it."""
+    env = {"RAY_AUTH_MODE": "disabled"}
+    server = ServeProcess([f"model_engine_server.model_path={tiny_model}", "model_engine_server.runtime=ray",
+                           "model_engine_server.ray.num_cpus=2"], env=env)
+    try:
+        assert httpx.get(f"{server.url}/health", timeout=30).status_code == 200
+        address = re.search(r"of the Ray cluster at (\S+)", server.output).group(1)
+        killed = subprocess.run([sys.executable, "-c", KILL_THE_ACTOR, address], capture_output=True, text=True,
+                                timeout=120, env={**os.environ, **env})
+        assert killed.returncode == 0, killed.stderr[-2000:]
+        code = server.stop(sig=None, timeout_s=60)
+    finally:
+        if server.proc.poll() is None:
+            server.stop()
+    assert code == 1 and "the service actor ended" in server.output, server.output[-3000:]

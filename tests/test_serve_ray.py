@@ -14,7 +14,7 @@ from model_engine_server.commands.serve_ray import port_problem
 from model_engine_server.config import ServerConfig
 from model_engine_server.protocol import LogProbRequest
 from model_engine_server.tiny_model import perturbed_weights
-from replica.service_actor import DEFAULT_NAMESPACE, start_service_actor, stop_service_actor
+from replica.service_actor import start_service_actor, stop_service_actor
 from tests.test_replica import DEADLINE_S, assert_nothing_left
 
 ACTOR_NAME = "model-engine-server-http-test"
@@ -34,7 +34,7 @@ async def served(ray_cluster, tiny_model):
 @pytest.mark.asyncio(loop_scope="module")
 async def test_http_and_the_actor_handle_front_one_service(served, tiny_model):
     handle, url = served
-    by_name = RayLogProbClient.from_name(ACTOR_NAME, namespace=DEFAULT_NAMESPACE, call_timeout_s=DEADLINE_S)
+    by_name = RayLogProbClient.from_name(ACTOR_NAME, call_timeout_s=DEADLINE_S)  # the default namespace, not ours
     request = LogProbRequest(input_ids=[5, 6, 7, 8, 9], response_start=2, temperature=1.0)
     [over_ray] = await by_name.compute_log_probs([request])
     async with httpx.AsyncClient(timeout=DEADLINE_S) as http:

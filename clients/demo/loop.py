@@ -215,6 +215,8 @@ class DemoLoop:
             for task in list(self._scoring_tasks):
                 task.cancel()
             await asyncio.gather(*self._scoring_tasks, return_exceptions=True)
+            if self._scoring_broken.done():  # read (or already raised): asyncio need not report it
+                self._scoring_broken.exception()
         result.wall_s = time.perf_counter() - started
         return result
 

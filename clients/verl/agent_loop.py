@@ -71,7 +71,7 @@ async def server_fields_for(
     """`result_fields` of the server's answer for `output`, or `error_fields` saying why not."""
     if temperature <= 0:
         return error_fields("not scored: greedy sampling (temperature 0), e.g. a validation rollout")
-    media = sorted(kind for kind, items in (output.multi_modal_data or {}).items() if items is not None)
+    media = sorted(kind for kind, items in (output.multi_modal_data or {}).items() if items)
     if media:  # the ids alone are not the model's input: scoring them would give wrong numbers
         return error_fields(f"not scored: the trajectory carries {', '.join(media)} and the server scores text only")
     try:

@@ -74,6 +74,7 @@ def run(args: argparse.Namespace) -> int:
         print(f"error: {error}", file=sys.stderr)
         return 2
     except BUILD_ERRORS as error:  # a model that is not there or not servable, a Ray cluster not found
+        logger.debug("building the service failed", exc_info=True)  # the traceback, for --log-level DEBUG
         print(f"error: could not build the service: {type(error).__name__}: {error}", file=sys.stderr)
         return 1
     http = serving.config.http

@@ -46,6 +46,35 @@ def serve_on_ray(config: ServerConfig) -> int:
 
 async def _serve(config: ServerConfig) -> int:
     import ray
+
+    signals = _SignalCount()  # before anything slow: a signal during start-up ends it
+    starting = asyncio.ensure_future(_start(config))
+    await asyncio.wait({starting, asyncio.ensure_future(signals.first.wait())}, return_when=asyncio.FIRST_COMPLETED)
+    if not starting.done():
+        starting.cancel()  # the actor, if made, is killed (and dies with this driver anyway)
+        await asyncio.gather(starting, return_exceptions=True)
+        logger.warning("interrupted during start-up")
+        return 1
+    started = starting.result()
+    if isinstance(started, str):
+        print(f"error: {started}", file=sys.stderr)
+        return 1
+    handle, (host, port) = started
+    logger.info("model-engine-server listening on http://%s:%d (API docs at /docs); Ray actor %r in namespace %r "
+                "of the Ray cluster at %s", host, port, config.ray.actor_name, config.ray.namespace,
+                ray.get_runtime_context().gcs_address)
+    gone = asyncio.ensure_future(_until_gone(handle))
+    await asyncio.wait({gone, asyncio.ensure_future(signals.first.wait())}, return_when=asyncio.FIRST_COMPLETED)
+    if gone.done():  # nothing serves any more: say so and exit, so a supervisor restarts it
+        logger.error("the service actor ended: %s", _cause(gone.result()))
+        return 1
+    gone.cancel()
+    return await _drain(handle, config, signals)
+
+
+async def _start(config: ServerConfig) -> "tuple[Any, tuple[str, int]] | str":
+    """The running service actor and where it listens, or why not."""
+    import ray
     from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
     from model_engine_server.launch import ray_gpus_for
@@ -55,25 +84,39 @@ async def _serve(config: ServerConfig) -> int:
     try:
         join_ray_for(config, ray_gpus_for(config))
     except (OSError, ValueError) as error:  # no cluster at the address; a reference path that is not a checkpoint
-        print(f"error: could not join or start Ray: {type(error).__name__}: {error}", file=sys.stderr)
-        return 1
+        return f"could not join or start Ray: {type(error).__name__}: {error}"
     here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=False)
-    signals = _SignalCount()
-    name, namespace = config.ray.actor_name, ray.get_runtime_context().namespace
+    name = config.ray.actor_name
     try:
-        handle = await start_service_actor(config, name=name, with_http=True, scheduling_strategy=here)
+        handle = await start_service_actor(config, name=name, namespace=config.ray.namespace, with_http=True,
+                                           scheduling_strategy=here)
     except Exception as error:
-        print(f"error: the service actor {name!r} did not start: {_cause(error)}", file=sys.stderr)
-        return 1
+        return f"the service actor {name!r} did not start: {_cause(error)}"
     try:
-        host, port = await handle.serve_http.remote(config.http.host, config.http.port)
-    except Exception as error:
+        return handle, tuple(await handle.serve_http.remote(config.http.host, config.http.port))
+    except BaseException as error:
         await stop_service_actor(handle, drain=False, timeout_s=5.0)
-        print(f"error: could not serve HTTP: {_cause(error)}", file=sys.stderr)
-        return 1
-    logger.info("model-engine-server listening on http://%s:%d (API docs at /docs); Ray actor %r in namespace %r "
-                "of the Ray cluster at %s", host, port, name, namespace, ray.get_runtime_context().gcs_address)
-    await signals.first.wait()
+        if not isinstance(error, Exception):
+            raise
+        return f"could not serve HTTP: {_cause(error)}"
+
+
+async def _until_gone(handle: Any, every_s: float = 2.0) -> BaseException:
+    """Returns the error once the actor no longer answers (it died, or was killed)."""
+    while True:
+        try:
+            await handle.ping.remote()
+        except Exception as error:
+            return error
+        await asyncio.sleep(every_s)
+
+
+async def _drain(handle: Any, config: ServerConfig, signals: "_SignalCount") -> int:
+    """The first signal's shutdown: drain the actor, unless a second signal ends it at once."""
+    import ray
+
+    from replica.service_actor import stop_service_actor
+
     logger.info("draining: finishing accepted requests, then shutting the service down (a second signal ends it now)")
     drain = asyncio.ensure_future(stop_service_actor(handle, drain=True, timeout_s=config.http.graceful_shutdown_s))
     forced = asyncio.ensure_future(signals.second.wait())

@@ -38,6 +38,7 @@ prompt. A call larger than the server's queue bound is admitted in waves: prompt
 
 from __future__ import annotations
 
+import asyncio
 import math
 import secrets
 import time
@@ -250,7 +251,8 @@ async def completions(request: Request) -> Response:
                 outcome = _prompt_error(outcome, index, prompts[index], requests[index])
             return error_response(outcome, state.retry_after_s)
     scored = [ScoredPrompt(ids, outcome) for ids, outcome in zip(prompts, outcomes)]
-    choices = [_choice(index, item, body, text) for index, item in enumerate(scored)]
+    # decoding every token of long prompts is CPU work: off the loop that serves other calls
+    choices = await asyncio.to_thread(lambda: [_choice(index, item, body, text) for index, item in enumerate(scored)])
     prompt_tokens = sum(len(ids) for ids in prompts)
     answer = {
         "id": f"cmpl-{secrets.token_hex(16)}",

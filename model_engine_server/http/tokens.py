@@ -22,6 +22,10 @@ from typing import Any
 from model_engine_server.errors import InvalidRequest
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json")
+# UTF-8 takes at most 4 bytes a character, so a byte-level tokenizer completes one within 4
+# tokens; past that the tokens are given out as decoded (with U+FFFD), which keeps `pieces`
+# linear in the sequence's length whatever ids a client sends.
+MAX_TOKENS_PER_CHARACTER = 4
 
 
 class TokenText:
@@ -64,7 +68,8 @@ class TokenText:
         for end in range(1, len(ids) + 1):
             before = self._decode_span(ids[prefix_start:read_start])
             after = self._decode_span(ids[prefix_start:end])
-            if len(after) > len(before) and not after.endswith("\ufffd"):
+            waited_enough = end - read_start >= MAX_TOKENS_PER_CHARACTER  # bytes that never form one
+            if len(after) > len(before) and (waited_enough or not after.endswith("\ufffd")):
                 pieces.append(after[len(before):])
                 prefix_start, read_start = read_start, end
             else:  # no complete character yet: the text comes with a later token

@@ -43,18 +43,23 @@ def is_msgpack(content_type: str | None) -> bool:
 
 # A `\ud800`-`\udfff` escape: JSON's way to write half of a UTF-16 pair, and the only way a
 # string no UTF-8 can carry (a lone half) gets into a decoded body.
-_SURROGATE_ESCAPE = re.compile(rb"\\u[dD][89a-fA-F]")
+_SURROGATE_ESCAPE = re.compile(r"\\u[dD][89a-fA-F]")
 
 
 def decode_body(body: bytes, content_type: str | None) -> Any:
-    """Decode a request body by its content type; malformed input is `InvalidRequest` (400)."""
+    """Decode a request body by its content type; malformed input is `InvalidRequest` (400).
+    JSON is read as UTF-8, as RFC 8259 requires of JSON between systems."""
     if is_msgpack(content_type):
         return codec.decode(body)  # msgpack strings are UTF-8, checked as they are unpacked
     try:
-        payload = json.loads(body)
-    except Exception as error:  # ValueError, UnicodeDecodeError, RecursionError on deep nesting
+        text = body.decode("utf-8")
+    except UnicodeDecodeError as error:
+        raise InvalidRequest(f"the JSON body is not UTF-8 ({error.reason} at byte {error.start})", "body") from None
+    try:
+        payload = json.loads(text)
+    except Exception as error:  # ValueError, RecursionError on deep nesting
         raise InvalidRequest(f"malformed JSON: {type(error).__name__}: {error}", "body") from None
-    if _SURROGATE_ESCAPE.search(body):
+    if _SURROGATE_ESCAPE.search(text):
         _refuse_lone_surrogates(payload, "body")
     return payload
 
