@@ -20,8 +20,8 @@ import torch
 from checkpoint_transport.spec import ReceiveReport, TransportSpec
 from model_engine_server.config import ServerConfig
 from model_engine_server.launch import build_service, build_serving_for, weight_roots_for
-from replica.http_in_actor import HttpInActor
 from model_engine_server.protocol import LogProbRequest, outcome_to_wire
+from replica.http_in_actor import HttpInActor
 from replica.manager import ReplicaManager
 
 DEFAULT_ACTOR_NAME = "model-engine-server"

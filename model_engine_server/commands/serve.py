@@ -1,10 +1,11 @@
 """`serve [--config FILE.yaml] [--host H] [--port P] [overrides]`: serve log-probs over HTTP.
 
 Builds the service the config describes (an in-process replica, or Ray replicas), serves the
-FastAPI app with uvicorn and logs where it listens. On the Ray runtime the service and its app
-live in the named service actor, which trainers also reach by handle (`serve_ray.py`). SIGINT/SIGTERM drain: uvicorn stops
-accepting connections and waits for the calls it accepted, then the app's shutdown finishes
-queued requests and shuts the replicas down; the process then exits 0. With no config at all
+FastAPI app with uvicorn and logs where it listens; on the Ray runtime the service and its app
+live in the named service actor, which trainers also reach by handle (`serve_ray.py`).
+SIGINT/SIGTERM drain: uvicorn stops accepting connections and waits for the calls it accepted,
+then the app's shutdown finishes queued requests and shuts the replicas down; the process then
+exits 0. With no config at all
 it serves a tiny model made into the cache folder. On a non-loopback host it refuses to start
 (exit 2, before building anything) unless an admin token is set or
 `--allow-unauthenticated-remote` says to serve without one.
