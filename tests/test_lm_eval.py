@@ -108,3 +108,25 @@ def test_lm_eval_local_completions_log_likelihoods_match_transformers(served, mo
             scored += 1
     assert scored == CHOICES
     assert 0.0 <= results["results"]["tiny_mc"]["acc,none"] <= 1.0
+
+
+def test_lm_evals_own_parser_sees_a_non_greedy_continuation_whose_text_the_argmax_shares(tiny_model, tmp_path):
+    """Tokens that decode alike (SentencePiece `wI` / `\u2581wI`): `top_logprobs` keyed by text must keep
+    the argmax's larger value, or lm-eval's `is_greedy` reads a non-greedy continuation as greedy."""
+    import shutil
+
+    from lm_eval.models.openai_completions import LocalCompletionsAPI
+
+    from tests.test_completions import _paired_word_tokenizer, never_greedy_prompt
+
+    folder = tmp_path / "paired"
+    shutil.copytree(tiny_model, folder)
+    _paired_word_tokenizer(folder)
+    ids = never_greedy_prompt(reference_model(tiny_model))
+    with local_http_server(str(folder)) as server:
+        import httpx
+
+        body = {"prompt": ids, "max_tokens": 1, "logprobs": 1, "echo": True, "temperature": 0}  # lm-eval's form
+        answer = httpx.post(f"{server.url}/v1/completions", json=body, timeout=60).json()
+    [(_, is_greedy)] = LocalCompletionsAPI.parse_logprobs(answer, ctxlens=[1])
+    assert is_greedy is False
