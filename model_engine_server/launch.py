@@ -43,6 +43,9 @@ def default_model_dir() -> Path:
     return Path(cache) / "model-engine-server" / TINY_MODEL_NAME
 
 
+_ANNOUNCED: set[str] = set()
+
+
 def ensure_model_path(config: ServerConfig) -> str:
     """The configured checkpoint, or a tiny random Qwen2 made once into the cache folder, so a
     newcomer sees the server work with no model at hand (nothing is downloaded)."""
@@ -50,8 +53,10 @@ def ensure_model_path(config: ServerConfig) -> str:
         return config.model_path
     target = default_model_dir()
     if (target / "config.json").is_file():
-        logger.info("no model path configured (%s.model_path or actor_rollout_ref.model.path): "
-                    "serving the tiny default model at %s", SECTION, target)
+        if str(target) not in _ANNOUNCED:  # asked for by several parts of one start-up: said once
+            _ANNOUNCED.add(str(target))
+            logger.info("no model path configured (%s.model_path or actor_rollout_ref.model.path): "
+                        "serving the tiny default model at %s", SECTION, target)
         return str(target)
     from model_engine_server.tiny_model import make_tiny_model
 

@@ -40,3 +40,14 @@ def test_a_port_in_use_is_refused_before_a_model_loads(tiny_model, capsys, runti
         code = main(["serve", "--port", str(port), f"model_engine_server.model_path={tiny_model}",
                      f"model_engine_server.runtime={runtime}"])
     assert code == 1 and f"error: cannot listen on 127.0.0.1:{port}" in capsys.readouterr().err
+
+
+def test_a_config_folder_without_a_config_name_is_a_usage_error(capsys):
+    with pytest.raises(SystemExit) as exited:
+        main(["config", "--config-path", "deploy"])
+    assert exited.value.code == 2 and capsys.readouterr().err.startswith("error: --config-path needs --config-name")
+
+
+def test_a_demo_flag_out_of_range_names_the_flag(capsys):
+    assert main(["demo", "--steps", "0"]) == 2
+    assert capsys.readouterr().err.strip() == "error: --steps: input should be greater than 0"

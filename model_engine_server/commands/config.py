@@ -35,7 +35,8 @@ def config_file(args: argparse.Namespace) -> Path | None:
         name = args.config_name if args.config_name.endswith((".yaml", ".yml")) else f"{args.config_name}.yaml"
         return Path(args.config_path or ".") / name
     if args.config_path:
-        raise SystemExit("--config-path needs --config-name")
+        print("error: --config-path needs --config-name", file=sys.stderr)
+        raise SystemExit(2)
     return None
 
 

@@ -33,6 +33,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from pydantic import ValidationError
+
     from clients.demo.config import DemoConfig, rollout_ahead
     from clients.demo.report import comparison
     from clients.demo.run import run_demo
@@ -41,8 +43,10 @@ def run(args: argparse.Namespace) -> int:
     chosen = {key: value for key, value in given.items() if value is not None}
     try:  # what was given beats the preset's own choices
         config = rollout_ahead(seed=args.seed, **chosen) if args.preset == "rollout-ahead" else DemoConfig(seed=args.seed, **chosen)
-    except ValueError as error:  # pydantic's ValidationError: what is wrong with which flag, no traceback
-        print(f"error: {error}", file=sys.stderr)
+    except ValidationError as error:  # what is wrong with which flag, no traceback
+        problems = "; ".join(f"--{'-'.join(str(p) for p in e['loc']).replace('_', '-')}: {e['msg'].lower()}"
+                             for e in error.errors())
+        print(f"error: {problems}", file=sys.stderr)
         return 2
     modes = ["server", "baseline"] if args.mode == "both" else [args.mode]
     results = run_demo(config, args.output_dir, modes, show_progress=not args.no_progress)  # type: ignore[arg-type]

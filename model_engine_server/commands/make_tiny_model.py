@@ -12,19 +12,19 @@ from model_engine_server.tiny_tokenizer import MIN_VOCAB_SIZE
 
 def register(subparsers: argparse._SubParsersAction) -> None:
     parser = subparsers.add_parser("make-tiny-model", help=__doc__.split(":", 1)[1].strip())
-    parser.add_argument("output_dir")
-    parser.add_argument("--arch", choices=ARCHITECTURES, default="qwen2")
+    parser.add_argument("output_dir", help="the folder to write the checkpoint into (made if missing)")
+    parser.add_argument("--arch", choices=ARCHITECTURES, default="qwen2", help="model family (default: qwen2)")
     defaults = TinyModelShape()
-    parser.add_argument("--vocab-size", type=int, default=defaults.vocab_size)
-    parser.add_argument("--hidden-size", type=int, default=defaults.hidden_size)
-    parser.add_argument("--intermediate-size", type=int, default=defaults.intermediate_size)
-    parser.add_argument("--num-layers", type=int, default=defaults.num_layers)
-    parser.add_argument("--num-heads", type=int, default=defaults.num_heads)
-    parser.add_argument("--num-kv-heads", type=int, default=defaults.num_kv_heads)
+    shape_flags = {"--vocab-size": defaults.vocab_size, "--hidden-size": defaults.hidden_size,
+                   "--intermediate-size": defaults.intermediate_size, "--num-layers": defaults.num_layers,
+                   "--num-heads": defaults.num_heads, "--num-kv-heads": defaults.num_kv_heads}
+    for flag, default in shape_flags.items():
+        parser.add_argument(flag, type=int, default=default, help=f"(default: {default})")
     tied = parser.add_mutually_exclusive_group()
-    tied.add_argument("--tied", dest="tie_word_embeddings", action="store_true", default=None)
-    tied.add_argument("--untied", dest="tie_word_embeddings", action="store_false")
-    parser.add_argument("--seed", type=int, default=0)
+    tied.add_argument("--tied", dest="tie_word_embeddings", action="store_true", default=None,
+                      help="share the input embedding with the LM head (default: the family's own choice)")
+    tied.add_argument("--untied", dest="tie_word_embeddings", action="store_false", help="a separate LM head")
+    parser.add_argument("--seed", type=int, default=0, help="of the random weights (default: 0)")
     parser.add_argument("--tokenizer", action=argparse.BooleanOptionalAction, default=None,
                         help="write a byte-level tokenizer trained here (default: when the vocabulary "
                              f"holds one, {MIN_VOCAB_SIZE}+ tokens)")
