@@ -32,6 +32,15 @@ class InvalidRequest(ModelEngineError):
         super().__init__(f"{field}: {message}" if field else message)
         self.field = field
 
+    @property
+    def reason(self) -> str:
+        """The message without the field it names (also for one rebuilt by `error_from_wire`)."""
+        return self.message.removeprefix(f"{self.field}: ") if self.field else self.message
+
+    def within(self, container: str) -> "InvalidRequest":
+        """The same refusal named from the caller's side: `input_ids` -> `requests[3].input_ids`."""
+        return InvalidRequest(self.reason, f"{container}.{self.field}" if self.field else container)
+
     def to_wire(self) -> dict[str, object]:
         return {"code": self.code, "message": self.message, "field": self.field}
 

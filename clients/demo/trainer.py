@@ -16,7 +16,7 @@ import torch
 
 from clients.agent_loop import ENTROPY_FIELD, LOG_PROBS_FIELD, VERSION_FIELD
 from clients.demo.message_queue import Group
-from clients.demo.proximal_approx import SampleLogProbs, step_metrics
+from clients.demo.proximal_approx import SampleLogProbs, step_metrics, clipped as clip_binds
 
 
 def _stack(groups: list[Group]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, int]:
@@ -87,7 +87,8 @@ class Trainer:
         self.version += 1
         with torch.no_grad():
             # verl's pg_clipfrac: tokens whose clipped term is the one the loss takes
-            clip_fraction = (-clipped * advantages[:, None] > -ratio * advantages[:, None]).float().mean().item()
+            clip_fraction = float(clip_binds(log_probs.detach().numpy(), old_log_probs.numpy(),
+                                             advantages[:, None].numpy(), self.clip_ratio).mean())
             ratio_mean = ratio.mean().item()
         update_s = time.perf_counter() - started
         # beside the update, not in its time: what AReaL's loglinear approximation would have used

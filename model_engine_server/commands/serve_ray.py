@@ -147,7 +147,9 @@ class _SignalCount:
         (self.second if self.first.is_set() else self.first).set()
 
 
-def _cause(error: Any) -> str:
+def _cause(error: BaseException) -> str:
     """The error raised inside the actor, not Ray's wrapping of it."""
-    cause = getattr(error, "cause", None)
-    return f"{type(cause).__name__}: {cause}" if isinstance(cause, BaseException) else f"{type(error).__name__}: {error}"
+    from replica.executor import unwrap_task_error
+
+    cause = unwrap_task_error(error)
+    return f"{type(cause).__name__}: {cause}"

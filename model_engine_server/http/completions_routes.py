@@ -272,12 +272,11 @@ async def completions(request: Request) -> Response:
 def _prompt_error(error: InvalidRequest, index: int, ids: list[int], request: LogProbRequest) -> InvalidRequest:
     """The scheduler's refusal, told in the client's terms: its prompt, its token count."""
     where = f"prompt[{index}]"
-    message = error.message.removeprefix(f"{error.field}: ") if error.field else error.message
     if error.field != "input_ids":
-        return InvalidRequest(message, where + (f".{error.field}" if error.field else ""))
+        return error.within(where)
     added = len(request.input_ids) - len(ids)
     counted = f" (its {len(ids)} tokens and the one returned)" if added else ""
-    return InvalidRequest(f"{message}{counted}", where)
+    return InvalidRequest(f"{error.reason}{counted}", where)
 
 
 def _array_prompts_as_lists(payload: Any) -> Any:

@@ -123,8 +123,7 @@ def parse_request(item: Any, index: int) -> LogProbRequest:
     try:
         request = LogProbRequest.parse(item)
     except InvalidRequest as error:
-        field = f"{where}.{error.field}" if error.field else where
-        raise InvalidRequest(error.message.removeprefix(f"{error.field}: "), field) from None
+        raise error.within(where) from None
     except Exception as error:  # e.g. an array whose values are not numbers
         raise InvalidRequest(f"{type(error).__name__}: {error}", where) from None
     if request.input_ids and (max(request.input_ids) > INT64_MAX or min(request.input_ids) < INT64_MIN):
@@ -173,9 +172,7 @@ def _indexed(outcome: Any, index: int) -> Any:
     """Name the request an `InvalidRequest` is about: `input_ids` -> `requests[3].input_ids`."""
     if not isinstance(outcome, InvalidRequest) or type(outcome) is not InvalidRequest:
         return outcome
-    field = outcome.field
-    message = outcome.message.removeprefix(f"{field}: ") if field else outcome.message
-    return InvalidRequest(message, f"requests[{index}].{field}" if field else f"requests[{index}]")
+    return outcome.within(f"requests[{index}]")
 
 
 def _request_id(item: Any) -> str | None:
