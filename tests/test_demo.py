@@ -45,6 +45,9 @@ def test_reward_rises_with_server_log_probs(policy_path, tmp_path):
     # every update went through the transport publisher, each sync inside its pause window
     assert all(0 < m["transfer_s"] <= m["pause_window_s"] for m in result.steps)
     assert result.steps[-1]["version"] == SMALL.steps
+    for metrics in result.steps:  # the share scored behind the trainer agrees with the largest lag
+        assert (metrics["old_log_prob_behind_share"] > 0) == (metrics["old_log_prob_version_lag_max"] > 0)
+        assert 0 <= metrics["old_log_prob_behind_share"] <= 1
     _assert_proximal_approximation_reported(result, tmp_path)
 
 

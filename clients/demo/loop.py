@@ -62,6 +62,8 @@ def _step_metrics(groups: list[Group], trainer_version: int) -> dict[str, Any]:
         "staleness_mean": float(np.mean([trainer_version - s["rollout_version"] for s in samples])),
         "staleness_max": int(max(trainer_version - s["rollout_version"] for s in samples)),
         "old_log_prob_version_lag_max": int(max(trainer_version - s[VERSION_FIELD] for s in samples)),
+        # scored before the trainer's last sync: verl's trainer (max_version_lag 0) would rescore these
+        "old_log_prob_behind_share": float(np.mean([s[VERSION_FIELD] < trainer_version for s in samples])),
         "generation_s": float(sum(group[0]["generation_s"] for group in groups)),
     }
     if mismatch:
