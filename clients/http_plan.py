@@ -23,7 +23,7 @@ import numpy as np
 import torch
 
 from clients.base import Outcome, RequestLike
-from clients.retry import Deadline, RetryPolicy, entries_to_resend
+from clients.retry import RESPONSE_GRACE_S, Deadline, RetryPolicy, entries_to_resend
 from model_engine_server import codec
 from model_engine_server.errors import (
     ModelEngineError,
@@ -34,7 +34,6 @@ from model_engine_server.http.wire import JSON, MSGPACK, encode_body, encode_wei
 from model_engine_server.protocol import LogProbRequest, outcome_from_wire
 
 RETRYABLE_STATUSES = frozenset({429, 503})
-RESPONSE_GRACE_S = 5.0  # the server answers a request's deadline itself; allow it that long to say so
 
 
 @dataclass

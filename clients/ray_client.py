@@ -20,7 +20,7 @@ from checkpoint_transport.bucket import group_into_host_buckets
 from checkpoint_transport.spec import DEFAULT_BUCKET_BYTES
 from checkpoint_transport.threads import iterate_in_thread
 from clients.base import BaseLogProbClient, Outcome, RequestLike, SyncLogProbClient
-from clients.retry import Deadline, RetryPolicy, entries_to_resend
+from clients.retry import RESPONSE_GRACE_S, Deadline, RetryPolicy, entries_to_resend
 from model_engine_server.errors import DeadlineExceeded, ModelEngineError, WeightSyncError, WorkerFailed
 from model_engine_server.protocol import outcome_from_wire
 from replica.service_actor import DEFAULT_ACTOR_NAME, DEFAULT_NAMESPACE
@@ -53,13 +53,23 @@ class RayLogProbClient(BaseLogProbClient):
     def sync(self) -> SyncLogProbClient:
         return SyncLogProbClient(self)
 
-    async def _call(self, ref: Awaitable[T], what: str, timeout_s: float | None = None) -> T:
+    async def _call(self, ref: Awaitable[T], what: str, timeout_s: float | None = None, cancel_on_give_up: bool = False) -> T:
+        """Await one actor call. With `cancel_on_give_up`, a caller that gives up (timeout or
+        cancel) cancels the task on the actor too: scoring requests then leave the server's
+        queue instead of holding its bound (weight calls are not cut midway: a failed one is
+        aborted explicitly)."""
         timeout = timeout_s if timeout_s is not None else self.call_timeout_s
         try:
             async with asyncio.timeout(timeout):
                 return await _await(ref)
         except TimeoutError:
+            if cancel_on_give_up:
+                _cancel_quietly(ref)
             raise DeadlineExceeded(f"{what}: no answer from the service actor within {timeout:g} s") from None
+        except asyncio.CancelledError:
+            if cancel_on_give_up:
+                _cancel_quietly(ref)
+            raise
         except RayActorError as error:
             raise WorkerFailed(f"{what}: the service actor is gone ({type(error).__name__})") from None
         except RayTaskError as error:
@@ -71,7 +81,7 @@ class RayLogProbClient(BaseLogProbClient):
     async def score(self, requests: Sequence[RequestLike], timeout_s: float | None = None) -> list[Outcome]:
         """One outcome per request; those answered `overloaded` / `shutting_down` are sent again
         as the HTTP client sends them (`clients/retry.py`), within `timeout_s`."""
-        deadline = Deadline(timeout_s)
+        deadline = Deadline(timeout_s if timeout_s is not None else self.call_timeout_s)
         outcomes: list[Outcome | None] = [None] * len(requests)
         pending, attempt = list(range(len(requests))), 0
         while pending:
@@ -87,8 +97,9 @@ class RayLogProbClient(BaseLogProbClient):
 
     async def _score_once(self, requests: Sequence[RequestLike], timeout_s: float | None) -> list[Outcome]:
         # the request deadline is the server's; the call itself may take a little longer
-        call_timeout = None if timeout_s is None or self.call_timeout_s is None else max(timeout_s + 5.0, self.call_timeout_s)
-        payloads = await self._call(self.handle.score.remote(list(requests), timeout_s), "score", call_timeout)
+        call_timeout = None if timeout_s is None else timeout_s + RESPONSE_GRACE_S
+        payloads = await self._call(self.handle.score.remote(list(requests), timeout_s), "score", call_timeout,
+                                    cancel_on_give_up=True)
         return [outcome_from_wire(p) for p in payloads]
 
     async def pause_serving(self) -> None:
@@ -142,3 +153,12 @@ class RayLogProbClient(BaseLogProbClient):
 
 async def _await(ref: Awaitable[T]) -> T:
     return await ref
+
+
+def _cancel_quietly(ref: Any) -> None:
+    """Cancel the actor task behind `ref` (already finished or gone: nothing to do)."""
+    if isinstance(ref, ray.ObjectRef):
+        try:
+            ray.cancel(ref)
+        except Exception:  # noqa: BLE001 - best effort: the server's own deadline still applies
+            pass

@@ -35,6 +35,9 @@ class RetryPolicy:
         return max(backoff, retry_after_s or 0.0)
 
 
+RESPONSE_GRACE_S = 5.0  # the server answers a request's deadline itself; allow it that long to say so
+
+
 class Deadline:
     """One call's deadline, covering its retries and waits (None: no deadline)."""
 

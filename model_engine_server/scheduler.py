@@ -131,12 +131,16 @@ class ModelEngineServer:
                 "is served beside it when model_engine_server.enable_ref_mode is set)",
                 "return_ref_log_probs",
             )
-        if self._queue.tokens + request.num_tokens > self.config.max_queued_tokens:
+        if not self.has_room_for(request.num_tokens):
             raise Overloaded(
                 f"queue holds {self._queue.tokens} tokens; adding {request.num_tokens} would exceed "
                 f"max_queued_tokens={self.config.max_queued_tokens}",
                 retry_after_s=1.0,
             )
+
+    def has_room_for(self, num_tokens: int) -> bool:
+        """Whether the queue bound admits `num_tokens` more now (a router's question)."""
+        return self._queue.tokens + num_tokens <= self.config.max_queued_tokens
 
     def _expire(self, pending: Pending, timeout: float) -> None:
         if self._queue.remove(pending):

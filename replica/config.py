@@ -57,7 +57,14 @@ class ReplicaConfig(BaseModel):
     retry_on_worker_failure: bool = Field(
         default=True, description="requests of a batch lost with a dead replica are retried once on another"
     )
-    ray_address: str | None = Field(default=None, description="None: embedded Ray on this machine; else ray.init(address)")
+    max_failed_batches_in_a_row: int = Field(
+        default=3, gt=0, description="a replica whose engine fails every request of this many batches in a row is "
+        "marked dead (left out of routing, restarted by the monitor)"
+    )
+    ray_address: str | None = Field(
+        default=None, description="the Ray cluster `start` joins when Ray is not running yet; None: embedded Ray "
+        "on this machine (or RAY_ADDRESS)"
+    )
     placement_strategy: str = Field(
         default="STRICT_PACK", pattern="^(STRICT_PACK|PACK)$", description="Ray strategy of each node's bundles"
     )

@@ -7,8 +7,12 @@ Ray's store, fetched by each) and the rank that `returns_results` answers for th
 Failure contract: a worker that dies, or a batch that outlives `batch_timeout_s`, fails the
 whole batch with `WorkerFailed` naming the rank, at once (the other ranks are not waited for:
 they may be stuck in a collective with the dead one), and marks the executor failed, after
-which every call fails fast with the same reason. The replica reads `failure` to know it is
-dead; it never hangs a request.
+which every call fails fast with the same reason; calls already waiting on the workers fail
+with it at once too (a health check that finds a rank silent does not leave its batch waiting
+for `batch_timeout_s`). An engine that fails every request of `max_failed_batches_in_a_row`
+batches in a row (a sticky device error) marks the executor failed the same way, so the
+replica leaves routing and is restarted instead of failing all traffic while it answers pings.
+The replica reads `failure` to know it is dead; it never hangs a request.
 """
 
 from __future__ import annotations
@@ -110,6 +114,7 @@ class RayWorkerExecutor:
         batch_timeout_s: float = 600.0,
         weight_bucket_bytes: int = 512 << 20,
         on_failure: Callable[[str], None] | None = None,
+        max_failed_batches_in_a_row: int = 3,
     ) -> None:
         """`weight_specs`: the engine's layout, or why it takes no weight syncs (every begin is
         then refused with that reason, and scoring goes on)."""
@@ -124,6 +129,9 @@ class RayWorkerExecutor:
         self.failure: str | None = None
         self.closed = False
         self.groups = self._data_parallel_groups()
+        self.max_failed_batches_in_a_row = max_failed_batches_in_a_row
+        self._failed_batches_in_a_row = 0
+        self._waiting: set[asyncio.Task[Any]] = set()  # rank calls in flight: a failure cancels them
 
     def _data_parallel_groups(self) -> list[list[int]]:
         """Ranks of each data-parallel group, indexed by data-parallel rank; each group must
@@ -164,15 +172,24 @@ class RayWorkerExecutor:
         if self.failure is None:
             self.failure = reason
             logger.warning("%s", reason)
+            for task in list(self._waiting):
+                task.cancel()
             if self.on_failure is not None:
                 self.on_failure(reason)
 
     async def _call_ranks(self, calls: dict[int, "ray.ObjectRef"], what: str, timeout_s: float) -> dict[int, Any]:
-        """Await one call per rank; the first death or the timeout fails all of them at once."""
+        """Await one call per rank; the first death, the timeout or the executor's failure
+        (`mark_failed`, e.g. by a health check) fails all of them at once."""
         tasks = {asyncio.ensure_future(_await(ref)): rank for rank, ref in calls.items()}
-        done, pending = await asyncio.wait(tasks, timeout=timeout_s, return_when=asyncio.FIRST_EXCEPTION)
-        for task in pending:
-            task.cancel()
+        self._waiting.update(tasks)
+        try:
+            done, pending = await asyncio.wait(tasks, timeout=timeout_s, return_when=asyncio.FIRST_EXCEPTION)
+        finally:
+            self._waiting.difference_update(tasks)
+            for task in tasks:
+                task.cancel()  # no-op on finished ones; a cancelled caller leaves nothing waiting
+        if any(task.cancelled() for task in done):  # `mark_failed` cancelled them
+            raise WorkerFailed(self.failure or f"{self.name}: {what} was cancelled")
         results: dict[int, Any] = {}
         for task in done:
             rank = tasks[task]
@@ -216,7 +233,19 @@ class RayWorkerExecutor:
                 raise WorkerFailed(f"{self.name}: data-parallel group {group} returned no outcome per request")
             for index, outcome in zip(share, group_outcomes):
                 outcomes[index] = outcome
+        self._count_failed_batch(outcomes)  # type: ignore[arg-type]
         return outcomes  # type: ignore[return-value]
+
+    def _count_failed_batch(self, outcomes: Sequence[Outcome]) -> None:
+        """A batch whose every request failed in the engine counts towards a sticky failure;
+        any answered request resets the count."""
+        if not outcomes or not all(isinstance(o, WorkerFailed) for o in outcomes):
+            self._failed_batches_in_a_row = 0
+            return
+        self._failed_batches_in_a_row += 1
+        if self._failed_batches_in_a_row >= self.max_failed_batches_in_a_row:
+            self.mark_failed(f"{self.name}: the engine failed every request of {self._failed_batches_in_a_row} "
+                             f"batches in a row (last: {outcomes[0]})")
 
     async def load_weights(self, named_tensors: Iterable[tuple[str, torch.Tensor]]) -> list[str]:
         """Send tensors in buckets, each put once in Ray's store and loaded by every worker;

@@ -22,7 +22,7 @@ import torch
 
 from checkpoint_transport.spec import ReceiveReport, TransportSpec
 from model_engine_server.engines.base import ModelInfo, WeightSpec
-from model_engine_server.errors import ModelEngineError, ServerShuttingDown, WorkerFailed
+from model_engine_server.errors import DeadlineExceeded, ModelEngineError, ServerShuttingDown, WorkerFailed
 from model_engine_server.packing import prompt_key
 from model_engine_server.protocol import LogProbRequest, LogProbResult
 from model_engine_server.scheduler_state import SchedulerObserver
@@ -79,6 +79,7 @@ class ReplicaManager:
             await asyncio.sleep(interval_s)
             try:
                 await self.health()
+                await self.worker_driven.settle_after_losses()
                 if self.config.auto_restart:
                     await self._restart_dead_replicas()
             except Exception as error:  # noqa: BLE001 - monitoring must never stop serving
@@ -172,10 +173,13 @@ class ReplicaManager:
 
     def _pick(self, exclude: set[int], request: LogProbRequest) -> ModelEngineReplica | None:
         """Least outstanding tokens, but a sample goes where its prompt went while that replica
-        is within one batch of the least busy (`routing.py`)."""
+        is within one batch of the least busy (`routing.py`). Replicas that would refuse or hold
+        it (weights incomplete, queue full) are passed over while another can take it."""
         candidates = {r.index: r for r in self.replicas if self._routable(r) and r.index not in exclude}
         if not candidates:
             return None
+        ready = {index: r for index, r in candidates.items() if r.can_take(request.num_tokens)}
+        candidates = ready or candidates  # none ready: the least busy answers why (or serves after the sync)
         shares = any(r.shares_prompts for r in candidates.values())
         key = prompt_key(request.input_ids, request.response_start) if shares else None
         index = pick_replica(
@@ -198,10 +202,16 @@ class ReplicaManager:
         if self._closing:
             raise ServerShuttingDown("the server is shutting down and accepts no new requests")
         attempts = 2 if self.config.retry_on_worker_failure else 1
+        budget_s = timeout_s if timeout_s is not None else self.config.scheduler.request_timeout_s
+        deadline = asyncio.get_running_loop().time() + budget_s  # one deadline across attempts
         tried: set[int] = set()
         last_error: ModelEngineError | None = None
         for _ in range(attempts):
             replica = self._pick(tried, request)
+            remaining_s = deadline - asyncio.get_running_loop().time()
+            if replica is not None and last_error is not None and remaining_s <= 0:
+                last_error = DeadlineExceeded(f"request not served within {budget_s:g} s: {last_error}")
+                replica = None
             if replica is None:
                 if last_error is not None:
                     self._failed_after_loss(last_error)
@@ -210,7 +220,7 @@ class ReplicaManager:
             self.outstanding_tokens[replica.index] += request.num_tokens
             self.routed_requests[replica.index] += 1
             try:
-                return await replica.submit(request, timeout_s)
+                return await replica.submit(request, remaining_s if last_error is not None else timeout_s)
             except _RETRYABLE as error:
                 if replica.alive or self._closing:  # the request's own failure, or the shutdown's answer
                     raise

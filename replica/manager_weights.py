@@ -54,6 +54,13 @@ class OpenUpdate:
         if self.receivers:
             del self.receivers[index]
 
+    def drop_lost(self) -> None:
+        """Every participant `lost` since begin leaves the update."""
+        for replica in [r for r in self.participants if self.lost(r)]:
+            logger.warning("%s died (or restarted) during the update to version %d; it leaves the update",
+                           replica.name, self.version)
+            self.drop(replica)
+
 
 class ManagerWeightUpdates:
     def __init__(
@@ -149,14 +156,14 @@ class ManagerWeightUpdates:
         replica that dies meanwhile drops out of the update (it restarts from a peer later)."""
         update = self._open_update(version)
         ref = bucket if isinstance(bucket, ray.ObjectRef) else ray.put(list(bucket))
-        self._drop_lost(update)
+        update.drop_lost()
         participants = list(update.participants)
         outcomes = await asyncio.gather(*(r.load_weights(ref, version) for r in participants), return_exceptions=True)
         names: list[str] = []
         for replica, outcome in zip(participants, outcomes):
             if isinstance(outcome, BaseException):
                 if isinstance(outcome, ModelEngineError) and update.lost(replica):
-                    self._drop_lost(update)
+                    update.drop_lost()
                     continue
                 raise outcome
             names = outcome
@@ -200,7 +207,7 @@ class ManagerWeightUpdates:
         """Serve `version` on every participant, only if every worker of each holds every
         tensor; otherwise abort everywhere and raise the reason naming what is missing where."""
         update = self._open_update(version)
-        self._drop_lost(update)
+        update.drop_lost()
         live = list(update.participants)
         try:
             if not live:
@@ -231,13 +238,6 @@ class ManagerWeightUpdates:
         began = [r for r in update.participants if not update.lost(r)]  # a restarted one has nothing to abort
         await asyncio.gather(*(r.abort_weight_update(reason) for r in began), return_exceptions=True)
         self._finish_update(update)
-
-    @staticmethod
-    def _drop_lost(update: "OpenUpdate") -> None:
-        for replica in [r for r in update.participants if update.lost(r)]:
-            logger.warning("%s died (or restarted) during the update to version %d; it leaves the update",
-                           replica.name, update.version)
-            update.drop(replica)
 
     def _finish_update(self, update: "OpenUpdate") -> None:
         update.closed.set()

@@ -31,7 +31,7 @@ from model_engine_server.scheduler_state import SchedulerObserver
 from model_engine_server.service import gather_outcomes
 from replica.config import ReplicaConfig
 from replica.executor import RayWorkerExecutor, participant_name
-from replica.placement import ReplicaPlacement, reserve_replica_gpus
+from replica.placement import ReplicaPlacement, connect_ray, reserve_replica_gpus
 from replica.worker import WorkerInfo, worker_actor_class
 
 if TYPE_CHECKING:
@@ -92,6 +92,14 @@ class ModelEngineReplica:
         """Started, not shut down, and no worker known dead."""
         return self.server is not None and self.failure is None
 
+    def can_take(self, num_tokens: int) -> bool:
+        """Whether a request of `num_tokens` would be served here now rather than refused or
+        held: alive, weights complete (not marked incomplete by a failed sync or a restart
+        without a peer) and room in the queue."""
+        server = self.server
+        return (self.alive and server is not None and server.weights.incomplete_reason is None
+                and server.has_room_for(num_tokens))
+
     @property
     def shares_prompts(self) -> bool:
         """Whether its engines run a batch's identical prompts once (then routing keeps a
@@ -106,6 +114,7 @@ class ModelEngineReplica:
             return self
         config = self.config
         self.failure = None
+        connect_ray(config.ray_address, num_gpus_needed=config.world_size * config.num_replicas)
         self.placement = await reserve_replica_gpus(
             config.nodes_per_replica, config.gpus_per_replica_node, config.cpus_per_worker,
             timeout_s if timeout_s is not None else config.start_timeout_s, self.name, config.placement_strategy,
@@ -153,6 +162,7 @@ class ModelEngineReplica:
             batch_timeout_s=config.batch_timeout_s,
             weight_bucket_bytes=config.weight_bucket_mb << 20,
             on_failure=self._on_worker_failure,
+            max_failed_batches_in_a_row=config.max_failed_batches_in_a_row,
         )
         observer = None if self.observer is None else LossAwareObserver(self.observer, lambda: self.failure)
         self.server = ModelEngineServer(self.executor, config.scheduler, observer, config.initial_weight_version)

@@ -178,11 +178,28 @@ class WorkerDrivenUpdates:
             await self.updates.abort(f"{replica.name} rank {rank}: {error}")
             return
         attempt.reported.add((replica_index, rank))
-        if attempt.reported >= _expected_reports(update):
-            try:
-                await self.updates.commit(attempt.version)
-            except ModelEngineError as refusal:  # the update is closed with this reason; every reporter raises it
-                logger.warning("version %d was not committed: %s", attempt.version, refusal)
+        await self._commit_if_complete(attempt, update)
+
+    async def _commit_if_complete(self, attempt: _Attempt, update: OpenUpdate) -> None:
+        """Commit once every worker of every participant still alive has reported (one that
+        died since begin leaves the update, as on the manager's own path)."""
+        update.drop_lost()
+        if update.closed.is_set() or not attempt.reported >= _expected_reports(update):
+            return
+        try:
+            await self.updates.commit(attempt.version)
+        except ModelEngineError as refusal:  # the update is closed with this reason; every reporter raises it
+            logger.warning("version %d was not committed: %s", attempt.version, refusal)
+
+    async def settle_after_losses(self) -> None:
+        """A participant that died after the others reported would leave them waiting for its
+        report until the deadline: the health monitor calls this to settle the attempt then."""
+        attempt = self._attempt
+        if attempt is None or not attempt.begun.done() or attempt.begun.cancelled() or attempt.begun.exception():
+            return
+        update = attempt.begun.result()
+        if not update.closed.is_set() and any(update.lost(r) for r in update.participants):
+            await self._commit_if_complete(attempt, update)
 
 
 def _expected_reports(update: OpenUpdate) -> set[tuple[int, int]]:

@@ -156,6 +156,29 @@ async def test_request_sent_while_paused_is_answered_after_resume(client):
     assert len(results) == 3 and not (await client.get_status())["paused"]
 
 
+async def test_requests_of_a_caller_that_gives_up_leave_the_servers_queue(server):
+    await RayLogProbClient(server).pause_serving()
+    try:
+        # cancelled by its caller (no deadline anywhere): the actor's task is cancelled too
+        waiting = asyncio.ensure_future(RayLogProbClient(server).score(random_requests(3, VOCAB, seed=25, max_len=60)))
+        await wait_for_queue_depth(RayLogProbClient(server), 3)
+        waiting.cancel()
+        await wait_for_queue_depth(RayLogProbClient(server), 0)
+        # a client's call timeout is the requests' deadline on the server, which answers it
+        outcomes = await RayLogProbClient(server, call_timeout_s=2.0).score(random_requests(3, VOCAB, seed=26, max_len=60))
+        assert all(isinstance(o, DeadlineExceeded) and "serving paused" in o.message for o in outcomes)
+        await wait_for_queue_depth(RayLogProbClient(server), 0)
+    finally:
+        await RayLogProbClient(server).resume_serving()
+
+
+async def wait_for_queue_depth(client: RayLogProbClient, depth: int) -> None:
+    end = time.monotonic() + DEADLINE_S
+    while (await client.get_status())["queue_depth"] != depth and time.monotonic() < end:
+        await asyncio.sleep(0.02)
+    assert (await client.get_status())["queue_depth"] == depth
+
+
 async def test_sync_client_works_from_inside_another_ray_actor(server, ray_cluster):
     ray = ray_cluster
 
