@@ -22,6 +22,7 @@ from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationEr
 
 from model_engine_server.errors import InvalidRequest, ModelEngineError, error_from_wire
 from model_engine_server.temperature import temperature_problem
+from model_engine_server.weight_session import MAX_WEIGHT_VERSION
 
 MAX_TOP_K = 1000  # a request's bound: [response_len, k] ids and log-probs come back per request
 
@@ -86,8 +87,9 @@ class LogProbRequest(BaseModel):
             )
         if self.top_k is not None and not 1 <= self.top_k <= MAX_TOP_K:
             raise ValueError(f"top_k must be between 1 and {MAX_TOP_K}, got {self.top_k}")
-        if self.min_weight_version is not None and self.min_weight_version < 0:
-            raise ValueError(f"min_weight_version must be >= 0, got {self.min_weight_version}")
+        if self.min_weight_version is not None and not 0 <= self.min_weight_version <= MAX_WEIGHT_VERSION:
+            raise ValueError(f"min_weight_version must be between 0 and {MAX_WEIGHT_VERSION} (weight versions "
+                             f"are int64), got {self.min_weight_version}")
         return self
 
     @property

@@ -108,7 +108,7 @@ class ModelEngineServer:
             self.observer.request_rejected(error)
             raise
         pending = Pending(request, asyncio.get_running_loop().create_future())
-        self._queue.push(pending, timeout_s if timeout_s is not None else self.config.request_timeout_s, self._expire)
+        self._queue.push(pending, self.wait_limit_s(timeout_s), self._expire)
         self._wakeup.set()
         try:
             return await pending.future
@@ -137,6 +137,12 @@ class ModelEngineServer:
                 f"max_queued_tokens={self.config.max_queued_tokens}",
                 retry_after_s=1.0,
             )
+
+    def wait_limit_s(self, timeout_s: float | None) -> float:
+        """How long a request may wait: the caller's `timeout_s` can shorten the server's
+        `request_timeout_s`, never extend it (a huge one would hold queue space for good)."""
+        limit = self.config.request_timeout_s
+        return limit if timeout_s is None else min(timeout_s, limit)
 
     def has_room_for(self, num_tokens: int) -> bool:
         """Whether the queue bound admits `num_tokens` more now (a router's question)."""

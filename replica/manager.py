@@ -202,7 +202,8 @@ class ReplicaManager:
         if self._closing:
             raise ServerShuttingDown("the server is shutting down and accepts no new requests")
         attempts = 2 if self.config.retry_on_worker_failure else 1
-        budget_s = timeout_s if timeout_s is not None else self.config.scheduler.request_timeout_s
+        limit_s = self.config.scheduler.request_timeout_s
+        budget_s = limit_s if timeout_s is None else min(timeout_s, limit_s)
         deadline = asyncio.get_running_loop().time() + budget_s  # one deadline across attempts
         tried: set[int] = set()
         last_error: ModelEngineError | None = None

@@ -19,7 +19,7 @@ class SchedulerConfig(BaseModel):
     max_wait_ms: float = Field(default=5.0, ge=0, description="longest a batch waits to fill")
     max_queued_tokens: int = Field(default=1 << 20, gt=0, description="queue bound, in tokens")
     max_inflight_batches: int = Field(default=2, gt=0)
-    request_timeout_s: float = Field(default=600.0, gt=0, description="longest a request may wait in queue")
+    request_timeout_s: float = Field(default=600.0, gt=0, description="longest a request may wait in queue (a caller's timeout_s may only shorten it)")
     max_seq_len: int | None = Field(default=None, gt=1, description="None: the model's maximum positions")
     default_temperature: float = Field(
         default=1.0, ge=MIN_TEMPERATURE, le=MAX_TEMPERATURE, description="for requests that name no temperature (the configured rollout temperature)"

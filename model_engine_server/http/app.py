@@ -15,13 +15,13 @@ from typing import Any, AsyncIterator, Sequence
 from fastapi import Depends, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.openapi.utils import get_openapi
-from fastapi.responses import JSONResponse
+from fastapi.responses import JSONResponse, Response
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from model_engine_server.config import HttpConfig
 from model_engine_server.errors import ModelEngineError
 from model_engine_server.http.admin_policy import transport_spec_guard
-from model_engine_server.http.errors import MalformedEnvelope, error_response
+from model_engine_server.http.errors import ClientGone, MalformedEnvelope, error_response
 from model_engine_server.http.auth import AdminTokenGate, admin_paths, require_admin
 from model_engine_server.http.completions_routes import completions_router
 from model_engine_server.http.completions_schema import CompletionsBody
@@ -143,6 +143,11 @@ def _install_error_handlers(app: FastAPI, retry_after_s: float) -> None:
         codes = {404: "not_found", 405: "method_not_allowed"}
         body = {"error": {"code": codes.get(error.status_code, "http_error"), "message": str(error.detail)}}
         return JSONResponse(body, status_code=error.status_code, headers=getattr(error, "headers", None))
+
+    @app.exception_handler(ClientGone)
+    async def client_gone(request: Request, error: ClientGone) -> Response:
+        logger.debug("%s %s: the client disconnected before its answer", request.method, request.url.path)
+        return Response(status_code=error.status)
 
     @app.exception_handler(Exception)
     async def unexpected(request: Request, error: Exception) -> JSONResponse:

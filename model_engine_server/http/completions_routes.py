@@ -58,6 +58,7 @@ from model_engine_server.http.routes import (
     _schema_body,
     _wants_msgpack,
     read_body,
+    while_connected,
 )
 from model_engine_server.http.schemas import ErrorResponse
 from model_engine_server.http.tokens import TokenText
@@ -242,7 +243,7 @@ async def completions(request: Request) -> Response:
     requests = [_request_for(ids, body) for ids in prompts]
     state.scoring_in_progress += 1
     try:
-        outcomes = await _score_in_waves(state.service, requests)
+        outcomes = await while_connected(request, _score_in_waves(state.service, requests))
     finally:
         state.scoring_in_progress -= 1
     for index, outcome in enumerate(outcomes):

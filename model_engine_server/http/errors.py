@@ -33,6 +33,13 @@ class UnsupportedMediaType(ModelEngineError):
     http_status = 415
 
 
+class ClientGone(Exception):
+    """The caller closed its connection before its answer: nothing is sent, its requests are
+    withdrawn from the queue, and the call is counted with status 499 (not a server fault)."""
+
+    status = 499
+
+
 class MalformedEnvelope(InvalidRequest):
     """The body decoded, but it is not `{"requests": [...]}` (wrong shape or types): 422."""
 

@@ -14,16 +14,18 @@ from __future__ import annotations
 
 import asyncio
 
-from typing import Any
+from typing import Any, Awaitable, TypeVar
 
 from fastapi import APIRouter, Depends, Request
 from fastapi.responses import JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST
 from pydantic import ValidationError
+from starlette.requests import ClientDisconnect
 
 from model_engine_server.errors import InvalidRequest, ModelEngineError
 from model_engine_server.http.auth import require_admin
 from model_engine_server.http.errors import (
+    ClientGone,
     MalformedEnvelope,
     PayloadTooLarge,
     UnsupportedMediaType,
@@ -56,6 +58,7 @@ INT64_MIN, INT64_MAX = -(2**63), 2**63 - 1
 DRAIN_CAP_BYTES = 64 << 20  # an oversized body is read (and dropped) up to this, so the client sees the 413
 
 router = APIRouter()
+T = TypeVar("T")
 
 ERRORS = {status: {"model": ErrorResponse} for status in (400, 413, 415, 422, 429, 503, 504)}
 ADMIN_ERRORS = {status: {"model": ErrorResponse} for status in (401, 409, 413, 415)}
@@ -74,18 +77,44 @@ async def read_body(request: Request, limit_bytes: int) -> bytes:
         raise PayloadTooLarge(f"body of {declared} bytes exceeds the limit of {limit_bytes}")
     chunks: list[bytes] = []
     size = 0
-    async for chunk in request.stream():
-        size += len(chunk)
-        if size > limit_bytes:
-            too_large = True
-            chunks.clear()
-            if size > DRAIN_CAP_BYTES:
-                break
-        else:
-            chunks.append(chunk)
+    try:
+        async for chunk in request.stream():
+            size += len(chunk)
+            if size > limit_bytes:
+                too_large = True
+                chunks.clear()
+                if size > DRAIN_CAP_BYTES:
+                    break
+            else:
+                chunks.append(chunk)
+    except ClientDisconnect:
+        raise ClientGone() from None
     if too_large:
         raise PayloadTooLarge(f"body of {size if not declared.isdigit() else declared} bytes exceeds the limit of {limit_bytes}")
     return b"".join(chunks)
+
+
+async def while_connected(request: Request, work: Awaitable[T]) -> T:
+    """Await `work` (scoring) unless the caller disconnects first: then it is cancelled, so its
+    requests leave the queue instead of holding queue space until their deadline."""
+    task = asyncio.ensure_future(work)
+    gone = asyncio.ensure_future(_disconnected(request))
+    try:
+        await asyncio.wait({task, gone}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        gone.cancel()
+        if not task.done():
+            task.cancel()
+            await asyncio.gather(task, return_exceptions=True)
+    if task.cancelled():
+        raise ClientGone()
+    return task.result()
+
+
+async def _disconnected(request: Request) -> None:
+    """Returns once the server reports the caller gone (its body was read to the end before)."""
+    while (await request.receive())["type"] != "http.disconnect":
+        pass
 
 
 def _check_content_type(request: Request, allowed: frozenset[str]) -> None:
@@ -153,7 +182,7 @@ async def logprobs(request: Request) -> Response:
             state.metrics.observer.request_rejected(error)
     state.scoring_in_progress += 1
     try:
-        scored = await state.service.score([r for _, r in valid], envelope.timeout_s) if valid else []
+        scored = await while_connected(request, state.service.score([r for _, r in valid], envelope.timeout_s)) if valid else []
     finally:
         state.scoring_in_progress -= 1
     for (index, _), outcome in zip(valid, scored):

@@ -1,0 +1,99 @@
+"""Callers that give up or overreach cannot hold the server's queue: a real uvicorn on
+127.0.0.1 over a real tiny model, held paused so requests wait."""
+
+from __future__ import annotations
+
+import socket
+import time
+
+import httpx
+import pytest
+from prometheus_client.parser import text_string_to_metric_families
+
+from model_engine_server.engines.base import EngineSpec
+from model_engine_server.http.app import create_app
+from model_engine_server.http.metrics import ServerMetrics
+from model_engine_server.local import build_local_server
+from model_engine_server.scheduler import SchedulerConfig
+from model_engine_server.weight_session import MAX_WEIGHT_VERSION
+from tests.test_http_support import ServerThread
+
+TOKEN = "callers-admin-token"
+REQUEST_TIMEOUT_S = 3.0
+ADMIN = {"authorization": f"Bearer {TOKEN}"}
+
+
+@pytest.fixture(scope="module")
+def served(tiny_model):
+    metrics = ServerMetrics()
+    service = build_local_server(
+        EngineSpec(model_path=str(tiny_model)),
+        scheduler=SchedulerConfig(max_tokens_per_batch=2048, max_queued_tokens=4096, request_timeout_s=REQUEST_TIMEOUT_S),
+        observer=metrics.observer,
+    )
+    with ServerThread(create_app(service, metrics=metrics, owns_service=True, admin_token=TOKEN)) as server:
+        yield server
+
+
+@pytest.fixture
+def paused(served):
+    assert httpx.post(f"{served.url}/v1/pause", headers=ADMIN).status_code == 200
+    yield served
+    assert httpx.post(f"{served.url}/v1/resume", headers=ADMIN).status_code == 200
+
+
+def _call(requests: list[dict], **envelope) -> dict:
+    return {"requests": requests, **envelope}
+
+
+def _queue_depth(url: str) -> int:
+    return httpx.get(f"{url}/v1/status").json()["queue_depth"]
+
+
+def _wait_for_queue_depth(url: str, depth: int, within_s: float) -> None:
+    end = time.monotonic() + within_s
+    while _queue_depth(url) != depth and time.monotonic() < end:
+        time.sleep(0.05)
+    assert _queue_depth(url) == depth
+
+
+def _http_statuses(url: str) -> set[str]:
+    families = text_string_to_metric_families(httpx.get(f"{url}/metrics").text)
+    return {s.labels["status"] for f in families if f.name == "model_engine_server_http_requests"
+            for s in f.samples if s.name.endswith("_total") and s.value > 0}
+
+
+def test_a_caller_that_disconnects_withdraws_its_waiting_requests(paused):
+    body = _call([{"input_ids": [1, 2, 3, 4], "response_start": 2}] * 3, timeout_s=REQUEST_TIMEOUT_S)
+    with pytest.raises(httpx.ReadTimeout):  # the client gives up and closes its connection
+        httpx.post(f"{paused.url}/v1/logprobs", json=body, timeout=httpx.Timeout(1.0))
+    _wait_for_queue_depth(paused.url, 0, within_s=REQUEST_TIMEOUT_S - 1.0)  # before the deadline would
+    assert "499" in _http_statuses(paused.url)
+
+
+def test_a_callers_timeout_can_shorten_the_servers_wait_but_not_extend_it(paused):
+    started = time.monotonic()
+    response = httpx.post(f"{paused.url}/v1/logprobs", timeout=30.0, json=_call(
+        [{"input_ids": [1, 2, 3], "response_start": 1}], timeout_s=1e15))
+    assert response.status_code == 504, response.text
+    assert time.monotonic() - started < REQUEST_TIMEOUT_S + 5.0
+
+
+def test_a_weight_version_beyond_int64_is_refused_not_waited_for(served):
+    response = httpx.post(f"{served.url}/v1/logprobs", json=_call(
+        [{"input_ids": [1, 2, 3], "response_start": 1, "min_weight_version": MAX_WEIGHT_VERSION + 1}]))
+    assert response.status_code == 400, response.text
+    assert response.json()["results"][0]["error"]["field"] == "requests[0].min_weight_version"
+
+
+def test_a_body_cut_off_by_its_caller_is_not_a_server_error(served):
+    host, port = served.url.removeprefix("http://").split(":")
+    with socket.create_connection((host, int(port))) as raw:
+        raw.sendall(b"POST /v1/logprobs HTTP/1.1\r\nhost: x\r\ncontent-type: application/json\r\n"
+                    b"content-length: 1000\r\n\r\n{\"requests\": [")
+        time.sleep(0.3)
+    end = time.monotonic() + 10.0
+    while "499" not in _http_statuses(served.url) and time.monotonic() < end:
+        time.sleep(0.05)
+    statuses = _http_statuses(served.url)
+    assert "499" in statuses and "500" not in statuses
