@@ -21,6 +21,7 @@ from checkpoint_transport.spec import ReceiveReport, TransportSpec
 from model_engine_server.config import ServerConfig
 from model_engine_server.launch import build_service, build_serving_for, weight_roots_for
 from model_engine_server.protocol import LogProbRequest, outcome_to_wire
+from model_engine_server.http.admin_policy import exposure_remedy, unauthenticated_exposure
 from replica.http_in_actor import HttpInActor
 from replica.manager import ReplicaManager
 
@@ -49,6 +50,10 @@ class LogProbServiceActor:
         where it listens."""
         if self.serving is None:
             raise RuntimeError("this service actor was created without its HTTP app (with_http=False)")
+        http_config = self.config.http.model_copy(update={"host": host})
+        exposure = unauthenticated_exposure(http_config)  # checked where the app runs, with its token
+        if exposure is not None and not http_config.allow_unauthenticated_remote:
+            raise RuntimeError(f"refusing to serve: {exposure}; {exposure_remedy(http_config)}")
         if self.http is not None:
             raise RuntimeError("this service actor serves HTTP already")
         http = HttpInActor(self.serving.app, self.config.http.graceful_shutdown_s)

@@ -28,6 +28,9 @@ ROOT = Path(__file__).resolve().parents[1]
 DEPLOY = ROOT / "deploy"
 
 
+ADMIN_TOKEN = "deploy-admin-t0ken"
+
+
 def _kill_tree(marker: str) -> None:
     """Every process whose command line names `marker` (this cluster's temp dir), and their
     children: never `ray stop`, which would stop every Ray on the machine."""
@@ -92,10 +95,14 @@ def test_start_head_and_join_worker_form_a_token_cluster_that_serve_joins(tiny_m
                 [sys.executable, "-m", "model_engine_server.cli", "serve", "--host", "127.0.0.1", "--port", str(http_port),
                  *overrides],
                 stdout=out, stderr=subprocess.STDOUT, cwd=ROOT,
-                env=dict(env, RAY_AUTH_MODE="token", RAY_AUTH_TOKEN=token, OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1"),
+                # the admin token is in serve's environment only, not the cluster's where the app runs
+                env=dict(env, RAY_AUTH_MODE="token", RAY_AUTH_TOKEN=token, OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1",
+                         MODEL_ENGINE_SERVER_TOKEN=ADMIN_TOKEN),
             )
         url = f"http://127.0.0.1:{http_port}"
         wait_healthy(url, server, log)
+        assert httpx.post(f"{url}/v1/pause", timeout=30).status_code == 401
+        assert httpx.post(f"{url}/v1/resume", headers={"authorization": f"Bearer {ADMIN_TOKEN}"}, timeout=30).status_code == 200
         requests = random_requests(6, 512, seed=90, max_len=150)
         response = httpx.post(f"{url}/v1/logprobs", json={"requests": [r.model_dump() for r in requests]}, timeout=120)
         assert response.status_code == 200, response.text

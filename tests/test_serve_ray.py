@@ -61,3 +61,11 @@ def test_a_port_in_use_is_found_before_anything_loads():
         problem = port_problem("127.0.0.1", taken.getsockname()[1])
     assert problem is not None and "cannot listen on 127.0.0.1" in problem
     assert port_problem("127.0.0.1", 0) is None
+
+
+@pytest.mark.asyncio(loop_scope="module")
+async def test_the_actor_refuses_to_expose_admin_routes_without_a_token(served):
+    handle, _ = served
+    with pytest.raises(Exception, match="refusing to serve: listening on '0.0.0.0'"):
+        await handle.serve_http.remote("0.0.0.0", 0)
+

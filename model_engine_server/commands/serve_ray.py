@@ -47,6 +47,7 @@ def serve_on_ray(config: ServerConfig) -> int:
 async def _serve(config: ServerConfig) -> int:
     import ray
 
+
     signals = _SignalCount()  # before anything slow: a signal during start-up ends it
     starting = asyncio.ensure_future(_start(config))
     await asyncio.wait({starting, asyncio.ensure_future(signals.first.wait())}, return_when=asyncio.FIRST_COMPLETED)
@@ -85,6 +86,8 @@ async def _start(config: ServerConfig) -> "tuple[Any, tuple[str, int]] | str":
         join_ray_for(config, ray_gpus_for(config))
     except (OSError, ValueError) as error:  # no cluster at the address; a reference path that is not a checkpoint
         return f"could not join or start Ray: {type(error).__name__}: {error}"
+    # the app is built in the actor, whose environment is the Ray cluster's: the token goes with the config
+    config = config.model_copy(update={"http": config.http.with_token_resolved()})
     here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=False)
     name = config.ray.actor_name
     try:

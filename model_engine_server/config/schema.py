@@ -90,6 +90,12 @@ class HttpConfig(BaseModel):
             return value or None
         return None
 
+    def with_token_resolved(self, environ: dict[str, str] | None = None) -> "HttpConfig":
+        """This config with the token read here set as `auth_token`: for an app built in another
+        process (the Ray service actor), whose environment is the cluster's, not this one's."""
+        token = self.token(environ)
+        return self if token is None else self.model_copy(update={"auth_token": SecretStr(token)})
+
 
 class ServerTransportConfig(TransportConfig):
     """The section's `transport:` part: the deployment's one transport config, plus the allow-list.
