@@ -37,7 +37,7 @@ from checkpoint_transport.sender import WeightSender, send_weights
 from checkpoint_transport.spec import ReceiveReport, SendReport, TransportConfig, TransportSpec
 from checkpoint_transport.spec import failure_reason
 from checkpoint_transport.threads import run_in_thread
-from model_engine_server.errors import ModelEngineError, WeightSyncError, error_from_wire
+from model_engine_server.errors import InvalidRequest, ModelEngineError, WeightSyncError, error_from_wire
 
 logger = logging.getLogger(__name__)
 
@@ -61,7 +61,9 @@ class WeightSyncTarget(Protocol):
         """Serve `version` if every worker holds all of it (this is the resume); else refused."""
         ...
 
-    async def abort_weight_update(self, reason: str) -> None: ...
+    async def abort_weight_update(self, reason: str, version: int | None = None) -> None:
+        """Close the open update, only if it is `version`'s when given."""
+        ...
 
     async def get_status(self) -> dict[str, Any]: ...
 
@@ -153,8 +155,8 @@ class WeightPublisher:
             paused_at = time.monotonic()
             try:  # the receiver count comes from the update itself: it cannot change in between
                 receivers = await self.target.begin_weight_update(version)
-            except WeightSyncError:  # refused (stale version, another update running): nothing to undo
-                raise
+            except (WeightSyncError, InvalidRequest):  # refused (stale version, another update running, a version
+                raise                                  # out of range): nothing to undo, maybe someone else's update
             except BaseException as error:  # timed out or cancelled: the server may still finish the begin
                 report.error = f"begin was interrupted: {type(error).__name__}: {error}"
                 await self._abort(report)
@@ -263,7 +265,7 @@ class WeightPublisher:
     async def _abort(self, report: SyncReport) -> None:
         reason = f"sync to version {report.version} failed: {report.error}"
         try:
-            await asyncio.shield(self.target.abort_weight_update(reason))
+            await asyncio.shield(self.target.abort_weight_update(reason, report.version))
         except Exception as error:  # the target may be the thing that failed; report, don't mask
             logger.warning("aborting version %d on the target failed too: %s", report.version, error)
 
@@ -312,8 +314,8 @@ class ActorSyncTarget:
     async def commit_weight_update(self, version: int) -> None:
         await self.handle.commit_weight_update.remote(version)
 
-    async def abort_weight_update(self, reason: str) -> None:
-        await self.handle.abort_weight_update.remote(reason)
+    async def abort_weight_update(self, reason: str, version: int | None = None) -> None:
+        await self.handle.abort_weight_update.remote(reason, version)
 
     async def get_status(self) -> dict[str, Any]:
         return await self.handle.get_status.remote()
@@ -349,8 +351,8 @@ class HttpSyncTarget:
     async def commit_weight_update(self, version: int) -> None:
         await self._request("POST", "/v1/weights/commit", {"version": version})
 
-    async def abort_weight_update(self, reason: str) -> None:
-        await self._request("POST", "/v1/weights/abort", {"reason": reason})
+    async def abort_weight_update(self, reason: str, version: int | None = None) -> None:
+        await self._request("POST", "/v1/weights/abort", {"reason": reason, "version": version})
 
     async def pause_serving(self) -> None:
         await self._request("POST", "/v1/pause")

@@ -21,7 +21,7 @@ from checkpoint_transport.spec import DEFAULT_BUCKET_BYTES
 from checkpoint_transport.threads import iterate_in_thread
 from clients.base import BaseLogProbClient, Outcome, RequestLike, SyncLogProbClient
 from clients.retry import RESPONSE_GRACE_S, Deadline, RetryPolicy, entries_to_resend
-from model_engine_server.errors import DeadlineExceeded, ModelEngineError, WeightSyncError, WorkerFailed
+from model_engine_server.errors import DeadlineExceeded, InvalidRequest, ModelEngineError, WeightSyncError, WorkerFailed
 from model_engine_server.protocol import outcome_from_wire
 from replica.service_actor import DEFAULT_ACTOR_NAME, DEFAULT_NAMESPACE
 
@@ -117,10 +117,10 @@ class RayLogProbClient(BaseLogProbClient):
         complete sync lands) and raises."""
         try:
             await self._call(self.handle.begin_weight_update.remote(version), "begin_weight_update")
-        except WeightSyncError:  # refused (stale version, another update running): nothing to undo
+        except (WeightSyncError, InvalidRequest):  # refused: nothing to undo, maybe someone else's update
             raise
         except BaseException as error:  # timed out or cancelled while the server drains: undo it there
-            await self._abort_quietly(f"client: begin of version {version} interrupted: {error!r}")
+            await self._abort_quietly(f"client: begin of version {version} interrupted: {error!r}", version)
             raise
         try:
             buckets = group_into_host_buckets(named_tensors, self.weight_bucket_bytes)
@@ -131,15 +131,15 @@ class RayLogProbClient(BaseLogProbClient):
                 await self._call(self.handle.load_weights.remote([bucket_ref], version), "load_weights")
             await self._call(self.handle.commit_weight_update.remote(version), "commit_weight_update")
         except BaseException as error:
-            await self._abort_quietly(f"client: {error}")
+            await self._abort_quietly(f"client: {error}", version)
             if isinstance(error, ModelEngineError) or not isinstance(error, Exception):
                 raise
             raise WeightSyncError(f"{type(error).__name__}: {error}") from error
         return version
 
-    async def _abort_quietly(self, reason: str) -> None:
+    async def _abort_quietly(self, reason: str, version: int) -> None:
         try:
-            await asyncio.shield(self._call(self.handle.abort_weight_update.remote(reason), "abort_weight_update"))
+            await asyncio.shield(self._call(self.handle.abort_weight_update.remote(reason, version), "abort_weight_update"))
         except ModelEngineError:
             pass  # the server is gone or already aborted; the original error says why
 

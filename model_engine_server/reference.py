@@ -188,8 +188,8 @@ class PolicyWithReference:
     async def commit_weight_update(self, version: int) -> None:
         await self.policy.commit_weight_update(version)
 
-    async def abort_weight_update(self, reason: str) -> None:
-        await self.policy.abort_weight_update(reason)
+    async def abort_weight_update(self, reason: str, version: int | None = None) -> None:
+        await self.policy.abort_weight_update(reason, version)
 
     # ---------------------------------------------------------------- status
     async def get_status(self) -> dict[str, Any]:

@@ -346,10 +346,10 @@ class ModelEngineServer:
         """Serve `version` if every participant holds every tensor; else abort and raise."""
         await self.updates.commit(version)
 
-    async def abort_weight_update(self, reason: str) -> None:
-        """Close the update: weights partly delivered are marked incomplete (nothing serves until
-        a complete sync); untouched ones serve on under the old version."""
-        await self.updates.abort(reason)
+    async def abort_weight_update(self, reason: str, version: int | None = None) -> None:
+        """Close the update (of `version`, when given): weights partly delivered are marked
+        incomplete (nothing serves until a complete sync); untouched ones serve on."""
+        await self.updates.abort(reason, version)
 
     def mark_weights_incomplete(self, reason: str) -> None:
         self.updates.mark_incomplete(reason)

@@ -65,7 +65,11 @@ class LogProbService(Protocol):
         """Serve `version` if every worker holds every tensor; else abort and raise the reason."""
         ...
 
-    async def abort_weight_update(self, reason: str) -> None: ...
+    async def abort_weight_update(self, reason: str, version: int | None = None) -> None:
+        """Close the open update (weights partly delivered then refuse to score until a complete
+        sync); with `version`, only if the open update is that version's: a caller's late abort
+        never closes another caller's update."""
+        ...
 
     async def weight_layout(self) -> tuple[ModelInfo, dict[str, WeightSpec]]:
         """The served model and every tensor name (shape, dtype) a complete update delivers."""

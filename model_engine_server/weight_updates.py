@@ -10,7 +10,8 @@
   what it loaded) and `admit` / `record` (a stream someone else drives into each participant,
   which reports what it loaded). Anything else is refused.
 - A delivery starts only once begin has drained, so no batch labelled with the old version runs
-  beside it; a caller that gives up on a delivery midway aborts the update.
+  beside it; a delivery that fails midway, or whose caller gives up, aborts the update (it may
+  have written part of its tensors, on some participants).
 - `commit(version)` first waits for the deliveries still writing, then serves the version only if
   every participant recorded every expected name; otherwise it aborts with a reason naming what
   is missing and raises.
@@ -122,7 +123,7 @@ class WeightUpdates:
                     session.record(participant, report.names_loaded)
         reason = failure_reason(reports)
         if standalone and reason is not None:
-            await self.abort(f"sync to version {version} failed: {reason}")
+            await self._abort_session(session, f"sync to version {version} failed: {reason}")
         return reports
 
     @contextlib.asynccontextmanager
@@ -139,6 +140,10 @@ class WeightUpdates:
             yield session
         except asyncio.CancelledError:
             self._abort_in_background(session, f"the caller gave up on a delivery to version {session.version} midway")
+            raise
+        except Exception as error:  # it may have written part of its tensors: none of them can be trusted
+            self._abort_in_background(session, f"a delivery to version {session.version} failed midway: "
+                                               f"{type(error).__name__}: {error}")
             raise
         finally:
             session.delivery_ended()
@@ -183,12 +188,19 @@ class WeightUpdates:
         self._changed()
         self._wake()
 
-    async def abort(self, reason: str) -> None:
-        """Close the open session (if any) and drop the engines' half-assembled parameters."""
-        if self.state.session is None:
-            return
-        self._close(reason)
-        await self._discard_after_abort()
+    async def abort(self, reason: str, version: int | None = None) -> None:
+        """Close the open session (if any; with `version`, only that version's) and drop the
+        engines' half-assembled parameters."""
+        session = self.state.session
+        if session is not None and (version is None or session.version == version):
+            await self._abort_session(session, reason)
+
+    async def _abort_session(self, session: WeightSession, reason: str) -> None:
+        """Close `session` if it is still the open one: a failure that arrives late (its update
+        expired meanwhile) must not close the next update."""
+        if self.state.session is session:
+            self._close(reason)
+            await self._discard_after_abort()
 
     async def _discard_after_abort(self) -> None:
         try:
@@ -205,11 +217,12 @@ class WeightUpdates:
     async def update(self, named_tensors: Iterable[tuple[str, torch.Tensor]], version: int) -> int:
         """begin -> load -> commit; any failure (or a cancel) aborts."""
         await self.begin(version)
+        session = self.state.current(version)
         try:
             await self.load(named_tensors, version)
             await self.commit(version)
         except BaseException as error:
-            await asyncio.shield(self.abort(str(error) or type(error).__name__))
+            await asyncio.shield(self._abort_session(session, str(error) or type(error).__name__))
             if isinstance(error, ModelEngineError) or not isinstance(error, Exception):
                 raise
             raise WeightSyncError(f"{type(error).__name__}: {error}") from error

@@ -276,8 +276,8 @@ class ReplicaManager:
     async def commit_weight_update(self, version: int) -> None:
         await self.updates.commit(version)
 
-    async def abort_weight_update(self, reason: str) -> None:
-        await self.updates.abort(reason)
+    async def abort_weight_update(self, reason: str, version: int | None = None) -> None:
+        await self.updates.abort(reason, version)
 
     async def update_weights(self, named_tensors: Iterable[tuple[str, torch.Tensor]], version: int) -> int:
         return await self.updates.update(named_tensors, version)

@@ -165,6 +165,8 @@ class ManagerWeightUpdates:
                 if isinstance(outcome, ModelEngineError) and update.lost(replica):
                     update.drop_lost()
                     continue
+                # it may have loaded part of the bucket, on some workers: the update cannot commit
+                await asyncio.shield(self._abort(update, f"{replica.name}: a load failed midway: {outcome}"))
                 raise outcome
             names = outcome
         if not update.participants:
@@ -223,11 +225,13 @@ class ManagerWeightUpdates:
         update.committed = True
         self._finish_update(update)
 
-    async def abort(self, reason: str) -> None:
-        """Close the open update on every participant: weights partly delivered refuse to score
-        until a complete sync lands (never mixed weights); untouched ones serve on."""
-        if self.update_open is not None:
-            await self._abort(self.update_open, reason)
+    async def abort(self, reason: str, version: int | None = None) -> None:
+        """Close the open update (with `version`, only that version's) on every participant:
+        weights partly delivered refuse to score until a complete sync lands (never mixed
+        weights); untouched ones serve on."""
+        update = self.update_open
+        if update is not None and (version is None or update.version == version):
+            await self._abort(update, reason)
 
     async def _abort(self, update: "OpenUpdate", reason: str) -> None:
         """Abort `update` only: the late tail of an update the deadline already closed must not
@@ -236,7 +240,7 @@ class ManagerWeightUpdates:
             return
         update.reason = reason
         began = [r for r in update.participants if not update.lost(r)]  # a restarted one has nothing to abort
-        await asyncio.gather(*(r.abort_weight_update(reason) for r in began), return_exceptions=True)
+        await asyncio.gather(*(r.abort_weight_update(reason, update.version) for r in began), return_exceptions=True)
         self._finish_update(update)
 
     def _finish_update(self, update: "OpenUpdate") -> None:
@@ -252,12 +256,13 @@ class ManagerWeightUpdates:
     async def update(self, named_tensors: Iterable[tuple[str, torch.Tensor]], version: int) -> int:
         """begin -> buckets (each put in Ray's store once for all replicas) -> commit; atomic."""
         await self.begin(version)
+        update = self._open_update(version)
         try:
             buckets = group_into_host_buckets(named_tensors, self.bucket_bytes)
             async for bucket in iterate_in_thread(buckets):  # reads and copies off the event loop
                 await self.load(await asyncio.to_thread(ray.put, bucket), version)
         except BaseException as error:
-            await asyncio.shield(self.abort(f"{type(error).__name__}: {error}"))
+            await asyncio.shield(self._abort(update, f"{type(error).__name__}: {error}"))
             if isinstance(error, ModelEngineError) or not isinstance(error, Exception):
                 raise
             raise WeightSyncError(f"{type(error).__name__}: {error}") from error

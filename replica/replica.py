@@ -317,8 +317,8 @@ class ModelEngineReplica:
         """Serve `version` if every worker holds every tensor; else abort and raise the reason."""
         await self._server().commit_weight_update(version)
 
-    async def abort_weight_update(self, reason: str) -> None:
-        await self._server().abort_weight_update(reason)
+    async def abort_weight_update(self, reason: str, version: int | None = None) -> None:
+        await self._server().abort_weight_update(reason, version)
 
     def mark_weights_incomplete(self, reason: str) -> None:
         self._server().mark_weights_incomplete(reason)
@@ -333,7 +333,7 @@ class ModelEngineReplica:
             await self.commit_weight_update(version)
         except BaseException as error:
             if self.server is not None:
-                await asyncio.shield(self.server.abort_weight_update(str(error) or type(error).__name__))
+                await asyncio.shield(self.server.abort_weight_update(str(error) or type(error).__name__, version))
             if isinstance(error, ModelEngineError) or not isinstance(error, Exception):
                 raise
             raise WeightSyncError(f"{self.name}: {type(error).__name__}: {error}") from error
@@ -351,7 +351,7 @@ class ModelEngineReplica:
             await self.commit_weight_update(version)
         except BaseException as error:
             if self.server is not None:
-                await asyncio.shield(self.server.abort_weight_update(f"copy from {peer.name} failed: {error}"))
+                await asyncio.shield(self.server.abort_weight_update(f"copy from {peer.name} failed: {error}", version))
             raise
 
     def _executor(self) -> RayWorkerExecutor:

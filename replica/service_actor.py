@@ -97,8 +97,8 @@ class LogProbServiceActor:
     async def commit_weight_update(self, version: int) -> None:
         await self.service.commit_weight_update(version)
 
-    async def abort_weight_update(self, reason: str) -> None:
-        await self.service.abort_weight_update(reason)
+    async def abort_weight_update(self, reason: str, version: int | None = None) -> None:
+        await self.service.abort_weight_update(reason, version)
 
     async def update_weights(self, named_tensors: list[tuple[str, torch.Tensor]], version: int) -> int:
         return await self.service.update_weights(named_tensors, version)

@@ -104,8 +104,8 @@ class _KillsAReplicaAfterBegin:
     async def commit_weight_update(self, version: int) -> None:
         await self.manager.commit_weight_update(version)
 
-    async def abort_weight_update(self, reason: str) -> None:
-        await self.manager.abort_weight_update(reason)
+    async def abort_weight_update(self, reason: str, version: int | None = None) -> None:
+        await self.manager.abort_weight_update(reason, version)
 
     async def get_status(self):
         return self.manager.status()

@@ -107,8 +107,8 @@ class SyncServerHost:
     async def commit_weight_update(self, version: int) -> None:
         await self.server.commit_weight_update(version)
 
-    async def abort_weight_update(self, reason: str) -> None:
-        await self.server.abort_weight_update(reason)
+    async def abort_weight_update(self, reason: str, version: int | None = None) -> None:
+        await self.server.abort_weight_update(reason, version)
 
     async def get_status(self) -> dict[str, Any]:
         return self.server.status()

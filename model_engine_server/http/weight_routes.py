@@ -35,12 +35,14 @@ class VersionBody(BaseModel):
 class ReceiveBody(BaseModel):
     model_config = ConfigDict(extra="forbid")
     spec: TransportSpec
-    version: int = Field(ge=0)
+    version: int = Field(ge=0, le=MAX_WEIGHT_VERSION)
 
 
 class AbortBody(BaseModel):
     model_config = ConfigDict(extra="forbid")
     reason: str
+    version: int | None = Field(default=None, ge=0, le=MAX_WEIGHT_VERSION,
+                                description="abort only if the open update is this version's")
 
 
 def _target(request: Request) -> LogProbService:
@@ -74,9 +76,10 @@ def weight_sync_router(dependencies: Sequence[Any] = ()) -> APIRouter:
         await _target(request).commit_weight_update(body.version)
         return {"weight_version": body.version}
 
-    @router.post("/abort", summary="Keep the version; refuse to score until a complete sync")
+    @router.post("/abort", summary="Close the open update (of `version`, if given): weights partly delivered "
+                 "refuse to score until a complete sync; untouched ones serve on")
     async def abort(body: AbortBody, request: Request) -> dict[str, str]:
-        await _target(request).abort_weight_update(body.reason)
+        await _target(request).abort_weight_update(body.reason, body.version)
         return {"aborted": body.reason}
 
     return router
