@@ -3,8 +3,8 @@
 publisher's `weights="<folder>"`.
 
 - `list_tensors(folder)`: every tensor's file, shape and dtype, from the headers only.
-- `read_tensors(listing, names)`: the wanted tensors, lazily, file by file (safetensors
-  memory-maps the files), so a reader holds one tensor at a time, never the model.
+- `read_tensors(listing, names)`: the wanted tensors, lazily, file by file, with positioned
+  reads (no memory map), so a reader holds one tensor at a time, never the model.
 - `iter_checkpoint(folder)`: every tensor, as the same `(hf_name, tensor)` stream a trainer's
   export yields.
 
@@ -17,6 +17,8 @@ a readable checkpoint is a `CheckpointError` naming what is wrong.
 from __future__ import annotations
 
 import json
+import math
+import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable, Iterator, Mapping
@@ -28,6 +30,8 @@ from checkpoint_transport.dtypes import SAFETENSORS_DTYPES
 INDEX = "model.safetensors.index.json"
 SINGLE_FILE = "model.safetensors"
 EXAMPLES = 3  # names quoted in an error message
+HEADER_SIZE_BYTES = 8
+MAX_HEADER_BYTES = 100 << 20  # safetensors' own bound on a header
 
 
 class CheckpointError(ValueError):
@@ -41,6 +45,9 @@ class StoredTensor:
     file: Path
     shape: tuple[int, ...]
     dtype: torch.dtype | None  # None: a safetensors dtype outside `checkpoint_transport.dtypes`
+    offset: int = 0  # of its bytes in the file
+    nbytes: int = 0
+    stamp: tuple[int, int, int] = (0, 0, 0)  # the file's inode, size and mtime when its header was read
 
 
 def checkpoint_files(folder: str | Path) -> list[Path]:
@@ -81,37 +88,103 @@ def _index_shards(index: Path) -> list[str]:
 
 def list_tensors(folder: str | Path) -> dict[str, StoredTensor]:
     """Every tensor of the checkpoint by name, from the headers only (no tensor data is read)."""
-    from safetensors import safe_open
-
     tensors: dict[str, StoredTensor] = {}
     for file in checkpoint_files(folder):
-        try:
-            with safe_open(str(file), framework="pt", device="cpu") as reader:
-                found = {name: reader.get_slice(name) for name in reader.keys()}
-        except Exception as error:  # a truncated or foreign file
-            raise CheckpointError(f"cannot read {file.name}: {type(error).__name__}: {error}") from None
+        found = _read_header(file)
         twice = sorted(name for name in found if name in tensors)
         if twice:
             raise CheckpointError(f"{file.name} holds tensor(s) another file of the folder holds too, e.g. "
                                   f"{twice[:EXAMPLES]}: which one is the model is unclear")
-        for name, part in found.items():
-            tensors[name] = StoredTensor(file, tuple(part.get_shape()), SAFETENSORS_DTYPES.get(part.get_dtype()))
+        tensors.update(found)
     return tensors
+
+
+def _read_header(file: Path) -> dict[str, StoredTensor]:
+    """A safetensors file's header: an 8-byte little-endian length, then that many bytes of JSON
+    mapping each name to its dtype, shape and byte range after the header."""
+    try:
+        with file.open("rb") as handle:
+            stamp = _stamp(os.fstat(handle.fileno()))
+            size_field = handle.read(HEADER_SIZE_BYTES)
+            length = int.from_bytes(size_field, "little") if len(size_field) == HEADER_SIZE_BYTES else -1
+            if not 0 < length <= MAX_HEADER_BYTES:
+                raise CheckpointError(f"cannot read {file.name}: not a safetensors file (header length {length})")
+            text = handle.read(length)
+        header = json.loads(text) if len(text) == length else None
+    except (OSError, ValueError) as error:
+        if isinstance(error, CheckpointError):
+            raise
+        raise CheckpointError(f"cannot read {file.name}: {type(error).__name__}: {error}") from None
+    if not isinstance(header, dict):
+        raise CheckpointError(f"cannot read {file.name}: its header is cut short or not a JSON object")
+    data_start = HEADER_SIZE_BYTES + length
+    found: dict[str, StoredTensor] = {}
+    for name, entry in header.items():
+        if name == "__metadata__":
+            continue
+        try:
+            shape, (begin, end) = tuple(int(d) for d in entry["shape"]), entry["data_offsets"]
+            dtype_code = str(entry["dtype"])
+            if not 0 <= int(begin) <= int(end) or min(shape, default=0) < 0:
+                raise ValueError("negative sizes or offsets")
+        except (KeyError, TypeError, ValueError) as error:
+            raise CheckpointError(f"cannot read {file.name}: entry {name!r} is malformed ({error})") from None
+        found[name] = StoredTensor(file, shape, SAFETENSORS_DTYPES.get(dtype_code), data_start + int(begin),
+                                   int(end) - int(begin), stamp)
+    return found
 
 
 def read_tensors(
     listing: Mapping[str, StoredTensor], names: Iterable[str] | None = None
 ) -> Iterator[tuple[str, torch.Tensor]]:
-    """The tensors `names` (default: all) of `listing`, read lazily file by file, as stored."""
-    from safetensors import safe_open
+    """The tensors `names` (default: all) of `listing`, read lazily file by file, as stored.
 
+    Read with positioned reads, not a memory map: a file a trainer rewrites in place while it is
+    read ends in a `CheckpointError` (a short read), where touching a mapped page past a
+    truncated file's end would kill the whole process (SIGBUS)."""
     by_file: dict[Path, list[str]] = {}
     for name in listing if names is None else names:
         by_file.setdefault(listing[name].file, []).append(name)
     for file, file_names in by_file.items():
-        with safe_open(str(file), framework="pt", device="cpu") as reader:
+        try:
+            handle = file.open("rb")
+        except OSError as error:
+            raise CheckpointError(f"cannot read {file.name}: {type(error).__name__}: {error}") from None
+        with handle:
+            listed = listing[file_names[0]].stamp
+            _check_unchanged(file, listed, os.fstat(handle.fileno()))
             for name in file_names:
-                yield name, reader.get_tensor(name)
+                tensor = _read_one(handle.fileno(), file, name, listing[name])
+                _check_unchanged(file, listed, os.fstat(handle.fileno()))  # not rewritten in place meanwhile
+                yield name, tensor
+
+
+def _stamp(status: os.stat_result) -> tuple[int, int, int]:
+    return status.st_ino, status.st_size, status.st_mtime_ns
+
+
+def _check_unchanged(file: Path, listed: tuple[int, int, int], status: os.stat_result) -> None:
+    """A file replaced or rewritten since its header was read would mix two checkpoints."""
+    if _stamp(status) != listed:
+        raise CheckpointError(f"{file.name} changed after its header was read (replaced or rewritten): "
+                              "load a checkpoint folder nothing writes to any more")
+
+
+def _read_one(descriptor: int, file: Path, name: str, stored: StoredTensor) -> torch.Tensor:
+    if stored.dtype is None:
+        raise CheckpointError(f"{file.name}: {name!r} has a dtype this server cannot load")
+    expected = math.prod(stored.shape) * stored.dtype.itemsize
+    if stored.nbytes != expected:
+        raise CheckpointError(f"{file.name}: {name!r} holds {stored.nbytes} bytes, its shape and dtype need {expected}")
+    raw = torch.empty(expected, dtype=torch.uint8)
+    view, done = memoryview(raw.numpy()), 0
+    while done < expected:
+        got = os.preadv(descriptor, [view[done:]], stored.offset + done)
+        if got <= 0:
+            raise CheckpointError(f"{file.name} ended inside {name!r} ({done} of {expected} bytes): "
+                                  "was it rewritten while being read?")
+        done += got
+    return raw.view(stored.dtype).reshape(stored.shape)
 
 
 def iter_checkpoint(folder: str | Path) -> Iterator[tuple[str, torch.Tensor]]:

@@ -16,7 +16,7 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from checkpoint_transport.checkpoint_files import CheckpointError, checkpoint_files, list_tensors
+from checkpoint_transport.checkpoint_files import CheckpointError, checkpoint_files, list_tensors, read_tensors
 from model_engine_server.engines.base import EngineSpec, build_engine
 from model_engine_server.errors import InvalidRequest
 from model_engine_server.tiny_model import TinyModelShape, make_tiny_model
@@ -71,3 +71,41 @@ def test_an_index_naming_anything_but_a_file_of_its_folder_is_refused(tiny_model
     (folder / "model.safetensors.index.json").write_text(json.dumps({"weight_map": {n: shard for n in names}}))
     with pytest.raises(CheckpointError, match=reason):
         checkpoint_files(folder)
+
+
+def _copied(tiny_model: Path, folder: Path) -> Path:
+    shutil.copytree(tiny_model, folder)
+    return folder / "model.safetensors"
+
+
+def test_tensors_read_through_the_reader_equal_safetensors_own(tiny_model):
+    expected = load_file(str(tiny_model / "model.safetensors"))
+    read = dict(read_tensors(list_tensors(tiny_model)))
+    assert read.keys() == expected.keys()
+    for name, tensor in expected.items():
+        assert read[name].dtype == tensor.dtype and torch.equal(read[name], tensor), name
+
+
+@pytest.mark.parametrize("change", ["truncated", "rewritten in place"])
+def test_a_file_changed_while_it_is_read_is_refused_not_a_crash(tiny_model, tmp_path, change):
+    """A memory-mapped read of a file truncated meanwhile killed the process (SIGBUS); one
+    rewritten in place would have mixed two checkpoints."""
+    weights = _copied(tiny_model, tmp_path / "ckpt")
+    listing = list_tensors(weights.parent)
+    stream = read_tensors(listing)
+    next(stream)  # the reader is inside the file when the trainer's save begins
+    if change == "truncated":
+        with weights.open("r+b") as handle:
+            handle.truncate(weights.stat().st_size // 2)
+    else:
+        data = bytearray(weights.read_bytes())
+        data[-1] ^= 1
+        weights.write_bytes(bytes(data))
+    with pytest.raises(CheckpointError, match="changed after its header was read|ended inside"):
+        list(stream)
+
+
+def test_a_file_that_is_not_safetensors_is_refused_by_name(tmp_path):
+    (tmp_path / "model.safetensors").write_bytes(b"\xff" * 64)
+    with pytest.raises(CheckpointError, match="cannot read model.safetensors"):
+        list_tensors(tmp_path)
