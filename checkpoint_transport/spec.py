@@ -10,7 +10,7 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, field, fields
 from typing import Any, Sequence
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 DEFAULT_BUCKET_BYTES = 256 << 20  # the trainer holds ~2 buckets, each receiver ~2 (pipelined)
 
@@ -21,6 +21,16 @@ class TransportError(RuntimeError):
 
 class TransportTimeout(TransportError):
     pass
+
+
+def known_backend(name: str) -> str:
+    """A transport backend name the registry knows (`channel.register_backend`); a typo is
+    refused where it is written, not when a sync first runs."""
+    from checkpoint_transport.channel import transport_backends  # the registry imports this module
+
+    if name not in transport_backends():
+        raise ValueError(f"unknown transport backend {name!r}; valid backends: {', '.join(transport_backends())}")
+    return name
 
 
 class TransportConfig(BaseModel):
@@ -40,6 +50,8 @@ class TransportConfig(BaseModel):
     )
     max_buffered_buckets: int = Field(default=2, ge=1, description="ray: buckets in the object store at once")
     ray_namespace: str | None = Field(default=None, description="ray: namespace of the bucket board actor")
+
+    _check_backend = field_validator("backend")(known_backend)
 
 
 RECEIVER_IDLE_GRACE_S = 30.0
@@ -65,6 +77,8 @@ class TransportSpec(BaseModel):
     max_buffered_buckets: int = Field(default=2, ge=1)
     ray_namespace: str | None = None
     ray_board: str | None = None
+
+    _check_backend = field_validator("backend")(known_backend)
 
     @property
     def receiver_idle_limit_s(self) -> float:

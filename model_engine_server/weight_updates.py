@@ -106,6 +106,8 @@ class WeightUpdates:
         is one part of a larger group (a replica of a manager, which checks and aborts)."""
         standalone = first_rank is None
         first = 1 if first_rank is None else first_rank
+        if spec.timeout_s > self.timeout_s:  # the update closes then anyway: no receiver waits past it
+            spec = spec.model_copy(update={"timeout_s": self.timeout_s})
         receivers = self.state.current(version).receivers
         room = spec.world_size - first
         if (room != receivers) if standalone else (room < receivers):  # refused before anything is touched

@@ -105,3 +105,32 @@ async def test_a_publisher_whose_begin_is_refused_leaves_another_publishers_upda
             assert server.status()["updating_weights"]
     finally:
         await server.shutdown(drain=False)
+
+
+async def test_a_stream_whose_sender_never_comes_ends_within_the_servers_update_timeout(tiny_model):
+    from checkpoint_transport.channel import get_backend
+
+    server = build_local_server(EngineSpec(model_path=str(tiny_model)), scheduler=SchedulerConfig(weight_update_timeout_s=2.0))
+    session = get_backend("gloo").open_session(TransportConfig(backend="gloo", timeout_s=3600))
+    try:
+        await server.begin_weight_update(1)
+        spec = session.begin("never-sent", 1)  # the publisher crashed before its sender joined
+        reports = await asyncio.wait_for(server.receive_weights(spec, 1), 60.0)  # not the spec's hour
+        assert not reports[0].ok
+    finally:
+        session.close()
+        await server.shutdown(drain=False)
+
+
+def test_a_receive_naming_an_unknown_transport_is_refused_and_the_old_weights_serve_on(tiny_model):
+    import httpx
+
+    server = build_local_server(EngineSpec(model_path=str(tiny_model)))
+    with ServerThread(create_app(server, admin_token="t0ken", owns_service=True)) as http:
+        admin = {"authorization": "Bearer t0ken"}
+        assert httpx.post(f"{http.url}/v1/weights/begin", json={"version": 1}, headers=admin).status_code == 200
+        spec = {"backend": "glooo", "group": "g", "world_size": 2}
+        refused = httpx.post(f"{http.url}/v1/weights/receive", json={"spec": spec, "version": 1}, headers=admin)
+        assert 400 <= refused.status_code < 500 and "unknown transport backend 'glooo'" in refused.text
+        assert httpx.post(f"{http.url}/v1/weights/abort", json={"reason": "typo", "version": 1}, headers=admin).status_code == 200
+        assert httpx.get(f"{http.url}/health").status_code == 200  # nothing was touched: version 0 serves on
