@@ -39,6 +39,7 @@ if not accelerator_present():
 
 import pytest  # noqa: E402
 import torch  # noqa: E402
+from omegaconf import OmegaConf  # noqa: E402
 from transformers import AutoModelForCausalLM  # noqa: E402
 from verl import DataProto  # noqa: E402
 from verl.experimental.agent_loop.agent_loop import AgentLoopMetrics, AgentLoopOutput, AgentLoopWorker  # noqa: E402
@@ -52,7 +53,7 @@ from verl.workers.rollout.llm_server import LLMServerClient  # noqa: E402
 from clients.http_client import HttpLogProbClient  # noqa: E402
 from clients.verl import server_fields as sf  # noqa: E402
 from clients.verl.agent_loop import attach_server_fields  # noqa: E402
-from clients.verl.fully_async_main import ServerLogProbTaskRunner, check_pipeline_config  # noqa: E402
+from clients.verl.fully_async_main import VERL_CONFIG_DIR, ServerLogProbTaskRunner, check_pipeline_config  # noqa: E402
 from clients.verl.fully_async_trainer import (  # noqa: E402
     TRAINER_ACTOR_OPTIONS,
     ServerLogProbFullyAsyncTrainer,
@@ -439,6 +440,29 @@ def test_the_shipped_40_gpu_config_passes_the_checks_of_the_entry_point_it_is_fo
     rules = sf.trainer_side_config(config)
     assert rules.address is None and (rules.actor_name, rules.ray_namespace) == (
         config.model_engine_server.get("ray", {}).get("actor_name", "model-engine-server"), "model-engine-server")
+
+
+def test_the_shipped_40_gpu_config_holds_every_key_verls_fully_async_config_adds():
+    """verl's fully-async code reads keys its own config adds to ppo_megatron_trainer without a
+    fallback (`async_training.use_trainer_do_validate` among them); the shipped file inlines that
+    config, so each of its keys must be there (values may differ: that is the deployment)."""
+    from hydra import compose, initialize_config_dir
+
+    deploy = Path(__file__).resolve().parents[1] / "deploy"
+    with initialize_config_dir(config_dir=str(deploy), version_base=None):
+        config = compose(config_name="fully-async-megatron-40gpu")
+    verls = OmegaConf.load(Path(VERL_CONFIG_DIR) / "fully_async_ppo_megatron_trainer.yaml")
+    added = [key for key in _leaf_keys(OmegaConf.to_container(verls)) if key.split(".")[0] not in ("hydra", "defaults")]
+    assert added, "verl's fully-async config adds no keys any more?"
+    missing = [key for key in added if OmegaConf.select(config, key, default="<missing>") == "<missing>"]
+    assert not missing, missing
+    assert config.actor_rollout_ref.rollout.checkpoint_engine.backend == "nccl"  # trainer and rollout GPUs apart
+
+
+def _leaf_keys(node: object, prefix: str = "") -> list[str]:
+    if not isinstance(node, dict) or not node:
+        return [prefix.rstrip(".")]
+    return [key for name, value in node.items() for key in _leaf_keys(value, f"{prefix}{name}.")]
 
 
 def test_the_entry_point_runs_verls_own_code_with_our_classes():
