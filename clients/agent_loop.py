@@ -41,8 +41,12 @@ def build_request(
     return_ref_log_probs: bool = False,
 ) -> LogProbRequest:
     """The server request for one trajectory: score every response token at the rollout's
-    temperature (and with the reference policy too, when `return_ref_log_probs`)."""
+    temperature (and with the reference policy too, when `return_ref_log_probs`). Rollout
+    log-probs with a non-finite value (which the server refuses) are left out: the sample is
+    still scored, without its mismatch statistics."""
     identity = {"request_id": request_id} if request_id else {}
+    if rollout_log_probs is not None and not np.isfinite(np.asarray(rollout_log_probs, dtype=np.float64)).all():
+        rollout_log_probs = None
     return LogProbRequest(
         **identity,
         input_ids=[*map(int, prompt_ids), *map(int, response_ids)],

@@ -13,6 +13,7 @@ Checks that need only the request live here (pydantic). Checks that need the ser
 
 from __future__ import annotations
 
+import math
 import uuid
 from dataclasses import dataclass, field
 from typing import Annotated, Any, Callable
@@ -85,6 +86,10 @@ class LogProbRequest(BaseModel):
                 f"rollout_log_probs must have one value per response token "
                 f"({length - self.response_start}), got {len(self.rollout_log_probs)}"
             )
+        if self.rollout_log_probs is not None and not all(math.isfinite(v) for v in self.rollout_log_probs):
+            position = next(i for i, v in enumerate(self.rollout_log_probs) if not math.isfinite(v))
+            raise ValueError(f"rollout_log_probs must be finite (they are compared with the server's), got "
+                             f"{self.rollout_log_probs[position]} at response position {position}")
         if self.top_k is not None and not 1 <= self.top_k <= MAX_TOP_K:
             raise ValueError(f"top_k must be between 1 and {MAX_TOP_K}, got {self.top_k}")
         if self.min_weight_version is not None and not 0 <= self.min_weight_version <= MAX_WEIGHT_VERSION:

@@ -7,6 +7,7 @@ import math
 import msgpack
 import numpy as np
 import pytest
+from pydantic import ValidationError
 
 from model_engine_server import codec
 from model_engine_server.errors import InvalidRequest
@@ -97,3 +98,17 @@ def test_malformed_msgpack_is_an_invalid_request(data):
 def test_oversized_body_is_refused_before_parsing():
     with pytest.raises(InvalidRequest, match="exceeds the limit"):
         codec.decode(b"\x00" * 100, max_bytes=10)
+
+
+@pytest.mark.parametrize("value", [float("-inf"), float("inf"), float("nan")])
+def test_non_finite_rollout_log_probs_are_refused_naming_the_position(value):
+    with pytest.raises(ValidationError, match="rollout_log_probs must be finite.* at response position 1"):
+        LogProbRequest(input_ids=[1, 2, 3, 4], response_start=2, rollout_log_probs=[-0.5, value])
+
+
+def test_the_agent_loop_scores_a_sample_whose_rollout_log_probs_are_not_finite_without_them():
+    from clients.agent_loop import build_request
+
+    request = build_request([1, 2], [3, 4], 1.0, rollout_log_probs=[-0.5, float("-inf")])
+    assert request.rollout_log_probs is None and request.num_response_tokens == 2
+    assert build_request([1, 2], [3, 4], 1.0, rollout_log_probs=[-0.5, -1.0]).rollout_log_probs == [-0.5, -1.0]
