@@ -154,9 +154,22 @@ def test_no_ops_are_accepted_and_another_model_is_a_404(served):
     assert complete(served.url, {"model": "gpt-4", "prompt": [1, 2], "max_tokens": 0}).status_code == 404
 
 
-def test_with_a_tokenizer_text_prompts_and_decoded_tokens(tiny_model, tmp_path):
+def test_with_a_tokenizer_text_prompts_and_decoded_tokens(tiny_model, tmp_path, monkeypatch):
+    import threading
+
     from tokenizers import Tokenizer, models, pre_tokenizers
     from transformers import PreTrainedTokenizerFast
+
+    from model_engine_server.http.tokens import TokenText
+
+    encoding_threads: list[str] = []
+    encode = TokenText.encode
+
+    def recorded(self, *args, **kwargs):
+        encoding_threads.append(threading.current_thread().name)
+        return encode(self, *args, **kwargs)
+
+    monkeypatch.setattr(TokenText, "encode", recorded)
 
     folder = tmp_path / "with_tokenizer"
     shutil.copytree(tiny_model, folder)
@@ -169,6 +182,8 @@ def test_with_a_tokenizer_text_prompts_and_decoded_tokens(tiny_model, tmp_path):
         entries = response.json()["choices"][0]["prompt_logprobs"]
         assert len(entries) == 3 and entries[1]["9"]["decoded_token"] == "w9"
         assert all(value["decoded_token"] == f"w{token}" for entry in entries[1:] for token, value in entry.items())
+    # a long text takes seconds to tokenize: never on the event loop's thread, which serves every call
+    assert encoding_threads and "uvicorn" not in encoding_threads
 
 
 def test_bad_requests_name_the_prompt_once_and_in_the_clients_terms(served):

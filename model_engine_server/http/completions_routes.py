@@ -236,7 +236,7 @@ async def completions(request: Request) -> Response:
     count = len(body.prompt) if isinstance(body.prompt, list) and not isinstance(body.prompt[0], int) else 1
     if count > state.max_requests_per_call:  # before any prompt is tokenized
         raise InvalidRequest(f"{count} prompts in one call; the limit is {state.max_requests_per_call}", "prompt")
-    prompts = _prompts(body, text)
+    prompts = await asyncio.to_thread(_prompts, body, text)  # tokenizing long texts: off the loop as well
     for index, ids in enumerate(prompts):
         if min(ids) < 0 or max(ids) > INT64_MAX:  # the scheduler checks the vocabulary; this, the wire
             raise InvalidRequest("token ids must be >= 0 and fit in 64 bits", f"prompt[{index}]")
