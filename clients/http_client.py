@@ -65,13 +65,16 @@ class HttpLogProbClient(BaseLogProbClient):
                     await asyncio.sleep(step.seconds)
                     reply = None
                     continue
-                try:
-                    reply = await self._http.post(
-                        step.path, content=step.body, headers={"content-type": step.content_type},
-                        timeout=httpx.Timeout(step.timeout_s, connect=self._http.timeout.connect),
-                    )
+                try:  # one bound for the whole call: httpx bounds the pool wait and the read each on its own
+                    async with asyncio.timeout(step.timeout_s):
+                        reply = await self._http.post(
+                            step.path, content=step.body, headers={"content-type": step.content_type},
+                            timeout=httpx.Timeout(step.timeout_s, connect=self._http.timeout.connect),
+                        )
                 except httpx.HTTPError as error:
                     reply = error
+                except TimeoutError:
+                    reply = httpx.ReadTimeout(f"no answer within {step.timeout_s:g} s (connection wait included)")
         except StopIteration as done:
             return done.value
 

@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import socket
 import time
 
@@ -11,6 +12,7 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from model_engine_server.engines.base import EngineSpec
+from model_engine_server.errors import ModelEngineError
 from model_engine_server.http.app import create_app
 from model_engine_server.http.metrics import ServerMetrics
 from model_engine_server.local import build_local_server
@@ -97,3 +99,25 @@ def test_a_body_cut_off_by_its_caller_is_not_a_server_error(served):
         time.sleep(0.05)
     statuses = _http_statuses(served.url)
     assert "499" in statuses and "500" not in statuses
+
+
+async def test_a_clients_timeout_bounds_the_whole_call_its_wait_for_a_connection_included(paused):
+    import asyncio
+
+    from clients.http_client import HttpLogProbClient
+    from clients.retry import RESPONSE_GRACE_S, RetryPolicy
+
+    timeout_s = 1.0
+    client = HttpLogProbClient(paused.url, max_connections=1, retry=RetryPolicy(max_retries=0))
+    try:
+        async def timed_call() -> float:
+            started = time.monotonic()
+            with contextlib.suppress(ModelEngineError):  # answered 504, or given up on: either ends it
+                await client.score([{"input_ids": [1, 2, 3], "response_start": 1}], timeout_s=timeout_s)
+            return time.monotonic() - started
+
+        # one connection: each call waits for the one before it, yet none outlives its own deadline
+        took = await asyncio.gather(*(timed_call() for _ in range(8)))
+        assert max(took) < timeout_s + RESPONSE_GRACE_S + 2.0, took
+    finally:
+        await client.close()
