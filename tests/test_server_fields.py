@@ -73,3 +73,13 @@ def test_rescored_answers_are_held_to_the_same_rules():
 def test_a_sample_no_request_can_be_made_of_is_named():
     with pytest.raises(sf.ServerLogProbsUnusable, match="uid-2: cannot be rescored"):
         sf.rescore_requests(["uid-1", "uid-2"], [[1, 2], [3, 4]], [[5], []], 1.0, 4)
+
+
+def test_the_trainer_finds_the_actor_the_sections_ray_part_names_unless_told_otherwise():
+    served = {"ray": {"actor_name": "scorer-a", "namespace": "team-a"}}
+    rules = sf.trainer_side_config({"model_engine_server": served})
+    assert (rules.actor_name, rules.ray_namespace) == ("scorer-a", "team-a")
+    told = sf.trainer_side_config({"model_engine_server": {**served, "trainer": {"actor_name": "other"}}})
+    assert (told.actor_name, told.ray_namespace) == ("other", "team-a")
+    assert (sf.trainer_side_config({}).actor_name, sf.trainer_side_config({}).ray_namespace) == (
+        "model-engine-server", "model-engine-server")

@@ -269,9 +269,12 @@ def trainer_side_config(training_config: Any) -> TrainerSideConfig:
     if unknown:
         raise ValueError(f"{SECTION}: unknown key(s) {unknown} (the trainer's rules live under {TRAINER_SECTION})")
     section = OmegaConf.select(config, TRAINER_SECTION, default=None)
-    if section is None:
-        return TrainerSideConfig()
-    values = OmegaConf.to_container(section, resolve=True) if isinstance(section, DictConfig) else section
+    values = dict(OmegaConf.to_container(section, resolve=True) if isinstance(section, DictConfig) else section or {})
+    # the actor `serve` runs is named in the section's `ray:`; the trainer finds it there unless told otherwise
+    for key, server_key in (("actor_name", "actor_name"), ("ray_namespace", "namespace")):
+        served = OmegaConf.select(config, f"{SECTION}.ray.{server_key}", default=None)
+        if served is not None and key not in values:
+            values[key] = served
     try:
         return TrainerSideConfig.model_validate(values)
     except ValueError as error:  # pydantic's ValidationError is a ValueError

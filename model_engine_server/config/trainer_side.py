@@ -26,10 +26,10 @@ class TrainerSideConfig(BaseModel):
         default=None,
         description="the server's HTTP URL (http://host:port); None: the Ray actor named `actor_name`",
     )
-    actor_name: str = Field(default="model-engine-server", description="the named Ray actor `serve` runs "
-                            "(`model_engine_server.ray.actor_name`)")
-    ray_namespace: str | None = Field(default="model-engine-server", description="namespace of that actor "
-                                      "(the server's `ray.namespace`); None: the caller's")
+    actor_name: str = Field(default="model-engine-server", description="the named Ray actor `serve` runs; "
+                            "unset: the section's `ray.actor_name`")
+    ray_namespace: str | None = Field(default="model-engine-server", description="namespace of that actor; "
+                                      "unset: the section's `ray.namespace`; None: the caller's")
     api_token: SecretStr | None = Field(default=None, description="bearer token of a locked-down server (masked when shown)")
 
     timeout_s: float = Field(default=600.0, gt=0, description="deadline of one scoring call")
