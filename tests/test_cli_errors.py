@@ -51,3 +51,37 @@ def test_a_config_folder_without_a_config_name_is_a_usage_error(capsys):
 def test_a_demo_flag_out_of_range_names_the_flag(capsys):
     assert main(["demo", "--steps", "0"]) == 2
     assert capsys.readouterr().err.strip() == "error: --steps: input should be greater than 0"
+
+
+def test_overrides_are_taken_before_and_after_flags_as_hydra_takes_them(tmp_path, capsys):
+    config = tmp_path / "run.yaml"
+    config.write_text("model_engine_server:\n  backend: hf\n")
+    assert main(["config", "model_engine_server.model_path=/models/a", "--config", str(config),
+                 "model_engine_server.temperature=0.7"]) == 0
+    shown = capsys.readouterr().out
+    assert 'model_path: "/models/a"  # override' in shown and "temperature: 0.7  # override" in shown
+    with pytest.raises(SystemExit) as refused:
+        main(["config", "--config", str(config), "--no-such-flag"])
+    assert refused.value.code == 2
+
+
+def test_a_scalar_section_and_two_ways_of_naming_the_file_are_usage_errors(tmp_path, capsys):
+    config = tmp_path / "run.yaml"
+    config.write_text("model_engine_server: megatron_model_engine_server\n")
+    assert main(["config", "--config", str(config)]) == 2
+    assert "must be a mapping of settings, got 'megatron_model_engine_server'" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as refused:
+        main(["config", "--config", str(config), "--config-name", "run"])
+    assert refused.value.code == 2
+
+
+def test_a_model_path_under_home_is_expanded(tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv("HOME", str(tmp_path))
+    assert main(["config", "model_engine_server.model_path='~/models/a'"]) == 0
+    assert f'model_path: "{tmp_path}/models/a"' in capsys.readouterr().out
+
+
+def test_runtime_in_process_refuses_a_layout_it_would_shrink(capsys):
+    assert main(["config", "model_engine_server.model_path=/m", "model_engine_server.runtime=in_process",
+                 "model_engine_server.n_gpus_per_node=4"]) == 2
+    assert "runtime=in_process serves one single-device replica" in capsys.readouterr().err

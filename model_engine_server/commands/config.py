@@ -28,7 +28,8 @@ def add_config_arguments(parser: argparse.ArgumentParser) -> None:
 def config_file(args: argparse.Namespace) -> Path | None:
     """`--config FILE`, or `--config-path DIR --config-name NAME` as a verl launch script writes it."""
     if args.config and (args.config_path or args.config_name):
-        raise SystemExit("give either --config or --config-path/--config-name, not both")
+        print("error: give either --config or --config-path/--config-name, not both", file=sys.stderr)
+        raise SystemExit(2)
     if args.config:
         return Path(args.config)
     if args.config_name:

@@ -178,7 +178,8 @@ def _read_section(cfg: DictConfig, applied: AppliedOverrides) -> tuple[dict[str,
     if node is None:
         return {}, {}, []
     if not isinstance(node, DictConfig):
-        raise ConfigError(f"{SECTION} must be a mapping of settings, got {OmegaConf.to_yaml(node).strip()!r}")
+        shown = OmegaConf.to_yaml(node).strip() if isinstance(node, ListConfig) else node  # to_yaml takes containers only
+        raise ConfigError(f"{SECTION} must be a mapping of settings, got {shown!r}")
     sources: dict[str, str] = {}
     ignored: list[str] = []
     raw = _resolve(node, "", applied, sources, ignored)

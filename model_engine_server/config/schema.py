@@ -16,6 +16,7 @@ small model on one CPU machine.
 from __future__ import annotations
 
 import math
+import os
 from typing import TYPE_CHECKING, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator, model_validator
@@ -216,6 +217,31 @@ class ServerConfig(BaseModel):
     @model_validator(mode="after")
     def _check_placement(self) -> "ServerConfig":
         check_placement(self)
+        return self
+
+    @field_validator("model_path", "ref_model_path")
+    @classmethod
+    def _expand_home(cls, path: str | None) -> str | None:
+        """`~/...` as a shell would read it (the trainer's own model path is expanded too)."""
+        return None if path is None else os.path.expanduser(path)
+
+    @field_validator("weight_roots")
+    @classmethod
+    def _expand_home_of_roots(cls, roots: list[str]) -> list[str]:
+        return [os.path.expanduser(root) for root in roots]
+
+    @model_validator(mode="after")
+    def _in_process_is_one_replica(self) -> "ServerConfig":
+        """`runtime: in_process` builds one engine on one device in this process: a layout of
+        several replicas, a model-parallel replica or a Ray cluster would be silently shrunk."""
+        if self.runtime == "in_process":
+            asked = {"replicas": self.replicas, "gpus_per_replica": self.gpus_per_replica, "nnodes": self.nnodes}
+            wider = {name: value for name, value in asked.items() if value != 1}
+            if wider or self.ray.address is not None:
+                what = ", ".join(f"{name}={value}" for name, value in wider.items())
+                what = what or f"{_key('ray.address')}={self.ray.address}"
+                raise ConfigError(f"{_key('runtime')}=in_process serves one single-device replica in this process, "
+                                  f"but the layout asks for {what}; use runtime ray (or auto)")
         return self
 
     @model_validator(mode="after")
