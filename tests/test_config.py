@@ -422,3 +422,23 @@ def test_config_command_accepts_hydra_style_config_path_and_name(capsys):
 def test_config_command_reports_an_unknown_key_and_exits_2(capsys):
     code = cli_main(["config", "model_engine_server.backnd=hf"])
     assert code == 2 and "model_engine_server.backnd: unknown key; did you mean 'backend'" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("how", ["defaults", "group override"])
+def test_a_megatron_trainer_named_the_way_verl_names_it_gives_backend_megatron(tmp_path, how):
+    """verl composes `defaults: [ppo_megatron_trainer]` (or `model_engine=megatron`) into
+    actor.strategy megatron; this loader composes no defaults, and once served such a trainer
+    the HF backend at TP 1, silently."""
+    trainer = {"actor_rollout_ref": {"model": {"path": "/models/x"},
+                                     "actor": {"megatron": {"tensor_model_parallel_size": 4}}},
+               "model_engine_server": {"n_gpus_per_node": 8}}
+    if how == "defaults":
+        trainer = {"defaults": ["ppo_megatron_trainer", "_self_"], **trainer}
+    path = tmp_path / "run.yaml"
+    path.write_text(yaml.safe_dump(trainer))
+    loaded = load_config(path, ["model_engine=megatron"] if how == "group override" else [])
+    assert loaded.server.backend == "megatron"
+    assert loaded.server.megatron.tensor_model_parallel_size == 4
+    assert "the trainer runs Megatron" in loaded.sources["backend"]
+    explicit = load_config(path, ["actor_rollout_ref.actor.strategy=fsdp2"] + (["model_engine=megatron"] if how != "defaults" else []))
+    assert explicit.server.backend == "hf"  # the trainer's own strategy decides where it is set

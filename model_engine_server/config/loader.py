@@ -88,7 +88,7 @@ def load_config(
     _refuse_a_misspelt_section(training)
     raw, sources, ignored = _read_section(training, applied)
     apply_aliases(raw, sources)
-    inherit_backend_from_defaults(raw, sources, defaults)
+    inherit_backend_from_defaults(raw, sources, defaults, training)
     inherit_from_trainer(raw, sources, training, applied)
     for key, value in (cli_values or {}).items():
         if value is not None:

@@ -178,10 +178,15 @@ def inherit_from_trainer(
             inherit("verl_engine.engine", f"{TRAINER_ACTOR}.{section}")
 
 
-def inherit_backend_from_defaults(raw: dict[str, Any], sources: dict[str, str], defaults: list[Any]) -> None:
+def inherit_backend_from_defaults(
+    raw: dict[str, Any], sources: dict[str, str], defaults: list[Any], cfg: DictConfig | None = None
+) -> None:
     """The reference design picks its section through the file's `defaults:` list
     (`model_engine_server@model_engine_server: megatron_model_engine_server`); that choice
-    sets `strategy: megatron` there, so it does here too."""
+    sets `strategy: megatron` there, so it does here too. Failing that, and with no
+    `actor.strategy` in the file, a Megatron trainer named the way verl names it (`defaults:
+    [ppo_megatron_trainer]`, or the group choice `model_engine=megatron`) means backend
+    megatron: the file's defaults are not composed here, and the trainer runs Megatron."""
     if raw.get("backend") is not None:
         return
     for entry in defaults:
@@ -194,6 +199,15 @@ def inherit_backend_from_defaults(raw: dict[str, Any], sources: dict[str, str], 
                     raw["backend"] = backend
                     sources["backend"] = f"inherited from defaults: {group}={choice} (file)"
                 return
+    if cfg is None or select_trainer_key(cfg, TRAINER_STRATEGY) is not None:
+        return  # the trainer's strategy says which engine it runs
+    hints = [f"defaults: {entry}" for entry in defaults if isinstance(entry, str) and "megatron" in entry]
+    engine = OmegaConf.select(cfg, "model_engine", default=None, throw_on_resolution_failure=False)
+    if engine == "megatron":
+        hints.append("model_engine=megatron")
+    if hints:
+        raw["backend"] = "megatron"
+        sources["backend"] = f"inherited from {hints[0]} (the trainer runs Megatron)"
 
 
 def _backend_of_trainer_strategy(value: Any) -> str | None:
