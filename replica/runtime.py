@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import logging
 
-from model_engine_server.config import SECTION, ConfigError, ServerConfig
+from model_engine_server.config import ServerConfig
 from model_engine_server.runtimes import register_runtime
 from model_engine_server.scheduler_state import SchedulerObserver
 from model_engine_server.service import LogProbService
@@ -64,16 +64,7 @@ def replica_config_for(config: ServerConfig, model_path: str) -> ReplicaConfig:
     """Map the section onto the replica layer's config: one replica per model-parallel group
     (data parallelism = replicas behind the manager), a group filling whole nodes when it is
     larger than a node."""
-    megatron = config.megatron
-    if config.backend == "megatron":
-        unsupported = {
-            "context_parallel_size": megatron.context_parallel_size != 1,
-            "expert_model_parallel_size": megatron.expert_model_parallel_size != 1,
-            "virtual_pipeline_model_parallel_size": megatron.virtual_pipeline_model_parallel_size is not None,
-        }
-        named = [f"{SECTION}.megatron.{key}" for key, used in unsupported.items() if used]
-        if named:
-            raise ConfigError(f"{', '.join(named)}: not supported by this build's Megatron engine (TP and PP are)")
+    megatron = config.megatron  # its layout was checked with the section (`config.schema.check_placement`)
     per_replica, per_node = config.gpus_per_replica, config.gpus_per_node
     nnodes, gpus_per_node = (1, per_replica) if per_replica <= per_node else (per_replica // per_node, per_node)
     return ReplicaConfig(

@@ -47,11 +47,20 @@ def test_transport_bucket_size_reaches_the_replica_layer():
     assert replica_config_for(config, "/models/m").weight_bucket_mb == 1024
 
 
-def test_parallelism_the_engine_lacks_is_refused_by_name():
-    config = load_config(None, ["model_engine_server.backend=megatron", "model_engine_server.n_gpus_per_node=2",
-                                "model_engine_server.megatron.context_parallel_size=2"]).server
+def test_parallelism_the_engine_lacks_is_refused_by_name_when_the_section_is_read():
     with pytest.raises(ConfigError, match="context_parallel_size.*not supported"):
-        replica_config_for(config, "/m")
+        load_config(None, ["model_engine_server.backend=megatron", "model_engine_server.n_gpus_per_node=2",
+                           "model_engine_server.megatron.context_parallel_size=2"])
+
+
+def test_a_trainers_context_and_expert_parallelism_and_virtual_pipeline_are_not_inherited():
+    trainer = "actor_rollout_ref.actor.megatron"
+    loaded = load_config(None, ["model_engine_server.backend=megatron", "model_engine_server.n_gpus_per_node=4",
+                                f"+{trainer}.tensor_model_parallel_size=2", f"+{trainer}.pipeline_model_parallel_size=2",
+                                f"+{trainer}.context_parallel_size=2", f"+{trainer}.virtual_pipeline_model_parallel_size=2"])
+    megatron = loaded.server.megatron
+    assert (megatron.tensor_model_parallel_size, megatron.pipeline_model_parallel_size) == (2, 2)
+    assert megatron.context_parallel_size == 1 and megatron.virtual_pipeline_model_parallel_size is None
 
 
 def test_two_ray_replicas_serve_http_and_leave_nothing_behind(ray_cluster, tiny_model):

@@ -337,6 +337,15 @@ def check_placement(config: ServerConfig) -> None:
                 f"{_key('megatron.virtual_pipeline_model_parallel_size')}="
                 f"{megatron.virtual_pipeline_model_parallel_size} needs pipeline_model_parallel_size > 1, got 1"
             )
+        unsupported = {
+            "context_parallel_size": cp != 1,
+            "expert_model_parallel_size": ep != 1,
+            "virtual_pipeline_model_parallel_size": megatron.virtual_pipeline_model_parallel_size is not None,
+        }
+        named = [_key(f"megatron.{key}") for key, used in unsupported.items() if used]
+        if named:
+            raise ConfigError(f"{', '.join(named)}: not supported by this build's Megatron engine (TP and PP are); "
+                              "set it to 1 (none for the virtual pipeline)")
     else:
         layout = f"{_key('backend')}={config.backend}: 1 device per replica"
     per_replica = config.gpus_per_replica

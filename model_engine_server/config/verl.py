@@ -49,14 +49,10 @@ ALIASES = {
     "timeout": "scheduler.max_wait_ms",
     "max_token_len_per_gpu": "scheduler.max_tokens_per_batch",
 }
-MEGATRON_PARALLEL_KEYS = (
-    "tensor_model_parallel_size",
-    "pipeline_model_parallel_size",
-    "context_parallel_size",
-    "expert_model_parallel_size",
-    "expert_tensor_parallel_size",
-    "virtual_pipeline_model_parallel_size",
-)
+# The trainer's sizes the scoring replicas take over: those this build's engine runs. Context and
+# expert parallelism and the virtual pipeline shape the trainer's memory and schedule; a forward-only
+# replica of the same TP x PP scores without them.
+INHERITED_MEGATRON_KEYS = ("tensor_model_parallel_size", "pipeline_model_parallel_size")
 TRAINER_MODEL_PATH = "actor_rollout_ref.model.path"
 TRAINER_TEMPERATURE = "actor_rollout_ref.rollout.temperature"
 TRAINER_STRATEGY = "actor_rollout_ref.actor.strategy"
@@ -167,7 +163,7 @@ def inherit_from_trainer(
     for kl_key in TRAINER_KL_KEYS:  # only `true` switches ref mode on; `false` leaves it unset
         inherit("enable_ref_mode", kl_key, lambda value: True if value is True else None)
     if get_dotted(raw, "backend") == "megatron":
-        for name in MEGATRON_PARALLEL_KEYS:
+        for name in INHERITED_MEGATRON_KEYS:
             inherit(f"megatron.{name}", f"{TRAINER_MEGATRON}.{name}")
     if get_dotted(raw, "backend") == "verl":  # verl's own worker, built from the trainer's own settings
         inherit("verl_engine.strategy", TRAINER_STRATEGY)
