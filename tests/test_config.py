@@ -442,3 +442,11 @@ def test_a_megatron_trainer_named_the_way_verl_names_it_gives_backend_megatron(t
     assert "the trainer runs Megatron" in loaded.sources["backend"]
     explicit = load_config(path, ["actor_rollout_ref.actor.strategy=fsdp2"] + (["model_engine=megatron"] if how != "defaults" else []))
     assert explicit.server.backend == "hf"  # the trainer's own strategy decides where it is set
+
+
+def test_ref_mode_switched_on_by_a_kl_setting_shows_the_devices_it_adds():
+    loaded = load_config(None, ["model_engine_server.model_path=/m", "model_engine_server.n_gpus_per_node=8",
+                                "+actor_rollout_ref.actor.use_kl_loss=true"])
+    assert loaded.server.enable_ref_mode and loaded.server.reference_gpus == 8
+    assert "serves the reference policy on 8 more device(s): 16 in all" in loaded.describe()
+    assert "use_kl_loss" in loaded.describe().splitlines()[-1]

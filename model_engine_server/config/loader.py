@@ -72,6 +72,11 @@ class LoadedConfig:
             f"{server.nnodes} node(s) x {server.gpus_per_node} device(s); runs "
             + ("in this process" if server.in_process else "as Ray replicas")
         )
+        if server.reference_gpus:
+            lines.append(
+                f"# derived: ref mode ({self.sources.get('enable_ref_mode', 'set')}) serves the reference policy on "
+                f"{server.reference_gpus} more device(s): {server.total_gpus + server.reference_gpus} in all"
+            )
         if self.ignored:
             lines.append(f"# accepted without effect (reference-design keys): {', '.join(self.ignored)}")
         return "\n".join(lines)

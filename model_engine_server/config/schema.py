@@ -151,7 +151,7 @@ class RayConfig(BaseModel):
 
 
 class RefConfig(BaseModel):
-    """Devices of the frozen reference policy (reference mode, a later issue); default: the policy's."""
+    """Devices of the frozen reference policy (ref mode); default: the policy's."""
 
     model_config = ConfigDict(extra="forbid")
 
@@ -280,6 +280,14 @@ class ServerConfig(BaseModel):
     @property
     def total_gpus(self) -> int:
         return self.nnodes * self.gpus_per_node
+
+    @property
+    def reference_gpus(self) -> int:
+        """Devices the reference policy takes beside the policy's in ref mode (`ref.nnodes` x
+        `ref.n_gpus_per_node`, each defaulting to the policy's); 0 without ref mode."""
+        if not self.enable_ref_mode:
+            return 0
+        return (self.ref.nnodes or self.nnodes) * (self.ref.n_gpus_per_node or self.gpus_per_node)
 
     @property
     def replicas(self) -> int:
