@@ -121,3 +121,24 @@ async def test_a_clients_timeout_bounds_the_whole_call_its_wait_for_a_connection
         assert max(took) < timeout_s + RESPONSE_GRACE_S + 2.0, took
     finally:
         await client.close()
+
+
+def test_a_server_thread_stops_as_serve_does_answering_held_calls_503(tiny_model):
+    import threading
+
+    service = build_local_server(EngineSpec(model_path=str(tiny_model)))
+    server = ServerThread(create_app(service, owns_service=True, admin_token=TOKEN)).__enter__()
+    answers: list[httpx.Response] = []
+    try:
+        assert httpx.post(f"{server.url}/v1/pause", headers=ADMIN).status_code == 200
+        held = threading.Thread(target=lambda: answers.append(httpx.post(
+            f"{server.url}/v1/logprobs", json=_call([{"input_ids": [1, 2, 3], "response_start": 1}]), timeout=120)))
+        held.start()
+        _wait_for_queue_depth(server.url, 1, within_s=30.0)
+    finally:
+        started = time.monotonic()
+        server.__exit__(None, None, None)
+    held.join(60)
+    assert answers and answers[0].status_code == 503, answers
+    assert answers[0].json()["error"]["code"] == "shutting_down"
+    assert time.monotonic() - started < 20.0  # not uvicorn's graceful wait of 30 s, then a cut-off

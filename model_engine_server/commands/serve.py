@@ -85,9 +85,9 @@ def run(args: argparse.Namespace) -> int:
 def _serve(app: Any, host: str, port: int, graceful_shutdown_s: float) -> int:
     import uvicorn
 
-    from model_engine_server.http.app import shut_down_service
+    from model_engine_server.http.draining import DrainingServer
 
-    class Server(uvicorn.Server):
+    class Server(DrainingServer):
         async def startup(self, sockets: Any = None) -> None:
             await super().startup(sockets)
             if self.started:
@@ -95,12 +95,6 @@ def _serve(app: Any, host: str, port: int, graceful_shutdown_s: float) -> int:
                     for sock in server.sockets:
                         bound_host, bound_port = sock.getsockname()[:2]
                         logger.info("model-engine-server listening on http://%s:%d (API docs at /docs)", bound_host, bound_port)
-
-        async def shutdown(self, sockets: Any = None) -> None:
-            # the service first: what can still run finishes, what cannot is answered 503 now,
-            # so uvicorn's wait for open connections does not end by cutting them off (a bare 500)
-            await shut_down_service(app)
-            await super().shutdown(sockets)
 
     config = uvicorn.Config(
         app,

@@ -15,6 +15,8 @@ from typing import Any
 
 import uvicorn
 
+from model_engine_server.http.draining import DrainingServer
+
 
 class ServerThread:
     """uvicorn on `host`, port 0 (the OS picks a free one); `url` once entered."""
@@ -23,7 +25,7 @@ class ServerThread:
                  stop_timeout_s: float = 60.0) -> None:
         config = uvicorn.Config(app, host=host, port=0, log_config=None, access_log=False, lifespan="on",
                                 timeout_graceful_shutdown=30)
-        self.server = uvicorn.Server(config)
+        self.server = DrainingServer(config)  # stops as `serve` does: the service drains first
         self.thread = threading.Thread(target=self.server.run, name="uvicorn", daemon=True)
         self.start_timeout_s = start_timeout_s
         self.stop_timeout_s = stop_timeout_s
