@@ -142,3 +142,28 @@ def test_a_server_thread_stops_as_serve_does_answering_held_calls_503(tiny_model
     assert answers and answers[0].status_code == 503, answers
     assert answers[0].json()["error"]["code"] == "shutting_down"
     assert time.monotonic() - started < 20.0  # not uvicorn's graceful wait of 30 s, then a cut-off
+
+
+@pytest.mark.parametrize("entry", [["w", ["float32"], [1], b"\0" * 4], ["w", "float32", [2**62, 2**62, 0], b""]],
+                         ids=["dtype-as-list", "shape-overflowing-int64"])
+def test_a_malformed_weight_body_is_a_400_naming_the_tensor(served, entry):
+    from model_engine_server import codec
+
+    response = httpx.post(f"{served.url}/v1/update_weights", headers={**ADMIN, "content-type": "application/msgpack"},
+                          content=codec.encode({"version": 1, "tensors": [entry]}))
+    assert response.status_code == 400, response.text
+    assert response.json()["error"]["field"] == "tensors[0]"
+
+
+def test_the_json_client_sends_numpy_and_torch_values_as_the_msgpack_client_does(served):
+    import numpy as np
+    import torch
+
+    from clients.http_client import SyncHttpLogProbClient
+
+    request = {"input_ids": torch.tensor([1, 2, 3]), "response_start": np.int64(1), "temperature": np.float32(1.0)}
+    answers = {}
+    for wire in ("json", "msgpack"):
+        with SyncHttpLogProbClient(served.url, wire=wire) as client:
+            answers[wire] = client.compute_log_probs([dict(request)])[0].log_probs
+    np.testing.assert_allclose(answers["json"], answers["msgpack"], atol=1e-6)

@@ -88,7 +88,12 @@ def encode_body(payload: Any, as_msgpack: bool) -> bytes:
 
 
 def json_safe(value: Any) -> Any:
-    """JSON has no NaN/Infinity: such values are sent as null (msgpack carries them exactly)."""
+    """JSON has no NaN/Infinity: such values are sent as null (msgpack carries them exactly).
+    numpy scalars and torch tensors become plain numbers and lists, as msgpack sends them."""
+    if isinstance(value, torch.Tensor):
+        value = value.detach().cpu().numpy()
+    if isinstance(value, np.generic):
+        value = value.item()
     if isinstance(value, float):
         return value if math.isfinite(value) else None
     if isinstance(value, np.ndarray):
@@ -156,7 +161,7 @@ def decode_weights(body: bytes) -> tuple[int, list[tuple[str, torch.Tensor]]]:
         if not (isinstance(entry, list) and len(entry) == 4):
             raise InvalidRequest("must be [name, dtype, shape, bytes]", where)
         name, dtype_text, shape, raw = entry
-        if not isinstance(name, str) or dtype_text not in DTYPES or not isinstance(raw, bytes):
+        if not isinstance(name, str) or not isinstance(dtype_text, str) or dtype_text not in DTYPES or not isinstance(raw, bytes):
             raise InvalidRequest(f"needs a str name, a dtype among {', '.join(DTYPES)} and raw bytes", where)
         if not (isinstance(shape, list) and all(isinstance(d, int) and not isinstance(d, bool) and 0 <= d <= MAX_DIM
                                                 for d in shape)):
@@ -164,6 +169,8 @@ def decode_weights(body: bytes) -> tuple[int, list[tuple[str, torch.Tensor]]]:
         dtype = DTYPES[dtype_text]
         numel = math.prod(shape)
         expected = numel * dtype.itemsize
+        if numel == 0 and math.prod(d for d in shape if d) * dtype.itemsize > MAX_DIM:
+            raise InvalidRequest(f"bad shape {shape!r}: its size overflows int64 even though it holds no values", where)
         if len(raw) != expected:
             raise InvalidRequest(f"{name}: shape {shape} of {dtype_text} needs {expected} bytes, got {len(raw)}", where)
         tensor = torch.frombuffer(bytearray(raw), dtype=dtype).reshape(shape) if numel else torch.empty(shape, dtype=dtype)
