@@ -167,3 +167,13 @@ def test_the_json_client_sends_numpy_and_torch_values_as_the_msgpack_client_does
         with SyncHttpLogProbClient(served.url, wire=wire) as client:
             answers[wire] = client.compute_log_probs([dict(request)])[0].log_probs
     np.testing.assert_allclose(answers["json"], answers["msgpack"], atol=1e-6)
+
+
+def test_an_admin_body_over_its_limit_is_a_413_in_the_error_envelope(served):
+    def chunks():
+        for _ in range(40):
+            yield b"x" * 65536
+
+    response = httpx.post(f"{served.url}/v1/weights/begin", content=chunks(),
+                          headers={**ADMIN, "content-type": "application/json"})
+    assert response.status_code == 413 and response.json()["error"]["code"] == "payload_too_large"

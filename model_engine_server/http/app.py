@@ -140,7 +140,7 @@ def _install_error_handlers(app: FastAPI, retry_after_s: float) -> None:
 
     @app.exception_handler(StarletteHTTPException)
     async def http_error(request: Request, error: StarletteHTTPException) -> JSONResponse:
-        codes = {404: "not_found", 405: "method_not_allowed"}
+        codes = {400: "invalid_request", 404: "not_found", 405: "method_not_allowed", 413: "payload_too_large"}
         body = {"error": {"code": codes.get(error.status_code, "http_error"), "message": str(error.detail)}}
         return JSONResponse(body, status_code=error.status_code, headers=getattr(error, "headers", None))
 
