@@ -7,8 +7,9 @@ stream of `(hf_name, tensor)` (or a dict, or an HF checkpoint folder) and:
 2. opens a fresh transport group, starts receiving on every worker, and sends the buckets
    (pipelined on both sides: packing, transfer and loading overlap);
 3. commits `version` on every worker when every receiver reports a complete, verified stream
-   (this resumes serving), or aborts with the reason: the version stays, the server refuses
-   to score until a complete sync lands, and `WeightSyncError(reason)` is raised here.
+   (this resumes serving), or aborts this version's update with the reason: the version
+   stays, the server refuses to score until a complete sync lands (if anything reached the
+   engines; otherwise the old weights serve on), and `WeightSyncError(reason)` is raised here.
 
 Targets: any `LogProbService` in this process (a `ModelEngineServer`, the replica manager, the
 composite `serve` builds), `ActorSyncTarget` (a Ray actor hosting one) and `HttpSyncTarget` (the
