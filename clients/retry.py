@@ -67,7 +67,8 @@ def entries_to_resend(
     """Of the requests just `answered`, those to send again and the wait before; a wait of None
     means the answers stand (nothing to resend, or no retries or time left)."""
     again = [i for i in answered if isinstance(outcomes[i], RETRYABLE_ENTRY_ERRORS)]
-    waits = [o.retry_after_s for i in again if isinstance(o := outcomes[i], Overloaded)]
+    # an entry's own hint, else the call's Retry-After header (the server's configured hint)
+    waits = [o.retry_after_s for i in again if isinstance(o := outcomes[i], Overloaded) and o.retry_after_s is not None]
     delay = policy.delay(attempt, max(waits, default=retry_after_s))
     if not again or attempt >= policy.max_retries or not deadline.allows(delay):
         return again, None

@@ -46,12 +46,13 @@ class InvalidRequest(ModelEngineError):
 
 
 class Overloaded(ModelEngineError):
-    """The bounded queue is full; the caller should retry after `retry_after_s`."""
+    """The bounded queue is full; the caller should retry after `retry_after_s` (None: the
+    server's configured hint, `http.retry_after_s`, sent as the Retry-After header)."""
 
     code = "overloaded"
     http_status = 429
 
-    def __init__(self, message: str, retry_after_s: float = 1.0) -> None:
+    def __init__(self, message: str, retry_after_s: float | None = None) -> None:
         super().__init__(message)
         self.retry_after_s = retry_after_s
 
@@ -122,5 +123,6 @@ def error_from_wire(payload: dict[str, object]) -> ModelEngineError:
         error.field = payload.get("field")  # type: ignore[attr-defined]
         return error
     if cls is Overloaded:
-        return Overloaded(message, float(payload.get("retry_after_s", 1.0)))  # type: ignore[arg-type]
+        wait = payload.get("retry_after_s")
+        return Overloaded(message, None if wait is None else float(wait))  # type: ignore[arg-type]
     return cls(message)

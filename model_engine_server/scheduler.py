@@ -135,7 +135,6 @@ class ModelEngineServer:
             raise Overloaded(
                 f"queue holds {self._queue.tokens} tokens; adding {request.num_tokens} would exceed "
                 f"max_queued_tokens={self.config.max_queued_tokens}",
-                retry_after_s=1.0,
             )
 
     def wait_limit_s(self, timeout_s: float | None) -> float:

@@ -48,7 +48,7 @@ class MalformedEnvelope(InvalidRequest):
 
 def retry_after(error: ModelEngineError, default_s: float) -> float | None:
     """Seconds a client should wait before retrying, for the statuses where retrying helps."""
-    if isinstance(error, Overloaded):
+    if isinstance(error, Overloaded) and error.retry_after_s is not None:
         return error.retry_after_s
     if error.http_status in (429, 503):
         return default_s
