@@ -131,7 +131,25 @@ def _read_header(file: Path) -> dict[str, StoredTensor]:
             raise CheckpointError(f"cannot read {file.name}: entry {name!r} is malformed ({error})") from None
         found[name] = StoredTensor(file, shape, SAFETENSORS_DTYPES.get(dtype_code), data_start + int(begin),
                                    int(end) - int(begin), stamp)
+    _check_layout(file, found, data_start, size=stamp[1])
     return found
+
+
+def _check_layout(file: Path, found: Mapping[str, StoredTensor], data_start: int, size: int) -> None:
+    """What safetensors checks too: each tensor's bytes fit its shape and dtype, the ranges tile
+    the data with no gap or overlap, and the file ends where the data does. A shard still being
+    written (or cut short) is refused here, before an update begins, not midway through it."""
+    position = data_start
+    for name, stored in sorted(found.items(), key=lambda item: item[1].offset):
+        if stored.dtype is not None and stored.nbytes != math.prod(stored.shape) * stored.dtype.itemsize:
+            raise CheckpointError(f"cannot read {file.name}: {name!r} holds {stored.nbytes} bytes, but shape "
+                                  f"{list(stored.shape)} of {stored.dtype} needs {math.prod(stored.shape) * stored.dtype.itemsize}")
+        if stored.offset != position:
+            raise CheckpointError(f"cannot read {file.name}: the tensors' byte ranges leave a gap or overlap at {name!r}")
+        position += stored.nbytes
+    if position != size:
+        raise CheckpointError(f"cannot read {file.name}: its header describes {position} bytes, the file has {size} "
+                              "(cut short, or still being written?)")
 
 
 def read_tensors(

@@ -109,3 +109,15 @@ def test_a_file_that_is_not_safetensors_is_refused_by_name(tmp_path):
     (tmp_path / "model.safetensors").write_bytes(b"\xff" * 64)
     with pytest.raises(CheckpointError, match="cannot read model.safetensors"):
         list_tensors(tmp_path)
+
+
+def test_a_shard_cut_short_is_refused_before_any_update_begins(tiny_model, tmp_path, served_model):
+    """A trainer's save still being written: refused when the folder is planned (a 400, old
+    weights serving on), not midway through loading it (weights left incomplete)."""
+    weights = _copied(tiny_model, tmp_path / "ckpt")
+    with weights.open("r+b") as handle:
+        handle.truncate(weights.stat().st_size - 16)
+    with pytest.raises(CheckpointError, match="cut short, or still being written"):
+        list_tensors(weights.parent)
+    with pytest.raises(InvalidRequest, match="cut short"):
+        plan_load(weights.parent, served_model.info, served_model.weight_specs())
