@@ -83,3 +83,9 @@ def test_the_trainer_finds_the_actor_the_sections_ray_part_names_unless_told_oth
     assert (told.actor_name, told.ray_namespace) == ("other", "team-a")
     assert (sf.trainer_side_config({}).actor_name, sf.trainer_side_config({}).ray_namespace) == (
         "model-engine-server", "model-engine-server")
+
+
+@pytest.mark.parametrize("value", ["rules", 5])
+def test_a_trainer_part_that_is_not_a_mapping_is_refused_by_name(value):
+    with pytest.raises(ValueError, match="model_engine_server.trainer must be a mapping"):
+        sf.trainer_side_config({"model_engine_server": {"trainer": value}})

@@ -269,7 +269,9 @@ def trainer_side_config(training_config: Any) -> TrainerSideConfig:
     if unknown:
         raise ValueError(f"{SECTION}: unknown key(s) {unknown} (the trainer's rules live under {TRAINER_SECTION})")
     section = OmegaConf.select(config, TRAINER_SECTION, default=None)
-    values = dict(OmegaConf.to_container(section, resolve=True) if isinstance(section, DictConfig) else section or {})
+    if section is not None and not isinstance(section, DictConfig):
+        raise ValueError(f"{TRAINER_SECTION} must be a mapping of the trainer's rules, got {section!r}")
+    values = dict(OmegaConf.to_container(section, resolve=True)) if section is not None else {}
     # the actor `serve` runs is named in the section's `ray:`; the trainer finds it there unless told otherwise
     for key, server_key in (("actor_name", "actor_name"), ("ray_namespace", "namespace")):
         served = OmegaConf.select(config, f"{SECTION}.ray.{server_key}", default=None)

@@ -15,6 +15,7 @@ character split over tokens comes whole at its last one), so the pieces join int
 
 from __future__ import annotations
 
+import threading
 from functools import lru_cache
 from pathlib import Path
 from typing import Any
@@ -33,6 +34,9 @@ class TokenText:
 
     def __init__(self, model_path: str | None) -> None:
         self.tokenizer: Any = None
+        # the routes call it from worker threads; a fast tokenizer's Rust state is not to be
+        # borrowed by two calls at once ("Already borrowed")
+        self._lock = threading.Lock()
         folder = Path(model_path).expanduser() if model_path else None
         if folder is not None and (folder / "tokenizer.json").is_file():
             # the folder's own tokenizer.json, as saved: AutoTokenizer (transformers 5) picks the
@@ -57,7 +61,8 @@ class TokenText:
     def _decode_uncached(self, token_id: int) -> str:
         if self.tokenizer is None:
             return str(token_id)
-        return str(self.tokenizer.decode([token_id]))
+        with self._lock:
+            return str(self.tokenizer.decode([token_id]))
 
     def pieces(self, ids: list[int]) -> list[str]:
         """Each token's share of the text of `ids` (see the module docstring)."""
@@ -79,14 +84,18 @@ class TokenText:
         return pieces
 
     def _decode_span(self, ids: list[int]) -> str:
-        return str(self.tokenizer.decode(ids)) if ids else ""
+        if not ids:
+            return ""
+        with self._lock:
+            return str(self.tokenizer.decode(ids))
 
     def encode(self, text: str, where: str) -> list[int]:
         """A text prompt's ids, as the tokenizer encodes it (with its special tokens, as vLLM)."""
         if self.tokenizer is None:
             raise InvalidRequest("text prompts need a tokenizer in the checkpoint folder, which has none; "
                                  "send token ids", where)
-        ids = list(self.tokenizer.encode(text))
+        with self._lock:
+            ids = list(self.tokenizer.encode(text))
         if not ids:
             raise InvalidRequest("the text encodes to no tokens", where)
         return ids
