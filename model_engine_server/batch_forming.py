@@ -41,21 +41,32 @@ class BatchLimits:
     shares_prompts: bool
 
 
+LOOKAHEAD = 64  # requests looked at past the first that does not fit, for one that does
+
+
 def form_batch(
     queued: Iterable[Pending], limits: BatchLimits, weight_version: int, now: float, flush: bool
 ) -> tuple[list[Pending], float | None]:
     """The batch to launch now (arrival order, skipping requests that wait for a later weight
     version or do not fit), or none and how long to wait for it to fill. A batch launches when
-    it is full, when its oldest request has waited `max_wait_s`, or at once when `flush`."""
+    it is full, when its oldest request has waited `max_wait_s`, or at once when `flush`.
+
+    The scan stops once the batch is full, and `LOOKAHEAD` requests past the first that did not
+    fit: forming a batch costs about a batch's worth of work, however long the queue."""
     chosen: list[Pending] = []
-    tokens, left_out = BatchTokens(limits.shares_prompts), False
+    tokens, left_out, looked_past = BatchTokens(limits.shares_prompts), False, 0
     for pending in queued:
         wanted = pending.request.min_weight_version
         if wanted is not None and wanted > weight_version:
             continue
         at_count = limits.max_requests is not None and len(chosen) >= limits.max_requests
-        if at_count or tokens.total + tokens.cost(pending) > limits.max_tokens:
+        if at_count or tokens.total == limits.max_tokens:
             left_out = True
+            break
+        if tokens.total + tokens.cost(pending) > limits.max_tokens:
+            left_out, looked_past = True, looked_past + 1
+            if looked_past > LOOKAHEAD:
+                break
             continue
         chosen.append(pending)
         tokens.add(pending)

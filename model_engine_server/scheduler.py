@@ -46,7 +46,7 @@ from model_engine_server.protocol import (
 )
 from model_engine_server.service import gather_outcomes
 from model_engine_server.config.scheduler import SchedulerConfig
-from model_engine_server.request_queue import Pending, RequestQueue
+from model_engine_server.request_queue import Pending, RequestQueue, wait_limit_s
 from model_engine_server.scheduler_state import SchedulerObserver
 from model_engine_server.weight_updates import WeightUpdates
 
@@ -103,12 +103,13 @@ class ModelEngineServer:
             request = resolve_temperature(LogProbRequest.parse(request), self.config.default_temperature)
             check_against_limits(request, self.limits)
             self._check_admission(request)
+            wait_s = wait_limit_s(timeout_s, self.config.request_timeout_s)
         except ModelEngineError as error:
             self.counters["rejected"] += 1
             self.observer.request_rejected(error)
             raise
         pending = Pending(request, asyncio.get_running_loop().create_future())
-        self._queue.push(pending, self.wait_limit_s(timeout_s), self._expire)
+        self._queue.push(pending, wait_s, self._expire)
         self._wakeup.set()
         try:
             return await pending.future
@@ -137,12 +138,6 @@ class ModelEngineServer:
                 f"max_queued_tokens={self.config.max_queued_tokens}",
             )
 
-    def wait_limit_s(self, timeout_s: float | None) -> float:
-        """How long a request may wait: the caller's `timeout_s` can shorten the server's
-        `request_timeout_s`, never extend it (a huge one would hold queue space for good)."""
-        limit = self.config.request_timeout_s
-        return limit if timeout_s is None else min(timeout_s, limit)
-
     def has_room_for(self, num_tokens: int) -> bool:
         """Whether the queue bound admits `num_tokens` more now (a router's question)."""
         return self._queue.tokens + num_tokens <= self.config.max_queued_tokens
@@ -167,7 +162,10 @@ class ModelEngineServer:
         if not pending.future.done():
             pending.future.set_exception(error)
             self.counters["failed"] += 1
-            self.observer.request_failed(error)
+            try:  # a metrics hook that raises must not keep the next caller from its answer
+                self.observer.request_failed(error)
+            except Exception:
+                logger.exception("the request_failed metrics hook raised; ignored")
 
     # ---------------------------------------------------------------- dispatch
     def _ensure_started(self) -> None:
@@ -188,7 +186,8 @@ class ModelEngineServer:
         """The next batch to launch now, or none and how long to wait for it to fill."""
         if not self._can_dispatch():
             return [], None
-        return form_batch(self._queue, self._batch_limits, self.weights.version, time.monotonic(), not self._accepting)
+        version = self.weights.version
+        return form_batch(self._queue.eligible(version), self._batch_limits, version, time.monotonic(), not self._accepting)
 
     async def _dispatch_loop(self) -> None:
         while not self._stopping:

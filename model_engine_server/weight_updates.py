@@ -68,7 +68,8 @@ class WeightUpdates:
         self.state.begin(session)  # check-and-set in one step: a concurrent begin is refused here
         self._timer = asyncio.get_running_loop().call_later(session.deadline - time.monotonic(), self._expire, session)
         try:
-            await self._drain()
+            await self._drain_unless_closed(session)
+            self._check_still_open(session)
             await self.executor.discard_partial_weights()
         except BaseException as error:  # the caller gave up, or the engines are gone: nothing was loaded
             if self.state.session is session:
@@ -78,6 +79,18 @@ class WeightUpdates:
         session.ready = True  # no batch reads the old weights any more: deliveries may start
         self._changed()
         return session.receivers
+
+    async def _drain_unless_closed(self, session: WeightSession) -> None:
+        """Wait for the in-flight batches to finish, or for `session` to close (aborted by
+        another call, or its deadline): dispatch resumes then, and the server may not go idle
+        again for a long time under load."""
+        drained = asyncio.ensure_future(self._drain())
+        closed = asyncio.ensure_future(self._wait_until(lambda: self.state.session is not session))
+        try:
+            await asyncio.wait({drained, closed}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            for waiter in (drained, closed):
+                waiter.cancel()
 
     # ---------------------------------------------------------------- deliveries
     async def load(self, named_tensors: Iterable[tuple[str, torch.Tensor]], version: int | None = None) -> list[str]:

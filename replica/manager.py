@@ -25,6 +25,7 @@ from model_engine_server.engines.base import ModelInfo, WeightSpec
 from model_engine_server.errors import DeadlineExceeded, ModelEngineError, ServerShuttingDown, WorkerFailed
 from model_engine_server.packing import prompt_key
 from model_engine_server.protocol import LogProbRequest, LogProbResult
+from model_engine_server.request_queue import wait_limit_s
 from model_engine_server.scheduler_state import SchedulerObserver
 from model_engine_server.service import gather_outcomes
 from replica.config import ReplicaConfig
@@ -202,8 +203,7 @@ class ReplicaManager:
         if self._closing:
             raise ServerShuttingDown("the server is shutting down and accepts no new requests")
         attempts = 2 if self.config.retry_on_worker_failure else 1
-        limit_s = self.config.scheduler.request_timeout_s
-        budget_s = limit_s if timeout_s is None else min(timeout_s, limit_s)
+        budget_s = wait_limit_s(timeout_s, self.config.scheduler.request_timeout_s)
         deadline = asyncio.get_running_loop().time() + budget_s  # one deadline across attempts
         tried: set[int] = set()
         last_error: ModelEngineError | None = None

@@ -401,3 +401,73 @@ async def test_a_failing_metrics_hook_neither_strands_the_rest_of_the_batch_nor_
     assert server.status()["inflight_batches"] == 0
     await server.resume_serving()
     await server.shutdown()
+
+
+class _FailedHookRaises(SchedulerObserver):
+    def request_failed(self, error) -> None:
+        raise RuntimeError("metrics backend down")
+
+
+async def test_a_failing_request_failed_hook_leaves_no_caller_unanswered():
+    server = ModelEngineServer(FakeExecutor(), SchedulerConfig(request_timeout_s=60), _FailedHookRaises())
+    await server.pause_serving()
+    waiting = [asyncio.ensure_future(server.submit(request(4))) for _ in range(3)]
+    await asyncio.sleep(0.05)
+    await asyncio.wait_for(server.shutdown(drain=False), 5.0)
+    outcomes = await asyncio.wait_for(asyncio.gather(*waiting, return_exceptions=True), 5.0)
+    assert all(isinstance(o, ServerShuttingDown) for o in outcomes)
+
+
+async def test_requests_waiting_for_a_later_version_are_parked_then_served_in_arrival_order():
+    from model_engine_server.request_queue import Pending, RequestQueue
+
+    queue, loop = RequestQueue(), asyncio.get_running_loop()
+    made = [Pending(request(4, min_weight_version=v), loop.create_future()) for v in (None, 2, None, 1)]
+    for pending in made:
+        queue.push(pending, 60.0, lambda *_: None)
+    assert list(queue.eligible(0)) == [made[0], made[2]]
+    assert list(queue.eligible(1)) == [made[0], made[2], made[3]]
+    assert list(queue.eligible(2)) == made[:1] + made[1:]  # arrival order, the parked ones back in place
+    assert queue.remove(made[1]) and not queue.remove(made[1]) and len(queue) == 3
+    for pending in made:
+        queue.remove(pending)
+
+
+def test_forming_a_batch_looks_at_about_a_batch_of_a_long_queue():
+    from model_engine_server.batch_forming import LOOKAHEAD, BatchLimits, Pending, form_batch
+
+    looked = 0
+
+    def queued():
+        nonlocal looked
+        for index in range(100_000):
+            looked += 1
+            yield Pending(request(4 + index % 7), None)  # type: ignore[arg-type]
+
+    batch, _ = form_batch(queued(), BatchLimits(64, 8, 0.0, False), 0, 0.0, flush=True)
+    assert len(batch) == 8 and looked == 9  # full by count: the scan stops at the next one
+    looked = 0
+    batch, _ = form_batch(queued(), BatchLimits(20, None, 0.0, False), 0, 0.0, flush=True)
+    assert sum(p.tokens for p in batch) <= 20 and looked <= len(batch) + LOOKAHEAD + 2
+
+
+async def test_a_begin_whose_update_is_aborted_while_it_drains_returns_at_once():
+    executor = FakeExecutor(compute_s=30.0)  # a batch that keeps the server busy
+    server = ModelEngineServer(executor, SchedulerConfig(max_wait_ms=1))
+    running = asyncio.ensure_future(server.submit(request(4)))
+    await asyncio.wait_for(executor.started.wait(), 5.0)
+    begin = asyncio.ensure_future(server.begin_weight_update(1))
+    await asyncio.sleep(0.05)
+    await server.abort_weight_update("the publisher gave up", version=1)
+    with pytest.raises(WeightSyncError):
+        await asyncio.wait_for(begin, 5.0)  # not when the 30 s batch ends
+    running.cancel()
+    await server.shutdown(drain=False, timeout_s=0.1)
+
+
+@pytest.mark.parametrize("timeout_s", [float("nan"), 0.0, -1.0])
+async def test_a_timeout_that_is_not_a_positive_number_is_refused(timeout_s):
+    server = ModelEngineServer(FakeExecutor(), SchedulerConfig())
+    with pytest.raises(InvalidRequest, match="timeout_s must be a positive number"):
+        await server.submit(request(4), timeout_s=timeout_s)
+    await server.shutdown()
