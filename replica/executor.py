@@ -10,8 +10,9 @@ they may be stuck in a collective with the dead one), and marks the executor fai
 which every call fails fast with the same reason; calls already waiting on the workers fail
 with it at once too (a health check that finds a rank silent does not leave its batch waiting
 for `batch_timeout_s`). An engine that fails every request of `max_failed_batches_in_a_row`
-batches in a row (a sticky device error) marks the executor failed the same way, so the
-replica leaves routing and is restarted instead of failing all traffic while it answers pings.
+batches in a row, and then a two-token probe too (a sticky device error, not requests it
+cannot score), marks the executor failed the same way, so the replica leaves routing and is
+restarted instead of failing all traffic while it answers pings.
 The replica reads `failure` to know it is dead; it never hangs a request.
 """
 
@@ -65,6 +66,9 @@ def split_for_data_parallel(requests: Sequence[LogProbRequest], parts: int, shar
     fair = max(1, -(-sum(counts) // parts))
     runs, costs = prompt_group_runs([r.input_ids for r in requests], [r.response_start for r in requests], fair)
     return split_by_tokens(counts, parts) if len(runs) < parts else split_units(runs, costs, parts)
+
+
+PROBE = LogProbRequest(request_id="engine-probe", input_ids=[0, 0], response_start=1, temperature=1.0)
 
 
 def participant_name(rank: int) -> str:
@@ -214,6 +218,11 @@ class RayWorkerExecutor:
         return results
 
     async def execute(self, requests: Sequence[LogProbRequest]) -> list[Outcome]:
+        outcomes = await self._execute(requests)
+        await self._count_failed_batch(outcomes)
+        return outcomes
+
+    async def _execute(self, requests: Sequence[LogProbRequest]) -> list[Outcome]:
         self._check_usable()
         shares = split_for_data_parallel(requests, len(self.groups), self._model_info.shares_prompts)
         calls: dict[int, ray.ObjectRef] = {}
@@ -233,19 +242,28 @@ class RayWorkerExecutor:
                 raise WorkerFailed(f"{self.name}: data-parallel group {group} returned no outcome per request")
             for index, outcome in zip(share, group_outcomes):
                 outcomes[index] = outcome
-        self._count_failed_batch(outcomes)  # type: ignore[arg-type]
         return outcomes  # type: ignore[return-value]
 
-    def _count_failed_batch(self, outcomes: Sequence[Outcome]) -> None:
+    async def _count_failed_batch(self, outcomes: Sequence[Outcome]) -> None:
         """A batch whose every request failed in the engine counts towards a sticky failure;
-        any answered request resets the count."""
+        any answered request resets the count. At the bound a probe decides: a request of two
+        tokens any working engine scores (a request it cannot score, resent, is not the engine's
+        fault, and must not take the replica down)."""
         if not outcomes or not all(isinstance(o, WorkerFailed) for o in outcomes):
             self._failed_batches_in_a_row = 0
             return
         self._failed_batches_in_a_row += 1
-        if self._failed_batches_in_a_row >= self.max_failed_batches_in_a_row:
+        if self._failed_batches_in_a_row < self.max_failed_batches_in_a_row:
+            return
+        try:
+            (answer,) = await self._execute([PROBE])
+        except ModelEngineError as error:
+            answer = error
+        if isinstance(answer, ModelEngineError):
             self.mark_failed(f"{self.name}: the engine failed every request of {self._failed_batches_in_a_row} "
-                             f"batches in a row (last: {outcomes[0]})")
+                             f"batches in a row, and a two-token probe ({answer}; last: {outcomes[0]})")
+        else:
+            self._failed_batches_in_a_row = 0
 
     async def load_weights(self, named_tensors: Iterable[tuple[str, torch.Tensor]]) -> list[str]:
         """Send tensors in buckets, each put once in Ray's store and loaded by every worker;

@@ -13,13 +13,14 @@ from __future__ import annotations
 import asyncio
 import time
 
+import numpy as np
 import pytest
 import torch
 
 from checkpoint_transport.spec import ReceiveReport
 from model_engine_server.engines.base import EngineSpec, ModelInfo
 from model_engine_server.errors import DeadlineExceeded, WeightSyncError, WorkerFailed
-from model_engine_server.protocol import LogProbRequest, LogProbResult
+from model_engine_server.protocol import LogProbRequest, LogProbResult, ScoreOutput
 from model_engine_server.scheduler import ModelEngineServer, SchedulerConfig
 from replica.config import ReplicaConfig
 from replica.executor import RayWorkerExecutor
@@ -42,9 +43,12 @@ def _worker_class():
         def __init__(self, mode: str) -> None:
             self.mode = mode
 
-        async def score(self, requests: list[LogProbRequest]) -> list[WorkerFailed]:
+        async def score(self, requests: list[LogProbRequest]) -> list[WorkerFailed | ScoreOutput]:
             if self.mode == "hang":
                 await asyncio.sleep(3600)
+            if self.mode == "long requests fail":  # e.g. out of memory on them: the engine itself works
+                return [WorkerFailed("scoring failed: OutOfMemoryError") if r.num_tokens > 4
+                        else ScoreOutput(log_probs=np.zeros(r.num_response_tokens, np.float32)) for r in requests]
             return [WorkerFailed("scoring failed: RuntimeError: CUDA error: an illegal memory access") for _ in requests]
 
     return StandInWorker
@@ -69,9 +73,26 @@ async def test_an_engine_failing_every_request_of_batches_in_a_row_marks_its_exe
             assert executor.failure is None  # a bad batch or two may be the requests' own
         await executor.execute([request(8)])
         assert executor.failure is not None and "failed every request of 3 batches in a row" in executor.failure
+        assert "two-token probe" in executor.failure
         assert failures == [executor.failure]  # the replica hears of it (and leaves routing)
         with pytest.raises(WorkerFailed):
             await executor.execute([request(8)])
+    finally:
+        ray.kill(worker, no_restart=True)
+
+
+async def test_one_request_the_engine_cannot_score_resent_many_times_leaves_the_replica_serving(ray_cluster):
+    import ray
+
+    worker = _worker_class().remote("long requests fail")
+    executor = _executor(worker, max_failed_batches_in_a_row=3)
+    try:
+        for _ in range(7):  # a client resending the request the engine cannot score
+            (outcome,) = await executor.execute([request(8)])
+            assert isinstance(outcome, WorkerFailed)
+        assert executor.failure is None  # the probe was scored: the engine works
+        (outcome,) = await executor.execute([request(3)])
+        assert isinstance(outcome, ScoreOutput)
     finally:
         ray.kill(worker, no_restart=True)
 
