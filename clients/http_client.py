@@ -4,7 +4,11 @@ Both implement the `LogProbClient` interface of `clients/base.py`, so a rollout 
 trainer swaps them for the Ray-handle client without other changes. Both keep a pool of
 connections (httpx), speak msgpack by default (arrays as raw bytes; `wire="json"` for lists),
 and give every call a deadline (`timeout_s`, covering retries) that is also sent to the server
-as the requests' own deadline, so neither side waits longer than the caller.
+as the requests' own deadline, so neither side waits longer than the caller. The async client
+bounds each post whole, its wait for a pooled connection included; the blocking one bounds the
+wait for a connection and the answer each by the deadline (httpx's stages), so a call queued
+behind others for a connection can take up to twice its deadline: size `max_connections` for
+the threads that share it.
 
 What to send, how to read replies and when to retry is written once, as plans of steps
 (`clients/http_plan.py`); the two clients here only execute those steps, each with its own
