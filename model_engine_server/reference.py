@@ -73,6 +73,13 @@ def merge(policy: Outcome, reference: Outcome) -> Outcome:
     return dataclasses.replace(policy, ref_log_probs=reference.log_probs, timings=timings)
 
 
+async def _score_on(service: LogProbService, request: LogProbRequest, timeout_s: float | None) -> Outcome:
+    outcomes = await service.score([request], timeout_s)
+    if len(outcomes) != 1:  # a broken service must not shift answers between requests
+        return WorkerFailed(f"a service answered {len(outcomes)} outcomes for 1 request")
+    return outcomes[0]
+
+
 def from_reference(error: ModelEngineError) -> ModelEngineError:
     """The same typed error, its message saying the reference half failed."""
     tagged = copy.copy(error)
@@ -117,10 +124,11 @@ class PolicyWithReference:
     async def score(
         self, requests: Sequence[LogProbRequest | dict[str, Any]], timeout_s: float | None = None
     ) -> list[Outcome]:
-        """One entry per request, in order; ref halves run concurrently with policy halves."""
+        """One entry per request, in order. A request's reference half runs beside its policy
+        half; when either half fails, the other is withdrawn and the request answered at once
+        with that half's error (an overloaded or refused half is not held for the other)."""
         outcomes: list[Outcome | None] = [None] * len(requests)
-        to_policy: list[tuple[int, LogProbRequest]] = []
-        to_reference: list[tuple[int, LogProbRequest]] = []
+        parsed: list[tuple[int, LogProbRequest]] = []
         for index, item in enumerate(requests):
             try:
                 request = LogProbRequest.parse(item)
@@ -130,30 +138,26 @@ class PolicyWithReference:
                 outcomes[index] = error
                 self.observer.request_rejected(error)
                 continue
-            to_policy.append((index, policy_part(request)))
-            if request.return_ref_log_probs:
-                to_reference.append((index, reference_part(request)))
-        policy_outcomes, reference_outcomes = await asyncio.gather(
-            self._score_on(self.policy, [r for _, r in to_policy], timeout_s),
-            self._score_on(self.reference, [r for _, r in to_reference], timeout_s),
-        )
-        for (index, _), outcome in zip(to_policy, policy_outcomes):
+            parsed.append((index, request))
+        answered = await asyncio.gather(*(self._score_one(request, timeout_s) for _, request in parsed))
+        for (index, _), outcome in zip(parsed, answered):
             outcomes[index] = outcome
-        for (index, _), outcome in zip(to_reference, reference_outcomes):
-            outcomes[index] = merge(outcomes[index], outcome)  # type: ignore[arg-type]
         return outcomes  # type: ignore[return-value]
 
-    @staticmethod
-    async def _score_on(
-        service: LogProbService | None, requests: list[LogProbRequest], timeout_s: float | None
-    ) -> list[Outcome]:
-        if not requests or service is None:
-            return []
-        outcomes = await service.score(requests, timeout_s)
-        if len(outcomes) != len(requests):  # a broken service must not shift answers between requests
-            failure = WorkerFailed(f"a service answered {len(outcomes)} outcomes for {len(requests)} requests")
-            return [failure] * len(requests)
-        return list(outcomes)
+    async def _score_one(self, request: LogProbRequest, timeout_s: float | None) -> Outcome:
+        policy = asyncio.ensure_future(_score_on(self.policy, policy_part(request), timeout_s))
+        if not request.return_ref_log_probs or self.reference is None:
+            return await policy
+        reference = asyncio.ensure_future(_score_on(self.reference, reference_part(request), timeout_s))
+        try:
+            done, _ = await asyncio.wait({policy, reference}, return_when=asyncio.FIRST_COMPLETED)
+            failed = next((half for half in done if isinstance(half.result(), ModelEngineError)), None)
+            if failed is not None:
+                return failed.result() if failed is policy else from_reference(failed.result())  # type: ignore[arg-type]
+            return merge(await policy, await reference)
+        finally:
+            for half in (policy, reference):
+                half.cancel()  # a no-op on a finished half; an unfinished one leaves its queue
 
     # ---------------------------------------------------------------- pause / resume: both
     async def pause_serving(self) -> None:

@@ -269,6 +269,27 @@ async def test_a_failed_reference_half_fails_only_its_request_with_the_reason():
     assert outcomes[0].retry_after_s == 2.0 and isinstance(outcomes[1], LogProbResult)
 
 
+async def test_a_half_refused_at_once_answers_at_once_and_withdraws_the_other_half():
+    from model_engine_server.scheduler import ModelEngineServer, SchedulerConfig
+    from tests.fakes import FakeExecutor
+    from tests.fakes import request as request_of
+
+    policy = ModelEngineServer(FakeExecutor(), SchedulerConfig(request_timeout_s=60))
+    reference = ModelEngineServer(FakeExecutor(), SchedulerConfig(max_tokens_per_batch=8, max_queued_tokens=8))
+    await policy.pause_serving()  # the policy half would wait ...
+    await reference.pause_serving()
+    filler = asyncio.ensure_future(reference.submit(request_of(8)))  # ... and the reference's queue is full
+    await asyncio.sleep(0.01)
+    request = LogProbRequest(input_ids=[1, 2, 3, 4], response_start=1, return_ref_log_probs=True)
+    [outcome] = await asyncio.wait_for(PolicyWithReference(policy, reference).score([request]), 5.0)
+    assert isinstance(outcome, Overloaded) and outcome.message.startswith("reference policy:")  # ... not held for it
+    await asyncio.sleep(0)
+    assert policy.status()["queue_depth"] == 0  # and its half left the policy's queue
+    filler.cancel()
+    await policy.shutdown(drain=False)
+    await reference.shutdown(drain=False)
+
+
 async def test_pause_holds_both_policies_and_resume_releases_both():
     policy, reference = _Half(), _Half()
     service = PolicyWithReference(policy, reference)
