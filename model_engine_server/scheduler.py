@@ -1,17 +1,20 @@
 """`ModelEngineServer`: the asyncio batch scheduler in front of an executor.
 
 Contract:
-- A batch is dispatched when its requests fill the token budget (`max_tokens_per_batch`, or
-  `max_batch_size` requests), or when its oldest request has waited `max_wait_ms`.
+- A batch is dispatched when it is full (the next queued request would pass the token budget
+  `max_tokens_per_batch`, or `max_batch_size` requests), or when its oldest request has waited
+  `max_wait_ms` (`batch_forming.form_batch`).
 - Up to `max_inflight_batches` batches run at once, so the next batch is formed and handed
   over while the current one computes.
 - Every result carries the weight version in force when its batch was dispatched. Versions
   change only inside a weight update, which first drains every in-flight batch, so no batch
   spans two versions.
 - `pause_serving()` returns once in-flight batches have finished; requests keep queueing
-  (bounded) and are served after `resume_serving()`.
+  (bounded) and are served after `resume_serving()`, unless their deadline (at most
+  `request_timeout_s`) passes first.
 - Every request is answered or failed with a typed error: invalid input at once, overload at
-  once, a deadline while waiting, or the executor's failure for its batch. None is dropped.
+  once (this scheduler's queue; `reference.PolicyWithReference` answers a request when either
+  half fails), a deadline while waiting, or the executor's failure for its batch. None is dropped.
 
 Imports neither Ray nor HTTP: the replica and HTTP layers wrap it.
 """
