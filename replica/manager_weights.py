@@ -38,6 +38,7 @@ class OpenUpdate:
     holds_lock: bool = False
     deadline: asyncio.TimerHandle | None = None
     committed: bool = False
+    committing: bool = False  # a commit is under way: a second one waits for its outcome
     reason: str | None = None  # why it aborted
     closed: asyncio.Event = field(default_factory=asyncio.Event)  # set once committed or aborted
     servers: dict[int, object] = field(default_factory=dict)  # per participant index, the server that began
@@ -209,6 +210,12 @@ class ManagerWeightUpdates:
         """Serve `version` on every participant, only if every worker of each holds every
         tensor; otherwise abort everywhere and raise the reason naming what is missing where."""
         update = self._open_update(version)
+        if update.committing:  # e.g. the last report's commit and the health monitor's settle
+            await update.closed.wait()
+            if not update.committed:
+                raise WeightSyncError(update.reason or f"the update to version {version} was not committed")
+            return
+        update.committing = True
         update.drop_lost()
         live = list(update.participants)
         try:

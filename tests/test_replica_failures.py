@@ -246,3 +246,18 @@ async def test_a_replica_lost_after_the_others_reported_is_settled_by_the_health
     finally:
         await manager.shutdown(drain=False, timeout_s=1.0)
 
+
+
+async def test_two_commits_of_one_update_at_once_both_return_its_outcome(in_process_replicas):
+    manager = await _manager().start()
+    try:
+        await manager.begin_weight_update(1)
+        for replica in manager.replicas:
+            await replica.server.load_weights([("w", torch.tensor(1.0))], 1)
+        both = await asyncio.gather(manager.commit_weight_update(1), manager.commit_weight_update(1),
+                                    return_exceptions=True)
+        assert both == [None, None]
+        assert manager.weight_version == 1 and all(r.weight_version == 1 for r in manager.replicas)
+        assert not manager.status()["weights_incomplete"]
+    finally:
+        await manager.shutdown(drain=False, timeout_s=1.0)
