@@ -155,7 +155,8 @@ class ReplicaManager:
                             await replica.copy_weights_from(peer, self.weight_version)
                     if self.paused:
                         await replica.pause_serving()
-                except BaseException:  # never route to a replica holding another version's weights
+                except BaseException as error:  # never route to a replica holding another version's weights
+                    replica.failure = replica.failure or f"restart: taking the current weights failed: {error!r}"
                     await replica.shutdown(drain=False, timeout_s=5.0)
                     raise
         finally:
