@@ -27,10 +27,9 @@ from typing import Any, Awaitable, Iterable, Protocol, Sequence, TypeVar, runtim
 import torch
 
 from model_engine_server.errors import DeadlineExceeded, ModelEngineError
-from model_engine_server.protocol import LogProbRequest, LogProbResult
+from model_engine_server.protocol import LogProbRequest, LogProbResult, Outcome
 
 RequestLike = LogProbRequest | dict[str, Any]
-Outcome = LogProbResult | ModelEngineError
 T = TypeVar("T")
 
 

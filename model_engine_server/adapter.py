@@ -23,7 +23,7 @@ from model_engine_server.protocol import LogProbRequest, MismatchStats, ScoreOut
 
 logger = logging.getLogger(__name__)
 
-Outcome = ScoreOutput | ModelEngineError
+EngineOutcome = ScoreOutput | ModelEngineError  # an engine's answer to one request, before it is tagged with version and timings
 
 
 def mismatch_stats(rollout_log_probs: Sequence[float], server_log_probs: np.ndarray) -> MismatchStats:
@@ -54,8 +54,8 @@ class ModelEngineServerAdapter:
         # identical prompts (a GRPO group's samples) are run once per micro-batch, where the engine can
         self.share_prompts = engine.info.shares_prompts
 
-    def score(self, requests: Sequence[LogProbRequest]) -> list[Outcome]:
-        outcomes: list[Outcome | None] = [None] * len(requests)
+    def score(self, requests: Sequence[LogProbRequest]) -> list[EngineOutcome]:
+        outcomes: list[EngineOutcome | None] = [None] * len(requests)
         refusal = self._top_k_refusal()
         scorable = []
         for index, request in enumerate(requests):
@@ -83,7 +83,7 @@ class ModelEngineServerAdapter:
             return f"this server's engine ({type(self.engine).__name__}) does not compute top-k log-probs"
         return self.engine.top_k_unsupported()
 
-    def _score_group(self, requests: list[LogProbRequest]) -> list[Outcome]:
+    def _score_group(self, requests: list[LogProbRequest]) -> list[EngineOutcome]:
         try:
             return list(self._score_packed(requests))
         except Exception as error:  # isolate: retry one by one so only the culprit fails

@@ -17,7 +17,7 @@ import torch
 from checkpoint_transport.receiver import receive_weights
 from checkpoint_transport.spec import ReceiveReport, TransportSpec
 from checkpoint_transport.threads import run_in_thread
-from model_engine_server.adapter import ModelEngineServerAdapter, Outcome
+from model_engine_server.adapter import EngineOutcome, ModelEngineServerAdapter
 from model_engine_server.engines.base import ModelInfo, WeightSpec
 from model_engine_server.errors import WeightSyncError, WorkerFailed
 from model_engine_server.protocol import LogProbRequest
@@ -33,7 +33,7 @@ class Executor(Protocol):
 
     def model_info(self) -> ModelInfo: ...
 
-    async def execute(self, requests: Sequence[LogProbRequest]) -> list[Outcome]:
+    async def execute(self, requests: Sequence[LogProbRequest]) -> list[EngineOutcome]:
         """One outcome per request, in order: a `ScoreOutput` or the error for that request."""
         ...
 
@@ -97,7 +97,7 @@ class InProcessExecutor:
             logger.error("%s; the in-process engine takes no more work", self.failure)
             raise WorkerFailed(self.failure) from None
 
-    async def execute(self, requests: Sequence[LogProbRequest]) -> list[Outcome]:
+    async def execute(self, requests: Sequence[LogProbRequest]) -> list[EngineOutcome]:
         return await self._run(f"a batch of {len(requests)} requests", self.adapter.score, list(requests))
 
     async def load_weights(self, named_tensors: Iterable[tuple[str, torch.Tensor]]) -> list[str]:

@@ -276,6 +276,10 @@ class LogProbResult:
 
 
 # ---------------------------------------------------------------- one request's outcome on a wire
+Outcome = LogProbResult | ModelEngineError
+"""What a caller gets for one request: its result, or the typed error for it alone."""
+
+
 def outcome_to_wire(
     outcome: LogProbResult | ModelEngineError,
     request_id: str | None = None,

@@ -35,7 +35,7 @@ import torch
 
 from model_engine_server.engines.base import ModelInfo, WeightSpec
 from model_engine_server.errors import InvalidRequest, ModelEngineError, WorkerFailed
-from model_engine_server.protocol import LogProbRequest, LogProbResult
+from model_engine_server.protocol import LogProbRequest, Outcome
 from model_engine_server.scheduler_state import SchedulerObserver
 from model_engine_server.service import LogProbService
 from model_engine_server.weights_from_disk import update_weights_from_disk
@@ -46,7 +46,6 @@ if TYPE_CHECKING:
 REF_MODE_SETTING = "model_engine_server.enable_ref_mode"
 REF_MODE_OFF = f"this server hosts no reference policy; set {REF_MODE_SETTING}=true to serve ref log-probs"
 
-Outcome = LogProbResult | ModelEngineError
 
 
 def policy_part(request: LogProbRequest) -> LogProbRequest:

@@ -28,7 +28,7 @@ from ray.exceptions import RayActorError, RayTaskError
 
 from checkpoint_transport.bucket import group_into_host_buckets
 from checkpoint_transport.spec import ReceiveReport, TransportSpec
-from model_engine_server.adapter import Outcome
+from model_engine_server.adapter import EngineOutcome
 from model_engine_server.engines.base import ModelInfo, WeightSpec
 from model_engine_server.errors import ModelEngineError, ServerShuttingDown, WeightSyncError, WorkerFailed
 from model_engine_server.packing import prompt_group_runs
@@ -217,12 +217,12 @@ class RayWorkerExecutor:
             raise WorkerFailed(self.failure or "timeout")
         return results
 
-    async def execute(self, requests: Sequence[LogProbRequest]) -> list[Outcome]:
+    async def execute(self, requests: Sequence[LogProbRequest]) -> list[EngineOutcome]:
         outcomes = await self._execute(requests)
         await self._count_failed_batch(outcomes)
         return outcomes
 
-    async def _execute(self, requests: Sequence[LogProbRequest]) -> list[Outcome]:
+    async def _execute(self, requests: Sequence[LogProbRequest]) -> list[EngineOutcome]:
         self._check_usable()
         shares = split_for_data_parallel(requests, len(self.groups), self._model_info.shares_prompts)
         calls: dict[int, ray.ObjectRef] = {}
@@ -233,7 +233,7 @@ class RayWorkerExecutor:
             for rank in group:
                 calls[rank] = self.workers[rank].score.remote(share_ref)
         results = await self._call_ranks(calls, f"a batch of {len(requests)} requests", self.batch_timeout_s)
-        outcomes: list[Outcome | None] = [None] * len(requests)
+        outcomes: list[EngineOutcome | None] = [None] * len(requests)
         for group, share in zip(self.groups, shares):
             if not share:
                 continue
@@ -244,7 +244,7 @@ class RayWorkerExecutor:
                 outcomes[index] = outcome
         return outcomes  # type: ignore[return-value]
 
-    async def _count_failed_batch(self, outcomes: Sequence[Outcome]) -> None:
+    async def _count_failed_batch(self, outcomes: Sequence[EngineOutcome]) -> None:
         """A batch whose every request failed in the engine counts towards a sticky failure;
         any answered request resets the count. At the bound a probe decides: a request of two
         tokens any working engine scores (a request it cannot score, resent, is not the engine's

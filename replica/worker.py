@@ -34,7 +34,7 @@ from checkpoint_transport.bucket import group_into_host_buckets
 from checkpoint_transport.receiver import receive_into_engine
 from checkpoint_transport.spec import TransportSpec
 from model_engine_server import cpu_heap
-from model_engine_server.adapter import ModelEngineServerAdapter, Outcome
+from model_engine_server.adapter import EngineOutcome, ModelEngineServerAdapter
 from model_engine_server.engines.base import Engine, EngineSpec, ModelInfo, WeightSpec, build_engine
 from model_engine_server.errors import WeightSyncError
 from model_engine_server.protocol import LogProbRequest
@@ -173,7 +173,7 @@ class ModelEngineWorker:
             raise RuntimeError(f"worker {self.rank} of {self.replica_name} has no engine yet (initialize first)")
         return self.engine
 
-    def score(self, requests: Sequence[LogProbRequest]) -> list[Outcome] | None:
+    def score(self, requests: Sequence[LogProbRequest]) -> list[EngineOutcome] | None:
         """Score this data-parallel share; every rank of a model-parallel group runs it, and
         only the rank that `returns_results` sends outcomes back."""
         self._ready_engine()
