@@ -85,7 +85,8 @@ class RayLogProbClient(BaseLogProbClient):
         outcomes: list[Outcome | None] = [None] * len(requests)
         pending, attempt = list(range(len(requests))), 0
         while pending:
-            answers = await self._score_once([requests[i] for i in pending], deadline.remaining())
+            remaining = deadline.remaining()  # a resend waking at its deadline still sends a positive one
+            answers = await self._score_once([requests[i] for i in pending], None if remaining is None else max(remaining, 1e-3))
             for index, answer in zip(pending, answers):
                 outcomes[index] = answer
             pending, delay = entries_to_resend(outcomes, pending, self.retry, attempt, deadline)

@@ -59,6 +59,11 @@ class Overloaded(ModelEngineError):
     def to_wire(self) -> dict[str, object]:
         return {"code": self.code, "message": self.message, "retry_after_s": self.retry_after_s}
 
+    def with_hint(self, default_s: float) -> "Overloaded":
+        """This refusal carrying a hint: its own, else the server's configured one (what a
+        client waits before it resends the request)."""
+        return self if self.retry_after_s is not None else Overloaded(self.message, default_s)
+
 
 class ServerShuttingDown(ModelEngineError):
     """The server stopped accepting requests (drain on shutdown)."""

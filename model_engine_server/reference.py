@@ -7,10 +7,12 @@ class puts the two behind the one `LogProbService` every front end holds.
 
 Contract:
 - A request with `return_ref_log_probs` is submitted to the policy and to the reference at the
-  same time (one `asyncio.gather`), not one after the other; its result is the policy's result
-  (log-probs, entropy, mismatch, the POLICY's weight version) with `ref_log_probs` computed at
-  the same positions and temperature, and the reference's timings under `ref_*` keys. If either
-  side fails, the request fails with that side's typed error (the reference's is prefixed).
+  same time, not one after the other; its result is the policy's result (log-probs, entropy,
+  mismatch, the POLICY's weight version) with `ref_log_probs` computed at the same positions and
+  temperature, and the reference's timings under `ref_*` keys. If either side fails, the request
+  is answered at once with that side's typed error (the reference's is prefixed; the policy's
+  wins when both fail together) and the other half is withdrawn. Requests without the flag go
+  to the policy in one call.
 - Without reference mode, such a request is refused (400) naming `enable_ref_mode`; the
   scheduler underneath never sees the flag.
 - Weights: updates (`update_weights`, the begin/load/commit protocol a publisher drives,
@@ -72,11 +74,17 @@ def merge(policy: Outcome, reference: Outcome) -> Outcome:
     return dataclasses.replace(policy, ref_log_probs=reference.log_probs, timings=timings)
 
 
+async def _score_all(service: LogProbService, requests: list[LogProbRequest], timeout_s: float | None) -> list[Outcome]:
+    if not requests:
+        return []
+    outcomes = await service.score(requests, timeout_s)
+    if len(outcomes) != len(requests):  # a broken service must not shift answers between requests
+        return [WorkerFailed(f"a service answered {len(outcomes)} outcomes for {len(requests)} requests")] * len(requests)
+    return list(outcomes)
+
+
 async def _score_on(service: LogProbService, request: LogProbRequest, timeout_s: float | None) -> Outcome:
-    outcomes = await service.score([request], timeout_s)
-    if len(outcomes) != 1:  # a broken service must not shift answers between requests
-        return WorkerFailed(f"a service answered {len(outcomes)} outcomes for 1 request")
-    return outcomes[0]
+    return (await _score_all(service, [request], timeout_s))[0]
 
 
 def from_reference(error: ModelEngineError) -> ModelEngineError:
@@ -138,21 +146,27 @@ class PolicyWithReference:
                 self.observer.request_rejected(error)
                 continue
             parsed.append((index, request))
-        answered = await asyncio.gather(*(self._score_one(request, timeout_s) for _, request in parsed))
-        for (index, _), outcome in zip(parsed, answered):
+        plain = [(index, request) for index, request in parsed if not request.return_ref_log_probs]
+        with_ref = [(index, request) for index, request in parsed if request.return_ref_log_probs]
+        plain_answers, ref_answers = await asyncio.gather(
+            _score_all(self.policy, [request for _, request in plain], timeout_s),
+            asyncio.gather(*(self._score_one(request, timeout_s) for _, request in with_ref)),
+        )
+        for (index, _), outcome in [*zip(plain, plain_answers), *zip(with_ref, ref_answers)]:
             outcomes[index] = outcome
         return outcomes  # type: ignore[return-value]
 
     async def _score_one(self, request: LogProbRequest, timeout_s: float | None) -> Outcome:
+        """One request with both halves; the reference exists (`score` refused it otherwise)."""
+        assert self.reference is not None
         policy = asyncio.ensure_future(_score_on(self.policy, policy_part(request), timeout_s))
-        if not request.return_ref_log_probs or self.reference is None:
-            return await policy
         reference = asyncio.ensure_future(_score_on(self.reference, reference_part(request), timeout_s))
         try:
             done, _ = await asyncio.wait({policy, reference}, return_when=asyncio.FIRST_COMPLETED)
-            failed = next((half for half in done if isinstance(half.result(), ModelEngineError)), None)
-            if failed is not None:
-                return failed.result() if failed is policy else from_reference(failed.result())  # type: ignore[arg-type]
+            if policy in done and isinstance(policy.result(), ModelEngineError):
+                return policy.result()
+            if reference in done and isinstance(reference.result(), ModelEngineError):
+                return from_reference(reference.result())  # type: ignore[arg-type]
             return merge(await policy, await reference)
         finally:
             for half in (policy, reference):

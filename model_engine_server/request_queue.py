@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import math
+import numbers
 import time
 from dataclasses import dataclass, field
 from typing import Callable, Iterator
@@ -36,9 +37,13 @@ def wait_limit_s(timeout_s: float | None, request_timeout_s: float) -> float:
     `request_timeout_s`, never extend it (a huge one would hold queue space for good)."""
     if timeout_s is None:
         return request_timeout_s
-    if not (isinstance(timeout_s, (int, float)) and math.isfinite(timeout_s) and timeout_s > 0):
-        raise InvalidRequest(f"timeout_s must be a positive number of seconds, got {timeout_s!r}", "timeout_s")
-    return min(timeout_s, request_timeout_s)
+    try:
+        seconds = float(timeout_s) if isinstance(timeout_s, numbers.Real) and not isinstance(timeout_s, bool) else math.nan
+    except OverflowError:  # an integer too large for a float: longer than any limit
+        seconds = math.inf
+    if not seconds > 0 or math.isnan(seconds):
+        raise InvalidRequest(f"must be a positive number of seconds, got {timeout_s!r}", "timeout_s")
+    return min(seconds, request_timeout_s)
 
 
 class RequestQueue:

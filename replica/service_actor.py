@@ -20,6 +20,7 @@ import torch
 from checkpoint_transport.spec import ReceiveReport, TransportSpec
 from model_engine_server.config import ServerConfig
 from model_engine_server.launch import build_service, build_serving_for, weight_roots_for
+from model_engine_server.errors import Overloaded
 from model_engine_server.protocol import LogProbRequest, outcome_to_wire
 from model_engine_server.http.admin_policy import exposure_remedy, unauthenticated_exposure
 from replica.http_in_actor import HttpInActor
@@ -67,7 +68,9 @@ class LogProbServiceActor:
     async def score(
         self, requests: Sequence[LogProbRequest | dict[str, Any]], timeout_s: float | None = None
     ) -> list[dict[str, Any]]:
-        return [outcome_to_wire(o) for o in await self.service.score(requests, timeout_s)]
+        hint = self.config.http.retry_after_s  # what a client waits before resending a refused request
+        return [outcome_to_wire(o.with_hint(hint) if isinstance(o, Overloaded) else o)
+                for o in await self.service.score(requests, timeout_s)]
 
     async def pause_serving(self) -> None:
         await self.service.pause_serving()

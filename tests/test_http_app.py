@@ -235,6 +235,38 @@ def test_admin_token_pauses_and_a_request_sent_while_paused_is_answered_after_re
     assert answer["response"].status_code == 200
 
 
+def test_a_request_refused_for_overload_in_an_answered_call_carries_the_configured_hint(served):
+    auth = {"authorization": f"Bearer {TOKEN}"}
+    httpx.post(f"{served.url}/v1/pause", headers=auth)
+    filler = {"requests": [{"input_ids": list(range(1, 401)), "response_start": 1}] * 10}  # 4000 of 4096 queued tokens
+    answers: list[httpx.Response] = []
+    calls = [threading.Thread(target=lambda: post_json(served.url, filler, timeout=60)),
+             threading.Thread(target=lambda: answers.append(post_json(served.url, {"requests": [
+                 {"input_ids": list(range(1, 51)), "response_start": 1},  # fits: queued
+                 {"input_ids": list(range(1, 201)), "response_start": 1},  # does not: refused
+             ]}, timeout=60)))]
+    try:
+        calls[0].start()
+        for _ in range(200):
+            if httpx.get(f"{served.url}/v1/status").json()["queued_tokens"] == 4000:
+                break
+            threading.Event().wait(0.05)
+        calls[1].start()
+        for _ in range(200):
+            if httpx.get(f"{served.url}/v1/status").json()["queued_tokens"] == 4050:
+                break
+            threading.Event().wait(0.05)
+    finally:
+        httpx.post(f"{served.url}/v1/resume", headers=auth)
+        for call in calls:
+            call.join(timeout=60)
+    [answer] = answers
+    assert answer.status_code == 200
+    served_entry, refused = answer.json()["results"]
+    assert "log_probs" in served_entry
+    assert refused["error"]["code"] == "overloaded" and refused["error"]["retry_after_s"] == 2.0
+
+
 def test_a_call_refused_for_overload_is_429_with_retry_after(served):
     auth = {"authorization": f"Bearer {TOKEN}"}
     httpx.post(f"{served.url}/v1/pause", headers=auth)

@@ -290,6 +290,14 @@ async def test_a_half_refused_at_once_answers_at_once_and_withdraws_the_other_ha
     await reference.shutdown(drain=False)
 
 
+async def test_when_both_halves_fail_together_the_policys_error_answers():
+    policy, reference = _Half(fail_with=Overloaded("queue full")), _Half(fail_with=InvalidRequest("too long"))
+    request = LogProbRequest(input_ids=[1, 2, 3], response_start=1, return_ref_log_probs=True)
+    for _ in range(20):
+        [outcome] = await PolicyWithReference(policy, reference).score([request])
+        assert isinstance(outcome, Overloaded) and outcome.message == "queue full"
+
+
 async def test_pause_holds_both_policies_and_resume_releases_both():
     policy, reference = _Half(), _Half()
     service = PolicyWithReference(policy, reference)

@@ -465,9 +465,9 @@ async def test_a_begin_whose_update_is_aborted_while_it_drains_returns_at_once()
     await server.shutdown(drain=False, timeout_s=0.1)
 
 
-@pytest.mark.parametrize("timeout_s", [float("nan"), 0.0, -1.0])
+@pytest.mark.parametrize("timeout_s", [float("nan"), 0.0, -1.0, True])
 async def test_a_timeout_that_is_not_a_positive_number_is_refused(timeout_s):
     server = ModelEngineServer(FakeExecutor(), SchedulerConfig())
-    with pytest.raises(InvalidRequest, match="timeout_s must be a positive number"):
+    with pytest.raises(InvalidRequest, match="timeout_s: must be a positive number"):
         await server.submit(request(4), timeout_s=timeout_s)
     await server.shutdown()

@@ -22,7 +22,7 @@ from prometheus_client import CONTENT_TYPE_LATEST
 from pydantic import ValidationError
 from starlette.requests import ClientDisconnect
 
-from model_engine_server.errors import InvalidRequest, ModelEngineError
+from model_engine_server.errors import InvalidRequest, ModelEngineError, Overloaded
 from model_engine_server.http.auth import require_admin
 from model_engine_server.http.errors import (
     ClientGone,
@@ -188,7 +188,8 @@ async def logprobs(request: Request) -> Response:
     for (index, _), outcome in zip(valid, scored):
         outcomes[index] = _indexed(outcome, index)
     entries = [
-        outcome_to_wire(outcome, _request_id(item), error_to_wire=public_error_wire)
+        outcome_to_wire(outcome.with_hint(state.retry_after_s) if isinstance(outcome, Overloaded) else outcome,
+                        _request_id(item), error_to_wire=public_error_wire)
         for outcome, item in zip(outcomes, envelope.requests)
     ]
     if outcomes and all(isinstance(o, ModelEngineError) for o in outcomes):
