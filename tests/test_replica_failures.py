@@ -19,7 +19,7 @@ import torch
 
 from checkpoint_transport.spec import ReceiveReport
 from model_engine_server.engines.base import EngineSpec, ModelInfo
-from model_engine_server.errors import DeadlineExceeded, WeightSyncError, WorkerFailed
+from model_engine_server.errors import DeadlineExceeded, WorkerFailed
 from model_engine_server.protocol import LogProbRequest, LogProbResult, ScoreOutput
 from model_engine_server.scheduler import ModelEngineServer, SchedulerConfig
 from replica.config import ReplicaConfig
