@@ -11,6 +11,7 @@ update bookkeeping are what is tested; real workers are in `test_replica.py`).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
 
 import numpy as np
@@ -54,6 +55,17 @@ def _worker_class():
     return StandInWorker
 
 
+@contextlib.contextmanager
+def _stand_in(mode: str):
+    import ray
+
+    worker = _worker_class().remote(mode)
+    try:
+        yield worker
+    finally:
+        ray.kill(worker, no_restart=True)
+
+
 def _executor(worker, **kwargs) -> RayWorkerExecutor:
     info = WorkerInfo(rank=0, world_size=1, data_parallel_rank=0, returns_results=True, node_ip="127.0.0.1",
                       node_id="node", pid=0, device="cpu", dist_backend="gloo")
@@ -61,12 +73,9 @@ def _executor(worker, **kwargs) -> RayWorkerExecutor:
 
 
 async def test_an_engine_failing_every_request_of_batches_in_a_row_marks_its_executor_failed(ray_cluster):
-    import ray
-
-    worker = _worker_class().remote("fail")
-    failures: list[str] = []
-    executor = _executor(worker, on_failure=failures.append, max_failed_batches_in_a_row=3)
-    try:
+    with _stand_in("fail") as worker:
+        failures: list[str] = []
+        executor = _executor(worker, on_failure=failures.append, max_failed_batches_in_a_row=3)
         for _ in range(2):
             outcomes = await executor.execute([request(8), request(9)])
             assert all(isinstance(o, WorkerFailed) for o in outcomes)
@@ -77,32 +86,22 @@ async def test_an_engine_failing_every_request_of_batches_in_a_row_marks_its_exe
         assert failures == [executor.failure]  # the replica hears of it (and leaves routing)
         with pytest.raises(WorkerFailed):
             await executor.execute([request(8)])
-    finally:
-        ray.kill(worker, no_restart=True)
 
 
 async def test_one_request_the_engine_cannot_score_resent_many_times_leaves_the_replica_serving(ray_cluster):
-    import ray
-
-    worker = _worker_class().remote("long requests fail")
-    executor = _executor(worker, max_failed_batches_in_a_row=3)
-    try:
+    with _stand_in("long requests fail") as worker:
+        executor = _executor(worker, max_failed_batches_in_a_row=3)
         for _ in range(7):  # a client resending the request the engine cannot score
             (outcome,) = await executor.execute([request(8)])
             assert isinstance(outcome, WorkerFailed)
         assert executor.failure is None  # the probe was scored: the engine works
         (outcome,) = await executor.execute([request(3)])
         assert isinstance(outcome, ScoreOutput)
-    finally:
-        ray.kill(worker, no_restart=True)
 
 
 async def test_a_failure_found_by_a_health_check_fails_the_batch_waiting_on_the_silent_rank_at_once(ray_cluster):
-    import ray
-
-    worker = _worker_class().remote("hang")
-    executor = _executor(worker, batch_timeout_s=600.0)
-    try:
+    with _stand_in("hang") as worker:
+        executor = _executor(worker, batch_timeout_s=600.0)
         batch = asyncio.ensure_future(executor.execute([request(8)]))
         await asyncio.sleep(0.5)
         started = time.monotonic()
@@ -110,8 +109,6 @@ async def test_a_failure_found_by_a_health_check_fails_the_batch_waiting_on_the_
         with pytest.raises(WorkerFailed, match="health check"):
             await asyncio.wait_for(batch, 10.0)
         assert time.monotonic() - started < 5.0
-    finally:
-        ray.kill(worker, no_restart=True)
 
 
 # ---------------------------------------------------------------------- the manager over in-process replicas
