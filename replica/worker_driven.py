@@ -170,12 +170,13 @@ class WorkerDrivenUpdates:
                     report: ReceiveReport) -> None:
         replica = self.replicas[replica_index]
         if not report.ok:
-            await self.updates.abort(f"sync to version {attempt.version} failed: {replica.name} rank {rank}: {report.error}")
+            await self.updates.abort(f"sync to version {attempt.version} failed: {replica.name} rank {rank}: {report.error}",
+                                     attempt.version)
             return
         try:
             replica.record_worker_delivery(rank, report.names_loaded, attempt.version)
         except ModelEngineError as error:  # its session closed (the replica died or was aborted)
-            await self.updates.abort(f"{replica.name} rank {rank}: {error}")
+            await self.updates.abort(f"{replica.name} rank {rank}: {error}", attempt.version)
             return
         attempt.reported.add((replica_index, rank))
         await self._commit_if_complete(attempt, update)
