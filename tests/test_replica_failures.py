@@ -163,24 +163,29 @@ def _manager(**overrides) -> ReplicaManager:
     return ReplicaManager(ReplicaConfig(**fields))
 
 
+@contextlib.asynccontextmanager
+async def _running(**overrides):
+    manager = await _manager(**overrides).start()
+    try:
+        yield manager
+    finally:
+        await manager.shutdown(drain=False, timeout_s=1.0)
+
+
 def _die(replica: ModelEngineReplica, reason: str) -> None:
     replica.failure = reason  # what a worker death or a failed health check leaves
 
 
 async def test_requests_go_to_the_replica_that_can_serve_not_one_with_incomplete_weights(in_process_replicas):
-    manager = await _manager().start()
-    try:
+    async with _running() as manager:
         manager.replicas[0].mark_weights_incomplete("a sync aborted midway")
         outcomes = await manager.score([request(10) for _ in range(6)], timeout_s=5.0)
         assert all(isinstance(o, LogProbResult) for o in outcomes)
         assert manager.routed_requests == [0, 6]
-    finally:
-        await manager.shutdown(drain=False, timeout_s=1.0)
 
 
 async def test_a_grpo_sample_skips_its_prompts_replica_when_that_queue_is_full(in_process_replicas):
-    manager = await _manager().start()
-    try:
+    async with _running() as manager:
         await manager.pause_serving()
         first = asyncio.ensure_future(manager.submit(request(60, response_start=50), timeout_s=5.0))
         await asyncio.sleep(0.05)  # queued on its replica: 60 of 64 tokens
@@ -189,13 +194,10 @@ async def test_a_grpo_sample_skips_its_prompts_replica_when_that_queue_is_full(i
         assert sorted(manager.routed_requests) == [1, 1]  # the same prompt, but the other replica had room
         await manager.resume_serving()
         assert all(isinstance(o, LogProbResult) for o in await asyncio.gather(first, second))
-    finally:
-        await manager.shutdown(drain=False, timeout_s=1.0)
 
 
 async def test_a_retried_request_keeps_its_first_deadline(in_process_replicas):
-    manager = await _manager().start()
-    try:
+    async with _running() as manager:
         await manager.pause_serving()
         started = time.monotonic()
         lost = asyncio.ensure_future(manager.submit(request(10), timeout_s=1.0))
@@ -207,13 +209,10 @@ async def test_a_retried_request_keeps_its_first_deadline(in_process_replicas):
             await lost
         assert manager.retried_requests == 1
         assert time.monotonic() - started < 1.6  # one deadline of 1 s, not a fresh one per attempt
-    finally:
-        await manager.shutdown(drain=False, timeout_s=1.0)
 
 
 async def test_a_replica_lost_during_a_verl_driven_sync_leaves_it_and_the_others_commit(in_process_replicas):
-    manager = await _manager().start()
-    try:
+    async with _running() as manager:
         joins = [asyncio.ensure_future(manager.join_worker_update(1, index, 0)) for index in (0, 1)]
         assert await asyncio.gather(*joins) == [True, True]
         for replica in manager.replicas:
@@ -224,13 +223,10 @@ async def test_a_replica_lost_during_a_verl_driven_sync_leaves_it_and_the_others
         assert manager.weight_version == 1
         (outcome,) = await manager.score([request(10)], timeout_s=5.0)
         assert isinstance(outcome, LogProbResult) and outcome.weight_version == 1
-    finally:
-        await manager.shutdown(drain=False, timeout_s=1.0)
 
 
 async def test_a_replica_lost_after_the_others_reported_is_settled_by_the_health_monitor(in_process_replicas):
-    manager = await _manager(health_check_interval_s=0.1, auto_restart=False).start()
-    try:
+    async with _running(health_check_interval_s=0.1, auto_restart=False) as manager:
         assert await asyncio.gather(*(manager.join_worker_update(1, index, 0) for index in (0, 1))) == [True, True]
         await manager.replicas[0].executor.load_weights([("w", torch.tensor(1.0))])
         report = ReceiveReport(rank=0, version=1, ok=True, names_loaded=["w"], buckets=1)
@@ -240,14 +236,11 @@ async def test_a_replica_lost_after_the_others_reported_is_settled_by_the_health
         _die(manager.replicas[1], "replica-1: worker rank 0 died")
         await asyncio.wait_for(reported, 5.0)
         assert manager.weight_version == 1
-    finally:
-        await manager.shutdown(drain=False, timeout_s=1.0)
 
 
 
 async def test_two_commits_of_one_update_at_once_both_return_its_outcome(in_process_replicas):
-    manager = await _manager().start()
-    try:
+    async with _running() as manager:
         await manager.begin_weight_update(1)
         for replica in manager.replicas:
             await replica.server.load_weights([("w", torch.tensor(1.0))], 1)
@@ -256,5 +249,3 @@ async def test_two_commits_of_one_update_at_once_both_return_its_outcome(in_proc
         assert both == [None, None]
         assert manager.weight_version == 1 and all(r.weight_version == 1 for r in manager.replicas)
         assert not manager.status()["weights_incomplete"]
-    finally:
-        await manager.shutdown(drain=False, timeout_s=1.0)
