@@ -4,11 +4,10 @@ Both implement the `LogProbClient` interface of `clients/base.py`, so a rollout 
 trainer swaps them for the Ray-handle client without other changes. Both keep a pool of
 connections (httpx), speak msgpack by default (arrays as raw bytes; `wire="json"` for lists),
 and give every call a deadline (`timeout_s`, covering retries) that is also sent to the server
-as the requests' own deadline, so neither side waits longer than the caller. The async client
-bounds each post whole, its wait for a pooled connection included; the blocking one bounds the
-wait for a connection and the answer each by the deadline (httpx's stages), so a call queued
-behind others for a connection can take up to twice its deadline: size `max_connections` for
-the threads that share it.
+as the requests' own deadline, so neither side waits longer than the caller. Each post is
+bounded whole, its wait for a pooled connection included: httpx bounds those stages one by one,
+so the async client wraps the post in one timeout and the blocking one waits for a connection
+on its own semaphore and gives the post what time is left.
 
 What to send, how to read replies and when to retry is written once, as plans of steps
 (`clients/http_plan.py`); the two clients here only execute those steps, each with its own
@@ -18,6 +17,7 @@ kind of httpx client.
 from __future__ import annotations
 
 import asyncio
+import threading
 import time
 from typing import Any, Generator, Iterable, Sequence
 
@@ -25,7 +25,7 @@ import httpx
 import torch
 
 from clients.base import BaseLogProbClient, Outcome, RequestLike, raise_first_error
-from clients.http_plan import HttpPlans, Reply, RetryPolicy, Sleep, Step
+from clients.http_plan import HttpPlans, Post, Reply, RetryPolicy, Sleep, Step
 
 __all__ = ["HttpLogProbClient", "RetryPolicy", "SyncHttpLogProbClient"]
 
@@ -139,6 +139,7 @@ class SyncHttpLogProbClient:
         transport: httpx.BaseTransport | None = None,
     ) -> None:
         self._plans = HttpPlans(base_url, wire, timeout_s, retry or RetryPolicy(), admin_token)
+        self._slots = threading.BoundedSemaphore(max_connections)
         self._http = httpx.Client(
             base_url=self._plans.base_url,
             headers=self._plans.headers,
@@ -156,15 +157,30 @@ class SyncHttpLogProbClient:
                     time.sleep(step.seconds)
                     reply = None
                     continue
-                try:
-                    reply = self._http.post(
-                        step.path, content=step.body, headers={"content-type": step.content_type},
-                        timeout=httpx.Timeout(step.timeout_s, connect=self._http.timeout.connect),
-                    )
-                except httpx.HTTPError as error:
-                    reply = error
+                reply = self._post_within(step)
         except StopIteration as done:
             return done.value
+
+    def _post_within(self, step: Post) -> Reply:
+        """Post with one bound for the wait for a connection and the answer together.
+
+        httpx's blocking client bounds its pool wait and each read separately, so the wait for
+        a free connection happens here instead, on a semaphore as wide as the pool, and the
+        post gets what is left of the step's time."""
+        started = time.monotonic()
+        if not self._slots.acquire(timeout=step.timeout_s if step.timeout_s is not None else -1):
+            return httpx.PoolTimeout(f"no connection free within {step.timeout_s:g} s")
+        try:
+            left = None if step.timeout_s is None else max(step.timeout_s - (time.monotonic() - started), 1e-3)
+            connect = self._http.timeout.connect
+            return self._http.post(
+                step.path, content=step.body, headers={"content-type": step.content_type},
+                timeout=httpx.Timeout(left, connect=connect if left is None or connect is None else min(connect, left)),
+            )
+        except httpx.HTTPError as error:
+            return error
+        finally:
+            self._slots.release()
 
     def score(self, requests: Sequence[RequestLike], timeout_s: float | None = None) -> list[Outcome]:
         return self._run(self._plans.score_plan(requests, timeout_s))

@@ -123,6 +123,36 @@ async def test_a_clients_timeout_bounds_the_whole_call_its_wait_for_a_connection
         await client.close()
 
 
+def test_the_blocking_clients_timeout_bounds_its_wait_for_a_connection_too():
+    import threading
+
+    from clients.http_client import SyncHttpLogProbClient
+    from clients.retry import RESPONSE_GRACE_S, RetryPolicy
+
+    held: list[socket.socket] = []
+    with socket.create_server(("127.0.0.1", 0)) as silent:  # takes calls and never answers
+        threading.Thread(target=lambda: [held.append(silent.accept()[0]) for _ in range(2)], daemon=True).start()
+        url = f"http://127.0.0.1:{silent.getsockname()[1]}"
+        timeout_s = 0.5
+        took: dict[int, float] = {}
+        with SyncHttpLogProbClient(url, max_connections=1, retry=RetryPolicy(max_retries=0)) as client:
+            def timed_call(index: int) -> None:
+                started = time.monotonic()
+                with contextlib.suppress(ModelEngineError):
+                    client.score([{"input_ids": [1, 2, 3], "response_start": 1}], timeout_s=timeout_s)
+                took[index] = time.monotonic() - started
+
+            first = threading.Thread(target=timed_call, args=(0,))
+            first.start()
+            time.sleep(0.5)  # the second call queues for the one connection the first holds
+            timed_call(1)
+            first.join()
+        for connection in held:
+            connection.close()
+    # the queued call gets the connection when the first gives up, but not a fresh deadline with it
+    assert took[1] < timeout_s + RESPONSE_GRACE_S + 1.0, took
+
+
 def test_a_server_thread_stops_as_serve_does_answering_held_calls_503(tiny_model):
     import threading
 
