@@ -200,6 +200,8 @@ BAD_INPUTS = [
     ("weights as JSON", "POST", "/v1/update_weights", b"{}", "application/json", {"authorization": f"Bearer {TOKEN}"}, 415),
     ("weights body that is not an update", "POST", "/v1/update_weights", msgpack.packb({"version": "one"}), "application/msgpack", {"authorization": f"Bearer {TOKEN}"}, 400),
     ("weights with a bad dtype", "POST", "/v1/update_weights", msgpack.packb({"version": 1, "tensors": [["w", "complex64", [1], b"\0" * 8]]}), "application/msgpack", {"authorization": f"Bearer {TOKEN}"}, 400),
+    ("oversized weight-sync body", "POST", "/v1/weights/begin", b'{"version": 1' + b" " * (2 << 20) + b"}", "application/json", {"authorization": f"Bearer {TOKEN}"}, 413),
+    ("oversized from-disk body", "POST", "/v1/update_weights_from_disk", b'{"model_path": "x"' + b" " * (2 << 20) + b"}", "application/json", {"authorization": f"Bearer {TOKEN}"}, 413),
     ("GET on a POST route", "GET", "/v1/logprobs", b"", "application/json", {}, 405),
     ("unknown route", "GET", "/v1/nothing-here", b"", "application/json", {}, 404),
 ]

@@ -21,7 +21,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from model_engine_server.config import HttpConfig
 from model_engine_server.errors import ModelEngineError
 from model_engine_server.http.admin_policy import transport_spec_guard
-from model_engine_server.http.errors import ClientGone, MalformedEnvelope, error_response
+from model_engine_server.http.errors import ClientGone, EnvelopeFrameworkTooLarge, MalformedEnvelope, error_response
 from model_engine_server.http.auth import AdminTokenGate, admin_paths, require_admin
 from model_engine_server.http.completions_routes import completions_router
 from model_engine_server.http.completions_schema import CompletionsBody
@@ -105,6 +105,7 @@ def create_app(
         app.include_router(each)
     gated = admin_paths(route for each in routers for route in each.routes)
     app.add_middleware(AdminTokenGate, admin_paths=lambda: gated, expected=lambda: state.admin_token)
+    app.add_middleware(EnvelopeFrameworkTooLarge)
     _install_error_handlers(app, http.retry_after_s)
     _install_http_metrics(app, metrics)
     _install_openapi(app)

@@ -13,6 +13,9 @@ from __future__ import annotations
 import math
 
 from fastapi.responses import JSONResponse
+from starlette.datastructures import Headers
+from starlette.middleware.body_limit import MAX_BODY_SIZE_SCOPE_KEY
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from model_engine_server.errors import InvalidRequest, ModelEngineError, Overloaded
 from model_engine_server.http.wire import public_error_wire
@@ -66,3 +69,32 @@ def error_response(error: ModelEngineError, retry_after_default_s: float = 1.0, 
         headers["WWW-Authenticate"] = "Bearer"
     body: dict = {"error": public_error_wire(error), **(extra or {})}
     return JSONResponse(body, status_code=error.http_status, headers=headers)
+
+
+class EnvelopeFrameworkTooLarge:
+    """ASGI middleware: a body over a route's `max_body_size` whose `Content-Length` announced it
+    is refused by Starlette's own limiter in plain text, outside every exception handler; this
+    answers it in the JSON envelope every other error has. Other responses pass untouched."""
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        replacing = False
+
+        async def send_enveloped(message: Message) -> None:
+            nonlocal replacing
+            if message["type"] == "http.response.start" and message["status"] == 413:
+                content_type = Headers(raw=message.get("headers", [])).get("content-type", "")
+                replacing = content_type.startswith("text/plain")
+            if not replacing:
+                await send(message)
+            elif message["type"] == "http.response.body" and not message.get("more_body", False):
+                limit = scope.get(MAX_BODY_SIZE_SCOPE_KEY)
+                what = f"exceeds this route's limit of {limit} bytes" if isinstance(limit, int) else "is too large"
+                await error_response(PayloadTooLarge(f"the request body {what}"))(scope, receive, send)
+
+        await self.app(scope, receive, send_enveloped)
