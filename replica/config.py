@@ -58,8 +58,8 @@ class ReplicaConfig(BaseModel):
         default=True, description="requests of a batch lost with a dead replica are retried once on another"
     )
     max_failed_batches_in_a_row: int = Field(
-        default=3, gt=0, description="a replica whose engine fails every request of this many batches in a row is "
-        "marked dead (left out of routing, restarted by the monitor)"
+        default=3, gt=0, description="a replica one of whose data-parallel groups fails every request of its share "
+        "of this many batches in a row, and then a two-token probe, is marked dead (left out of routing, restarted by the monitor)"
     )
     ray_address: str | None = Field(
         default=None, description="the Ray cluster `start` joins when Ray is not running yet; None: embedded Ray "

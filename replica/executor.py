@@ -9,9 +9,9 @@ whole batch with `WorkerFailed` naming the rank, at once (the other ranks are no
 they may be stuck in a collective with the dead one), and marks the executor failed, after
 which every call fails fast with the same reason; calls already waiting on the workers fail
 with it at once too (a health check that finds a rank silent does not leave its batch waiting
-for `batch_timeout_s`). An engine that fails every request of `max_failed_batches_in_a_row`
-batches in a row, and then a two-token probe too (a sticky device error, not requests it
-cannot score), marks the executor failed the same way, so the replica leaves routing and is
+for `batch_timeout_s`). A data-parallel group whose engine fails every request of its share of
+`max_failed_batches_in_a_row` batches in a row, and then a two-token probe too (a sticky device
+error, not requests it cannot score), marks the executor failed the same way, so the replica leaves routing and is
 restarted instead of failing all traffic while it answers pings.
 The replica reads `failure` to know it is dead; it never hangs a request.
 """
@@ -134,7 +134,7 @@ class RayWorkerExecutor:
         self.closed = False
         self.groups = self._data_parallel_groups()
         self.max_failed_batches_in_a_row = max_failed_batches_in_a_row
-        self._failed_batches_in_a_row = 0
+        self._failed_batches_in_a_row = [0] * len(self.groups)  # per data-parallel group
         self._waiting: set[asyncio.Task[Any]] = set()  # rank calls in flight: a failure cancels them
 
     def _data_parallel_groups(self) -> list[list[int]]:
@@ -218,13 +218,14 @@ class RayWorkerExecutor:
         return results
 
     async def execute(self, requests: Sequence[LogProbRequest]) -> list[EngineOutcome]:
-        outcomes = await self._execute(requests)
-        await self._count_failed_batch(outcomes)
+        shares = split_for_data_parallel(requests, len(self.groups), self._model_info.shares_prompts)
+        outcomes = await self._execute(requests, shares)
+        await self._count_failed_shares(outcomes, shares)
         return outcomes
 
-    async def _execute(self, requests: Sequence[LogProbRequest]) -> list[EngineOutcome]:
+    async def _execute(self, requests: Sequence[LogProbRequest], shares: Sequence[Sequence[int]]) -> list[EngineOutcome]:
+        """Run share g of `requests` (indices) on data-parallel group g; an empty share skips it."""
         self._check_usable()
-        shares = split_for_data_parallel(requests, len(self.groups), self._model_info.shares_prompts)
         calls: dict[int, ray.ObjectRef] = {}
         for group, share in zip(self.groups, shares):
             if not share:
@@ -244,26 +245,34 @@ class RayWorkerExecutor:
                 outcomes[index] = outcome
         return outcomes  # type: ignore[return-value]
 
-    async def _count_failed_batch(self, outcomes: Sequence[EngineOutcome]) -> None:
-        """A batch whose every request failed in the engine counts towards a sticky failure;
-        any answered request resets the count. At the bound a probe decides: a request of two
-        tokens any working engine scores (a request it cannot score, resent, is not the engine's
-        fault, and must not take the replica down)."""
-        if not outcomes or not all(isinstance(o, WorkerFailed) for o in outcomes):
-            self._failed_batches_in_a_row = 0
-            return
-        self._failed_batches_in_a_row += 1
-        if self._failed_batches_in_a_row < self.max_failed_batches_in_a_row:
-            return
+    async def _count_failed_shares(self, outcomes: Sequence[EngineOutcome], shares: Sequence[Sequence[int]]) -> None:
+        """A data-parallel group whose every request of a batch failed in its engine counts
+        towards a sticky failure (one broken device of several fails only its group's share);
+        any request it answers resets its count. At the bound a probe decides: a request of two
+        tokens any working engine scores, sent to that group alone (a request it cannot score,
+        resent, is not the engine's fault, and must not take the replica down)."""
+        for group, share in enumerate(shares):
+            if not share:
+                continue
+            if not all(isinstance(outcomes[i], WorkerFailed) for i in share):
+                self._failed_batches_in_a_row[group] = 0
+                continue
+            self._failed_batches_in_a_row[group] += 1
+            if self._failed_batches_in_a_row[group] >= self.max_failed_batches_in_a_row:
+                await self._probe(group, last=outcomes[share[0]])
+
+    async def _probe(self, group: int, last: EngineOutcome) -> None:
+        probe_shares = [[0] if each == group else [] for each in range(len(self.groups))]
         try:
-            (answer,) = await self._execute([PROBE])
+            (answer,) = await self._execute([PROBE], probe_shares)
         except ModelEngineError as error:
             answer = error
         if isinstance(answer, ModelEngineError):
-            self.mark_failed(f"{self.name}: the engine failed every request of {self._failed_batches_in_a_row} "
-                             f"batches in a row, and a two-token probe ({answer}; last: {outcomes[0]})")
+            self.mark_failed(f"{self.name}: the engine of data-parallel group {group} failed every request of "
+                             f"{self._failed_batches_in_a_row[group]} batches in a row, and a two-token probe "
+                             f"({answer}; last: {last})")
         else:
-            self._failed_batches_in_a_row = 0
+            self._failed_batches_in_a_row[group] = 0
 
     async def load_weights(self, named_tensors: Iterable[tuple[str, torch.Tensor]]) -> list[str]:
         """Send tensors in buckets, each put once in Ray's store and loaded by every worker;

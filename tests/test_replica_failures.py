@@ -39,7 +39,7 @@ def _worker_class():
 
     @ray.remote(num_cpus=0)
     class StandInWorker:
-        """Answers `score` as a worker whose engine fails every request, or hangs."""
+        """Answers `score` as a worker whose engine works, fails every request, or hangs."""
 
         def __init__(self, mode: str) -> None:
             self.mode = mode
@@ -50,6 +50,8 @@ def _worker_class():
             if self.mode == "long requests fail":  # e.g. out of memory on them: the engine itself works
                 return [WorkerFailed("scoring failed: OutOfMemoryError") if r.num_tokens > 4
                         else ScoreOutput(log_probs=np.zeros(r.num_response_tokens, np.float32)) for r in requests]
+            if self.mode == "answer":
+                return [ScoreOutput(log_probs=np.zeros(r.num_response_tokens, np.float32)) for r in requests]
             return [WorkerFailed("scoring failed: RuntimeError: CUDA error: an illegal memory access") for _ in requests]
 
     return StandInWorker
@@ -66,10 +68,12 @@ def _stand_in(mode: str):
         ray.kill(worker, no_restart=True)
 
 
-def _executor(worker, **kwargs) -> RayWorkerExecutor:
-    info = WorkerInfo(rank=0, world_size=1, data_parallel_rank=0, returns_results=True, node_ip="127.0.0.1",
-                      node_id="node", pid=0, device="cpu", dist_backend="gloo")
-    return RayWorkerExecutor("replica-9", [worker], [info], MODEL_INFO, {}, **kwargs)
+def _executor(*workers, **kwargs) -> RayWorkerExecutor:
+    """One data-parallel group per stand-in worker."""
+    infos = [WorkerInfo(rank=rank, world_size=len(workers), data_parallel_rank=rank, returns_results=True,
+                        node_ip="127.0.0.1", node_id="node", pid=0, device="cpu", dist_backend="gloo")
+             for rank in range(len(workers))]
+    return RayWorkerExecutor("replica-9", list(workers), infos, MODEL_INFO, {}, **kwargs)
 
 
 async def test_an_engine_failing_every_request_of_batches_in_a_row_marks_its_executor_failed(ray_cluster):
@@ -86,6 +90,16 @@ async def test_an_engine_failing_every_request_of_batches_in_a_row_marks_its_exe
         assert failures == [executor.failure]  # the replica hears of it (and leaves routing)
         with pytest.raises(WorkerFailed):
             await executor.execute([request(8)])
+
+
+async def test_one_broken_data_parallel_group_of_two_marks_its_executor_failed(ray_cluster):
+    with _stand_in("answer") as healthy, _stand_in("fail") as broken:
+        executor = _executor(healthy, broken, max_failed_batches_in_a_row=3)
+        for _ in range(3):  # half of every batch fails: the broken group's share
+            outcomes = await executor.execute([request(8), request(9), request(10), request(11)])
+            assert any(isinstance(o, ScoreOutput) for o in outcomes)
+            assert any(isinstance(o, WorkerFailed) for o in outcomes)
+        assert executor.failure is not None and "data-parallel group 1" in executor.failure
 
 
 async def test_one_request_the_engine_cannot_score_resent_many_times_leaves_the_replica_serving(ray_cluster):
