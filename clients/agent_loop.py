@@ -8,9 +8,10 @@ uses:
 - `engine_server_logprobs`: old (proximal) log-probs of each response token, `[response_len]`;
 - `engine_server_entropys`: entropy of the same distributions;
 - `engine_server_weight_version`: the policy version that computed them;
-- `ref_log_probs`: the frozen reference policy's log-probs of the same tokens at the same
+- `ref_log_prob`: the frozen reference policy's log-probs of the same tokens at the same
   temperature, when asked (`return_ref_log_probs=True`; the server runs in reference mode);
-  the name a verl trainer's KL loss reads, so the trainer skips its own reference forward;
+  the batch key verl's KL loss and `apply_kl_penalty` read, so stacked into a batch the rows
+  spare the trainer its own reference forward;
 - `rollout_mismatch`: mean/max |rollout logp - server logp| and a KL estimate (k3), when the
   rollout's log-probs were given.
 """
@@ -27,7 +28,7 @@ from model_engine_server.protocol import LogProbRequest, LogProbResult
 LOG_PROBS_FIELD = "engine_server_logprobs"
 ENTROPY_FIELD = "engine_server_entropys"
 VERSION_FIELD = "engine_server_weight_version"
-REF_LOG_PROBS_FIELD = "ref_log_probs"
+REF_LOG_PROBS_FIELD = "ref_log_prob"
 MISMATCH_FIELD = "rollout_mismatch"
 
 

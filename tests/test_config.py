@@ -278,6 +278,15 @@ def test_an_override_of_a_trainer_key_is_inherited_and_says_so(tmp_path):
     assert loaded.sources["temperature"] == "inherited from actor_rollout_ref.rollout.temperature (override)"
 
 
+def test_a_resumed_version_on_the_trainers_base_model_is_refused_but_on_an_export_of_that_step_taken(tmp_path):
+    path = write(tmp_path, {"actor_rollout_ref": {"model": {"path": "/models/base"}}})
+    with pytest.raises(ConfigError, match="initial_weight_version=7 with model_path inherited"):
+        load_config(path, ["model_engine_server.initial_weight_version=7"])
+    exported = load_config(path, ["model_engine_server.initial_weight_version=7", "model_engine_server.model_path=/ckpt/step7-hf"])
+    assert exported.server.initial_weight_version == 7 and exported.server.model_path == "/ckpt/step7-hf"
+    assert load_config(path).server.model_path == "/models/base"  # version 0: the base model is what verl starts from
+
+
 @pytest.mark.parametrize("kl_key", ["actor_rollout_ref.actor.use_kl_loss", "algorithm.use_kl_in_reward"])
 def test_a_kl_term_switches_ref_mode_on_unless_the_section_says_otherwise(tmp_path, kl_key):
     path = actor_megatron(tmp_path, {"n_gpus_per_node": 8})

@@ -218,6 +218,18 @@ async def test_the_agent_loop_hook_writes_ref_log_probs_under_the_verl_name(tiny
     assert sample[REF_LOG_PROBS_FIELD].dtype == np.float32 and sample[REF_LOG_PROBS_FIELD].shape == (3,)
     np.testing.assert_array_equal(sample[REF_LOG_PROBS_FIELD], sample[LOG_PROBS_FIELD])  # same weights, same math
 
+    # stacked into a batch under that name, verl's own KL-in-reward step reads it
+    pytest.importorskip("verl")
+    from verl import DataProto
+    from verl.trainer.ppo.core_algos import FixedKLController
+    from verl.trainer.ppo.ray_trainer import apply_kl_penalty
+
+    ref = torch.from_numpy(sample[REF_LOG_PROBS_FIELD])[None]
+    batch = DataProto.from_dict({REF_LOG_PROBS_FIELD: ref, "old_log_probs": ref + 0.5,
+                                 "token_level_scores": torch.zeros(1, 3), "response_mask": torch.ones(1, 3)})
+    batch, metrics = apply_kl_penalty(batch, FixedKLController(kl_coef=0.1), kl_penalty="kl")
+    assert metrics["actor/reward_kl_penalty"] == pytest.approx(0.5)
+
 
 # ---------------------------------------------------------------- the composite, with fakes
 class _Half:

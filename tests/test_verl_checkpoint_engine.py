@@ -440,6 +440,26 @@ async def test_the_trainers_join_hook_adds_every_replica_to_verls_manager_with_t
     reference = await fresh_server_scores(model_dir, new_weights(base_weights, 13), version, requests)
     assert_served_like(await client.score(requests, timeout_s=WAIT_S), reference, version, "after the trainer's sync")
 
+
+async def test_a_trainer_left_at_the_defaults_joins_the_sync_and_refuses_to_start_without_the_servers_actor(
+    ray_cluster, model_dir
+):
+    """Without the join the server would serve version 0 for good: every sample from the second
+    sync on is stale, and each step waits out its deadline before failing. So the join is the
+    default, and a server that is not on the trainer's Ray cluster stops the trainer at start."""
+    from clients.verl.server_fields import trainer_side_config
+
+    training_config = OmegaConf.create({
+        "actor_rollout_ref": {"rollout": {"checkpoint_engine": {**dataclasses.asdict(CHECKPOINT_ENGINE),
+                                                                "_target_": "verl.workers.config.CheckpointEngineConfig"}},
+                              "model": {"path": str(model_dir)}},
+        "model_engine_server": {"ray": {"actor_name": "no-such-scoring-service"}},
+    })
+    rules = trainer_side_config(training_config)
+    assert rules.join_weight_sync
+    with pytest.raises(RuntimeError, match="no-such-scoring-service.*join_weight_sync=false"):
+        await join_scoring_pool(CheckpointEngineManager(CHECKPOINT_ENGINE, None, []), training_config, rules)
+
 @pytest.mark.gpu
 @pytest.mark.skipif(torch.cuda.device_count() < 2, reason="NCCL needs the trainer and the replica on 2 GPUs")
 async def test_verls_own_nccl_backend_syncs_our_replicas_on_gpus(ray_cluster, tmp_path):

@@ -21,9 +21,9 @@ sample tags carry the same numbers. Within a sync cycle verl's own path computes
 weights saved at `local_trigger_step == 1`, i.e. the weights last pushed: version
 `current_param_version`, for every local step of the cycle. So that is `old_version` here, and
 the server must label its weights the same way: its weight version N must be the parameters
-verl labels N (it is when the server receives verl's syncs tagged with that `global_steps`, and
-serves the initial checkpoint as version 0, or is started with `initial_weight_version: N`
-when verl resumes from `global_step_N`). A sample scored under another version (beyond
+verl labels N (it is when the server receives verl's syncs tagged with that `global_steps`,
+`join_weight_sync`, and serves the initial checkpoint as version 0; after a resume from
+`global_step_N`, verl's first sync delivers N). A sample scored under another version (beyond
 `max_version_lag`) is stale and goes to `on_stale`.
 
 Rules (`model_engine_server.trainer:`, via `server_fields.plan_batch`): `recompute` runs verl's

@@ -178,7 +178,16 @@ async def scoring_replicas(config: RolloutConfig | DictConfig, model_config: HFM
     `CheckpointEngineManager` (alone or with the rollout replicas: `add_replicas`)."""
     rollout_config = config if isinstance(config, RolloutConfig) else omega_conf_to_dataclass(config, RolloutConfig)
     options = ScoringPoolOptions.of(rollout_config)
-    service = ray.get_actor(options.actor_name, namespace=options.ray_namespace)
+    try:
+        service = ray.get_actor(options.actor_name, namespace=options.ray_namespace)
+    except ValueError:
+        raise RuntimeError(
+            f"model-engine-server: no Ray actor {options.actor_name!r} in namespace {options.ray_namespace!r} to "
+            "join the trainer's weight sync; run the server on this Ray cluster (`serve` with "
+            "model_engine_server.ray.address=auto), or "
+            "set model_engine_server.trainer.join_weight_sync=false if its weights arrive another way "
+            "(clients/publisher.py, /v1/update_weights_from_disk)"
+        ) from None
     count = (await service.get_status.remote())["num_replicas"]
     replica_class = RolloutReplicaRegistry.get(rollout_config.name)
     replicas = [replica_class(rank, rollout_config, model_config) for rank in range(count)]

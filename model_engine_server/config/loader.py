@@ -39,6 +39,7 @@ from model_engine_server.config.verl import (
     ALIASES,
     IGNORED_MEGATRON_KEYS,
     IGNORED_SECTION_KEYS,
+    TRAINER_MODEL_PATH,
     apply_aliases,
     inherit_backend_from_defaults,
     inherit_from_trainer,
@@ -104,7 +105,22 @@ def load_config(
         server = ServerConfig.model_validate(raw)
     except ValidationError as error:
         raise _explain(error, sources) from None
+    _refuse_a_relabelled_base_model(server, sources)
     return LoadedConfig(server, sources, training, Path(path) if path else None, ignored)
+
+
+def _refuse_a_relabelled_base_model(server: ServerConfig, sources: dict[str, str]) -> None:
+    """`initial_weight_version: N` says the checkpoint at `model_path` holds step N's weights.
+    One inherited from the trainer's `model.path` is the base model verl starts from (it resumes
+    its own checkpoint, not that folder), so serving it as N would label the base model's
+    log-probs as step N's, and a sync of N would be skipped as already served."""
+    if server.initial_weight_version > 0 and sources.get("model_path", "").startswith(f"inherited from {TRAINER_MODEL_PATH}"):
+        raise ConfigError(
+            f"{SECTION}.initial_weight_version={server.initial_weight_version} with model_path inherited from "
+            f"{TRAINER_MODEL_PATH} (the base model, not step {server.initial_weight_version}'s weights): when verl "
+            f"resumes, leave initial_weight_version at 0 and let its first sync deliver the resumed weights, or set "
+            f"{SECTION}.model_path to an HF export of step {server.initial_weight_version}"
+        )
 
 
 def _refuse_a_misspelt_section(training: DictConfig) -> None:

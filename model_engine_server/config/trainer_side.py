@@ -47,9 +47,11 @@ class TrainerSideConfig(BaseModel):
         default=0, ge=0, description="a sample this many versions behind the old policy still counts as current"
     )
     join_weight_sync: bool = Field(
-        default=False,
-        description="add the server's replicas (on Ray) to the trainer's own checkpoint-engine sync, so "
-        "every `update_weights(global_steps)` also reaches them; off: the server gets weights another way",
+        default=True,
+        description="add the server's replicas (on Ray, the actor `actor_name`) to the trainer's own "
+        "checkpoint-engine sync, so every `update_weights(global_steps)` also reaches them; the trainer "
+        "refuses to start when that actor is not found. Off: the server gets weights another way "
+        "(publisher, update_weights_from_disk), or it never leaves version 0 and every later sample is stale",
     )
     score_ref: bool = Field(
         default=False, description="also take ref_log_prob from the server (its reference mode must be on)"
