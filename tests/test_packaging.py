@@ -96,3 +96,20 @@ def test_our_pins_lie_inside_the_ranges_verl_declares():
         if pinned is not None and not requirement.specifier.contains(pinned, prereleases=True):
             clashes.append(f"{requirement.name}=={pinned} outside verl's {requirement.specifier}")
     assert clashes == []
+
+
+def test_the_wheel_carries_the_agent_loop_yaml_the_readme_points_at(tmp_path):
+    """A pip-installed user has no repository checkout: the YAML verl's `agent_loop_config_path`
+    names must come with the package, where `python -m clients.verl.agent_loop_yaml` says."""
+    import subprocess
+    import sys
+    import zipfile
+
+    subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q", "-w", str(tmp_path), str(ROOT)],
+                   check=True, capture_output=True, timeout=240)
+    (wheel,) = tmp_path.glob("model_engine_server-*.whl")
+    names = zipfile.ZipFile(wheel).namelist()
+    assert "clients/verl/agent_loop.yaml" in names and "clients/verl/agent_loop_yaml.py" in names
+    printed = subprocess.run([sys.executable, "-m", "clients.verl.agent_loop_yaml"], check=True, capture_output=True,
+                             text=True, cwd=tmp_path).stdout.strip()
+    assert Path(printed).is_file() and Path(printed).name == "agent_loop.yaml"

@@ -33,6 +33,7 @@ from verl.experimental.agent_loop.agent_loop import (  # noqa: E402
 from clients.http_client import HttpLogProbClient  # noqa: E402
 from clients.verl import connection  # noqa: E402
 from clients.verl import server_fields as sf  # noqa: E402
+from clients.verl.agent_loop_yaml import AGENT_LOOP_YAML  # noqa: E402
 from clients.verl.agent_loop import AGENT_NAME, ModelEngineServerAgentLoop, _request, server_fields_for  # noqa: E402
 from model_engine_server.protocol import LogProbRequest  # noqa: E402
 from model_engine_server.tiny_model import make_tiny_model  # noqa: E402
@@ -46,8 +47,6 @@ from tests.verl_pipeline import (  # noqa: E402
     with_settings,
 )
 
-REPO = Path(__file__).resolve().parents[1]
-AGENT_LOOP_YAML = REPO / "deploy" / "verl" / "agent_loop.yaml"
 TEMPERATURE = 0.8
 TOLERANCE = 1e-5  # the same server scoring the same ids, possibly batched differently
 

@@ -1,7 +1,7 @@
 """A verl agent loop that scores each finished trajectory on the server, then hands it on.
 
 `model_engine_server_agent` (registered in verl's agent-loop registry, and loadable from
-`actor_rollout_ref.rollout.agent.agent_loop_config_path`, see `deploy/verl/agent_loop.yaml`)
+`actor_rollout_ref.rollout.agent.agent_loop_config_path`, see `agent_loop.yaml` beside this module)
 runs an inner agent loop chosen by its registered name (`inner_agent`, default verl's
 `single_turn_agent`; `tool_agent` or any loop of the same YAML works too). The moment the inner
 loop returns its `AgentLoopOutput`, the prompt + response ids are scored on the server at the

@@ -8,7 +8,7 @@ the server's numbers reach the trainer (checked before anything starts):
 - `actor_rollout_ref.rollout.multi_turn.enable=True`: otherwise verl's rollouter sets every
   sample's `agent_name` to `single_turn_agent` (`detach_utils.prepare_single_generation_data`)
   and the scoring agent loop never runs;
-- `actor_rollout_ref.rollout.agent.agent_loop_config_path=deploy/verl/agent_loop.yaml` and
+- `actor_rollout_ref.rollout.agent.agent_loop_config_path=$(python -m clients.verl.agent_loop_yaml)` and
   `actor_rollout_ref.rollout.agent.default_agent_loop=model_engine_server_agent` (a scoring
   loop); a dataset `agent_name` column must name scoring loops only, since verl joins the
   samples with `DataProto.concat`, which needs the same fields on every sample (V1 stores
