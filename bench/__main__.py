@@ -65,7 +65,9 @@ def print_record(record: dict[str, Any]) -> None:
     print()
 
 
-def main(argv: list[str] | None = None) -> int:
+def build_parser() -> argparse.ArgumentParser:
+    """The command line; the report parses a record's stated command with it too, to tell what
+    that command runs today (`bench/report_scoring.py`)."""
     parser = argparse.ArgumentParser(prog="python -m bench", description=__doc__.splitlines()[0])
     parser.add_argument("name", choices=[*BENCHMARKS, "all"])
     parser.add_argument("--quick", action="store_true", help="fewer timings (scoring: the toy's mix smaller, each path timed once; "
@@ -80,6 +82,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--cpu-heap", choices=["keep", "system"],
                         help="scoring and profile: keep freed CPU memory for reuse, as a server process does (default), "
                         "or glibc's default; every path runs under the same one")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
     args = parser.parse_args(argv)
     options = {"shape": args.shape, "max_tokens": args.max_tokens, "group_size": args.group_size,
                "cpu_heap": args.cpu_heap}

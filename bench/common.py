@@ -49,9 +49,10 @@ def machine_info() -> dict[str, Any]:
     return info
 
 
-def code_revision() -> str | None:
-    """The commit the benchmark ran from (`+changes` when the tree differed from it); None
-    outside a git checkout."""
+def code_revision() -> str:
+    """The commit the benchmark ran from (`+changes` when the tree differed from it), so a
+    record can be told from one made by older code; "unknown" outside a git checkout. Every
+    record carries it through `machine_info` (records older than it render "not recorded")."""
     root = Path(__file__).resolve().parents[1]
     try:
         head = subprocess.run(["git", "rev-parse", "--short=12", "HEAD"], cwd=root, capture_output=True, text=True,
@@ -59,7 +60,7 @@ def code_revision() -> str | None:
         dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=root,
                                capture_output=True, text=True, timeout=10, check=True).stdout.strip()
     except (OSError, subprocess.SubprocessError):
-        return None
+        return "unknown"
     return head + ("+changes" if dirty else "")
 
 
@@ -150,14 +151,19 @@ def alternating_best(steps: dict[str, Callable[[], Any]], repeats: int,
                      between: Callable[[], None] | None = None) -> dict[str, tuple[float, Any]]:
     """`timed_best` for several paths at once, one run of each per round, rounds repeated: a
     burst of load from another job then slows every path of that round, not one path's runs.
+    Each round starts one path later (as `bench/serving.py` rotates its paths), so no path
+    always runs first, right after the untimed set-up.
     No warm-up here: the caller warms every path first (`scoring._measure` does; the cause split
     runs on the engines those paths warmed).
     `between` runs untimed before every step (the scoring benchmarks hand a kept heap back
     there, so one path's freed blocks do not stay resident under the next path's)."""
     times: dict[str, float] = {}
     results: dict[str, Any] = {}
-    for _ in range(repeats):
-        for name, step in steps.items():
+    names = list(steps)
+    for round_index in range(repeats):
+        shift = round_index % len(names) if names else 0
+        for name in names[shift:] + names[:shift]:
+            step = steps[name]
             if between is not None:
                 between()
             seconds, results[name] = timed_best(step, 1, warmup=0)  # outputs of the latest timed run

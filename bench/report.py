@@ -2,7 +2,9 @@
 
 `python -m bench.report [JSON ...]` (default: every `bench/results/*.json`). Never edit
 RESULTS.md by hand: figures there must be what a command printed. Prose that explains the
-figures lives in `bench/notes/NAME.md` and is copied in under the benchmark's section.
+figures lives in `bench/notes/NAME.md` and is copied in under the benchmark's section. Scoring
+records that older code made are marked where today's code or command differs, by rules computed
+from each record (`bench/report_scoring.py`); the records themselves are never rewritten.
 """
 
 from __future__ import annotations
@@ -55,13 +57,35 @@ def _verdict_cells(target: dict[str, Any]) -> str:
     return f"{_value(target['measured'])} | {'met' if target['met'] else '**missed**'}"
 
 
+def figure_rows(record: dict[str, Any]) -> list[tuple[str, Any, str]]:
+    """`(dotted key, value, remark)` per figure; scoring records get the rules that keep an old
+    record's figures from reading as today's (`bench/report_scoring.py`)."""
+    if record["benchmark"] == "scoring":
+        from bench import report_scoring
+
+        return report_scoring.figure_rows(record["figures"])
+    return [(key, value, "") for key, value in flatten(record["figures"])]
+
+
+def command_lines(record: dict[str, Any]) -> list[str]:
+    """The stated command and, where today's code runs something else under it, a line saying so."""
+    lines = [f"Command: `{record['command']}`  "]
+    if record["benchmark"] == "scoring":
+        from bench import report_scoring
+
+        drift = report_scoring.command_drift(record)
+        if drift:
+            lines.append(f"*{drift}*  ")
+    return lines
+
+
 def render_record(record: dict[str, Any]) -> str:
     machine = record["machine"]
     lines = [
         f"## {record['benchmark']}{' (quick)' if record.get('quick') else ''}"
         + ("" if record.get("source", record["benchmark"]) == record["benchmark"] else f": `{record['source']}.json`"),
         "",
-        f"Command: `{record['command']}`  ",
+        *command_lines(record),
         f"Machine: {machine.get('cpu_cores')} cores ({machine.get('cpu_model')}; {_flags(machine)}), "
         f"{machine.get('memory_gib')} GiB, GPU: {machine.get('gpu') or 'none'}; torch {machine.get('torch')}; "
         f"code {machine.get('code') or 'not recorded'}  ",
@@ -70,7 +94,7 @@ def render_record(record: dict[str, Any]) -> str:
         "| figure | value |",
         "| --- | --- |",
     ]
-    lines += [f"| `{key}` | {_value(value)} |" for key, value in flatten(record["figures"])]
+    lines += [f"| `{key}` | {_value(value)}{f' ({remark})' if remark else ''} |" for key, value, remark in figure_rows(record)]
     targets = current_targets(record)
     if targets:
         lines += ["", "| target | measured | verdict |", "| --- | --- | --- |"]

@@ -14,8 +14,8 @@ timed side by side in one run:
   `torch` backend; figures `verl_fused_*`, `speedup_vs_verl_fused`). `speedup_vs_verl` stays
   against verl's plain path, its default and, on the CPUs measured, the faster of the two.
 
-All paths must give the same log-probs; each round times every path once, rounds repeated,
-least of each kept. Model FLOP/s counts the forward from the architecture
+All paths must give the same log-probs; every path is warmed once, untimed, then each round
+times every path once (each round starting one path later), rounds repeated, least of each kept. Model FLOP/s counts the forward from the architecture
 (response-only LM head counted as such) over the dense GEMM FLOP/s measured in the same run.
 
 Every measured shape runs unless `--shape` picks some: the toy, then the real model shapes
@@ -24,8 +24,10 @@ under its key in the JSON; the toy stays at the top level. The real shapes' leng
 scaled down to about `--max-tokens` tokens (default 4,096: the same requests, shorter; fewer
 tokens, not a smaller model); `--quick` times that same mix once instead of best of 2. Every
 shape also reports its FLOP split and the causes of its ratio to verl
-(`bench/scoring_causes.py`), and the run ends with predictions - labelled as such - for the 7B
-and 32B shapes (`bench/scoring_predict.py`). Every fp32 run, the toy's included, also reports
+(`bench/scoring_causes.py`), with `speedup_vs_verl_without_attention`: the ratio less the
+attention factor, derived, and the GPU-relevant figure (verl runs flash-attn varlen there, so
+that factor does not carry over). The run ends with predictions - labelled as such - for the
+7B and 32B shapes (`bench/scoring_predict.py`). Every fp32 run, the toy's included, also reports
 each path's distance from a float64 forward (`bench/scoring_fp64.py`).
 
 `--group-size N` makes the mix GRPO-like: N sampled responses per prompt (verl's
@@ -40,7 +42,7 @@ import random
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import torch
 
@@ -132,8 +134,8 @@ def packed_full_logits(
         temperatures = torch.full((hidden.shape[0],), chosen[0].temperature, device=hidden.device)
         log_probs, _ = full_logits_log_probs(hidden, engine.lm_head().weight, row_targets, temperatures,
                                              want_entropy=False)  # the server path is timed without it too
-        scored = log_probs.index_select(0, batch.score_positions.to(hidden.device)).split(
-            [r.num_response_tokens for r in chosen])
+        scored = log_probs.index_select(0, batch.score_positions.to(hidden.device)).cpu().split(
+            [r.num_response_tokens for r in chosen])  # on the CPU, as the server's outputs are
         for index, values in zip(group, scored):
             outputs[index] = values
     return outputs
@@ -169,10 +171,25 @@ def _padded_full_logits(engine: HFEngine, requests: list[LogProbRequest]) -> lis
         temperatures = torch.full((targets.shape[0],), chosen[0].temperature, device=engine.device)
         log_probs, _ = full_logits_log_probs(flat_hidden, engine.lm_head().weight, targets, temperatures,
                                              want_entropy=False)
-        log_probs = log_probs.view(len(chosen), width - 1)
+        log_probs = log_probs.view(len(chosen), width - 1).cpu()  # on the CPU, as the server's outputs are
         outputs.extend(log_probs[row, r.response_start - 1 : r.num_tokens - 1] for row, r in enumerate(chosen))
     padded_full_logits.padded_tokens = padded_tokens  # type: ignore[attr-defined]
     return outputs
+
+
+def _paths(engine: HFEngine, verl: "scoring_verl.VerlEngine | None", adapter: ModelEngineServerAdapter,
+           requests: list[LogProbRequest]) -> dict[str, Callable[[], list[torch.Tensor]]]:
+    """Every timed path on `requests`, each giving CPU log-probs (the server's outputs are
+    numpy arrays; on CUDA the others copy theirs back, so every comparison is on one device)."""
+    steps: dict[str, Callable[[], list[torch.Tensor]]] = {
+        "server": lambda: [torch.from_numpy(o.log_probs) for o in adapter.score(requests)],
+        "packed": lambda: packed_full_logits(engine, requests),
+        "padded": lambda: padded_full_logits(engine, requests),
+    }
+    if verl is not None:
+        steps["verl"] = lambda: scoring_verl.verl_recompute(verl, requests)
+        steps["verl_fused"] = lambda: scoring_verl.verl_recompute(verl, requests, fused=True)
+    return steps
 
 
 def _measure(
@@ -181,17 +198,9 @@ def _measure(
     """The figures, and the server's and verl's log-probs (for the float64 anchor)."""
     adapter = ModelEngineServerAdapter(engine, TOKEN_BUDGET)
     total_tokens = sum(r.num_tokens for r in requests)
-    adapter.score(requests[:2])  # warm-up: first-call allocations and thread pools
-    steps = {
-        "server": lambda: [torch.from_numpy(o.log_probs) for o in adapter.score(requests)],
-        "packed": lambda: packed_full_logits(engine, requests),
-        "padded": lambda: padded_full_logits(engine, requests),
-    }
-    if verl is not None:
-        scoring_verl.verl_recompute(verl, requests[:2])  # the same warm-up for verl's worker
-        scoring_verl.verl_recompute(verl, requests[:2], fused=True)
-        steps["verl"] = lambda: scoring_verl.verl_recompute(verl, requests)
-        steps["verl_fused"] = lambda: scoring_verl.verl_recompute(verl, requests, fused=True)
+    for warm_up in _paths(engine, verl, adapter, requests[:2]).values():
+        warm_up()  # every path once, untimed: first-call allocations, thread pools, kernels
+    steps = _paths(engine, verl, adapter, requests)
     # Each path starts from a trimmed heap: under a kept heap, the full-logits paths' freed
     # blocks (5-6 GB each, of other sizes than the next path's) stayed resident and a quick toy
     # run was OOM-killed at 24 GiB. Within a call, a path still reuses its own freed blocks.
@@ -221,8 +230,9 @@ def _measure(
         verl_s, outputs["verl"] = timed["verl"]
         figures["verl_tokens_per_s"] = total_tokens / verl_s
         figures["speedup_vs_verl"] = verl_s / server_s
-        # the ratio if the server's FLOPs ran at the measured GEMM rate: the most any
-        # implementation of the server's work reaches against this verl time on this machine
+        # the ratio if the server's FLOPs ran at the square-GEMM rate measured in this run: a
+        # reference, not a bound (CPU MFU has exceeded 1: the model's GEMMs can run faster than
+        # the one square shape timed)
         figures["speedup_vs_verl_at_gemm_rate"] = figures["speedup_vs_verl"] / figures["mfu"]
         figures["max_abs_diff_vs_verl"] = scoring_verl.agreement(server, outputs["verl"])
         verl_fused_s, verl_fused = timed["verl_fused"]
@@ -304,15 +314,22 @@ def _measure_dtype(path: Path, dtype: str, requests: list[LogProbRequest], repea
     return figures
 
 
+def shape_requests(name: str, size: Size, max_tokens: int | None, group_size: int = 1) -> list[LogProbRequest]:
+    """The mix shape `name` scores at this size: the toy's own, a real shape's scaled to
+    `max_tokens` (None: the size's `real_shape_tokens`). The report reads it too, to tell a
+    record made with another mix than today's command draws (`bench/report_scoring.py`)."""
+    real = shapes.MEASURED[name]
+    vocab_size = size.model.vocab_size if real is None else real.vocab_size
+    count = size.requests if real is None else size.real_shape_requests
+    requests = rl_length_mix(count, vocab_size, max_response=size.max_response, group_size=group_size)
+    return requests if real is None else scale_to_tokens(requests, max_tokens or size.real_shape_tokens)
+
+
 def measure_shape(name: str, size: Size, max_tokens: int | None, folder: Path, group_size: int = 1) -> dict[str, Any]:
     """One shape's figures: the toy in every dtype of the size on its own mix, a real shape in
     fp32 on the mix scaled to `max_tokens` (None: the size's `real_shape_tokens`)."""
-    real = shapes.MEASURED[name]
-    toy = real is None
-    vocab_size = size.model.vocab_size if real is None else real.vocab_size
-    count = size.requests if toy else size.real_shape_requests
-    requests = rl_length_mix(count, vocab_size, max_response=size.max_response, group_size=group_size)
-    requests = requests if toy else scale_to_tokens(requests, max_tokens or size.real_shape_tokens)
+    toy = shapes.MEASURED[name] is None
+    requests = shape_requests(name, size, max_tokens, group_size)
     path = shapes.make_model(name, folder, toy=size.model)
     figures: dict[str, Any] = {"shape": name, "group_size": group_size, **_request_figures(requests)}
     figures.update(scoring_predict.flop_figures(_hf_config(path), requests))
@@ -321,6 +338,9 @@ def measure_shape(name: str, size: Size, max_tokens: int | None, folder: Path, g
     rest = scoring_causes.rest_factor(figures)
     if rest is not None:
         figures["factor_rest"] = rest
+    without_attention = scoring_causes.without_attention(figures)
+    if without_attention is not None:  # derived: the part of the lead that a GPU's verl leaves
+        figures["speedup_vs_verl_without_attention"] = without_attention
     return figures
 
 

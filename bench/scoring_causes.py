@@ -74,29 +74,47 @@ def _with_attention(engine: HFEngine, name: str, step: Callable[[], Any]) -> Cal
     return run
 
 
+@dataclass(frozen=True)
+class OnDevice:
+    """A group's index and target tensors where its hidden states are (the packer makes them on
+    the CPU; on CUDA, indexing CUDA hidden states needs them there), moved once, untimed."""
+
+    score_positions: torch.Tensor
+    targets: torch.Tensor
+    all_targets: torch.Tensor
+    temperatures: torch.Tensor  # one per response target
+    all_temperatures: torch.Tensor  # one per row position
+
+
+def on_device(group: Packed, device: torch.device) -> OnDevice:
+    batch = group.batch
+    return OnDevice(batch.score_positions.to(device), batch.targets.to(device), group.all_targets.to(device),
+                    torch.full((batch.targets.numel(),), group.temperature, device=device),
+                    torch.full((group.all_targets.numel(),), group.temperature, device=device))
+
+
 def component_steps(engine: HFEngine, groups: list[Packed], shared: list[Packed] | None) -> dict[str, Callable[[], Any]]:
     """The five timed components (six with shared prompts); the heads run on hidden states
     computed once here."""
     with torch.inference_mode():
         hiddens = [engine.hidden_states(g.batch) for g in groups]
     head = engine.lm_head()
+    placed = [on_device(g, h.device) for h, g in zip(hiddens, groups)]
 
     def body() -> list[torch.Tensor]:
         with torch.inference_mode():
             return [engine.hidden_states(g.batch) for g in groups]
 
     def head_response() -> list[torch.Tensor]:
-        return [chunked_log_probs(h.index_select(0, g.batch.score_positions), head, g.batch.targets,
-                                  torch.full((g.batch.targets.numel(),), g.temperature))[0]
-                for h, g in zip(hiddens, groups)]
+        return [chunked_log_probs(h.index_select(0, d.score_positions), head, d.targets, d.temperatures)[0]
+                for h, d in zip(hiddens, placed)]
 
     def head_all_chunked() -> list[torch.Tensor]:
-        return [chunked_log_probs(h, head, g.all_targets, torch.full((g.all_targets.numel(),), g.temperature))[0]
-                for h, g in zip(hiddens, groups)]
+        return [chunked_log_probs(h, head, d.all_targets, d.all_temperatures)[0] for h, d in zip(hiddens, placed)]
 
     def head_all_full() -> list[torch.Tensor]:
-        return [full_logits_log_probs(h, head.weight, g.all_targets, g.temperature, want_entropy=False)[0]
-                for h, g in zip(hiddens, groups)]
+        return [full_logits_log_probs(h, head.weight, d.all_targets, g.temperature, want_entropy=False)[0]
+                for h, d, g in zip(hiddens, placed, groups)]
 
     def body_shared() -> list[torch.Tensor]:
         with torch.inference_mode():
@@ -120,7 +138,7 @@ def measure_causes(engine: HFEngine, requests: list[LogProbRequest], token_budge
     timed = alternating_best(component_steps(engine, groups, shared if shares else None), repeats,
                              between=release_free_memory)  # as in the timed paths (bench/scoring.py)
     t = {name: seconds for name, (seconds, _) in timed.items()}
-    response_from_all = [lp.index_select(0, g.batch.score_positions)
+    response_from_all = [lp.index_select(0, g.batch.score_positions.to(lp.device))
                          for lp, g in zip(timed["head_all_full"][1], groups)]
     body, head_resp, head_all_c, head_all_f = (t["body"], t["head_response_chunked"], t["head_all_chunked"],
                                                t["head_all_full"])
@@ -136,6 +154,17 @@ def measure_causes(engine: HFEngine, requests: list[LogProbRequest], token_budge
         "body_sdpa_mask_max_abs_diff": _max_diff(timed["body"][1], timed["body_sdpa_mask"][1]),
         "head_paths_max_abs_diff": _max_diff(timed["head_response_chunked"][1], response_from_all),
     }
+
+
+def without_attention(figures: dict[str, Any]) -> float | None:
+    """`speedup_vs_verl` less the attention factor (None without both): derived, a measured
+    ratio over a measured factor. On a CPU verl runs SDPA with a mask over each whole packed
+    row, which our per-sequence attention beats by `factor_attention`; on a GPU verl runs
+    flash-attn varlen, our packed attention's equal, so this is the part of the lead that can
+    carry over there."""
+    if "speedup_vs_verl" not in figures or "factor_attention" not in figures:
+        return None
+    return figures["speedup_vs_verl"] / figures["factor_attention"]
 
 
 def rest_factor(figures: dict[str, Any]) -> float | None:

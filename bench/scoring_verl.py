@@ -167,13 +167,14 @@ def verl_recompute(engine: "VerlEngine", requests: list[LogProbRequest],
                 output = engine.worker.infer_batch(data)
         else:
             output = engine.worker.infer_batch(data)
-        log_probs = no_padding_2_padding(tu.get(output, "log_probs"), data).float()
+        log_probs = no_padding_2_padding(tu.get(output, "log_probs"), data).float().cpu()  # as the server's are
     return [log_probs[row, : r.num_response_tokens] for row, r in enumerate(requests)]
 
 
 def agreement(server: list[torch.Tensor], verl: list[torch.Tensor]) -> float:
-    """Largest |server - verl| over every response token (0 for identical numbers)."""
-    return max((a.float() - b.float()).abs().max().item() for a, b in zip(server, verl, strict=True))
+    """Largest |server - verl| over every response token (0 for identical numbers), on the CPU
+    whichever device each side's values are on."""
+    return max((a.float().cpu() - b.float().cpu()).abs().max().item() for a, b in zip(server, verl, strict=True))
 
 
 def skipped_figures(prefix: str) -> dict[str, Any]:

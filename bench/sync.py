@@ -2,7 +2,8 @@
 
 For each backend (gloo, ray; nccl with two GPUs) one publisher syncs the fp32 weights of a
 ~150M-parameter decoder (610 MB in 256 MB buckets; `--quick`: 88 MB in 32 MB buckets) into a real `ModelEngineServer` whose
-executor holds tensors of the same names and shapes. Timed side by side in the same run:
+executor holds tensors of the same names and shapes: in host memory, or for gloo and ray on
+`cuda:0` where CUDA is present (`server_device`). Timed side by side in the same run:
 - `memcpy_gb_per_s`: copying the same tensors into the same destinations, nothing else;
 - `gb_per_s`: the whole sync path (pack + checksum + transfer + verify + load into the
   destinations), from the first bucket offered to the last worker done (`transfer_s`);
@@ -193,6 +194,12 @@ def _ensure_ray() -> bool:
     return True
 
 
+def server_device() -> str:
+    """Where the server's weights live for gloo and ray: on a GPU machine that is the GPU, as a
+    GPU server holds them (a CPU destination there would time another copy than a server's)."""
+    return "cuda:0" if torch.cuda.is_available() else "cpu"
+
+
 def run(quick: bool = False) -> dict[str, Any]:
     torch.manual_seed(0)
     shapes = decoder_shapes(quick)
@@ -205,10 +212,15 @@ def run(quick: bool = False) -> dict[str, Any]:
         "parameters_m": round(sum(t.numel() for t in source.values()) / 1e6, 1),
         "bucket_mb": bucket_bytes >> 20,
     }
-    figures["gloo"] = asyncio.run(measure_backend("gloo", source, repeats, bucket_bytes))
+    # gloo and ray: the trainer's weights in host memory, the server's on the first GPU where
+    # CUDA is present (each bucket is copied host-to-device on load, and `memcpy` is that same
+    # host-to-device copy), else in host memory too. NCCL below needs a second GPU.
+    device = server_device()
+    figures["server_device"] = device
+    figures["gloo"] = asyncio.run(measure_backend("gloo", source, repeats, bucket_bytes, device=device))
     if _ensure_ray():
         time.sleep(5)  # let Ray's start-up processes settle before timing
-        figures["ray"] = asyncio.run(measure_backend("ray", source, repeats, bucket_bytes))
+        figures["ray"] = asyncio.run(measure_backend("ray", source, repeats, bucket_bytes, device=device))
     if torch.cuda.device_count() >= 2:  # trainer on cuda:0, server on cuda:1; memcpy is the P2P copy
         torch.cuda.set_device(0)
         on_gpu = {name: tensor.to("cuda:0") for name, tensor in source.items()}

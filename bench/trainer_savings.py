@@ -133,7 +133,7 @@ def one_step(verl: Any, requests: list[LogProbRequest], old: tuple[dict[str, Any
         times["save_s"], current = _timed(lambda: save_shards(module, copy_on_cpu=True))
         times["restore_old_s"], _ = _timed(lambda: restore_shards(module, old))
         times["recompute_s"], log_probs = _timed(lambda: scoring_verl.verl_recompute(verl, requests))
-        times["restore_current_s"], _ = _timed(lambda: restore_shards(module, current))
+        times["restore_current_s"], _ = _timed(partial(restore_shards, module, current))
         del current  # verl's clear_cpu_model
         batch = update_batch(requests, log_probs)
         times["update_s"], _ = _timed(lambda: verl.worker.train_mini_batch(batch))

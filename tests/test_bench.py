@@ -35,29 +35,16 @@ def test_targets_compare_against_numbers_and_other_figures():
 
 
 def test_peak_memory_probe_sees_a_large_temporary():
+    """On the device the probe reads: CUDA's allocator where CUDA is present, else the process's
+    resident set (a CPU block would be invisible to the CUDA counters)."""
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+
     def allocate() -> float:
-        block = torch.ones(64 * 1024 * 1024 // 4)  # 64 MiB, freed on return
+        block = torch.ones(64 * 1024 * 1024 // 4, device=device)  # 64 MiB, freed on return
         return float(block[0])
 
     _, peak = measure_peak_bytes(allocate)
     assert 60 * 1024 * 1024 <= peak < 512 * 1024 * 1024
-
-
-def test_report_names_command_figures_and_missed_targets():
-    record = {
-        "benchmark": "memory",
-        "command": "python -m bench memory --json x.json",
-        "quick": True,
-        "machine": {"cpu_cores": 2, "cpu_model": "cpu", "memory_gib": 24, "gpu": None, "torch": "2.13.0"},
-        "started_unix": 0,
-        "wall_s": 1.0,
-        "figures": {"memory_ratio": 3.5, "max_abs_diff": 1e-6},
-        "targets": [Target("memory_ratio", ">=", 8.0).check({"memory_ratio": 3.5})],
-    }
-    text = render([json.loads(json.dumps(record))])
-    assert "`python -m bench memory --json x.json`" in text
-    assert "| `memory_ratio` | 3.5 |" in text
-    assert "**missed**" in text
 
 
 def test_scoring_baselines_equal_server_path(tiny_model):
@@ -66,7 +53,11 @@ def test_scoring_baselines_equal_server_path(tiny_model):
     from model_engine_server.engines.base import EngineSpec, build_engine
     from model_engine_server.packing import split_by_token_budget
 
-    engine = build_engine("hf", EngineSpec(model_path=str(tiny_model)))
+    # pinned to the CPU: there the engine's own attention is the packed one, which the padded
+    # path must put back (on CUDA without flash-attn the engine already runs plain "sdpa")
+    engine = build_engine("hf", EngineSpec(model_path=str(tiny_model), device="cpu"))
+    packed_attention = engine.model.config._attn_implementation
+    assert packed_attention != "sdpa"  # else the check below could not fail
     lengths = [300, 250, 100, 120]  # first-fit into 400 tokens: groups [0, 2], [1, 3] - not request order
     requests = [
         r.model_copy(update={"input_ids": r.input_ids[:length], "response_start": min(r.response_start, length // 2)})
@@ -77,19 +68,7 @@ def test_scoring_baselines_equal_server_path(tiny_model):
     for baseline in (packed_full_logits(engine, requests, token_budget=400), padded_full_logits(engine, requests)):
         for expected, got in zip(server, baseline):
             torch.testing.assert_close(got, torch.from_numpy(expected), atol=1e-5, rtol=0)
-    assert engine.model.config._attn_implementation == "packed_sdpa"  # restored after the padded path
-
-
-def test_forward_flops_count_matches_hand_count():
-    from types import SimpleNamespace
-
-    from bench.flops import forward_flops
-
-    config = SimpleNamespace(hidden_size=8, num_attention_heads=2, num_key_value_heads=1, num_hidden_layers=1,
-                             intermediate_size=16, vocab_size=100, head_dim=4)
-    # projections: q 8x8, o 8x8, k 8x4, v 8x4 = 192; mlp 3 x 8 x 16 = 384; per token 2 x 576 = 1152
-    # attention, L=3: 2 x 2 x 6 x 8 = 192; LM head on 2 scored tokens: 2 x 2 x 8 x 100 = 3200
-    assert forward_flops(config, [(3, 2)]) == 1152 * 3 + 192 + 3200
+    assert engine.model.config._attn_implementation == packed_attention  # restored after the padded path
 
 
 def test_quick_scoring_json_carries_the_verl_baseline(monkeypatch, tmp_path):
@@ -105,7 +84,15 @@ def test_quick_scoring_json_carries_the_verl_baseline(monkeypatch, tmp_path):
     record = json.loads(output.read_text())
     figures = record["figures"]
     targets = {target["target"]: target for target in record["targets"]}
-    assert "speedup_vs_verl >= 1.5" in targets  # reported, met or missed
+    # the report shows the target with the very figure measured and its verdict
+    speed = targets["speedup_vs_verl >= 1.5"]
+    rendered = render([record])
+    if speed["measured"] is None:
+        assert "| `speedup_vs_verl >= 1.5` | not measured | not measured |" in rendered
+    else:
+        assert speed["measured"] == figures["speedup_vs_verl"]
+        verdict = "met" if figures["speedup_vs_verl"] >= 1.5 else "**missed**"
+        assert f"| `speedup_vs_verl >= 1.5` | {figures['speedup_vs_verl']:.4g} | {verdict} |" in rendered
     # the toy is anchored to a float64 forward too, as the real shapes are (verl's path below)
     assert 0 < figures["server_max_abs_diff_vs_fp64"] <= 1e-5
     if not scoring_verl.verl_available():
@@ -113,6 +100,7 @@ def test_quick_scoring_json_carries_the_verl_baseline(monkeypatch, tmp_path):
         assert targets["speedup_vs_verl >= 1.5"]["measured"] is None
         return
     assert figures["speedup_vs_verl"] > 0 and figures["verl_tokens_per_s"] > 0
+    assert "| `speedup_vs_verl_without_attention` |" in rendered  # the GPU-relevant figure, derived
     assert 0 < figures["verl_max_abs_diff_vs_fp64"] <= 1e-5
     assert figures["speedup_vs_verl_at_gemm_rate"] == pytest.approx(figures["speedup_vs_verl"] / figures["mfu"])
     assert figures["max_abs_diff_vs_verl"] <= 1e-5
@@ -138,7 +126,6 @@ def test_scoring_runs_every_measured_shape_unless_told_which(monkeypatch):
     monkeypatch.setattr(scoring, "measure_shape", record)
     scoring.run(quick=True, cpu_heap="system")
     assert seen == [(name, None) for name in shapes.MEASURED]
-    assert {"toy", "qwen2.5-0.5b", "qwen2.5-1.5b"} <= set(shapes.MEASURED)
     seen.clear()
     scoring.run(quick=True, shape=["qwen2.5-0.5b"], max_tokens=100, cpu_heap="system")
     assert seen == [("qwen2.5-0.5b", 100)]
@@ -184,21 +171,6 @@ def test_verl_fused_path_runs_verls_fused_kernel_and_puts_the_plain_forward_back
         assert scoring_verl.agreement(plain, scoring_verl.verl_recompute(verl, requests)) == 0  # plain again
     finally:
         verl.close()
-
-
-def test_forward_flops_split_separates_body_from_lm_head():
-    from types import SimpleNamespace
-
-    from bench.flops import forward_flops, forward_flops_split, linear_flops
-
-    config = SimpleNamespace(hidden_size=8, num_attention_heads=2, num_key_value_heads=1, num_hidden_layers=1,
-                             intermediate_size=16, vocab_size=100, head_dim=4)
-    body, head = forward_flops_split(config, [(3, 2)])
-    assert (body, head) == (1152 * 3 + 192, 3200)  # the hand count of the test above
-    assert forward_flops(config, [(3, 2)]) == body + head
-    # the GEMM part alone: the forward less its causal attention scores (192 here)
-    assert linear_flops(config, [(3, 2)]) == body + head - 192
-    assert linear_flops(config, [(3, 2), (5, 1, 3)]) == 1152 * 8 + 3200 * 3 / 2
 
 
 def test_length_mix_scales_to_a_token_count_keeping_every_request():
@@ -350,20 +322,6 @@ def test_quick_scoring_on_grpo_groups_times_the_shared_prompt_body(monkeypatch, 
             main(wrong)
 
 
-def test_float64_distances_summarise_every_scored_token():
-    import torch
-
-    from bench.scoring_fp64 import distances
-
-    truth = [torch.zeros(3, dtype=torch.float64), torch.zeros(97, dtype=torch.float64)]
-    values = [torch.tensor([0.0, 0.0, 5e-5]), torch.full((97,), 1e-6)]  # one bad token in 100
-    figures = distances("server", values, truth)
-    assert figures["server_max_abs_diff_vs_fp64"] == pytest.approx(5e-5)
-    assert figures["server_p99_abs_diff_vs_fp64"] < 5e-5  # the worst token alone does not set it
-    assert figures["server_mean_abs_diff_vs_fp64"] == pytest.approx((5e-5 + 97 * 1e-6) / 100, rel=1e-6)
-    assert distances("server", [], []) == {}
-
-
 def test_float64_anchor_is_skipped_with_a_reason_when_memory_is_short(monkeypatch, tiny_model):
     from bench import scoring_fp64
 
@@ -387,7 +345,29 @@ def test_quick_trainer_savings_times_each_part_of_the_decoupled_step(monkeypatch
         return
     for key in ("save_s", "restore_old_s", "recompute_s", "restore_current_s", "update_s"):
         assert figures[key] > 0, key
-    assert figures["removed_per_step_s"] == pytest.approx(
-        figures["save_s"] + figures["restore_old_s"] + figures["recompute_s"] + figures["restore_current_s"])
-    assert figures["removed_over_update"] == pytest.approx(figures["removed_per_step_s"] / figures["update_s"])
-    assert figures["copy_bytes_per_step"] == 3 * figures["parameter_bytes"]
+    # what the server removes is more than the recompute: the save and both restores too (the
+    # arithmetic on controlled times is checked in tests/test_bench_figures.py)
+    assert figures["removed_per_step_s"] > figures["recompute_s"]
+    assert figures["removed_per_step_s"] > figures["removed_per_step_window_mean_s"]
+
+
+@pytest.mark.gpu
+def test_scoring_paths_and_cause_split_run_on_cuda(tiny_model):
+    """The tiny-shape scoring comparison on CUDA: every path hands its log-probs back on the CPU
+    (the server's are numpy), they agree, and the cause split indexes CUDA hidden states with
+    its CPU-made positions and targets. Skipped without CUDA (tests/conftest.py)."""
+    from bench import scoring, scoring_causes
+    from bench.scoring import rl_length_mix
+    from model_engine_server.engines.base import EngineSpec, build_engine
+
+    engine = build_engine("hf", EngineSpec(model_path=str(tiny_model), device="cuda"))
+    assert engine.device.type == "cuda"
+    requests = [r.model_copy(update={"input_ids": r.input_ids[:200], "response_start": 60})
+                for r in rl_length_mix(4, 512, seed=2)]
+    figures, outputs = scoring._measure(engine, None, requests, 1, "")
+    assert all(values.device.type == "cpu" for values in outputs["server"])
+    assert figures["max_abs_diff_between_paths"] <= 1e-5
+    assert figures["mfu"] > 0 and figures["gemm_flops_per_s"] > 0
+    causes = scoring_causes.measure_causes(engine, requests, 256, repeats=1)
+    assert causes["head_paths_max_abs_diff"] <= 1e-5 and causes["body_sdpa_mask_max_abs_diff"] <= 1e-5
+    assert causes["factor_attention"] > 0
