@@ -53,8 +53,8 @@ def test_scoring_baselines_equal_server_path(tiny_model):
     from model_engine_server.engines.base import EngineSpec, build_engine
     from model_engine_server.packing import split_by_token_budget
 
-    # pinned to the CPU: there the engine's own attention is the packed one, which the padded
-    # path must put back (on CUDA without flash-attn the engine already runs plain "sdpa")
+    # pinned to the CPU: there the engine's own attention is always the packed one, which the
+    # padded path must put back (on CUDA flash-attn may be installed and taken instead)
     engine = build_engine("hf", EngineSpec(model_path=str(tiny_model), device="cpu"))
     packed_attention = engine.model.config._attn_implementation
     assert packed_attention != "sdpa"  # else the check below could not fail

@@ -50,11 +50,14 @@ def _requests(seed: int) -> list[LogProbRequest]:
     return singles + group
 
 
-@pytest.mark.parametrize("config_class,window", [("MistralConfig", 6), ("Phi3Config", 6), ("Qwen2Config", 6)])
+@pytest.mark.parametrize("config_class,window", [("MistralConfig", 6), ("Phi3Config", 6), ("Qwen2Config", 6),
+                                                 ("Exaone4Config", 6)])
 def test_sliding_window_attention_is_applied_to_packed_and_shared_prompt_rows(tmp_path, config_class, window):
-    settings = {"sliding_window": window}
+    settings: dict[str, Any] = {"sliding_window": window}
     if config_class == "Qwen2Config":  # Qwen2 keeps the window per layer, only where asked
         settings.update(use_sliding_window=True, max_window_layers=0)
+    if config_class == "Exaone4Config":  # the window on every layer's attribute, None passed by full layers
+        settings.update(layer_types=["sliding_attention", "full_attention"])
     if config_class == "Phi3Config":
         settings.update(pad_token_id=0)
     path = _save(tmp_path, config_class, **settings)
@@ -111,6 +114,42 @@ async def test_a_model_transformers_renames_on_load_scores_but_refuses_weight_sy
         await server.shutdown()
 
 
+@pytest.mark.parametrize("config_class,settings", [("OPTConfig", {"ffn_dim": 128, "word_embed_proj_dim": 64}),
+                                                   ("BioGptConfig", {})])
+def test_an_attention_that_lets_packed_sequences_meet_is_refused_at_build_and_the_default_is_exact(
+    tmp_path, config_class, settings
+):
+    """OPT and BioGPT build their causal mask without `position_ids`, so under `sdpa` or `eager`
+    their packed sequences attend to each other (off by about 0.5 on average, answered as if
+    exact; `sdpa` was the default on CUDA without flash-attn). The start-up probe refuses them;
+    the default attention keeps the sequences apart."""
+    path = _save(tmp_path, config_class, **settings)
+    for attention in ("sdpa", "eager"):
+        with pytest.raises(ValueError, match=f"attention '{attention}': log-probs of sequences packed in one row differ"):
+            HFEngine(EngineSpec(model_path=str(path), device="cpu", attn_implementation=attention))
+    engine = HFEngine(EngineSpec(model_path=str(path), device="cpu"))
+    requests = _requests(seed=11)
+    reference = reference_model(path)
+    for request, outcome in zip(requests, ModelEngineServerAdapter(engine).score(requests), strict=True):
+        expected, _ = reference_log_probs(reference, request)
+        torch.testing.assert_close(torch.from_numpy(outcome.log_probs), expected, atol=TOLERANCE, rtol=0)
+
+
+def test_a_head_that_does_more_than_the_output_embedding_is_refused_at_build(tmp_path):
+    """ModernBERT's decoder computes its logits as decoder(dense + norm(hidden)); the engine reads
+    only the output embedding, which was off by 3.3."""
+    path = _save(tmp_path, "ModernBertDecoderConfig", pad_token_id=0, bos_token_id=1, eos_token_id=2,
+                 cls_token_id=1, sep_token_id=2)
+    with pytest.raises(ValueError, match="the model's head does more than its output embedding"):
+        HFEngine(EngineSpec(model_path=str(path), device="cpu"))
+
+
+def test_a_family_without_the_packed_attention_says_so_at_build(tmp_path):
+    path = _save(tmp_path, "FalconConfig")
+    with pytest.raises(ValueError, match="has no attention 'packed_sdpa'"):
+        HFEngine(EngineSpec(model_path=str(path), device="cpu"))
+
+
 def test_a_family_whose_layers_keep_the_forwards_keywords_to_themselves_is_packed_exactly(tmp_path):
     """StableLM's decoder layers call attention without the forward's keywords, so the packed
     row's boundaries reach `packed_sdpa` only through `packed_attention.row_layout` (before, its
@@ -140,3 +179,14 @@ def test_rotary_frequencies_set_by_the_forwards_length_are_refused_at_build(tmp_
     plain_settings = {"rope_parameters": plain} if plain else {}
     assert HFEngine(EngineSpec(model_path=str(_save(tmp_path / "plain", config_class, **extra, **plain_settings)),
                                device="cpu"))
+
+
+def test_cuda_without_flash_attn_takes_the_packed_attention_not_sdpa():
+    import importlib.util
+
+    from model_engine_server.engines.hf import pick_attention
+
+    if importlib.util.find_spec("flash_attn") is not None:
+        pytest.skip("flash-attn is installed: CUDA takes it")
+    assert pick_attention(torch.device("cuda"), None) == "packed_sdpa"
+    assert pick_attention(torch.device("cuda"), "sdpa") == "sdpa"  # asked for: the start-up probe decides

@@ -1,11 +1,14 @@
 """HuggingFace transformers engine: a causal LM from a local checkpoint, forward-only, packed.
 
 Packed rows carry `position_ids` reset per sequence and the boundaries as `cu_seq_lens_*`
-keywords. On CPU the default attention is our `packed_sdpa` (one causal SDPA per sequence,
-no `[T, T]` mask); on CUDA varlen flash attention when installed; with plain `sdpa`
-transformers' packed-sequence detection builds a block-diagonal mask. `use_cache=False` is
-required: with the cache on, transformers skips that detection and sequences silently attend
-to each other (measured in ../shared/notes/cpu-megatron.md).
+keywords. The default attention is varlen flash attention on CUDA when installed, else our
+`packed_sdpa` (one causal SDPA per sequence, no `[T, T]` mask). With plain `sdpa`, transformers'
+packed-sequence detection builds a block-diagonal mask from `position_ids` - but only in the
+families whose mask builder is given them (OPT, Falcon and BioGPT's is not, and their packed
+sequences would attend to each other). `use_cache=False` is required: with the cache on,
+transformers skips that detection too (measured in ../shared/notes/cpu-megatron.md). Whatever
+the attention, a start-up probe (`hf_probe.py`) compares the packed path with the model's own
+forward and refuses a model it would score wrong.
 """
 
 from __future__ import annotations
@@ -17,6 +20,7 @@ from typing import Any, Iterable, Iterator
 import torch
 
 from model_engine_server.engines import packed_attention
+from model_engine_server.engines.hf_probe import packed_path_mismatch
 from model_engine_server.engines.base import (
     EngineSpec,
     HiddenStateEngine,
@@ -117,9 +121,9 @@ def _renamed_on_load(path: Path, parameter_names: set[str], architecture: str) -
 def pick_attention(device: torch.device, requested: str | None) -> str:
     if requested:
         return requested
-    if device.type == "cuda":
-        return "flash_attention_2" if importlib.util.find_spec("flash_attn") is not None else "sdpa"
-    return packed_attention.NAME
+    if device.type == "cuda" and importlib.util.find_spec("flash_attn") is not None:
+        return "flash_attention_2"
+    return packed_attention.NAME  # keeps packed sequences apart whatever mask the model builds
 
 
 class HFEngine(HiddenStateEngine):
@@ -135,12 +139,17 @@ class HFEngine(HiddenStateEngine):
         packed_attention.register()
         self.spec = spec
         self.device = resolve_device(spec.device)
-        self.model = AutoModelForCausalLM.from_pretrained(
-            path,
-            dtype=spec.torch_dtype(),
-            attn_implementation=pick_attention(self.device, spec.attn_implementation),
-            local_files_only=True,
-        )
+        attention = pick_attention(self.device, spec.attn_implementation)
+        try:
+            self.model = AutoModelForCausalLM.from_pretrained(
+                path, dtype=spec.torch_dtype(), attn_implementation=attention, local_files_only=True,
+            )
+        except KeyError as error:  # a family that looks its attention classes up by name (Falcon)
+            if error.args != (attention,):
+                raise
+            raise ValueError(f"the model at {str(path)!r} has no attention {attention!r} (its family picks attention "
+                             "classes of its own); set attn_implementation to one it has that keeps packed sequences "
+                             "apart (flash_attention_2 on CUDA)") from None
         self.model.to(self.device).eval().requires_grad_(False)
         config = self.model.config
         for key in UNSUPPORTED_CONFIG_KEYS:
@@ -164,6 +173,9 @@ class HFEngine(HiddenStateEngine):
             shares_prompts=spec.share_prompts and self._reads_segment_prefixes(),
             forward_settings=forward_settings(config),
         )
+        mismatch = packed_path_mismatch(self)
+        if mismatch is not None:
+            raise ValueError(mismatch)
 
     def _reads_segment_prefixes(self) -> bool:
         """Only our packed attention reads `segment_prefixes`; flash-attn and SDPA would let a

@@ -16,7 +16,7 @@ under a bottom-right causal mask (no work on the prompt's rows); a longer one ta
 SDPA over prompt + response and keeps its rows, because the fused causal kernel beats the
 masked one by more than the prompt rows it recomputes.
 
-A layer with a sliding window (a keyword, or the module's attribute) keeps transformers' rule,
+A layer with a sliding window (a keyword, else the module's attribute) keeps transformers' rule,
 a key is seen while `key > query - window`, as an explicit mask once a span outgrows the window.
 
 Some decoder layers (StableLM's) call their attention without passing the forward's keywords
@@ -66,8 +66,10 @@ def packed_sdpa_attention(
     unapplied = [name for name in UNAPPLIED_KEYWORDS if kwargs.get(name) is not None]
     if unapplied:
         raise ValueError(f"{NAME} does not apply {', '.join(unapplied)}: choose another attn_implementation")
-    # Mistral, Phi-3 and Starcoder2 pass their window as a keyword; Qwen2 and Gemma set it per layer
-    window = kwargs.get("sliding_window") or getattr(module, "sliding_window", None)
+    # Mistral, Phi-3 and Starcoder2 pass their window as a keyword; Qwen2 and Gemma set it per layer.
+    # A keyword given wins even when None: EXAONE-4 sets the attribute on every layer and passes
+    # None on its full-attention layers.
+    window = kwargs["sliding_window"] if "sliding_window" in kwargs else getattr(module, "sliding_window", None)
     boundaries, segment_prefixes = kwargs.get("cu_seq_lens_q"), kwargs.get("segment_prefixes")
     layout = ROW_LAYOUT.get()
     if boundaries is None and layout is not None:  # a layer that did not pass the keywords on
