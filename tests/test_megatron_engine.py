@@ -220,6 +220,17 @@ def test_dtype_cast_is_allowed_when_configured(tiny_models, open_engines):
     assert torch.equal(dict(engine.export_weights())["model.norm.weight"], torch.full((64,), 2.0))
 
 
+def test_a_bf16_engine_exports_what_its_layout_promises_and_a_peer_loads_its_export(tiny_models, open_engines):
+    """The local layer spec made its norm weights float32 under a bf16 model: the export (what a
+    restarted peer copies) was refused by the peer, and pipeline stages broke their broadcast."""
+    engine = _megatron(open_engines, tiny_models["llama_untied"], dtype="bfloat16")
+    specs = engine.weight_specs()
+    exported = {name: tensor.clone() for name, tensor in engine.export_weights()}
+    assert {name: tensor.dtype for name, tensor in exported.items()} == {name: spec.dtype for name, spec in specs.items()}
+    assert set(specs.values()) and all(spec.dtype == torch.bfloat16 for spec in specs.values())
+    assert sorted(engine.load_weights(exported.items())) == sorted(exported)
+
+
 def test_tied_lm_head_name_is_accepted_as_the_embedding(tiny_models, open_engines):
     engine = _megatron(open_engines, tiny_models["qwen2_tied"])
     embedding = _snapshot(engine)["model.embed_tokens.weight"]

@@ -133,7 +133,7 @@ class MegatronEngine(HiddenStateEngine):
         try:
             seed_model_parallel(seed)
             self.bridge = make_bridge(hf_config, self.dtype, use_te, tensor_model_parallel_size)
-            self.model = build_gpt_model(self.bridge, self.device)
+            self.model = build_gpt_model(self.bridge, self.device, self.dtype)
             self._rotary = None if use_te else PerSequenceRotary(self.model.rotary_pos_emb)
             self.weights = HFWeightMap(self.bridge, self.model, self.layout, self.dtype)
             self._load_checkpoint(str(path))

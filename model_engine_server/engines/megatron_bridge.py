@@ -151,11 +151,16 @@ def make_bridge(hf_config: Any, dtype: torch.dtype, use_transformer_engine: bool
     return bridge
 
 
-def build_gpt_model(bridge: Any, device: torch.device) -> torch.nn.Module:
-    """This rank's GPTModel stage, in eval mode without gradients, on `device`.
+def build_gpt_model(bridge: Any, device: torch.device, dtype: torch.dtype) -> torch.nn.Module:
+    """This rank's GPTModel stage, in eval mode without gradients, on `device`, every floating
+    parameter in `dtype`.
 
     The bridge's model provider is called directly: mbridge's `get_model` also wraps the
-    model for training (Float16Module, DDP) and calls `.cuda()`.
+    model for training (Float16Module, DDP) and calls `.cuda()`. Without Float16Module the
+    local layer spec leaves its norm weights in float32 under a bf16 model; they are cast here,
+    as Float16Module casts them, so every parameter has the dtype the weight layout promises
+    (an export in float32 was refused by a restarted peer, and with pipeline stages the
+    receiving stages, expecting `dtype`, broke the broadcast).
     """
     from megatron.core import parallel_state as mpu
     from megatron.core import tensor_parallel
@@ -165,6 +170,8 @@ def build_gpt_model(bridge: Any, device: torch.device) -> torch.nn.Module:
         model = provider(pre_process=mpu.is_pipeline_first_stage(), post_process=mpu.is_pipeline_last_stage())
     for param in model.parameters():
         tensor_parallel.set_defaults_if_not_set_tensor_model_parallel_attributes(param)
+        if param.is_floating_point() and param.dtype != dtype:
+            param.data = param.data.to(dtype)
     model.to(device)
     model.eval()
     model.requires_grad_(False)
