@@ -420,6 +420,10 @@ def test_reference_log_probs_come_from_the_server(batches, config, actor_worker,
 def test_settings_that_would_ignore_the_server_are_refused(config, actor_worker):
     with pytest.raises(ValueError, match="bypass_mode=False"):
         make_trainer(with_settings(config, {"algorithm.rollout_correction.bypass_mode": True}), actor_worker)
+    with pytest.raises(ValueError, match="calculate_sum_pi_squared=True needs the trainer's own forward"):
+        make_trainer(with_settings(config, {"actor_rollout_ref.actor.calculate_sum_pi_squared": True}), actor_worker)
+    with pytest.raises(ValueError, match="router replay R2"):
+        make_trainer(with_settings(config, {"actor_rollout_ref.actor.megatron.router_replay.mode": "R2"}), actor_worker)
     with pytest.raises(ValueError, match="multi_turn.enable=False makes"):
         check_pipeline_config(with_settings(config, {"actor_rollout_ref.rollout.multi_turn.enable": False}))
     with pytest.raises(ValueError, match="default_agent_loop=single_turn_agent does not score"):

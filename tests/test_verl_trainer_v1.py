@@ -451,6 +451,12 @@ def test_bypass_mode_is_refused_and_an_instance_in_bypass_keeps_verls_path(trans
     bypass.algorithm.rollout_correction.bypass_mode = True
     with pytest.raises(ValueError, match="bypass_mode=False"):
         PPOTrainerModelEngineServer(bypass)
+    for key, value, refusal in [("actor_rollout_ref.actor.calculate_sum_pi_squared", True, "calculate_sum_pi_squared"),
+                                ("actor_rollout_ref.actor.megatron.router_replay.mode", "R2", "router replay R2")]:
+        needs_forward = OmegaConf.create(OmegaConf.to_container(verl_config))
+        OmegaConf.update(needs_forward, key, value, force_add=True)
+        with pytest.raises(ValueError, match=refusal):  # the forward these need is the one skipped
+            PPOTrainerModelEngineServer(needs_forward)
 
     samples = make_samples("bypass", seed=11)
     batch, results = scored_batch(transfer_queue, server.url, samples, 1.0)

@@ -51,7 +51,7 @@ from typing import Any, Sequence
 
 import ray
 import torch
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 from verl import DataProto
 from verl.experimental.fully_async_policy.fully_async_trainer import FullyAsyncTrainer
 
@@ -79,13 +79,9 @@ def check_trainer_config(config: DictConfig) -> TrainerSideConfig:
             "algorithm.rollout_correction.bypass_mode=True trains on the rollout log-probs and never asks for it. "
             "Set algorithm.rollout_correction.bypass_mode=False, or use verl's own fully_async_main."
         )
-    actor = config.actor_rollout_ref.actor
-    if actor.get("calculate_sum_pi_squared", False):
-        raise ValueError("actor_rollout_ref.actor.calculate_sum_pi_squared=True needs the trainer's own forward "
-                         "(the server returns log-probs and entropy only); turn it off to score on the server")
-    if OmegaConf.select(config, "actor_rollout_ref.actor.megatron.router_replay.mode", default="disabled") == "R2":
-        raise ValueError("router replay R2 records routing during verl's old-log-prob forward, which the server "
-                         "replaces; use R3 (the rollout's routing) or disabled")
+    problem = sf.needs_the_trainers_forward(config)
+    if problem is not None:
+        raise ValueError(problem)
     return sf.trainer_side_config(config)
 
 

@@ -351,3 +351,19 @@ def bypass_mode(training_config: Any) -> bool:
     log-probs, so verl never asks for π_old and our trainers refuse to start."""
     rollout_correction = training_config.algorithm.get("rollout_correction", None)
     return bool(rollout_correction and rollout_correction.get("bypass_mode", False))
+
+
+def needs_the_trainers_forward(training_config: Any) -> str | None:
+    """Why the trainer's own old-log-prob forward cannot be skipped under these settings, or
+    None. Both of our trainers skip it (the server's numbers replace it), so both refuse these:
+    `calculate_sum_pi_squared` reads more of that forward than log-probs and entropy, and
+    Megatron router replay R2 records the routing the update replays during it."""
+    from omegaconf import OmegaConf
+
+    if OmegaConf.select(training_config, "actor_rollout_ref.actor.calculate_sum_pi_squared", default=False):
+        return ("actor_rollout_ref.actor.calculate_sum_pi_squared=True needs the trainer's own forward "
+                "(the server returns log-probs and entropy only); turn it off to score on the server")
+    if OmegaConf.select(training_config, "actor_rollout_ref.actor.megatron.router_replay.mode", default="disabled") == "R2":
+        return ("router replay R2 records routing during verl's old-log-prob forward, which the server "
+                "replaces; use R3 (the rollout's routing) or disabled")
+    return None

@@ -78,6 +78,9 @@ def check_mode_config(config: DictConfig) -> TrainerSideConfig:
             "algorithm.rollout_correction.bypass_mode=True trains on the rollout log-probs and would ignore the "
             "server's. Set algorithm.rollout_correction.bypass_mode=False, or use trainer_mode=separate_async."
         )
+    problem = sf.needs_the_trainers_forward(config)
+    if problem is not None:
+        raise ValueError(problem)
     return sf.trainer_side_config(config)
 
 
