@@ -79,7 +79,7 @@ async def attach_server_log_probs(
     return_ref_log_probs: bool = False,
 ) -> MutableMapping[str, Any]:
     """Score `sample` (keys `prompt_ids`, `response_ids`, optional `rollout_log_probs`) and attach
-    the server's fields (with `ref_log_probs` when `return_ref_log_probs`); raises the server's
+    the server's fields (with `ref_log_prob` when `return_ref_log_probs`); raises the server's
     typed error if it could not be scored."""
     request = build_request(
         sample["prompt_ids"], sample["response_ids"], temperature, sample.get("rollout_log_probs"), sample.get("uid"),

@@ -168,7 +168,9 @@ class SyncHttpLogProbClient:
         a free connection happens here instead, on a semaphore as wide as the pool, and the
         post gets what is left of the step's time."""
         started = time.monotonic()
-        if not self._slots.acquire(timeout=step.timeout_s if step.timeout_s is not None else -1):
+        if step.timeout_s is None:
+            self._slots.acquire()  # no deadline: wait as long as it takes
+        elif not self._slots.acquire(timeout=step.timeout_s):
             return httpx.PoolTimeout(f"no connection free within {step.timeout_s:g} s")
         try:
             left = None if step.timeout_s is None else max(step.timeout_s - (time.monotonic() - started), 1e-3)

@@ -153,6 +153,24 @@ def test_the_blocking_clients_timeout_bounds_its_wait_for_a_connection_too():
     assert took[1] < timeout_s + RESPONSE_GRACE_S + 1.0, took
 
 
+def test_a_blocking_call_without_a_deadline_waits_for_its_connection(served):
+    import threading
+
+    from clients.http_client import SyncHttpLogProbClient
+
+    answers: list[object] = []
+    with SyncHttpLogProbClient(served.url, max_connections=1, timeout_s=None) as client:
+        def call() -> None:
+            answers.append(client.score([{"input_ids": [1, 2, 3, 4], "response_start": 1}])[0])
+
+        callers = [threading.Thread(target=call) for _ in range(3)]  # two of them queue for the one connection
+        for caller in callers:
+            caller.start()
+        for caller in callers:
+            caller.join(60)
+    assert len(answers) == 3 and all(getattr(answer, "log_probs", None) is not None for answer in answers), answers
+
+
 def test_a_server_thread_stops_as_serve_does_answering_held_calls_503(tiny_model):
     import threading
 

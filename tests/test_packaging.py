@@ -105,7 +105,11 @@ def test_the_wheel_carries_the_agent_loop_yaml_the_readme_points_at(tmp_path):
     import sys
     import zipfile
 
-    subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q", "-w", str(tmp_path), str(ROOT)],
+    import shutil
+
+    source = tmp_path / "source"  # a setuptools build writes build/ and *.egg-info/ beside the sources
+    shutil.copytree(ROOT, source, ignore=shutil.ignore_patterns(".*", "build", "*.egg-info", "tests", "__pycache__"))
+    subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q", "-w", str(tmp_path), str(source)],
                    check=True, capture_output=True, timeout=240)
     (wheel,) = tmp_path.glob("model_engine_server-*.whl")
     names = zipfile.ZipFile(wheel).namelist()

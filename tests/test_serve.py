@@ -166,15 +166,18 @@ def test_sigterm_under_load_answers_every_accepted_request_and_exits_0(tiny_mode
     assert "shut down cleanly" in server.output
 
 
-def test_sigterm_while_paused_answers_the_held_requests_503_shutting_down_and_exits_0(tiny_model, tmp_path):
+@pytest.mark.parametrize("runtime", ["in_process", "ray"])
+def test_sigterm_while_paused_answers_the_held_requests_503_shutting_down_and_exits_0(tiny_model, tmp_path, runtime):
     """Requests queued behind a pause (or an open weight update) cannot run before the drain
     ends. Once uvicorn's wait ran out first and cut them off with a bare text 500; now the
-    service answers them `shutting_down` (which clients retry elsewhere) before that wait."""
+    service answers them `shutting_down` (which clients retry elsewhere) before that wait.
+    On the Ray runtime `ray.init` took SIGTERM over and exited at once, cutting them off."""
     config = tmp_path / "serve.yaml"
-    config.write_text(yaml.safe_dump({"model_engine_server": {
-        "model_path": str(tiny_model), "device": "cpu", "http": {"graceful_shutdown_s": 2},
-    }}))
-    server = ServeProcess(["--config", str(config)])
+    section: dict = {"model_path": str(tiny_model), "device": "cpu", "http": {"graceful_shutdown_s": 2}, "runtime": runtime}
+    if runtime == "ray":
+        section["ray"] = {"num_cpus": 2}
+    config.write_text(yaml.safe_dump({"model_engine_server": section}))
+    server = ServeProcess(["--config", str(config)], env={"RAY_AUTH_MODE": "disabled"} if runtime == "ray" else None)
     answer: list[httpx.Response | BaseException] = []
 
     def call() -> None:

@@ -441,12 +441,11 @@ async def test_the_trainers_join_hook_adds_every_replica_to_verls_manager_with_t
     assert_served_like(await client.score(requests, timeout_s=WAIT_S), reference, version, "after the trainer's sync")
 
 
-async def test_a_trainer_left_at_the_defaults_joins_the_sync_and_refuses_to_start_without_the_servers_actor(
-    ray_cluster, model_dir
-):
+async def test_the_join_is_the_default_and_without_the_servers_actor_it_says_how_to_fix_it(ray_cluster, model_dir):
     """Without the join the server would serve version 0 for good: every sample from the second
     sync on is stale, and each step waits out its deadline before failing. So the join is the
-    default, and a server that is not on the trainer's Ray cluster stops the trainer at start."""
+    default, and a server that is not on the trainer's Ray cluster stops the trainer (the
+    trainers check at construction too: test_verl_trainer_v1.py)."""
     from clients.verl.server_fields import trainer_side_config
 
     training_config = OmegaConf.create({
@@ -459,6 +458,7 @@ async def test_a_trainer_left_at_the_defaults_joins_the_sync_and_refuses_to_star
     assert rules.join_weight_sync
     with pytest.raises(RuntimeError, match="no-such-scoring-service.*join_weight_sync=false"):
         await join_scoring_pool(CheckpointEngineManager(CHECKPOINT_ENGINE, None, []), training_config, rules)
+
 
 @pytest.mark.gpu
 @pytest.mark.skipif(torch.cuda.device_count() < 2, reason="NCCL needs the trainer and the replica on 2 GPUs")

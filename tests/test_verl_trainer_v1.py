@@ -80,6 +80,7 @@ def verl_config(tiny_model):
         "actor_rollout_ref.rollout.nnodes=1", "actor_rollout_ref.rollout.n_gpus_per_node=1",
         "actor_rollout_ref.rollout.checkpoint_engine.backend=nccl",
         "data.train_batch_size=8", "actor_rollout_ref.actor.ppo_mini_batch_size=2", "algorithm.adv_estimator=grpo",
+        "+model_engine_server.trainer.join_weight_sync=false",  # an in-process server: these tests deliver no weights
     ]
     with initialize_config_dir(config_dir=config_dir, version_base=None):
         return compose(config_name="ppo_trainer", overrides=overrides)
@@ -114,7 +115,7 @@ def trainer_for(verl_config, server_url: str, temperature: float = 1.0, global_s
     OmegaConf.set_struct(config, True)
     with open_dict(config):
         config.actor_rollout_ref.rollout.temperature = temperature
-        config[SECTION] = {"trainer": {"address": server_url, **rules}}
+        config[SECTION] = {"trainer": {"address": server_url, "join_weight_sync": False, **rules}}
     trainer = PPOTrainerModelEngineServer(config)
     trainer.global_steps = global_steps  # set by init()'s checkpoint loading (0 from scratch, +1 in fit)
     trainer.actor_rollout_wg = InProcessActorGroup(worker=None)  # records snapshots; a recompute needs a worker
@@ -442,7 +443,7 @@ def test_a_rescore_the_server_cannot_answer_in_time_fails_naming_the_samples(tra
 
 
 # ---------------------------------------------------------------- configuration
-def test_bypass_mode_is_refused_and_an_instance_in_bypass_keeps_verls_path(transfer_queue, server, verl_config):
+def test_settings_the_server_cannot_serve_are_refused_at_once_and_an_instance_in_bypass_keeps_verls_path(transfer_queue, server, verl_config):
     from omegaconf import OmegaConf, open_dict
 
     from clients.verl.trainer_v1 import PPOTrainerModelEngineServer
@@ -451,6 +452,10 @@ def test_bypass_mode_is_refused_and_an_instance_in_bypass_keeps_verls_path(trans
     bypass.algorithm.rollout_correction.bypass_mode = True
     with pytest.raises(ValueError, match="bypass_mode=False"):
         PPOTrainerModelEngineServer(bypass)
+    joining = OmegaConf.create(OmegaConf.to_container(verl_config))
+    joining.model_engine_server.trainer.join_weight_sync = True  # the default
+    with pytest.raises(RuntimeError, match="no Ray actor 'model-engine-server'.*join_weight_sync=false"):
+        PPOTrainerModelEngineServer(joining)  # at once: before verl builds workers or rollout servers
     for key, value, refusal in [("actor_rollout_ref.actor.calculate_sum_pi_squared", True, "calculate_sum_pi_squared"),
                                 ("actor_rollout_ref.actor.megatron.router_replay.mode", "R2", "router replay R2")]:
         needs_forward = OmegaConf.create(OmegaConf.to_container(verl_config))
@@ -476,7 +481,7 @@ def test_the_mode_reads_its_settings_from_separate_async(verl_config):
 
     from model_engine_server.config.trainer_side import TrainerSideConfig
 
-    assert sf.trainer_side_config(verl_config) == TrainerSideConfig()  # no section: the defaults
+    assert sf.trainer_side_config(verl_config) == TrainerSideConfig(join_weight_sync=False)  # the fixture's one key; the rest default
     trainer = trainer_for(verl_config, "http://127.0.0.1:9")
     assert trainer.server_rules.address == "http://127.0.0.1:9"
     assert trainer.parameter_sync_step == verl_config.trainer.v1.separate_async.parameter_sync_step == 4

@@ -75,6 +75,7 @@ def cpu_overrides(model_dir: Path, server_url: str, temperature: float) -> list[
         "algorithm.rollout_correction.bypass_mode=False",
         "trainer.device=cpu", "trainer.logger=[console]", "trainer.n_gpus_per_node=1", "rollout.n_gpus_per_node=1",
         f"+{SECTION}.trainer.address={server_url}", f"+{SECTION}.trainer.timeout_s=60",
+        f"+{SECTION}.trainer.join_weight_sync=false",  # an HTTP-only server: these runs deliver no weights
     ]
 
 

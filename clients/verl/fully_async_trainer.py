@@ -89,7 +89,10 @@ class ServerLogProbFullyAsyncTrainer(VerlFullyAsyncTrainer):
     """verl's fully-async trainer whose π_old comes from the server (see the module docstring)."""
 
     def __init__(self, config: DictConfig, *args: Any, **kwargs: Any) -> None:
+        from clients.verl.scoring_replica import check_join_target
+
         self.server_rules = check_trainer_config(config)
+        check_join_target(self.server_rules)  # the join itself waits for the rollouter, after every worker started
         super().__init__(config, *args, **kwargs)
         self._server_client: SyncLogProbClient | None = None
         self._warned_unscored = False

@@ -162,6 +162,26 @@ class ModelEngineServerReplica(RolloutReplica):
         """Profiling through verl is not supported here."""
 
 
+def scoring_service(actor_name: str, ray_namespace: str | None) -> Any:
+    """The running service's Ray actor, or a start-up error saying how to make the join work."""
+    try:
+        return ray.get_actor(actor_name, namespace=ray_namespace)
+    except ValueError:
+        raise RuntimeError(
+            f"model-engine-server: no Ray actor {actor_name!r} in namespace {ray_namespace!r} to join the "
+            "trainer's weight sync; run the server on this Ray cluster (`serve` with "
+            "model_engine_server.ray.address=auto), or set model_engine_server.trainer.join_weight_sync=false "
+            "if its weights arrive another way (clients/publisher.py, /v1/update_weights_from_disk)"
+        ) from None
+
+
+def check_join_target(rules: TrainerSideConfig) -> None:
+    """With `join_weight_sync`, the service must be running before the trainer builds anything:
+    the join itself comes only after verl has started its workers and rollout servers."""
+    if rules.join_weight_sync:
+        scoring_service(rules.actor_name, rules.ray_namespace)
+
+
 def scoring_rollout_config(checkpoint_engine: CheckpointEngineConfig, actor_name: str = DEFAULT_ACTOR_NAME,
                            ray_namespace: str | None = DEFAULT_NAMESPACE) -> RolloutConfig:
     """The rollout config of a scoring pool: our replica type, the trainer's checkpoint-engine
@@ -178,16 +198,7 @@ async def scoring_replicas(config: RolloutConfig | DictConfig, model_config: HFM
     `CheckpointEngineManager` (alone or with the rollout replicas: `add_replicas`)."""
     rollout_config = config if isinstance(config, RolloutConfig) else omega_conf_to_dataclass(config, RolloutConfig)
     options = ScoringPoolOptions.of(rollout_config)
-    try:
-        service = ray.get_actor(options.actor_name, namespace=options.ray_namespace)
-    except ValueError:
-        raise RuntimeError(
-            f"model-engine-server: no Ray actor {options.actor_name!r} in namespace {options.ray_namespace!r} to "
-            "join the trainer's weight sync; run the server on this Ray cluster (`serve` with "
-            "model_engine_server.ray.address=auto), or "
-            "set model_engine_server.trainer.join_weight_sync=false if its weights arrive another way "
-            "(clients/publisher.py, /v1/update_weights_from_disk)"
-        ) from None
+    service = scoring_service(options.actor_name, options.ray_namespace)
     count = (await service.get_status.remote())["num_replicas"]
     replica_class = RolloutReplicaRegistry.get(rollout_config.name)
     replicas = [replica_class(rank, rollout_config, model_config) for rank in range(count)]

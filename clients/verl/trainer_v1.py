@@ -228,7 +228,9 @@ class PPOTrainerModelEngineServer(PPOTrainerSeparateAsync):
     _warned_no_server_numbers = False
 
     def __init__(self, config: DictConfig):
-        check_mode_config(config)
+        from clients.verl.scoring_replica import check_join_target
+
+        check_join_target(check_mode_config(config))  # before verl builds workers and rollout servers
         mirror_mode_settings(config)
         super().__init__(config)
 

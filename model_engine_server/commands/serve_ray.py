@@ -47,9 +47,8 @@ def serve_on_ray(config: ServerConfig) -> int:
 async def _serve(config: ServerConfig) -> int:
     import ray
 
-
     signals = _SignalCount()  # before anything slow: a signal during start-up ends it
-    starting = asyncio.ensure_future(_start(config))
+    starting = asyncio.ensure_future(_start(config, signals))
     await asyncio.wait({starting, asyncio.ensure_future(signals.first.wait())}, return_when=asyncio.FIRST_COMPLETED)
     if not starting.done():
         starting.cancel()  # the actor, if made, is killed (and dies with this driver anyway)
@@ -73,7 +72,7 @@ async def _serve(config: ServerConfig) -> int:
     return await _drain(handle, config, signals)
 
 
-async def _start(config: ServerConfig) -> "tuple[Any, tuple[str, int]] | str":
+async def _start(config: ServerConfig, signals: "_SignalCount") -> "tuple[Any, tuple[str, int]] | str":
     """The running service actor and where it listens, or why not."""
     import ray
     from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
@@ -86,6 +85,7 @@ async def _start(config: ServerConfig) -> "tuple[Any, tuple[str, int]] | str":
         join_ray_for(config, ray_gpus_for(config))
     except (OSError, ValueError) as error:  # no cluster at the address; a reference path that is not a checkpoint
         return f"could not join or start Ray: {type(error).__name__}: {error}"
+    signals.install()  # `ray.init` put its own SIGTERM handler in place, which exits without a drain
     # the app is built in the actor, whose environment is the Ray cluster's: the token goes with the config
     config = config.model_copy(update={"http": config.http.with_token_resolved()})
     here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=False)
@@ -142,6 +142,10 @@ class _SignalCount:
 
     def __init__(self) -> None:
         self.first, self.second = asyncio.Event(), asyncio.Event()
+        self.install()
+
+    def install(self) -> None:
+        """(Again) make this loop the one the signals reach."""
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGINT, signal.SIGTERM):
             loop.add_signal_handler(sig, self._arrived)

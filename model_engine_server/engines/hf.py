@@ -126,31 +126,36 @@ def pick_attention(device: torch.device, requested: str | None) -> str:
     return packed_attention.NAME  # keeps packed sequences apart whatever mask the model builds
 
 
+def load_causal_lm(path: Path, spec: EngineSpec, device: torch.device) -> torch.nn.Module:
+    """The checkpoint's causal LM on `device`, in eval mode without gradients, with the attention
+    `pick_attention` chooses; a family without that attention is a clear error."""
+    from transformers import AutoModelForCausalLM
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()
+    packed_attention.register()
+    attention = pick_attention(device, spec.attn_implementation)
+    try:
+        model = AutoModelForCausalLM.from_pretrained(
+            path, dtype=spec.torch_dtype(), attn_implementation=attention, local_files_only=True,
+        )
+    except KeyError as error:  # a family that looks its attention classes up by name (Falcon)
+        if error.args != (attention,):
+            raise
+        raise ValueError(f"the model at {str(path)!r} has no attention {attention!r} (its family picks attention "
+                         "classes of its own); set attn_implementation to one it has that keeps packed sequences "
+                         "apart (flash_attention_2 on CUDA)") from None
+    return model.to(device).eval().requires_grad_(False)
+
+
 class HFEngine(HiddenStateEngine):
     """A `transformers` causal LM held in eval mode on one device."""
 
     def __init__(self, spec: EngineSpec) -> None:
-        from transformers import AutoModelForCausalLM
-        from transformers.utils import logging as hf_logging
-
-        hf_logging.disable_progress_bar()
-
         path = check_checkpoint_folder(spec.model_path)
-        packed_attention.register()
         self.spec = spec
         self.device = resolve_device(spec.device)
-        attention = pick_attention(self.device, spec.attn_implementation)
-        try:
-            self.model = AutoModelForCausalLM.from_pretrained(
-                path, dtype=spec.torch_dtype(), attn_implementation=attention, local_files_only=True,
-            )
-        except KeyError as error:  # a family that looks its attention classes up by name (Falcon)
-            if error.args != (attention,):
-                raise
-            raise ValueError(f"the model at {str(path)!r} has no attention {attention!r} (its family picks attention "
-                             "classes of its own); set attn_implementation to one it has that keeps packed sequences "
-                             "apart (flash_attention_2 on CUDA)") from None
-        self.model.to(self.device).eval().requires_grad_(False)
+        self.model = load_causal_lm(path, spec, self.device)
         config = self.model.config
         for key in UNSUPPORTED_CONFIG_KEYS:
             if getattr(config, key, None) not in (None, 1.0):
