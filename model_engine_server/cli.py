@@ -40,9 +40,10 @@ def build_parser(available: dict[str, str] | None = None) -> argparse.ArgumentPa
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args, extra = parser.parse_known_args(argv)
-    # Hydra takes overrides before and after flags alike (`a=b --config f c=d`); argparse binds a
-    # positional list once, so overrides after a flag come back unparsed: they are added here
-    if extra and (not hasattr(args, "overrides") or any(item.startswith("-") or "=" not in item for item in extra)):
+    # Hydra takes overrides before and after flags alike (`a=b --config f c=d ~e`); argparse binds a
+    # positional list once, so overrides after a flag come back unparsed: they are added here, and
+    # Hydra's override parser judges them with the rest
+    if extra and (not hasattr(args, "overrides") or any(item.startswith("-") for item in extra)):
         parser.error(f"unrecognized arguments: {' '.join(extra)}")
     if extra:
         args.overrides = [*args.overrides, *extra]

@@ -60,6 +60,10 @@ def test_overrides_are_taken_before_and_after_flags_as_hydra_takes_them(tmp_path
                  "model_engine_server.temperature=0.7"]) == 0
     shown = capsys.readouterr().out
     assert 'model_path: "/models/a"  # override' in shown and "temperature: 0.7  # override" in shown
+    # Hydra's delete form after a flag too (it was refused as an unknown argument)
+    assert main(["config", "model_engine_server.model_path=/models/a", "--config", str(config),
+                 "~model_engine_server.backend"]) == 0
+    assert 'model_engine_server.backend: "hf"  # default' in capsys.readouterr().out  # the file's was deleted
     with pytest.raises(SystemExit) as refused:
         main(["config", "--config", str(config), "--no-such-flag"])
     assert refused.value.code == 2

@@ -204,3 +204,13 @@ def test_demo_command_preset_rollout_ahead_builds_that_loop(monkeypatch, tmp_pat
     assert seen[2] == rollout_ahead(stale_policy="drop", seed=0)
     assert main(["demo", "--steps", "0", "--output-dir", str(tmp_path)]) == 2
     assert len(seen) == 3
+
+
+def test_an_output_folder_the_demo_cannot_make_is_one_line_not_a_traceback(tmp_path, capsys):
+    from model_engine_server.cli import main
+
+    taken = tmp_path / "a-file"
+    taken.write_text("not a folder")
+    assert main(["demo", "--steps", "1", "--output-dir", str(taken)]) == 1
+    error = capsys.readouterr().err
+    assert error.startswith(f"error: cannot write the demo's output to {taken}") and "Traceback" not in error

@@ -49,6 +49,11 @@ def run(args: argparse.Namespace) -> int:
         print(f"error: {problems}", file=sys.stderr)
         return 2
     modes = ["server", "baseline"] if args.mode == "both" else [args.mode]
+    try:  # an output folder that cannot be made: one line, before anything runs
+        args.output_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as error:
+        print(f"error: cannot write the demo's output to {args.output_dir}: {error.strerror or error}", file=sys.stderr)
+        return 1
     results = run_demo(config, args.output_dir, modes, show_progress=not args.no_progress)  # type: ignore[arg-type]
     print(comparison(results))
     print(f"per-step metrics: {args.output_dir / 'metrics.jsonl'}; plot: {args.output_dir / 'demo.png'}")
