@@ -171,6 +171,30 @@ def test_a_blocking_call_without_a_deadline_waits_for_its_connection(served):
     assert len(answers) == 3 and all(getattr(answer, "log_probs", None) is not None for answer in answers), answers
 
 
+def test_a_second_ctrl_c_stops_waiting_for_the_drain(tiny_model, monkeypatch):
+    """uvicorn turns a second SIGINT into `force_exit`; the drain of the service, which comes
+    before uvicorn's own waits, was still waited out to its end (54 s in a review's run)."""
+    import asyncio
+
+    from model_engine_server.reference import PolicyWithReference
+
+    async def drain_that_takes_long(self, drain: bool = True, timeout_s: float = 30.0) -> None:
+        await asyncio.sleep(60.0)
+
+    monkeypatch.setattr(PolicyWithReference, "shutdown", drain_that_takes_long)
+    service = build_local_server(EngineSpec(model_path=str(tiny_model)))
+    server = ServerThread(create_app(service, owns_service=True)).__enter__()
+    try:
+        server.server.should_exit = True  # the first signal
+        time.sleep(1.0)
+        assert server.thread.is_alive()  # its drain is waited for
+        server.server.force_exit = True  # what uvicorn's handler sets on the second SIGINT
+        server.thread.join(10.0)
+        assert not server.thread.is_alive()
+    finally:
+        server.thread.join(60.0)
+
+
 def test_a_server_thread_stops_as_serve_does_answering_held_calls_503(tiny_model):
     import threading
 

@@ -115,6 +115,9 @@ def _serve(app: Any, host: str, port: int, graceful_shutdown_s: float) -> int:
     if not server.started:
         logger.error("could not start serving on %s:%d", host, port)
         return 1
+    if server.force_exit:
+        logger.warning("stopped by a second signal before the drain ended")
+        return 1
     logger.info("shut down cleanly")
     return 0
 
