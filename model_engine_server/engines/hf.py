@@ -20,7 +20,6 @@ from typing import Any, Iterable, Iterator
 import torch
 
 from model_engine_server.engines import packed_attention
-from model_engine_server.engines.hf_probe import packed_path_mismatch
 from model_engine_server.engines.base import (
     EngineSpec,
     HiddenStateEngine,
@@ -30,6 +29,7 @@ from model_engine_server.engines.base import (
     register_engine,
     resolve_device,
 )
+from model_engine_server.engines.hf_probe import packed_path_mismatch
 from model_engine_server.errors import WeightSyncError
 from model_engine_server.logprobs import LMHead
 from model_engine_server.packing import PackedBatch
