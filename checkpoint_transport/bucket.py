@@ -17,6 +17,7 @@ from typing import Iterable, Iterator
 
 import msgpack
 import torch
+from torch.distributed.tensor import DTensor
 
 from checkpoint_transport.dtypes import DTYPES, dtype_name
 
@@ -148,6 +149,9 @@ def group_into_buckets(
     for name, tensor in named_tensors:
         if not isinstance(name, str) or not isinstance(tensor, torch.Tensor):
             raise TypeError(f"expected (str, torch.Tensor) pairs, got ({type(name).__name__}, {type(tensor).__name__})")
+        if isinstance(tensor, DTensor):
+            raise TypeError(f"{name!r} is a DTensor (one shard of an FSDP2/TP parameter): export whole tensors, "
+                            "`tensor.full_tensor()` called on every rank in step, and publish from one rank")
         nbytes = _aligned(tensor.numel() * tensor.element_size())
         if group and size + nbytes > bucket_bytes:
             yield group

@@ -8,7 +8,10 @@ buckets and syncs (`buffers.HOST_BUFFERS`).
 
 A failure of the stream itself (the trainer's export raised, a duplicate name, a dtype that
 cannot travel) ends the stream with an abort header that carries the reason, so receivers stop
-at once instead of timing out. A failure of the channel is reported as it is.
+at once instead of timing out. A failure of the channel is reported as it is, once the export
+has been read to its end without packing: a trainer whose export is collective (FSDP2's
+`full_tensor()` on every rank, rank 0 sending) would otherwise leave its other ranks waiting in
+a gather that rank 0 never joins.
 """
 
 from __future__ import annotations
@@ -66,6 +69,7 @@ class WeightSender:
         )
         producer.start()
         index = 0
+        channel_failed = False
         try:
             while True:
                 export_wait_s = self.spec.timeout_s * EXPORT_WAIT_SHARE
@@ -101,15 +105,17 @@ class WeightSender:
                 index += 1
                 del flat, item
         except TransportError as error:
+            channel_failed = True
             report.ok = False
             report.error = report.error or str(error)
         except Exception as error:  # a bug or an unexpected channel failure: still a report
+            channel_failed = True
             logger.exception("sending version %d failed", version)
             report.ok = False
             report.error = report.error or f"{type(error).__name__}: {error}"
         finally:
-            stop.set()
-            producer.join(timeout=1.0)
+            stop.set()  # the producer reads the rest of the export without packing (module docstring)
+            producer.join(timeout=self.spec.timeout_s if channel_failed else 1.0)
         report.pack_s = pack_seconds[0]
         report.seconds = time.monotonic() - started
         return report
@@ -135,9 +141,10 @@ class WeightSender:
         if device.type == "cuda":
             torch.cuda.set_device(device)
         seen: set[str] = set()
+        export = iter(named_tensors)
         try:
             began = time.monotonic()
-            for index, group in enumerate(group_into_buckets(named_tensors, self.spec.bucket_bytes)):
+            for index, group in enumerate(group_into_buckets(export, self.spec.bucket_bytes)):
                 for name, _ in group:
                     if name in seen:
                         raise ValueError(f"tensor {name!r} appears twice in the export stream")
@@ -147,7 +154,10 @@ class WeightSender:
                 item = (flat, header, pooled)
                 del group, flat
                 pack_seconds[0] += time.monotonic() - began
-                if not put(item):
+                if not put(item):  # the channel failed: read the rest so a collective export ends on every rank
+                    del item
+                    for _ in export:
+                        pass
                     return
                 began = time.monotonic()
             pack_seconds[0] += time.monotonic() - began

@@ -280,7 +280,9 @@ class WeightPublisher:
 
 
 def _message(error: BaseException) -> str:
-    return error.message if isinstance(error, ModelEngineError) else str(error)
+    """The error's text, or its type where it has none (httpx's timeouts)."""
+    text = error.message if isinstance(error, ModelEngineError) else str(error)
+    return text or type(error).__name__
 
 
 def _send_failed(task: "asyncio.Future[SendReport]") -> bool:
@@ -327,14 +329,26 @@ class HttpSyncTarget:
     plus pause/resume/status; the buckets themselves travel over the transport, not HTTP."""
 
     def __init__(self, base_url: str, token: str | None = None, timeout_s: float = 600.0) -> None:
+        self._base_url = base_url.rstrip("/")
+        self._headers = {"authorization": f"Bearer {token}"} if token else {}
+        self._timeout_s = timeout_s
+        self._client: Any = None
+        self._client_loop: asyncio.AbstractEventLoop | None = None
+
+    def _http(self) -> Any:
+        """A client of the running loop: `update_weights_blocking` runs each sync on a loop of
+        its own, and an httpx client's connections belong to the loop that opened them."""
         import httpx
 
-        headers = {"authorization": f"Bearer {token}"} if token else {}
-        self._client = httpx.AsyncClient(base_url=base_url.rstrip("/"), headers=headers, timeout=timeout_s)
+        loop = asyncio.get_running_loop()
+        if self._client is None or self._client_loop is not loop:
+            self._client = httpx.AsyncClient(base_url=self._base_url, headers=self._headers, timeout=self._timeout_s)
+            self._client_loop = loop
+        return self._client
 
-    async def _request(self, method: str, path: str, body: dict[str, Any] | None = None) -> Any:
-        response = await self._client.request(method, path, json=body)
-        payload = response.json() if response.content else {}
+    async def _request(self, method: str, path: str, body: dict[str, Any] | None = None, **options: Any) -> Any:
+        response = await self._http().request(method, path, json=body, **options)
+        payload = response.json() if response.content and is_json(response) else {}
         if response.status_code >= 400:
             error = payload.get("error", payload) if isinstance(payload, dict) else {}
             raise error_from_wire(error) if isinstance(error, dict) and "code" in error else ModelEngineError(
@@ -346,7 +360,9 @@ class HttpSyncTarget:
         return int((await self._request("POST", "/v1/weights/begin", {"version": version}))["receivers"])
 
     async def receive_weights(self, spec: TransportSpec, version: int) -> list[ReceiveReport]:
-        payload = await self._request("POST", "/v1/weights/receive", {"spec": spec.model_dump(), "version": version})
+        # the call lasts the whole transfer, which the server bounds (`weight_update_timeout_s`)
+        payload = await self._request("POST", "/v1/weights/receive", {"spec": spec.model_dump(), "version": version},
+                                      timeout=None)
         return [ReceiveReport.from_dict(r) for r in payload["reports"]]
 
     async def commit_weight_update(self, version: int) -> None:
@@ -365,4 +381,11 @@ class HttpSyncTarget:
         return await self._request("GET", "/v1/status")
 
     async def close(self) -> None:
-        await self._client.aclose()
+        if self._client is not None and self._client_loop is asyncio.get_running_loop():
+            await self._client.aclose()
+        self._client = None
+
+
+def is_json(response: Any) -> bool:
+    """A body to parse: an error page from a proxy in front of the server is not."""
+    return response.headers.get("content-type", "").split(";")[0].strip().endswith("json")

@@ -62,6 +62,42 @@ async def test_a_sync_through_the_admin_routes_loads_exactly_the_published_weigh
     await target.close()
 
 
+def test_blocking_syncs_one_after_another_each_on_a_loop_of_its_own(served):
+    """`update_weights_blocking` runs each sync under its own `asyncio.run`; the HTTP target's
+    client belonged to the first loop, so the second sync failed with `Event loop is closed`."""
+    url, server = served
+    publisher, _ = publisher_over_http(url)
+    for version in (1, 2):
+        new_weights = perturbed_weights(engine_weights(server), seed=version)
+        report = publisher.update_weights_blocking(new_weights, version=version)
+        assert report.ok, report.error
+        loaded = engine_weights(server)
+        assert all(torch.equal(loaded[name], new_weights[name]) for name in new_weights)
+
+
+async def test_an_error_page_that_is_not_json_keeps_its_status(unused_tcp_port):
+    """A proxy's 502 page in front of the server: the status and text, not a JSON decode error."""
+    import asyncio
+
+    from model_engine_server.errors import ModelEngineError
+
+    async def proxy(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await reader.readuntil(b"\r\n\r\n")
+        writer.write(b"HTTP/1.1 502 Bad Gateway\r\ncontent-type: text/html\r\ncontent-length: 26\r\n\r\n"
+                     b"<html>bad gateway</html>\r\n")
+        await writer.drain()
+        writer.close()
+
+    listening = await asyncio.start_server(proxy, "127.0.0.1", unused_tcp_port)
+    target = HttpSyncTarget(f"http://127.0.0.1:{unused_tcp_port}", timeout_s=10)
+    try:
+        with pytest.raises(ModelEngineError, match="answered 502: <html>bad gateway"):
+            await target.begin_weight_update(1)
+    finally:
+        await target.close()
+        listening.close()
+
+
 async def test_a_rejected_tensor_comes_back_as_a_typed_error_and_holds_serving(served):
     url, server = served
     publisher, target = publisher_over_http(url)

@@ -157,3 +157,53 @@ def test_buffer_pool_reuses_a_returned_buffer_and_keeps_only_a_few():
     assert pool.take(350) is buffers[3]  # the largest two were kept
     assert pool.take(100) is buffers[2]
     assert pool.take(100) is not buffers[0]
+
+
+def test_a_sender_whose_channel_fails_reads_the_export_to_its_end():
+    """A collective export (FSDP2's `full_tensor()` on every rank, rank 0 sending) needs rank 0
+    to pull every tensor, else its other ranks wait in a gather it never joins: the sender kept
+    packing stopped and left the rest of the export unread."""
+    from checkpoint_transport.sender import WeightSender
+    from checkpoint_transport.spec import TransportError, TransportSpec
+
+    class BreaksOnSecondBucket:
+        device = torch.device("cpu")
+
+        def __init__(self) -> None:
+            self.sent = 0
+
+        def send(self, header: bytes, flat: torch.Tensor | None) -> None:
+            self.sent += 1
+            if self.sent == 2:
+                raise TransportError("a peer left the group while sending a header")
+
+    pulled: list[str] = []
+
+    def export():
+        for index in range(40):
+            pulled.append(f"w{index}")
+            yield f"w{index}", torch.full((256,), float(index))
+
+    spec = TransportSpec(backend="gloo", group="g", world_size=2, bucket_bytes=2048, timeout_s=30.0)
+    report = WeightSender(spec, BreaksOnSecondBucket()).send(export(), version=1)
+    assert not report.ok and "peer left" in report.error
+    assert len(pulled) == 40  # every tensor was pulled before send returned
+
+
+def test_a_dtensor_shard_is_refused_with_how_to_export_it_whole():
+    import torch.distributed as dist
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.tensor import Shard, distribute_tensor
+
+    from checkpoint_transport.bucket import group_into_buckets
+
+    owned = not dist.is_initialized()
+    if owned:
+        dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
+    try:
+        sharded = distribute_tensor(torch.ones(4, 4), init_device_mesh("cpu", (1,)), [Shard(0)])
+        with pytest.raises(TypeError, match=r"'w' is a DTensor .*full_tensor\(\)"):
+            list(group_into_buckets([("w", sharded)], 1 << 20))
+    finally:
+        if owned:
+            dist.destroy_process_group()
