@@ -12,12 +12,12 @@ Pure torch + msgpack: no process group, no Ray.
 
 from __future__ import annotations
 
+import sys
 from dataclasses import dataclass, field
 from typing import Iterable, Iterator
 
 import msgpack
 import torch
-from torch.distributed.tensor import DTensor
 
 from checkpoint_transport.dtypes import DTYPES, dtype_name
 
@@ -136,6 +136,13 @@ def buffer_checksum(flat: torch.Tensor) -> str:
     return f"{plain & (2**64 - 1):016x}{weighted & (2**64 - 1):016x}"
 
 
+def _is_dtensor(tensor: torch.Tensor) -> bool:
+    """A DTensor's module is loaded wherever one exists; importing it here would cost every
+    process that moves weights (each Ray worker) most of a second."""
+    module = sys.modules.get("torch.distributed.tensor")
+    return module is not None and isinstance(tensor, module.DTensor)
+
+
 def group_into_buckets(
     named_tensors: Iterable[tuple[str, torch.Tensor]], bucket_bytes: int
 ) -> Iterator[list[tuple[str, torch.Tensor]]]:
@@ -149,7 +156,7 @@ def group_into_buckets(
     for name, tensor in named_tensors:
         if not isinstance(name, str) or not isinstance(tensor, torch.Tensor):
             raise TypeError(f"expected (str, torch.Tensor) pairs, got ({type(name).__name__}, {type(tensor).__name__})")
-        if isinstance(tensor, DTensor):
+        if _is_dtensor(tensor):
             raise TypeError(f"{name!r} is a DTensor (one shard of an FSDP2/TP parameter): export whole tensors, "
                             "`tensor.full_tensor()` called on every rank in step, and publish from one rank")
         nbytes = _aligned(tensor.numel() * tensor.element_size())
