@@ -12,6 +12,7 @@ import asyncio
 import time
 
 import pytest
+import pytest_asyncio
 import ray
 
 from checkpoint_transport.spec import TransportConfig
@@ -25,18 +26,36 @@ from replica.manager import ReplicaManager
 from tests.helpers import random_requests
 from tests.test_replica import assert_nothing_left, replica_config
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.asyncio(loop_scope="module")]
 SCHEDULER = SchedulerConfig(max_tokens_per_batch=2048, max_wait_ms=2.0, request_timeout_s=60)
 
 
-@pytest.fixture
-async def manager(ray_cluster, tiny_model):
+async def _started_manager(tiny_model) -> ReplicaManager:
     manager = ReplicaManager(replica_config(tiny_model, num_replicas=2, gpus_per_replica_node=2, scheduler=SCHEDULER,
                                             auto_restart=False))
     await manager.start()
-    yield manager
+    return manager
+
+
+async def _stop(manager: ReplicaManager) -> None:
     await manager.shutdown(drain=False, timeout_s=5.0)
     await assert_nothing_left()
+
+
+@pytest_asyncio.fixture(scope="module", loop_scope="module")
+async def shared_manager(ray_cluster, tiny_model):
+    """Two replicas of two workers for every test here: four worker starts are most of this
+    module's time. Each test finds them serving with no update open; the last kills a replica."""
+    manager = await _started_manager(tiny_model)
+    yield manager
+    await _stop(manager)
+
+
+@pytest_asyncio.fixture(loop_scope="module")
+async def manager(shared_manager):
+    status = shared_manager.status()
+    assert status["live_replicas"] == 2 and not status["updating_weights"] and status["weights_incomplete"] is None
+    return shared_manager
 
 
 def _new_weights(tiny_model, seed: int):
@@ -53,36 +72,41 @@ async def _served_version(manager: ReplicaManager) -> int:
 
 
 async def test_an_empty_update_is_refused_on_ray_replicas_and_the_version_stays(manager):
+    before = manager.weight_version
     with pytest.raises(WeightSyncError, match="is missing"):
-        await manager.update_weights([], 5)
+        await manager.update_weights([], before + 5)
     status = manager.status()
-    assert manager.weight_version == 0 and status["weights_incomplete"] is None and not status["updating_weights"]
-    assert await _served_version(manager) == 0
+    assert manager.weight_version == before and status["weights_incomplete"] is None and not status["updating_weights"]
+    assert await _served_version(manager) == before
 
 
 async def test_a_partial_bucket_load_is_refused_at_commit_naming_what_is_missing(manager, tiny_model):
     weights = list(_new_weights(tiny_model, seed=5).items())
-    await manager.begin_weight_update(1)
-    await manager.load_weights(weights[:2], 1)
-    with pytest.raises(WeightSyncError, match=r"replica-\d: weights of version 1 did not arrive complete: rank-0 is missing"):
-        await manager.commit_weight_update(1)
-    assert manager.weight_version == 0 and manager.status()["weights_incomplete"]
-    await manager.update_weights(weights, 1)  # a complete sync lands afterwards
-    assert await _served_version(manager) == 1
+    before = manager.weight_version
+    version = before + 1
+    await manager.begin_weight_update(version)
+    await manager.load_weights(weights[:2], version)
+    with pytest.raises(WeightSyncError,
+                       match=rf"replica-\d: weights of version {version} did not arrive complete: rank-0 is missing"):
+        await manager.commit_weight_update(version)
+    assert manager.weight_version == before and manager.status()["weights_incomplete"]
+    await manager.update_weights(weights, version)  # a complete sync lands afterwards
+    assert await _served_version(manager) == version
 
 
 async def test_a_second_begin_is_refused_at_once_even_while_the_first_waits_for_the_lock(manager):
+    before = manager.weight_version
     await manager.updates.lock.acquire()  # a restart's weight copy holds the lock
-    first = asyncio.ensure_future(manager.begin_weight_update(1))
+    first = asyncio.ensure_future(manager.begin_weight_update(before + 1))
     await asyncio.sleep(0.05)
     started = time.monotonic()
     with pytest.raises(WeightSyncError, match="already in progress"):
-        await manager.begin_weight_update(2)
+        await manager.begin_weight_update(before + 2)
     assert time.monotonic() - started < 1.0
     manager.updates.lock.release()
     assert await asyncio.wait_for(first, 30) == sum(len(r.workers) for r in manager.replicas)  # every worker receives
     await manager.abort_weight_update("test")
-    assert await _served_version(manager) == 0
+    assert await _served_version(manager) == before
 
 
 class _KillsAReplicaAfterBegin:
@@ -118,16 +142,18 @@ async def _await_death(manager: ReplicaManager) -> None:
 
 
 async def test_a_replica_lost_between_begin_and_the_stream_fails_the_sync_at_once(manager, tiny_model):
+    """Last in the module: it leaves replica-1 dead."""
+    before = manager.weight_version
     target = _KillsAReplicaAfterBegin(manager)
     timeout_s = 60.0
     publisher = WeightPublisher(target, TransportConfig(backend="gloo", timeout_s=timeout_s))
     started = time.monotonic()
     try:
-        with pytest.raises(WeightSyncError, match="replica-1 died after the update to version 1 began"):
-            await publisher.update_weights(_new_weights(tiny_model, seed=6), 1)
+        with pytest.raises(WeightSyncError, match=f"replica-1 died after the update to version {before + 1} began"):
+            await publisher.update_weights(_new_weights(tiny_model, seed=6), before + 1)
     finally:
         await publisher.close()
     assert time.monotonic() - started < timeout_s / 2  # refused at once, not at the rendezvous timeout
-    assert manager.weight_version == 0 and not manager.status()["updating_weights"]
+    assert manager.weight_version == before and not manager.status()["updating_weights"]
     outcomes = await manager.score(random_requests(2, 512, seed=4, max_len=40))
-    assert all(isinstance(o, LogProbResult) and o.weight_version == 0 for o in outcomes)
+    assert all(isinstance(o, LogProbResult) and o.weight_version == before for o in outcomes)
