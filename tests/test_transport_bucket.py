@@ -159,6 +159,23 @@ def test_buffer_pool_reuses_a_returned_buffer_and_keeps_only_a_few():
     assert pool.take(100) is not buffers[0]
 
 
+def test_buffer_pool_keeps_no_more_idle_bytes_than_its_bound():
+    """Bounded by count alone, four idle buffers of a sync with 1 GiB buckets (or of buckets made
+    for one huge tensor) stayed in the trainer's memory for good."""
+    from checkpoint_transport.buffers import HostBufferPool
+
+    pool = HostBufferPool(max_idle=4, max_idle_bytes=1000)
+    huge = pool.take(5000)
+    pool.give(huge)
+    assert pool.idle_bytes() == 0 and pool.take(5000) is not huge
+    buffers = [pool.take(400) for _ in range(3)]
+    for buffer in buffers:
+        pool.give(buffer)
+    assert pool.idle_bytes() == 800  # a third buffer of 400 would pass the bound
+    again = [pool.take(400) for _ in range(3)]
+    assert [any(a is b for b in buffers) for a in again] == [True, True, False]
+
+
 def test_a_sender_whose_channel_fails_reads_the_export_to_its_end():
     """A collective export (FSDP2's `full_tensor()` on every rank, rank 0 sending) needs rank 0
     to pull every tensor, else its other ranks wait in a gather it never joins: the sender kept
