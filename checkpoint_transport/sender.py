@@ -11,7 +11,8 @@ cannot travel) ends the stream with an abort header that carries the reason, so 
 at once instead of timing out. A failure of the channel is reported as it is, once the export
 has been read to its end without packing: a trainer whose export is collective (FSDP2's
 `full_tensor()` on every rank, rank 0 sending) would otherwise leave its other ranks waiting in
-a gather that rank 0 never joins.
+a gather that rank 0 never joins. A sync cancelled by its publisher (`cancelled` set) ends the
+same way as a failed export, at the next bucket: an abort header, then the export read out.
 """
 
 from __future__ import annotations
@@ -36,6 +37,7 @@ _END = object()
 # The receivers wait `timeout_s` for each header: the sender gives up on a stalled export sooner,
 # so its abort header (naming the stall) reaches them before their own timeout does.
 EXPORT_WAIT_SHARE = 0.8
+CANCEL_POLL_S = 0.1  # how soon a sender waiting for the export notices its sync was cancelled
 
 
 class _StreamFailed:
@@ -57,7 +59,9 @@ class WeightSender:
         """Join the sync's group as rank 0 (blocks until every receiver joined, for broadcast backends)."""
         return cls(spec, get_backend(spec.backend).sender_channel(spec))
 
-    def send(self, named_tensors: Iterable[tuple[str, torch.Tensor]], version: int) -> SendReport:
+    def send(
+        self, named_tensors: Iterable[tuple[str, torch.Tensor]], version: int, cancelled: threading.Event | None = None
+    ) -> SendReport:
         """Stream every tensor to every receiver; the report's `error` says why it stopped early."""
         report = SendReport(version=version)
         started = time.monotonic()
@@ -72,11 +76,7 @@ class WeightSender:
         channel_failed = False
         try:
             while True:
-                export_wait_s = self.spec.timeout_s * EXPORT_WAIT_SHARE
-                try:
-                    item = packed.get(timeout=export_wait_s)
-                except queue.Empty:
-                    item = _StreamFailed(f"timed out after {export_wait_s:.3g} s waiting for the export stream's next tensors")
+                item = self._next_bucket(packed, cancelled)
                 if item is _END or isinstance(item, _StreamFailed):
                     reason = item.reason if isinstance(item, _StreamFailed) else None
                     end = BucketHeader(
@@ -119,6 +119,20 @@ class WeightSender:
         report.pack_s = pack_seconds[0]
         report.seconds = time.monotonic() - started
         return report
+
+    def _next_bucket(self, packed: "queue.Queue[object]", cancelled: threading.Event | None) -> object:
+        """The next packed bucket, or why there is none: a stalled export, or a cancelled sync."""
+        export_wait_s = self.spec.timeout_s * EXPORT_WAIT_SHARE
+        deadline = time.monotonic() + export_wait_s
+        while cancelled is None or not cancelled.is_set():
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                return _StreamFailed(f"timed out after {export_wait_s:.3g} s waiting for the export stream's next tensors")
+            try:
+                return packed.get(timeout=min(remaining, CANCEL_POLL_S))
+            except queue.Empty:
+                continue
+        return _StreamFailed("the sync was cancelled by its publisher")
 
     def _produce(
         self,
@@ -174,14 +188,15 @@ def send_weights(
     named_tensors: Iterable[tuple[str, torch.Tensor]],
     version: int,
     sender_factory: Callable[[TransportSpec], WeightSender] = WeightSender.from_spec,
+    cancelled: threading.Event | None = None,
 ) -> SendReport:
     """Join (through `sender_factory`), send, leave; never raises (a sending Ray actor returns
-    the report as it is)."""
+    the report as it is). Setting `cancelled` ends the stream at the next bucket."""
     try:
         sender = sender_factory(spec)
     except Exception as error:
         return SendReport(version=version, error=f"the sender could not join sync {spec.group}: {error}")
     try:
-        return sender.send(named_tensors, version)
+        return sender.send(named_tensors, version, cancelled)
     finally:
         sender.close()

@@ -24,6 +24,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+import threading
 import time
 import uuid
 from dataclasses import dataclass, field
@@ -126,8 +127,12 @@ class WeightPublisher:
     async def update_weights(self, weights: Weights, version: int) -> SyncReport:
         """Publish `weights` as `version`; raises `WeightSyncError` with the reason on failure."""
         named = as_named_tensors(weights)
+        cancelled = threading.Event()  # a thread cannot be cancelled from here: the sender stops at this
 
-        return await self._sync(version, lambda spec, v: run_in_thread(send_weights, spec, named, v, self.sender_factory))
+        def start(spec: TransportSpec, v: int) -> "asyncio.Future[SendReport]":
+            return run_in_thread(send_weights, spec, named, v, self.sender_factory, cancelled)
+
+        return await self._sync(version, start, stop_sender=cancelled.set)
 
     async def update_weights_from(self, send: RemoteSend, version: int) -> SyncReport:
         """Publish what another process sends: `send(spec, version)` makes it run
@@ -149,7 +154,12 @@ class WeightPublisher:
             self._session = await run_in_thread(backend.open_session, self.config)
         return self._session
 
-    async def _sync(self, version: int, start_sender: Callable[[TransportSpec, int], Awaitable[SendReport]]) -> SyncReport:
+    async def _sync(
+        self,
+        version: int,
+        start_sender: Callable[[TransportSpec, int], Awaitable[SendReport]],
+        stop_sender: Callable[[], None] = lambda: None,
+    ) -> SyncReport:
         async with self._lock:
             session = await self._open_session()
             report = SyncReport(version=version)
@@ -167,7 +177,7 @@ class WeightPublisher:
                     raise WeightSyncError("the target has no receiving workers (no live replica?)")
                 spec = await run_in_thread(session.begin, f"v{version}-{uuid.uuid4().hex[:8]}", receivers)
                 spec = spec.model_copy(update=self._spec_overrides())  # a shared session: this publisher's knobs
-                await self._transfer(session, spec, version, start_sender, report)
+                await self._transfer(session, spec, version, start_sender, report, stop_sender)
             except BaseException as error:  # cancelled or a bug: the server must not stay half-updated
                 report.error = report.error or f"{type(error).__name__}: {error}"
                 await self._abort(report)
@@ -200,16 +210,20 @@ class WeightPublisher:
         version: int,
         start_sender: Callable[[TransportSpec, int], Awaitable[SendReport]],
         report: SyncReport,
+        stop_sender: Callable[[], None],
     ) -> None:
         receiving = asyncio.ensure_future(self.target.receive_weights(spec, version))
         sending = asyncio.ensure_future(start_sender(spec, version))
         try:
             await self._collect(session, spec, version, receiving, sending, report)
         except BaseException:  # cancelled: stop both ends now rather than let them stream on
+            stop_sender()
             session.abort("the publisher was cancelled")
             receiving.cancel()
             sending.cancel()
             raise
+        if not sending.done():  # reported without it (a bound ran out): its thread stops at the next bucket
+            stop_sender()
 
     async def _collect(
         self,

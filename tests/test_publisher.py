@@ -254,3 +254,41 @@ async def test_a_receiver_stuck_in_its_engine_load_fails_the_sync_after_the_send
         await publisher.close()
         session.close()
         await server.shutdown(drain=False, timeout_s=5.0)
+
+
+async def test_a_cancelled_sync_sends_no_bucket_after_the_cancel(server, session):
+    """Cancelling `update_weights` cancelled only the coroutine: its sender thread streamed the
+    rest of the export on (over gloo, into receiver threads whose update was already aborted)."""
+    from checkpoint_transport.bucket import group_into_buckets
+
+    finished: list = []
+
+    class Recording(WeightSender):
+        def send(self, *args, **kwargs):
+            report = super().send(*args, **kwargs)
+            finished.append(report)
+            return report
+
+    weights = current_weights(server)
+    every_bucket = len(list(group_into_buckets(iter(weights.items()), BUCKET_BYTES)))
+    publisher = publisher_for(server, session, sender_factory=lambda spec: Recording.from_spec(spec))
+    release = threading.Event()
+    sync = asyncio.ensure_future(publisher.update_weights(stalled(weights, release), version=1))
+    try:
+        while not server.status()["updating_weights"]:
+            await asyncio.sleep(0.005)
+        await asyncio.sleep(0.5)  # the first tensors are out; the export stalls
+        sync.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await sync
+    finally:
+        release.set()  # the rest of the export arrives after the cancel
+    for _ in range(600):
+        if finished:
+            break
+        await asyncio.sleep(0.05)
+    [report] = finished
+    assert not report.ok and "cancel" in report.error and report.buckets < every_bucket, report
+    status = server.status()
+    assert status["weight_version"] == 0 and not status["updating_weights"]
+    await server.shutdown()
