@@ -22,8 +22,9 @@ import torch
 from checkpoint_transport.dtypes import DTYPES, dtype_name
 
 ALIGN = 64  # bytes; a multiple of every dtype's size, and of the checksum's 8-byte words
-_CHECKSUM_BLOCK_WORDS = 1 << 13  # 64 KiB blocks: position-sensitive at this granularity
-CHECKSUM_KIND = "sum64x2"
+_CHECKSUM_BLOCK_WORDS = 1 << 13  # 64 KiB blocks
+_CHECKSUM_SLICE_BLOCKS = 64  # 4 MiB of words at a time through the weighted pass
+CHECKSUM_KIND = "sum64x3"
 
 class BucketFormatError(ValueError):
     """A header or buffer that does not describe a well-formed bucket (corrupt or hostile)."""
@@ -120,20 +121,29 @@ class BucketHeader:
 
 
 def buffer_checksum(flat: torch.Tensor) -> str:
-    """A fast additive checksum on the buffer's own device (no copy to host for NCCL buckets).
+    """A fast checksum on the buffer's own device (no copy to host for NCCL buckets).
 
-    Two 64-bit sums over the 8-byte words: a plain sum (catches any changed word) and a sum of
-    per-block sums weighted by block position (catches moved blocks). Integer overflow wraps,
-    as it does on every CPU and GPU torch supports. Detects corruption, not tampering.
+    Three 64-bit sums over the 8-byte words: a plain sum (catches any changed word), a sum of
+    per-block sums weighted by block position (catches moved blocks) and a sum of words weighted
+    by their position within their block (catches swapped words, and changes that cancel in the
+    plain sum). Integer overflow wraps, as it does on every CPU and GPU torch supports. The
+    weighted pass runs a slice of blocks at a time, so its temporary stays small beside a
+    bucket; on a CPU it costs about what copying the bucket once does (0.07 s for 256 MiB on
+    this project's 2-core machine), overlapped with the transfer on both ends. Detects
+    corruption, not tampering.
     """
     words = flat.view(torch.int64)
     full = words.numel() // _CHECKSUM_BLOCK_WORDS * _CHECKSUM_BLOCK_WORDS
-    block_sums = words[:full].view(-1, _CHECKSUM_BLOCK_WORDS).sum(1)
-    tail = words[full:].sum().reshape(1)
-    block_sums = torch.cat([block_sums, tail])
-    weights = torch.arange(1, block_sums.numel() + 1, device=flat.device, dtype=torch.int64)
-    plain, weighted = int(block_sums.sum()), int((block_sums * weights).sum())
-    return f"{plain & (2**64 - 1):016x}{weighted & (2**64 - 1):016x}"
+    blocks = words[:full].view(-1, _CHECKSUM_BLOCK_WORDS)
+    tail = words[full:]
+    block_sums = torch.cat([blocks.sum(1), tail.sum().reshape(1)])
+    block_weights = torch.arange(1, block_sums.numel() + 1, device=flat.device, dtype=torch.int64)
+    word_weights = torch.arange(1, _CHECKSUM_BLOCK_WORDS + 1, device=flat.device, dtype=torch.int64)
+    inner = (tail * word_weights[: tail.numel()]).sum()
+    for start in range(0, blocks.shape[0], _CHECKSUM_SLICE_BLOCKS):
+        inner += (blocks[start : start + _CHECKSUM_SLICE_BLOCKS] * word_weights).sum()
+    sums = (block_sums.sum(), (block_sums * block_weights).sum(), inner)
+    return "".join(f"{int(value) & (2**64 - 1):016x}" for value in sums)
 
 
 def _is_dtensor(tensor: torch.Tensor) -> bool:

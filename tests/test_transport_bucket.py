@@ -112,6 +112,26 @@ def test_checksum_changes_when_blocks_swap_places():
     assert buffer_checksum(flat) != buffer_checksum(swapped)
 
 
+@settings(max_examples=40, deadline=None)
+@given(first=st.integers(min_value=0, max_value=(1 << 15) - 1), gap=st.integers(min_value=1, max_value=1 << 13),
+       delta=st.integers(min_value=1, max_value=1 << 40))
+def test_checksum_changes_when_words_swap_or_changes_cancel_out(first, gap, delta):
+    """Two sums missed both within a 64 KiB block: swapped words, and +d on one word with -d
+    on another (the plain sum and every block sum stay as they were). The sums wrap modulo 2**64,
+    so a change d on two words k apart with d * k a multiple of 2**64 would still cancel."""
+    words = torch.randint(-(1 << 62), 1 << 62, (1 << 15,), dtype=torch.int64, generator=torch.Generator().manual_seed(3))
+    second = (first + gap) % words.numel()
+    original = buffer_checksum(words.view(torch.uint8))
+    swapped = words.clone()
+    swapped[[first, second]] = words[[second, first]]
+    if words[first] != words[second]:
+        assert buffer_checksum(swapped.view(torch.uint8)) != original
+    offset = words.clone()
+    offset[first] += delta
+    offset[second] -= delta
+    assert buffer_checksum(offset.view(torch.uint8)) != original
+
+
 def test_header_with_an_entry_outside_its_bucket_is_rejected():
     flat, header = pack_bucket([("w", torch.zeros(16))], 0, 0)
     header.entries = [TensorEntry("w", "float32", (16,), offset=ALIGN, nbytes=64)]
