@@ -193,3 +193,29 @@ def test_kuberay_server_command_is_one_our_cli_and_config_loader_accept():
     assert not loaded.in_process
     probe = container["readinessProbe"]["httpGet"]
     assert probe["path"] == "/health" and probe["port"] == loaded.http.port
+
+
+def test_the_head_keeps_ray_up_until_serve_stopped_listening():
+    """The head's pre-stop hook, run for real against a listener standing in for serve: it waits
+    while the port takes connections and returns once it is closed. Without it the head's Ray
+    stopped at the pod's SIGTERM, under the service actor that was draining."""
+    import socket
+    import time
+
+    head = _manifest()["RayCluster"]["spec"]["headGroupSpec"]["template"]["spec"]
+    (ray_head,) = [c for c in head["containers"] if c["name"] == "ray-head"]
+    (server,) = [c for c in head["containers"] if c["name"] == "model-engine-server"]
+    command = ray_head["lifecycle"]["preStop"]["exec"]["command"]
+    port = server["ports"][0]["containerPort"]
+    assert f"/{port}" in command[-1]
+    with socket.socket() as listener:
+        listener.bind(("127.0.0.1", 0))
+        listener.listen(64)
+        hook = subprocess.Popen([*command[:-1], command[-1].replace(f"/{port}", f"/{listener.getsockname()[1]}")])
+        try:
+            time.sleep(2.5)
+            assert hook.poll() is None, "the hook returned while serve was still listening"
+        finally:
+            listener.close()
+        assert hook.wait(timeout=30) == 0
+    assert head["terminationGracePeriodSeconds"] >= 60
