@@ -23,7 +23,8 @@ import torch
 
 from checkpoint_transport.spec import TransportConfig
 from clients.http_client import HttpLogProbClient, RetryPolicy
-from clients.publisher import HttpSyncTarget, WeightPublisher
+from clients.publisher import WeightPublisher
+from clients.sync_targets import HttpSyncTarget
 from model_engine_server.errors import ModelEngineError, WeightSyncError
 from model_engine_server.http.app import create_app
 from model_engine_server.http.metrics import ServerMetrics

@@ -251,7 +251,7 @@ async def test_a_trainer_publishes_through_the_checkpoint_transport_into_every_w
     """The publisher streams (gloo broadcast) straight into the 4 workers; the service actor is
     the sync target that drains, and commits only when every worker reports a full stream."""
     from checkpoint_transport.spec import TransportConfig
-    from clients.publisher import ActorSyncTarget
+    from clients.sync_targets import ActorSyncTarget
     from clients.publisher import WeightPublisher
 
     engine = local_server.executor.adapter.engine

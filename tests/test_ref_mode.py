@@ -134,7 +134,8 @@ async def test_weights_sent_by_the_trainer_reach_the_policy_only(served_ref, tin
 
 async def test_a_publisher_sync_through_the_admin_routes_reaches_the_policy_only(served_ref, tiny_model):
     from checkpoint_transport.spec import TransportConfig
-    from clients.publisher import HttpSyncTarget, WeightPublisher
+    from clients.publisher import WeightPublisher
+    from clients.sync_targets import HttpSyncTarget
 
     requests = with_ref(random_requests(3, 512, seed=87, max_len=90))
     model = reference_model(tiny_model)

@@ -15,7 +15,7 @@ import torch
 from checkpoint_transport.sender import send_weights
 from checkpoint_transport.spec import TransportConfig, TransportSpec
 from checkpoint_transport.receiver import receive_into_engine
-from clients.publisher import ActorSyncTarget
+from clients.sync_targets import ActorSyncTarget
 from replica.executor import receive_on_workers
 from clients.publisher import WeightPublisher
 from model_engine_server.adapter import ModelEngineServerAdapter

@@ -10,7 +10,8 @@ import pytest
 import torch
 
 from checkpoint_transport.spec import TransportConfig
-from clients.publisher import HttpSyncTarget, WeightPublisher
+from clients.publisher import WeightPublisher
+from clients.sync_targets import HttpSyncTarget
 from model_engine_server.engines.base import EngineSpec
 from model_engine_server.http.app import create_app
 from model_engine_server.errors import InvalidRequest, WeightSyncError

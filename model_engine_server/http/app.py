@@ -53,7 +53,7 @@ def create_app(
     """Build the app. `metrics` should be the one whose observer the service's scheduler
     reports to (see `launch.build_service`); `owns_service` shuts the service down (draining
     accepted requests) when the app stops. `admin_token` overrides `http`'s token.
-    The `/v1/weights/*` admin routes (what `clients.publisher.HttpSyncTarget` drives) act on the
+    The `/v1/weights/*` admin routes (what `clients.sync_targets.HttpSyncTarget` drives) act on the
     service's weight session; a bare service is held as a policy-only `PolicyWithReference`.
     `allowed_endpoints` (hosts, CIDRs) are the transport endpoints `/v1/weights/receive` may
     join besides loopback and the server's Ray nodes (`admin_policy`). `weight_roots` are the

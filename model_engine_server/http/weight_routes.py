@@ -1,4 +1,4 @@
-"""The weight-update session over HTTP (what `clients.publisher.HttpSyncTarget` calls): thin
+"""The weight-update session over HTTP (what `clients.sync_targets.HttpSyncTarget` calls): thin
 translations to the app's `LogProbService`.
 
 `create_app` mounts them behind the admin token and sets `app.state.transport_spec_guard` (a
