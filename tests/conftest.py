@@ -78,3 +78,14 @@ def ray_cluster():  # -> the `ray` module, initialised once for the whole test r
     start_embedded_ray()
     yield ray
     ray.shutdown()
+
+
+@pytest.fixture
+def training_yaml(tmp_path: Path) -> Path:
+    """A small training config with our section, for the config loader's tests."""
+    import yaml
+
+    path = tmp_path / "training.yaml"
+    path.write_text(yaml.safe_dump({"trainer": {"logger": ["console"], "name": "run", "steps": 10},
+                                    "model_engine_server": {"nnodes": 1}}))
+    return path

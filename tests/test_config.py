@@ -1,4 +1,5 @@
-"""The config loader: verl-shaped YAMLs, Hydra overrides, both key shapes, inheritance, errors."""
+"""The config loader: verl-shaped YAMLs, both key shapes, inheritance, errors (Hydra's override
+forms: `tests/test_config_overrides.py`)."""
 
 from __future__ import annotations
 
@@ -11,7 +12,7 @@ import yaml
 
 from checkpoint_transport import TransportConfig
 from model_engine_server.cli import main as cli_main
-from model_engine_server.config import ConfigError, ServerConfig, load_config, load_training_config
+from model_engine_server.config import ConfigError, ServerConfig, load_config
 
 FIXTURES = Path(__file__).parent / "fixtures" / "verl"
 SHIPPED = FIXTURES / "fully_async_megatron_shipped.yaml"
@@ -104,100 +105,6 @@ def test_the_40_gpu_example_mirrors_the_reference_deployment():
     rollout_gpus = training.rollout.nnodes * training.rollout.n_gpus_per_node
     assert (trainer_gpus, rollout_gpus, server.total_gpus) == (16, 16, 8)
     assert server.backend == "megatron" and server.replicas * server.gpus_per_replica == 8
-
-
-# ---------------------------------------------------------------- Hydra override forms
-@pytest.fixture
-def base(tmp_path: Path) -> Path:
-    return write(tmp_path, {"trainer": {"logger": ["console"], "name": "run", "steps": 10}, "model_engine_server": {"nnodes": 1}})
-
-
-def training_after(base: Path, *overrides: str):
-    return load_training_config(base, list(overrides))[0]
-
-
-def test_override_changes_an_existing_key(base):
-    assert training_after(base, "trainer.steps=20").trainer.steps == 20
-
-
-def test_override_adds_a_key_the_uncomposed_file_lacks(base):
-    assert training_after(base, "data.max_prompt_length=1024").data.max_prompt_length == 1024
-
-
-def test_plus_adds_a_key(base):
-    assert training_after(base, "+trainer.extra.depth=3").trainer.extra.depth == 3
-
-
-def test_plus_plus_adds_or_replaces(base):
-    cfg = training_after(base, "++trainer.steps=5", "++trainer.fresh=x")
-    assert (cfg.trainer.steps, cfg.trainer.fresh) == (5, "x")
-
-
-@pytest.mark.parametrize("override", ["~trainer.name", "~trainer.name=run"])
-def test_tilde_deletes_a_key(base, override):
-    assert "name" not in training_after(base, override).trainer
-
-
-def test_tilde_with_a_value_deletes_only_a_key_holding_it(base):
-    kept = training_after(base, "~trainer.name=run").trainer  # deleted: it holds "run"
-    assert "name" not in kept
-    with pytest.raises(ConfigError, match="trainer.name is 'run', not 'other'"):
-        training_after(base, "~trainer.name=other")
-
-
-def test_list_override(base):
-    cfg = training_after(base, "trainer.logger=['console','tensorboard']")
-    assert list(cfg.trainer.logger) == ["console", "tensorboard"]
-
-
-def test_quoted_strings_stay_strings(base):
-    cfg = training_after(base, "trainer.name='1'", 'trainer.title="a b c"')
-    assert cfg.trainer.name == "1" and cfg.trainer.title == "a b c"
-
-
-def test_null_and_numbers_like_one_dot(base):
-    cfg = training_after(base, "trainer.name=null", "trainer.lr=1.", "trainer.tiny=1e-6", "trainer.flag=True")
-    assert cfg.trainer.name is None and cfg.trainer.lr == 1.0 and isinstance(cfg.trainer.lr, float)
-    assert cfg.trainer.tiny == 1e-6 and cfg.trainer.flag is True
-
-
-def test_dict_override_merges(base):
-    cfg = training_after(base, "trainer={extra: 1}")
-    assert cfg.trainer.extra == 1 and cfg.trainer.steps == 10
-
-
-def test_section_overrides_through_every_form(base):
-    loaded = load_config(base, [
-        "model_engine_server.megatron.tensor_model_parallel_size=2",
-        "+model_engine_server.strategy=megatron",
-        "++model_engine_server.n_gpus_per_node=4",
-        "~model_engine_server.nnodes",
-        "model_engine_server.temperature=0.5",
-    ])
-    server = loaded.server
-    assert server.megatron.tensor_model_parallel_size == 2 and server.backend == "megatron"
-    assert server.n_gpus_per_node == 4 and server.nnodes == 1 and server.temperature == 0.5
-    assert loaded.sources["megatron.tensor_model_parallel_size"] == "override"
-    assert loaded.sources.get("nnodes", "default") == "default"
-
-
-def test_interpolation_in_an_override_resolves_against_the_config(base):
-    server = load_config(base, ["trainer.t=0.3", "model_engine_server.temperature=${trainer.t}"]).server
-    assert server.temperature == 0.3
-
-
-@pytest.mark.parametrize("override,message", [
-    ("model_engine_server.nnodes=1,2", "sweep"),
-    ("trainer.logger=[console", "cannot parse override"),
-    ("model_engine_server@model_engine_server=megatron_model_engine_server", "config group"),
-])
-def test_unusable_overrides_are_errors_naming_them(base, override, message):
-    with pytest.raises(ConfigError, match=message):
-        load_config(base, [override])
-
-
-def test_a_config_group_choice_outside_the_section_is_skipped(base):
-    assert load_config(base, ["actor_rollout_ref/rollout=sglang"]).server.nnodes == 1
 
 
 # ---------------------------------------------------------------- both key shapes
@@ -300,9 +207,9 @@ def test_a_kl_term_switches_ref_mode_on_unless_the_section_says_otherwise(tmp_pa
 
 
 # ---------------------------------------------------------------- errors that name the key
-def test_unknown_key_names_it_suggests_and_lists_valid_keys(base):
+def test_unknown_key_names_it_suggests_and_lists_valid_keys(training_yaml):
     with pytest.raises(ConfigError) as caught:
-        load_config(base, ["model_engine_server.megatron.tensor_parallel_size=2"])
+        load_config(training_yaml, ["model_engine_server.megatron.tensor_parallel_size=2"])
     message = str(caught.value)
     assert "model_engine_server.megatron.tensor_parallel_size: unknown key" in message
     assert "did you mean 'tensor_model_parallel_size'" in message
@@ -327,9 +234,9 @@ def test_unknown_top_level_key_lists_our_keys_and_the_reference_names(tmp_path):
     ("model_engine_server.ref.nnodes=0", ["model_engine_server.ref.nnodes"]),
     ("model_engine_server.timeout=soon", ["model_engine_server.timeout", "seconds"]),
 ])
-def test_a_wrong_type_or_value_names_the_key_and_what_is_valid(base, override, names):
+def test_a_wrong_type_or_value_names_the_key_and_what_is_valid(training_yaml, override, names):
     with pytest.raises(ConfigError) as caught:
-        load_config(base, [override])
+        load_config(training_yaml, [override])
     for name in names:
         assert name in str(caught.value)
 
@@ -373,9 +280,9 @@ def test_the_section_and_the_publisher_share_one_set_of_transport_defaults():
     assert ServerConfig().transport.model_dump(exclude={"allowed_endpoints"}) == TransportConfig().model_dump()
 
 
-def test_a_transport_key_nothing_reads_is_an_unknown_key(base):
+def test_a_transport_key_nothing_reads_is_an_unknown_key(training_yaml):
     with pytest.raises(ConfigError, match=r"transport\.bucket_mb: unknown key; did you mean 'bucket_bytes'"):
-        load_config(base, ["model_engine_server.transport.bucket_mb=512"])
+        load_config(training_yaml, ["model_engine_server.transport.bucket_mb=512"])
 
 
 def test_the_scheduler_config_imports_without_the_scheduler():
@@ -408,8 +315,8 @@ def test_admin_token_comes_from_the_environment_and_is_never_printed(tmp_path, m
     assert "trainer-secret" not in trainer.describe() and "trainer-secret" not in repr(trainer.server)  # once printed
 
 
-def test_command_line_host_and_port_win_and_say_so(base):
-    loaded = load_config(base, ["model_engine_server.http.port=1234"], cli_values={"http.port": 9000, "http.host": None})
+def test_command_line_host_and_port_win_and_say_so(training_yaml):
+    loaded = load_config(training_yaml, ["model_engine_server.http.port=1234"], cli_values={"http.port": 9000, "http.host": None})
     assert loaded.server.http.port == 9000 and loaded.sources["http.port"] == "command line"
 
 

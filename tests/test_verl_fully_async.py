@@ -19,7 +19,8 @@ host. Its one product `_compute_old_log_prob` needs, `actor_rollout_wg`, is set 
 `DetachActorWorker` (the class verl's fully-async main uses for the actor) built in this process,
 behind a one-rank forwarding group (`tests/verl_pipeline.py`). verl's reference worker cannot run
 on CPU (its forward-only engine forces pinned memory), so the reference's recompute path is not
-exercised here; its server path is.
+exercised here; its server path is. The entry point and the shipped config:
+`tests/test_verl_fully_async_entry.py`.
 """
 
 from __future__ import annotations
@@ -27,8 +28,6 @@ from __future__ import annotations
 import asyncio
 import copy
 import random
-import subprocess
-import sys
 from pathlib import Path
 from typing import Any
 
@@ -39,13 +38,9 @@ if not accelerator_present():
 
 import pytest  # noqa: E402
 import torch  # noqa: E402
-from omegaconf import OmegaConf  # noqa: E402
 from transformers import AutoModelForCausalLM  # noqa: E402
 from verl import DataProto  # noqa: E402
 from verl.experimental.agent_loop.agent_loop import AgentLoopMetrics, AgentLoopOutput, AgentLoopWorker  # noqa: E402
-from verl.experimental.fully_async_policy import fully_async_main as verl_main  # noqa: E402
-from verl.experimental.fully_async_policy.detach_utils import RolloutSample, assemble_batch_from_rollout_samples  # noqa: E402
-from verl.experimental.fully_async_policy.fully_async_trainer import FullyAsyncTrainer  # noqa: E402
 from verl.trainer.ppo.core_algos import agg_loss  # noqa: E402
 from verl.utils.debug.metrics import calculate_debug_metrics  # noqa: E402
 from verl.workers.rollout.llm_server import LLMServerClient  # noqa: E402
@@ -53,9 +48,8 @@ from verl.workers.rollout.llm_server import LLMServerClient  # noqa: E402
 from clients.http_client import HttpLogProbClient  # noqa: E402
 from clients.verl import server_fields as sf  # noqa: E402
 from clients.verl.agent_loop import attach_server_fields  # noqa: E402
-from clients.verl.fully_async_main import VERL_CONFIG_DIR, ServerLogProbTaskRunner, check_pipeline_config  # noqa: E402
+from clients.verl.fully_async_main import check_pipeline_config  # noqa: E402
 from clients.verl.fully_async_trainer import (  # noqa: E402
-    TRAINER_ACTOR_OPTIONS,
     ServerLogProbFullyAsyncTrainer,
     VerlFullyAsyncTrainer,
 )
@@ -64,10 +58,10 @@ from model_engine_server.tiny_model import make_tiny_model, perturbed_weights  #
 from tests.verl_pipeline import (  # noqa: E402
     RESPONSE_LENGTH,
     InProcessWorkerGroup,
+    assemble,
     compose_fully_async,
     cpu_overrides,
     detach_actor_worker,
-    object_column,
     sample,
     save_tokenizer,
     served,
@@ -149,18 +143,6 @@ async def score_all(outputs: list[AgentLoopOutput], temperature: float, rules: s
     """The agent loop's scoring of each finished trajectory; `UNSCORED_ROWS` meet a dead server."""
     await asyncio.gather(*(attach_server_fields(output, temperature, unscored if row in UNSCORED_ROWS else rules)
                            for row, output in enumerate(outputs)))
-
-
-async def assemble(worker: AgentLoopWorker, config, outputs: list[AgentLoopOutput], temperature: float) -> DataProto:
-    samples = []
-    for index, output in enumerate(outputs):
-        internal = await worker._agent_loop_postprocess(output, False, raw_prompt=[{"role": "user", "content": "q"}])
-        single = worker._postprocess([internal])
-        single.non_tensor_batch["uid"] = object_column([f"uid_sample_0_{index}"])  # as the rollouter tags it
-        samples.append(RolloutSample(full_batch=single, sample_id=f"sample_0_{index}", epoch=0, rollout_status={}))
-    batch = assemble_batch_from_rollout_samples(samples, worker.tokenizer, config, None)
-    batch.meta_info["temperature"] = temperature  # what FullyAsyncTrainer._fit_generate sets
-    return batch
 
 
 @pytest.fixture(scope="module")
@@ -429,62 +411,3 @@ def test_settings_that_would_ignore_the_server_are_refused(config, actor_worker)
     with pytest.raises(ValueError, match="default_agent_loop=single_turn_agent does not score"):
         check_pipeline_config(with_settings(config, {"actor_rollout_ref.rollout.agent.default_agent_loop": "single_turn_agent"}))
     check_pipeline_config(with_settings(config, {"actor_rollout_ref.rollout.agent.default_agent_loop": "model_engine_server_agent"}))
-
-
-def test_the_shipped_40_gpu_config_passes_the_checks_of_the_entry_point_it_is_for():
-    """`deploy/fully-async-megatron-40gpu.yaml`, composed by Hydra as verl composes its configs,
-    is one the fully-async entry point accepts (it once left multi_turn off, so nothing would have
-    been scored), and its trainer finds the server by the actor `serve` runs."""
-    from hydra import compose, initialize_config_dir
-
-    deploy = Path(__file__).resolve().parents[1] / "deploy"
-    with initialize_config_dir(config_dir=str(deploy), version_base=None):
-        config = compose(config_name="fully-async-megatron-40gpu")
-    check_pipeline_config(config)
-    rules = sf.trainer_side_config(config)
-    assert rules.address is None and (rules.actor_name, rules.ray_namespace) == (
-        config.model_engine_server.get("ray", {}).get("actor_name", "model-engine-server"), "model-engine-server")
-
-
-def test_the_shipped_40_gpu_config_holds_every_key_verls_fully_async_config_adds():
-    """verl's fully-async code reads keys its own config adds to ppo_megatron_trainer without a
-    fallback (`async_training.use_trainer_do_validate` among them); the shipped file inlines that
-    config, so each of its keys must be there (values may differ: that is the deployment)."""
-    from hydra import compose, initialize_config_dir
-
-    deploy = Path(__file__).resolve().parents[1] / "deploy"
-    with initialize_config_dir(config_dir=str(deploy), version_base=None):
-        config = compose(config_name="fully-async-megatron-40gpu")
-    verls = OmegaConf.load(Path(VERL_CONFIG_DIR) / "fully_async_ppo_megatron_trainer.yaml")
-    added = [key for key in _leaf_keys(OmegaConf.to_container(verls)) if key.split(".")[0] not in ("hydra", "defaults")]
-    assert added, "verl's fully-async config adds no keys any more?"
-    missing = [key for key in added if OmegaConf.select(config, key, default="<missing>") == "<missing>"]
-    assert not missing, missing
-    assert config.actor_rollout_ref.rollout.checkpoint_engine.backend == "nccl"  # trainer and rollout GPUs apart
-
-
-def _leaf_keys(node: object, prefix: str = "") -> list[str]:
-    if not isinstance(node, dict) or not node:
-        return [prefix.rstrip(".")]
-    return [key for name, value in node.items() for key in _leaf_keys(value, f"{prefix}{name}.")]
-
-
-def test_the_entry_point_runs_verls_own_code_with_our_classes():
-    """verl's main and runner look the two classes up by name when they run, which is what the
-    entry point rebinds; the actor classes ask Ray for what verl's own ask for."""
-    verl_runner = verl_main.FullyAsyncTaskRunner.__ray_actor_class__
-    assert ServerLogProbTaskRunner.__mro__[1] is verl_runner
-    assert "FullyAsyncTrainer" in verl_runner._create_trainer.__code__.co_names
-    assert "FullyAsyncTaskRunner" in verl_main.main.__wrapped__.__code__.co_names
-    assert TRAINER_ACTOR_OPTIONS == FullyAsyncTrainer._default_options
-    assert issubclass(ServerLogProbFullyAsyncTrainer, FullyAsyncTrainer.__ray_actor_class__)
-
-
-def test_the_entry_point_composes_verls_config_with_overrides():
-    shown = subprocess.run(
-        [sys.executable, "-m", "clients.verl.fully_async_main", "--cfg", "job",
-         "+model_engine_server.trainer.address=http://10.0.0.1:8000", "algorithm.rollout_correction.bypass_mode=False"],
-        capture_output=True, text=True, timeout=120, cwd=Path(__file__).resolve().parents[1],
-    )
-    assert shown.returncode == 0, shown.stderr[-2000:]
-    assert "address: http://10.0.0.1:8000" in shown.stdout and "trigger_parameter_sync_step" in shown.stdout

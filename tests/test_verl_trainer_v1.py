@@ -4,7 +4,7 @@ Real throughout: verl's shipped Hydra config composed with overrides; the traine
 `__init__` (what `init()` adds needs a GPU cluster: the tests set `global_steps`, the one piece of
 its state the old-log-prob step reads that `init()`'s checkpoint loading would set); TransferQueue
 on this session's embedded Ray with verl's `transfer_queue` config; samples put the way
-`AgentLoopWorkerTQ._agent_loop_postprocess` puts them (real `AgentLoopOutput(...).as_dict()` whose
+`AgentLoopWorkerTQ._agent_loop_postprocess` puts them (`tests/verl_trainer_v1_samples.py`: real `AgentLoopOutput(...).as_dict()` whose
 `extra_fields` hold real server results); a real uvicorn server (HF backend, tiny model, reference
 mode); verl's own `TrainingWorker` recompute as the reference (`tests/verl_reference.py`).
 
@@ -12,19 +12,15 @@ The one stand-in is the actor's Ray worker group, for the `recompute` rule: a re
 It runs verl's `TrainingWorker.infer_batch` through verl's TransferQueue bridge (which reads the
 batch from TransferQueue and writes `log_probs`/`entropy` back, as on a worker) and records the
 save/restore calls of verl's version-aware path (with one set of weights they are identities).
+How `import verl` registers the mode: `tests/test_verl_plugin.py`.
 """
 
 from __future__ import annotations
 
-import asyncio
 import os
-import subprocess
-import sys
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import pytest
 import torch
 
@@ -37,18 +33,18 @@ from clients.http_client import SyncHttpLogProbClient  # noqa: E402
 from clients.verl import server_fields as sf  # noqa: E402
 from model_engine_server.config import load_config  # noqa: E402
 from model_engine_server.launch import build_serving  # noqa: E402
-from model_engine_server.protocol import LogProbRequest, LogProbResult  # noqa: E402
 from model_engine_server.tiny_model import perturbed_weights  # noqa: E402
 from tests.helpers import reference_log_probs, reference_model  # noqa: E402
 from tests.test_http_support import ServerThread  # noqa: E402
-from tests.verl_reference import left_right_batch, model_path_str, recompute, training_worker  # noqa: E402
+from tests.verl_reference import left_right_batch, model_path_str, training_worker  # noqa: E402
+from tests.verl_trainer_v1_samples import (  # noqa: E402
+    InProcessActorGroup, assert_zero_past_responses, make_samples, max_diff, put_like_agent_loop,
+    rollout_log_probs, score, scored_batch, verl_recompute, written,
+)
 
 TOLERANCE = 1e-5
 SECTION = "model_engine_server"
 TOKEN = "trainer-v1-admin"
-VOCAB = 512
-PARTITION = "train"
-ROOT = Path(__file__).resolve().parents[1]
 
 
 # ---------------------------------------------------------------- fixtures
@@ -120,126 +116,6 @@ def trainer_for(verl_config, server_url: str, temperature: float = 1.0, global_s
     trainer.global_steps = global_steps  # set by init()'s checkpoint loading (0 from scratch, +1 in fit)
     trainer.actor_rollout_wg = InProcessActorGroup(worker=None)  # records snapshots; a recompute needs a worker
     return trainer
-
-
-# ---------------------------------------------------------------- samples, as the agent loop makes them
-@dataclass
-class Sample:
-    key: str
-    prompt: list[int]
-    response: list[int]
-    response_mask: list[int]  # 0: tool tokens, which are scored all the same and masked by the loss
-
-    def request(self, temperature: float) -> LogProbRequest:
-        return LogProbRequest(input_ids=self.prompt + self.response, response_start=len(self.prompt),
-                              temperature=temperature, return_entropy=True, return_ref_log_probs=True)
-
-
-SHAPES = [(6, 9, None), (11, 3, None), (4, 14, (4, 8)), (8, 1, None), (5, 6, None)]  # prompt, response, tool span
-
-
-def make_samples(tag: str, seed: int) -> list[Sample]:
-    generator = torch.Generator().manual_seed(seed)
-    samples = []
-    for row, (prompt_len, response_len, tool) in enumerate(SHAPES):
-        ids = torch.randint(1, VOCAB, (prompt_len + response_len,), generator=generator).tolist()
-        mask = [1] * response_len
-        if tool:
-            mask[tool[0]:tool[1]] = [0] * (tool[1] - tool[0])
-        samples.append(Sample(f"{tag}{row}x_0_0", ids[:prompt_len], ids[prompt_len:], mask))
-    return samples
-
-
-def score(url: str, samples: list[Sample], temperature: float) -> list[LogProbResult]:
-    with SyncHttpLogProbClient(url) as client:
-        return client.compute_log_probs([s.request(temperature) for s in samples])
-
-
-def rollout_log_probs(results: list[LogProbResult]) -> list[list[float]]:
-    """A rollout engine's numbers: near the server's, not equal (for verl's debug metrics)."""
-    return [(np.asarray(r.log_probs) - 0.01 * (1 + np.arange(len(r.log_probs)) % 3)).tolist() for r in results]
-
-
-def put_like_agent_loop(tq, samples: list[Sample], extra: list[dict], rollout: list[list[float]], version: int = 0):
-    """The fields and tags `AgentLoopWorkerTQ._agent_loop_postprocess` puts for each trajectory,
-    then the batch the replay buffer would hand out for them (keys with their listed tags)."""
-    from transfer_queue import KVBatchMeta
-    from verl.experimental.agent_loop import AgentLoopOutput
-    from verl.experimental.agent_loop.agent_loop import AgentLoopMetrics
-    from verl.utils.model import compute_position_id_with_mask
-    from verl.utils.tensordict_utils import list_of_dict_to_tensordict
-
-    fields, tags = [], []
-    for row, (sample, server_fields, rollout_row) in enumerate(zip(samples, extra, rollout, strict=True)):
-        output = AgentLoopOutput(
-            prompt_ids=sample.prompt, response_ids=sample.response, response_mask=sample.response_mask,
-            response_logprobs=rollout_row, reward_score=float(row % 2), num_turns=2, metrics=AgentLoopMetrics(),
-            extra_fields={"min_global_steps": version, "max_global_steps": version, "reward_extra_info": {},
-                          **server_fields},
-        )
-        field = output.as_dict()
-        field.update(uid=sample.key.split("_")[0], session_id=0, global_steps=version + 1, index=row)
-        input_ids = torch.cat([field["prompts"], field["responses"]])
-        field.update(loss_mask=field["response_mask"], input_ids=input_ids, multi_modal_inputs={},
-                     position_ids=compute_position_id_with_mask(torch.ones_like(input_ids)[None])[0])
-        fields.append(field)
-        tags.append({"status": "success", "prompt_len": len(sample.prompt), "response_len": len(sample.response),
-                     "seq_len": len(input_ids), "global_steps": version + 1,
-                     "min_global_steps": version, "max_global_steps": version})
-    keys = [s.key for s in samples]
-    asyncio.run(tq.async_kv_batch_put(keys=keys, fields=list_of_dict_to_tensordict(fields), tags=tags,
-                                      partition_id=PARTITION))
-    listed = tq.kv_list(PARTITION)[PARTITION]
-    return KVBatchMeta(partition_id=PARTITION, keys=keys, tags=[listed[k] for k in keys])
-
-
-def scored_batch(tq, url: str, samples: list[Sample], temperature: float):
-    results = score(url, samples, temperature)
-    batch = put_like_agent_loop(tq, samples, [sf.result_fields(r) for r in results], rollout_log_probs(results))
-    return batch, results
-
-
-def written(tq, batch, *names: str) -> dict[str, torch.Tensor]:
-    """What the step wrote, as verl's later steps read it: nested, then padded with zeros."""
-    data = tq.kv_batch_get(keys=batch.keys, partition_id=batch.partition_id, select_fields=list(names))
-    for name in names:
-        assert data[name].is_nested and data[name].dtype == torch.float32, name
-    return {name: data[name].to_padded_tensor(0) for name in names}
-
-
-def verl_recompute(worker, samples: list[Sample], temperature: float) -> tuple[torch.Tensor, torch.Tensor]:
-    return recompute(worker, left_right_batch([s.prompt for s in samples], [s.response for s in samples]), temperature)
-
-
-def assert_zero_past_responses(values: torch.Tensor, samples: list[Sample]) -> None:
-    for row, sample in enumerate(samples):
-        assert torch.count_nonzero(values[row, len(sample.response):]) == 0
-
-
-def max_diff(got: torch.Tensor, expected: torch.Tensor, rows: int) -> float:
-    width = expected.shape[1]
-    return float((got[:rows, :width] - expected).abs().max())
-
-
-class InProcessActorGroup:
-    """The actor worker group's calls that verl's recompute makes, on one in-process verl
-    `TrainingWorker` (see the module docstring)."""
-
-    def __init__(self, worker) -> None:
-        self.worker = worker
-        self.calls: list[tuple[str, int]] = []
-
-    def compute_log_prob(self, batch):
-        return self.worker.infer_batch(batch)  # verl's @register wraps it in the TransferQueue bridge
-
-    def save_model_to_cpu(self, n: int) -> None:
-        self.calls.append(("save_model_to_cpu", n))
-
-    def restore_model_from_cpu(self, n: int) -> None:
-        self.calls.append(("restore_model_from_cpu", n))
-
-    def clear_cpu_model(self, n: int) -> None:
-        self.calls.append(("clear_cpu_model", n))
 
 
 # ---------------------------------------------------------------- exactness
@@ -507,46 +383,3 @@ def test_the_mode_reads_its_settings_from_separate_async(verl_config):
     with open_dict(typo):  # the server's own keys, aliases and ignored verl keys sit beside `trainer`
         typo[SECTION] = {"backend": "hf", "enable": True, "rollout_n": 4, "trainer": {"on_stale": "accept"}}
     assert sf.trainer_side_config(typo).on_stale == "accept"
-
-
-# ---------------------------------------------------------------- the plugin, in fresh interpreters
-PLUGIN_CHECK = """
-import sys
-import verl
-assert "clients.verl.plugin" in sys.modules, "the plugin was not loaded by import verl"
-assert "clients.verl.trainer_v1" not in sys.modules, "the trainer was imported eagerly"
-from verl.plugin.platform.platform_manager import PlatformRegistry
-assert PlatformRegistry.get("cpu") is not None
-from verl.trainer.ppo.v1 import get_trainer_cls
-from clients.verl.trainer_v1 import PPOTrainerModelEngineServer
-assert get_trainer_cls("model_engine_server") is PPOTrainerModelEngineServer
-import verl.trainer.ppo.v1 as v1
-assert type(v1.__loader__).__name__ == "SourceFileLoader"
-print("registered")
-"""
-
-
-def test_import_verl_registers_the_trainer_mode_through_the_plugin(tmp_path):
-    """Through the installed entry point, and through VERL_USE_EXTERNAL_MODULES with entry
-    points off; in both, from a folder outside the repository, as a Ray worker would."""
-    base = {**os.environ, "VERL_PLATFORM": "cpu", "PYTHONPATH": ""}
-    envs = {
-        "entry point": base,
-        "VERL_USE_EXTERNAL_MODULES": {**base, "VERL_USE_EXTERNAL_PLUGINS": "none",
-                                      "VERL_USE_EXTERNAL_MODULES": "clients.verl.plugin"},
-    }
-    runs = {name: subprocess.Popen([sys.executable, "-c", PLUGIN_CHECK], env=env, cwd=tmp_path, text=True,
-                                   stdout=subprocess.PIPE, stderr=subprocess.PIPE) for name, env in envs.items()}
-    agent_loop_present = (ROOT / "clients" / "verl" / "agent_loop.py").is_file()
-    for name, run in runs.items():
-        stdout, stderr = run.communicate(timeout=240)
-        assert run.returncode == 0 and "registered" in stdout, f"{name}:\n{stderr[-3000:]}"
-        # our agent loop registers once verl's agent-loop package loads (the trainer imports it);
-        # when it cannot, the plugin says so itself
-        warned = "clients.verl.agent_loop was not registered" in stderr
-        assert warned != agent_loop_present, f"{name}:\n{stderr[-3000:]}"
-
-    off = subprocess.run([sys.executable, "-c", "import sys, verl; print('clients.verl.plugin' in sys.modules)"],
-                         env={**base, "VERL_USE_EXTERNAL_PLUGINS": "none"}, cwd=tmp_path, text=True,
-                         capture_output=True, timeout=240)
-    assert off.stdout.strip() == "False", off.stderr[-3000:]

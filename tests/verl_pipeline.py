@@ -28,6 +28,7 @@ from typing import Any, Iterator, Sequence
 import numpy as np
 import torch
 from omegaconf import DictConfig, OmegaConf, open_dict
+from verl.experimental.fully_async_policy.detach_utils import RolloutSample, assemble_batch_from_rollout_samples
 from verl.workers.rollout.llm_server import LLMServerClient
 from verl.workers.rollout.replica import TokenOutput
 
@@ -204,3 +205,16 @@ def served(model_dir: Path, ref_mode: bool = False) -> Iterator[Any]:
     with ServerThread(build_serving(loaded).app) as server:
         yield server
 
+
+async def assemble(worker: Any, config: DictConfig, outputs: Sequence[Any], temperature: float) -> Any:
+    """The trainer's batch from finished trajectories, as verl's fully-async rollouter and trainer
+    assemble it (`AgentLoopWorker` post-processing per sample, the rollouter's uid)."""
+    samples = []
+    for index, output in enumerate(outputs):
+        internal = await worker._agent_loop_postprocess(output, False, raw_prompt=[{"role": "user", "content": "q"}])
+        single = worker._postprocess([internal])
+        single.non_tensor_batch["uid"] = object_column([f"uid_sample_0_{index}"])  # as the rollouter tags it
+        samples.append(RolloutSample(full_batch=single, sample_id=f"sample_0_{index}", epoch=0, rollout_status={}))
+    batch = assemble_batch_from_rollout_samples(samples, worker.tokenizer, config, None)
+    batch.meta_info["temperature"] = temperature  # what FullyAsyncTrainer._fit_generate sets
+    return batch
