@@ -16,7 +16,7 @@ import threading
 import torch
 
 
-IDLE_BYTES_BOUND = 1 << 30  # four buckets of the default size: a pipelined sync holds about that many
+IDLE_BYTES_BOUND = 1 << 30  # four buckets of the default 256 MiB: about what a pipelined sync holds at once
 
 
 class HostBufferPool:
@@ -40,10 +40,14 @@ class HostBufferPool:
             return
         with self._lock:
             self._idle.append(buffer)
-            while len(self._idle) > self.max_idle or self.idle_bytes() > self.max_idle_bytes:
+            while len(self._idle) > self.max_idle or self._idle_bytes() > self.max_idle_bytes:
                 self._idle.pop(min(range(len(self._idle)), key=lambda i: self._idle[i].numel()))
 
     def idle_bytes(self) -> int:
+        with self._lock:
+            return self._idle_bytes()
+
+    def _idle_bytes(self) -> int:
         return sum(buffer.numel() for buffer in self._idle)
 
     def clear(self) -> None:

@@ -11,8 +11,11 @@ cannot travel) ends the stream with an abort header that carries the reason, so 
 at once instead of timing out. A failure of the channel is reported as it is, once the export
 has been read to its end without packing: a trainer whose export is collective (FSDP2's
 `full_tensor()` on every rank, rank 0 sending) would otherwise leave its other ranks waiting in
-a gather that rank 0 never joins. A sync cancelled by its publisher (`cancelled` set) ends the
-same way as a failed export, at the next bucket: an abort header, then the export read out.
+a gather that rank 0 never joins. A sync cancelled by its publisher (`cancelled` set) ends at
+the next bucket with an abort header that names the cancel; the export is then read to its end
+by the packing thread, after `send` has returned (a cancelled caller waits for nothing). A
+sender already blocked in the channel, or waiting for receivers to join, cannot be interrupted:
+it returns when that call does, within `timeout_s`.
 """
 
 from __future__ import annotations

@@ -39,7 +39,10 @@ from checkpoint_transport.sender import WeightSender, send_weights
 from checkpoint_transport.spec import ReceiveReport, SendReport, TransportConfig, TransportSpec
 from checkpoint_transport.spec import failure_reason
 from checkpoint_transport.threads import run_in_thread
+from clients.sync_targets import ActorSyncTarget, HttpSyncTarget  # re-exported: where they were first imported from
 from model_engine_server.errors import InvalidRequest, ModelEngineError, WeightSyncError
+
+__all__ = ["ActorSyncTarget", "HttpSyncTarget", "SyncReport", "WeightPublisher", "WeightSyncTarget", "as_named_tensors"]
 
 logger = logging.getLogger(__name__)
 

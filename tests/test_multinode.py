@@ -241,6 +241,7 @@ async def test_node_loss_under_load_and_during_a_sync_loses_no_request_and_serve
 
     import ray
 
+    _assert_cluster_released(nodes)  # the module's earlier tests left every GPU node free
     config = replica_config(tiny_model, num_replicas=2, nodes_per_replica=2, gpus_per_replica_node=1,
                             health_check_interval_s=0.5, max_restarts=50, start_timeout_s=5.0, health_timeout_s=5.0)
     metrics = ServerMetrics()

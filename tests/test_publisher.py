@@ -275,20 +275,22 @@ async def test_a_cancelled_sync_sends_no_bucket_after_the_cancel(server, session
     release = threading.Event()
     sync = asyncio.ensure_future(publisher.update_weights(stalled(weights, release), version=1))
     try:
-        while not server.status()["updating_weights"]:
-            await asyncio.sleep(0.005)
-        await asyncio.sleep(0.5)  # the first tensors are out; the export stalls
-        sync.cancel()
-        with pytest.raises(asyncio.CancelledError):
-            await sync
+        try:
+            while not server.status()["updating_weights"]:
+                await asyncio.sleep(0.005)
+            await asyncio.sleep(0.5)  # the first tensors are out; the export stalls
+            sync.cancel()
+            with pytest.raises(asyncio.CancelledError):
+                await sync
+        finally:
+            release.set()  # the rest of the export arrives after the cancel
+        for _ in range(600):
+            if finished:
+                break
+            await asyncio.sleep(0.05)
+        [report] = finished
+        assert not report.ok and "cancel" in report.error and report.buckets < every_bucket, report
+        status = server.status()
+        assert status["weight_version"] == 0 and not status["updating_weights"]
     finally:
-        release.set()  # the rest of the export arrives after the cancel
-    for _ in range(600):
-        if finished:
-            break
-        await asyncio.sleep(0.05)
-    [report] = finished
-    assert not report.ok and "cancel" in report.error and report.buckets < every_bucket, report
-    status = server.status()
-    assert status["weight_version"] == 0 and not status["updating_weights"]
-    await server.shutdown()
+        await server.shutdown()

@@ -132,6 +132,17 @@ def test_checksum_changes_when_words_swap_or_changes_cancel_out(first, gap, delt
     assert buffer_checksum(offset.view(torch.uint8)) != original
 
 
+def test_the_checksums_cuda_way_of_weighting_equals_its_cpu_way():
+    """CUDA has no int64 matmul: there the weighted sum runs a slice of blocks at a time. Both
+    ways wrap the same, so a bucket packed on a GPU verifies on a CPU receiver and back."""
+    from checkpoint_transport.bucket import _CHECKSUM_BLOCK_WORDS, _weighted_block_sum, _weighted_block_sum_sliced
+
+    blocks = torch.randint(-(1 << 62), 1 << 62, (150, _CHECKSUM_BLOCK_WORDS), dtype=torch.int64,
+                           generator=torch.Generator().manual_seed(4))
+    weights = torch.arange(1, _CHECKSUM_BLOCK_WORDS + 1, dtype=torch.int64)
+    assert int(_weighted_block_sum(blocks, weights)) == int(_weighted_block_sum_sliced(blocks, weights))
+
+
 def test_header_with_an_entry_outside_its_bucket_is_rejected():
     flat, header = pack_bucket([("w", torch.zeros(16))], 0, 0)
     header.entries = [TensorEntry("w", "float32", (16,), offset=ALIGN, nbytes=64)]

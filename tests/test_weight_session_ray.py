@@ -55,6 +55,7 @@ async def shared_manager(ray_cluster, tiny_model):
 async def manager(shared_manager):
     status = shared_manager.status()
     assert status["live_replicas"] == 2 and not status["updating_weights"] and status["weights_incomplete"] is None
+    assert not shared_manager.updates.lock.locked(), "an earlier test left the update lock held"
     return shared_manager
 
 
